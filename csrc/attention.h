@@ -1,0 +1,28 @@
+/* attention.h - scaled dot-product self-attention over packed sequences.
+ *
+ * The fused QKV projection writes one row per real token: [T, 3H] = [Q | K | V], heads contiguous inside each.
+ * Each sequence occupies rows [offset, offset + length); attention runs per sequence with oneDNN batched matmuls
+ * over the heads: the sequence's Q and K^T are first copied into dense per-head blocks (so oneDNN runs brgemm with
+ * the scale and mask fused), S = (Q K^T) * 1/sqrt(d) + mask, softmax in place, context = P V (V read as a strided
+ * view of the packed rows), then the real rows are copied into the packed [T, H] context. Primitives are built per length bucket
+ * (multiples of MQ_ATTN_BUCKET tokens) and reused; keys past a sequence's length are masked with -1e30, so the
+ * packed buffers need MQ_ATTN_BUCKET slack rows after the last token (zero-filled by the caller).
+ */
+#ifndef MQ_ATTENTION_H
+#define MQ_ATTENTION_H
+
+#include "engine.h"
+#include "workspace.h"
+
+#define MQ_ATTN_BUCKET 16
+
+typedef struct mq_attention mq_attention;
+
+mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, int64_t head_dim, int64_t max_len);
+void mq_attention_destroy(mq_attention *a);
+void mq_attention_reset(mq_attention *a);
+
+mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const float *qkv, float *ctx,
+                               const int64_t *offsets, const int32_t *lengths, int64_t batch);
+
+#endif

@@ -1,0 +1,38 @@
+/* engine.h - the oneDNN CPU engine and stream an encoder runs on, its thread count, and runtime facts. */
+#ifndef MQ_ENGINE_H
+#define MQ_ENGINE_H
+
+#include "status.h"
+
+typedef struct mq_engine mq_engine;
+
+/* n_threads <= 0 means "all available" (omp_get_max_threads() at creation). */
+mq_status mq_engine_create(mq_engine **out, int n_threads);
+void mq_engine_destroy(mq_engine *eng);
+
+dnnl_engine_t mq_engine_dnnl(const mq_engine *eng);
+dnnl_stream_t mq_engine_stream(const mq_engine *eng);
+int mq_engine_threads(const mq_engine *eng);
+mq_status mq_engine_set_threads(mq_engine *eng, int n_threads);
+/* Applies the engine's thread count to the calling thread (OpenMP ICVs are per thread). */
+void mq_engine_enter(const mq_engine *eng);
+
+/* Creates a primitive from a descriptor with the user-managed scratchpad the caller provides at execution.
+   Grows *scratch_bytes to the largest scratchpad seen. Destroys pd. */
+mq_status mq_primitive_from_pd(dnnl_primitive_desc_t pd, dnnl_primitive_t *prim, size_t *scratch_bytes);
+/* A primitive attribute with user scratchpad mode set; caller destroys it. */
+mq_status mq_attr_create(dnnl_primitive_attr_t *attr);
+/* Name of the implementation a primitive descriptor selected (e.g. "brg:avx512_core_vnni"). */
+const char *mq_pd_impl_name(const_dnnl_primitive_desc_t pd);
+
+typedef struct {
+    int version_major, version_minor, version_patch;
+    const char *version_hash;
+    const char *cpu_runtime;   /* "OpenMP", "TBB", "sequential", ... */
+    const char *cpu_isa;       /* effective ISA name */
+    int max_threads;
+} mq_runtime_info;
+
+void mq_runtime_info_get(mq_runtime_info *info);
+
+#endif

@@ -1,0 +1,65 @@
+/* linear.h - one linear layer y = epilogue(x W^T + b) in one precision, on oneDNN matmul.
+ *
+ * The only place that knows how a quantization scheme maps to oneDNN:
+ *   F32   f32 x f32, weights prepacked (format_tag_any + reorder at creation)
+ *   BF16  bf16 x bf16 -> f32, activations converted per call, weights prepacked as bf16
+ *   INT8  u8 x s8 -> f32 on the VNNI kernels; weights s8 (per tensor or per output channel) prepacked with the
+ *         source zero-point compensation; activations u8 with a common zero point (128 when symmetric):
+ *           DYNAMIC        scale (and zero point) from each call's min/max
+ *           DYNAMIC_TOKEN  one symmetric scale per row (token), applied as a per-row multiply post-op
+ *           STATIC         scale and zero point fixed by calibration
+ *   W8    weight-only: s8 weights stored, dequantized to f32 per call (oneDNN 3.2 has no weight decompression)
+ *   W4    weight-only: int4 weights with group-wise scales, dequantized to f32 per call
+ * Epilogues (bias, GELU-erf, residual add) are matmul post-ops. Primitives are built per row bucket
+ * (mq_bucket_rows) on first use and reused; all scratch comes from the caller's mq_linear_scratch.
+ */
+#ifndef MQ_LINEAR_H
+#define MQ_LINEAR_H
+
+#include "engine.h"
+#include "observer.h"
+#include "workspace.h"
+
+typedef enum { MQ_LINEAR_F32 = 0, MQ_LINEAR_BF16 = 1, MQ_LINEAR_INT8 = 2, MQ_LINEAR_W8 = 3, MQ_LINEAR_W4 = 4 } mq_linear_kind;
+typedef enum { MQ_ACT_DYNAMIC = 0, MQ_ACT_DYNAMIC_TOKEN = 1, MQ_ACT_STATIC = 2 } mq_act_mode;
+typedef enum { MQ_EPI_NONE = 0, MQ_EPI_GELU = 1, MQ_EPI_RESIDUAL = 2 } mq_epilogue;
+
+typedef struct {
+    mq_linear_kind kind;
+    mq_act_mode act_mode;    /* INT8 */
+    int act_symmetric;       /* INT8: 1 symmetric (zp 128), 0 asymmetric u8 */
+    float act_scale;         /* INT8 STATIC */
+    int32_t act_zero_point;  /* INT8 STATIC, in [0, 255] */
+    int w_per_channel;       /* INT8, W8 */
+    int64_t group_size;      /* W4 */
+    mq_epilogue epilogue;
+} mq_linear_spec;
+
+typedef struct {
+    const void *weight;      /* F32/BF16: float [N, K]; INT8/W8: int8 [N, K]; W4: uint8 [N, K/2] */
+    const float *w_scales;   /* INT8/W8: N (per channel) or 1; W4: N * K/group_size; else NULL */
+    const float *bias;       /* N floats or NULL */
+    const float *act_mul;    /* K floats or NULL: per-input-channel activation multiplier (SmoothQuant 1/s) */
+} mq_linear_weights;
+
+typedef struct mq_linear mq_linear;
+
+mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N, const mq_linear_spec *spec,
+                           const mq_linear_weights *w);
+void mq_linear_destroy(mq_linear *lin);
+
+/* y[M, N] = epilogue(x[M, K] W^T + b). x, y and residual have ld K, N, N and must be allocated (and initialised)
+ * up to mq_bucket_rows(M) rows. obs (may be NULL) sees the layer's real input rows (after act_mul). */
+mq_status mq_linear_forward(mq_linear *lin, mq_linear_scratch *scratch, const float *x, int64_t M,
+                            const float *residual, float *y, mq_observer *obs);
+
+/* Drops the cached primitives (after a thread-count change); they are rebuilt on next use. */
+void mq_linear_reset(mq_linear *lin);
+int64_t mq_linear_in(const mq_linear *lin);
+int64_t mq_linear_out(const mq_linear *lin);
+/* Bytes held for the weights, scales, bias and smoothing vector (prepacked size for prepacked kinds). */
+size_t mq_linear_nbytes(const mq_linear *lin);
+/* oneDNN implementation of the most recently built matmul primitive ("" before the first). */
+const char *mq_linear_impl(const mq_linear *lin);
+
+#endif

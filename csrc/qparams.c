@@ -1,0 +1,254 @@
+#include "qparams.h"
+
+#include <math.h>
+#include <string.h>
+
+/* The activation loops clamp with float compares; without trapping math GCC turns them into vector selects on every
+   ISA (otherwise only AVX-512BW masks allow it). Nothing here reads FP exception flags, so results are unchanged.
+   Set before every function of the file: GCC does not inline across different optimize settings. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+static inline float clampf(float v, float lo, float hi) { return !(v >= lo) ? lo : (v > hi ? hi : v); } /* NaN -> lo */
+
+/* Hot loops are compiled for AVX-512, AVX2 and the baseline, picked at load time (GCC function multi-versioning). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MQ_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MQ_HOT
+#endif
+
+/* Round half to even for |v| <= 2^22 by the 1.5 * 2^23 trick (exact in round-to-nearest mode; vectorises, unlike
+   nearbyintf). Callers clamp first, so the result equals nearbyintf(v). */
+static inline float round_even(float v) { return (v + 12582912.f) - 12582912.f; }
+
+mq_qparams mq_qparams_asym_u8(float lo, float hi) {
+    mq_qparams p;
+    if (lo > 0.f) lo = 0.f;
+    if (hi < 0.f) hi = 0.f;
+    float span = hi - lo;
+    if (!(span > 1e-30f)) span = 1e-30f;
+    p.scale = span / 255.f;
+    float zp = nearbyintf(-lo / p.scale);
+    p.zero_point = (int32_t)clampf(zp, 0.f, 255.f);
+    return p;
+}
+
+mq_qparams mq_qparams_sym_u8(float lo, float hi) {
+    mq_qparams p;
+    float a = fmaxf(fabsf(lo), fabsf(hi));
+    if (!(a > 1e-30f)) a = 1e-30f;
+    p.scale = a / 127.f;
+    p.zero_point = 128;
+    return p;
+}
+
+/* Activation kernels: rows are split across the encoder's OpenMP threads once a call has enough elements (the
+   caller's omp_set_num_threads decides how many), and the inner loops are written so GCC vectorises them
+   (restrict pointers, no branch inside, omp simd reductions). Results do not depend on the split. */
+#define MQ_Q_PAR_MIN ((int64_t)1 << 15) /* elements; below this one thread is faster than waking the others */
+
+
+static inline __attribute__((always_inline)) void minmax_row(const float *restrict xr, int64_t cols, const float *restrict col_mul, float *lo, float *hi) {
+    float mn = *lo, mx = *hi;
+    if (col_mul) {
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+        for (int64_t c = 0; c < cols; c++) {
+            float v = xr[c] * col_mul[c];
+            mn = v < mn ? v : mn; /* NaN never replaces a value (as before) */
+            mx = v > mx ? v : mx;
+        }
+    } else {
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+        for (int64_t c = 0; c < cols; c++) {
+            mn = xr[c] < mn ? xr[c] : mn;
+            mx = xr[c] > mx ? xr[c] : mx;
+        }
+    }
+    *lo = mn;
+    *hi = mx;
+}
+
+MQ_HOT void mq_minmax_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *mn,
+                    float *mx) {
+    float lo = INFINITY, hi = -INFINITY;
+#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) if (rows * cols >= MQ_Q_PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        float a = INFINITY, b = -INFINITY;
+        minmax_row(x + r * ld, cols, col_mul, &a, &b);
+        lo = a < lo ? a : lo;
+        hi = b > hi ? b : hi;
+    }
+    if (rows <= 0 || cols <= 0) lo = hi = 0.f;
+    *mn = lo;
+    *mx = hi;
+}
+
+/* One row: q = clamp(rint(clamp(x * col_mul * inv_scale, -512, 512)) + zp, 0, 255); NaN -> -512 -> 0 as before. */
+static inline __attribute__((always_inline)) void quantize_row(const float *restrict xr, int64_t cols, const float *restrict col_mul, float inv_scale,
+                                float fzp, uint8_t *restrict qr) {
+    if (col_mul) {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++) {
+            float v = xr[c] * col_mul[c] * inv_scale;
+            v = v >= -512.f ? v : -512.f;
+            v = v <= 512.f ? v : 512.f;
+            v = round_even(v) + fzp;
+            v = v >= 0.f ? v : 0.f;
+            v = v <= 255.f ? v : 255.f;
+            qr[c] = (uint8_t)(int32_t)v;
+        }
+    } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++) {
+            float v = xr[c] * inv_scale;
+            v = v >= -512.f ? v : -512.f;
+            v = v <= 512.f ? v : 512.f;
+            v = round_even(v) + fzp;
+            v = v >= 0.f ? v : 0.f;
+            v = v <= 255.f ? v : 255.f;
+            qr[c] = (uint8_t)(int32_t)v;
+        }
+    }
+}
+
+MQ_HOT void mq_quantize_u8(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float inv_scale,
+                    int32_t zp, uint8_t *q) {
+    const float fzp = (float)zp;
+#pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) quantize_row(x + r * ld, cols, col_mul, inv_scale, fzp, q + r * cols);
+}
+
+MQ_HOT void mq_quantize_u8_per_row(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint8_t *q,
+                            float *row_scale) {
+#pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ld;
+        float mn = INFINITY, mx = -INFINITY;
+        minmax_row(xr, cols, col_mul, &mn, &mx);
+        /* max |v| over the row; NaN never counts (as before); an all-NaN row has mn = inf, mx = -inf -> a = 0 */
+        float a = fmaxf(mx, -mn);
+        a = a > 0.f ? a : 0.f;
+        float scale = a > 1e-30f ? a / 127.f : 1e-30f;
+        row_scale[r] = scale;
+        quantize_row(xr, cols, col_mul, 1.f / scale, 128.f, q + r * cols);
+    }
+}
+
+MQ_HOT void mq_scale_columns(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y) {
+#pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * ld;
+        float *restrict yr = y + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++) yr[c] = xr[c] * col_mul[c];
+    }
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+MQ_HOT void mq_convert_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint16_t *y) {
+#pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * ld;
+        uint16_t *restrict yr = y + r * cols;
+        if (col_mul) {
+            for (int64_t c = 0; c < cols; c++) yr[c] = f32_to_bf16(xr[c] * col_mul[c]);
+        } else {
+            for (int64_t c = 0; c < cols; c++) yr[c] = f32_to_bf16(xr[c]);
+        }
+    }
+}
+
+static float absmax(const float *x, int64_t n) {
+    float a = 0.f;
+    for (int64_t i = 0; i < n; i++) a = fmaxf(a, fabsf(x[i]));
+    return a;
+}
+
+mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales) {
+    if (N <= 0 || K <= 0) return mq_set_error(MQ_ERR_ARG, "quantize_weight_s8: bad shape [%lld, %lld]", (long long)N, (long long)K);
+    MQ_TRY(mq_check_finite(w, (size_t)N * (size_t)K, "weight"));
+    float tensor_scale = 0.f;
+    if (!per_channel) {
+        float a = absmax(w, N * K);
+        tensor_scale = a > 0.f ? a / 127.f : 1.f;
+        scales[0] = tensor_scale;
+    }
+    for (int64_t n = 0; n < N; n++) {
+        const float *wr = w + n * K;
+        float s = tensor_scale;
+        if (per_channel) {
+            float a = absmax(wr, K);
+            s = a > 0.f ? a / 127.f : 1.f;
+            scales[n] = s;
+        }
+        for (int64_t k = 0; k < K; k++) q[n * K + k] = (int8_t)clampf(nearbyintf(wr[k] / s), -127.f, 127.f);
+    }
+    return MQ_OK;
+}
+
+mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, uint8_t *packed, float *scales) {
+    if (N <= 0 || K <= 0 || group <= 0 || K % group != 0 || group % 2 != 0)
+        return mq_set_error(MQ_ERR_ARG, "quantize_weight_s4: K=%lld must be a multiple of an even group size (group=%lld)",
+                            (long long)K, (long long)group);
+    MQ_TRY(mq_check_finite(w, (size_t)N * (size_t)K, "weight"));
+    const int64_t ng = K / group;
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < ng; g++) {
+            const float *wg = w + n * K + g * group;
+            float a = absmax(wg, group);
+            float s = a > 0.f ? a / 7.f : 1.f;
+            scales[n * ng + g] = s;
+            for (int64_t k = 0; k < group; k += 2) {
+                int lo = (int)clampf(nearbyintf(wg[k] / s), -7.f, 7.f) + 8;
+                int hi = (int)clampf(nearbyintf(wg[k + 1] / s), -7.f, 7.f) + 8;
+                packed[(n * K + g * group + k) / 2] = (uint8_t)(lo | (hi << 4));
+            }
+        }
+    }
+    return MQ_OK;
+}
+
+MQ_HOT void mq_dequantize_weight_s8(const int8_t *q, int64_t N, int64_t K, const float *scales, int per_channel, float *w) {
+    for (int64_t n = 0; n < N; n++) {
+        float s = per_channel ? scales[n] : scales[0];
+        for (int64_t k = 0; k < K; k++) w[n * K + k] = (float)q[n * K + k] * s;
+    }
+}
+
+MQ_HOT void mq_dequantize_weight_s4(const uint8_t *packed, int64_t N, int64_t K, int64_t group, const float *scales, float *w) {
+    const int64_t ng = K / group;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 2) {
+            uint8_t b = packed[(n * K + k) / 2];
+            float s = scales[n * ng + k / group];
+            w[n * K + k] = (float)((int)(b & 15) - 8) * s;
+            w[n * K + k + 1] = (float)((int)(b >> 4) - 8) * s;
+        }
+}
+
+mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scales) {
+    if (rows <= 0 || cols <= 0) return mq_set_error(MQ_ERR_ARG, "quantize_rows_s8: bad shape");
+    MQ_TRY(mq_check_finite(x, (size_t)rows * (size_t)cols, "embedding table"));
+    for (int64_t r = 0; r < rows; r++) {
+        float a = absmax(x + r * cols, cols);
+        float s = a > 0.f ? a / 127.f : 1.f;
+        scales[r] = s;
+        for (int64_t c = 0; c < cols; c++) q[r * cols + c] = (int8_t)clampf(nearbyintf(x[r * cols + c] / s), -127.f, 127.f);
+    }
+    return MQ_OK;
+}
+
+mq_status mq_check_finite(const float *x, size_t n, const char *what) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return mq_set_error(MQ_ERR_NUMERIC, "%s contains a non-finite value (%g) at flat index %zu", what, (double)x[i], i);
+    return MQ_OK;
+}

@@ -1,0 +1,52 @@
+/* qparams.h - scale / zero-point math and the quantize, dequantize and convert kernels shared by the core.
+ *
+ * Conventions (mirrored by the numpy reference in tests/quant_reference.py):
+ *   activations  u8:  q = clamp(rint(x * (1/scale)) + zp, 0, 255),  x ~ (q - zp) * scale
+ *                symmetric activations use zp = 128 (an s8 value shifted into u8: the fast u8 x s8 kernels)
+ *                and scale = absmax / 127, so q - 128 lies in [-127, 127].
+ *   weights      s8:  q = clamp(rint(w / scale), -127, 127), scale = absmax / 127 (per tensor or per output channel)
+ *                s4:  q = clamp(rint(w / scale), -7, 7), scale = absmax / 7 per group of `group` input channels,
+ *                     stored as (q + 8) in nibbles, low nibble = even input channel.
+ *   rint is round-half-to-even (the default FP rounding mode), as numpy.rint.
+ */
+#ifndef MQ_QPARAMS_H
+#define MQ_QPARAMS_H
+
+#include "status.h"
+
+typedef struct {
+    float scale;
+    int32_t zero_point;
+} mq_qparams;
+
+/* Asymmetric u8 parameters for the range [lo, hi] (widened to contain 0). */
+mq_qparams mq_qparams_asym_u8(float lo, float hi);
+/* Symmetric parameters (zp 128 in u8) for the range [lo, hi]. */
+mq_qparams mq_qparams_sym_u8(float lo, float hi);
+
+/* min and max over rows x cols (row stride ld) of x * col_mul (col_mul may be NULL). */
+void mq_minmax_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *mn, float *mx);
+/* q[r, c] = clamp(rint(x[r, c] * col_mul[c] * inv_scale) + zp, 0, 255). */
+void mq_quantize_u8(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float inv_scale,
+                    int32_t zp, uint8_t *q);
+/* Per-row symmetric quantization to u8 with zp 128; row_scale[r] = absmax(row r) / 127. */
+void mq_quantize_u8_per_row(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint8_t *q,
+                            float *row_scale);
+/* y = x * col_mul (col_mul non-NULL) */
+void mq_scale_columns(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y);
+/* f32 -> bf16, round to nearest even (NaN kept NaN). */
+void mq_convert_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint16_t *y);
+
+/* Weights [N, K] row-major (one row per output channel). */
+mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales);
+mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, uint8_t *packed, float *scales);
+/* Dequantize into f32 [N, K]. scales: N (per channel) or 1 (per tensor) for s8; N * (K / group) for s4. */
+void mq_dequantize_weight_s8(const int8_t *q, int64_t N, int64_t K, const float *scales, int per_channel, float *w);
+void mq_dequantize_weight_s4(const uint8_t *packed, int64_t N, int64_t K, int64_t group, const float *scales, float *w);
+/* Per-row symmetric s8 (embedding tables): scales[r] = absmax(row r) / 127. */
+mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scales);
+
+/* Returns MQ_ERR_NUMERIC naming `what` if any of the n values is NaN or Inf. */
+mq_status mq_check_finite(const float *x, size_t n, const char *what);
+
+#endif

@@ -1,0 +1,37 @@
+#include "workspace.h"
+
+mq_status mq_buffer_reserve(mq_buffer *b, size_t count, size_t elem_size) {
+    size_t need;
+    if (!mq_size_mul(count, elem_size, &need))
+        return mq_set_error(MQ_ERR_NOMEM, "workspace: size overflow (%zu x %zu)", count, elem_size);
+    if (need <= b->bytes && b->ptr) return MQ_OK;
+    void *p = mq_alloc(need, 1);
+    if (!p) return mq_set_error(MQ_ERR_NOMEM, "workspace: cannot allocate %zu bytes", need);
+    mq_free(b->ptr);
+    b->ptr = p;
+    b->bytes = need;
+    return MQ_OK;
+}
+
+void mq_buffer_release(mq_buffer *b) {
+    mq_free(b->ptr);
+    b->ptr = NULL;
+    b->bytes = 0;
+}
+
+void mq_linear_scratch_release(mq_linear_scratch *s) {
+    mq_buffer_release(&s->act_q);
+    mq_buffer_release(&s->act_lp);
+    mq_buffer_release(&s->row_scale);
+    mq_buffer_release(&s->w_deq);
+    mq_buffer_release(&s->scratchpad);
+}
+
+int64_t mq_bucket_rows(int64_t m) {
+    if (m <= 16) return 16;
+    if (m <= 64) return (m + 15) / 16 * 16;
+    int64_t p = 1;
+    while (p * 2 <= m) p *= 2; /* p = 2^floor(log2 m) */
+    int64_t step = p / 4;
+    return (m + step - 1) / step * step;
+}

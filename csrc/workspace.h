@@ -1,0 +1,30 @@
+/* workspace.h - grow-only scratch buffers reused across forward calls (no allocation in the steady state). */
+#ifndef MQ_WORKSPACE_H
+#define MQ_WORKSPACE_H
+
+#include "status.h"
+
+typedef struct {
+    void *ptr;
+    size_t bytes;
+} mq_buffer;
+
+/* Ensures b holds at least count * elem_size bytes (zero-filled when grown); keeps the old buffer on failure. */
+mq_status mq_buffer_reserve(mq_buffer *b, size_t count, size_t elem_size);
+void mq_buffer_release(mq_buffer *b);
+
+/* Scratch shared by every linear layer of one encoder; used under the encoder's lock. */
+typedef struct {
+    mq_buffer act_q;      /* u8 quantized activations */
+    mq_buffer act_lp;     /* bf16 activations, or f32 smoothed activations */
+    mq_buffer row_scale;  /* per-row activation scales */
+    mq_buffer w_deq;      /* dequantized weights for weight-only layers */
+    mq_buffer scratchpad; /* oneDNN user scratchpad */
+} mq_linear_scratch;
+
+void mq_linear_scratch_release(mq_linear_scratch *s);
+
+/* Rows a primitive is built for when a call has m rows: <= 25% padding, few distinct shapes. */
+int64_t mq_bucket_rows(int64_t m);
+
+#endif
