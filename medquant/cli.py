@@ -1,0 +1,310 @@
+"""The ``medquant`` command (also ``python -m medquant``).
+
+    medquant compare --model all-MiniLM-L6-v2 --dataset medquad --schemes fp32,bf16,int8-dynamic --out results/
+    medquant info
+    medquant quantize --model all-MiniLM-L6-v2 --scheme int8-static-asym --out int8-model/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+PRESET_HELP = "comma-separated preset names, or 'all'"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import PRESETS
+
+    p = argparse.ArgumentParser(prog="medquant", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="{compare,info,quantize}")
+    sub.required = True
+    presets = ", ".join(PRESETS)
+
+    c = sub.add_parser("compare", help="evaluate quantization schemes on a retrieval collection",
+                       description="Encode a collection with fp32 and every scheme, compare retrieval quality with "
+                                   "fp32 (paired bootstrap CI and randomization test), measure throughput and bytes, "
+                                   "and write results.csv, results.json, per_query.csv and two PNG plots.")
+    c.add_argument("--model", default="all-MiniLM-L6-v2", help="model name or directory (default %(default)s)")
+    c.add_argument("--dataset", default="medquad", help="'medquad' or a BEIR-layout directory (default %(default)s)")
+    c.add_argument("--split", default=None,
+                   help="MedQuAD: dev (default), test or all; BEIR: the qrels file (default test)")
+    c.add_argument("--schemes", default="fp32,bf16,int8-dynamic,int8-static-asym,w8-weight-only",
+                   help=f"{PRESET_HELP} (default %(default)s); presets: {presets}")
+    c.add_argument("--limit", type=int, default=None,
+                   help="keep N queries (seeded) and a corpus of corpus-factor * N documents (their relevant "
+                        "documents plus random distractors)")
+    c.add_argument("--corpus-factor", type=int, default=4, help="corpus size per query with --limit (default 4)")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--max-length", type=int, default=None, help="token truncation (default: the model's)")
+    c.add_argument("--threads", type=int, default=None, help="oneDNN threads (default: all available cores)")
+    c.add_argument("--out", default="results", help="output directory (default %(default)s/)")
+    c.add_argument("--seed", type=int, default=13,
+                   help="seed of the --limit sample, the calibration sample and the bootstrap (default 13; the "
+                        "MedQuAD dev/test document split is fixed)")
+    c.add_argument("--calibration-size", type=int, default=256,
+                   help="calibration texts for static schemes, sampled from the evaluated split's queries and "
+                        "corpus (default 256)")
+    c.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    c.add_argument("--index-kinds", default="int8,binary",
+                   help="quantized corpus indexes of the fp32 embeddings: int8, binary, comma-separated, or none")
+    c.add_argument("--index-scoring", choices=("codes", "asymmetric"), default="codes",
+                   help="score quantized queries against codes (default) or float queries against the "
+                        "dequantized corpus")
+    c.add_argument("--rescore-multiplier", type=int, default=4,
+                   help="also rescore k * M index candidates with float vectors (0: no rescoring rows)")
+    c.add_argument("--passages", action="store_true", help="split documents into passages, score by best passage")
+    c.add_argument("--max-words", type=int, default=160, help="passage length in words (default 160)")
+    c.add_argument("--stride", type=int, default=120, help="passage stride in words (default 120)")
+    c.add_argument("--metric", default="nDCG@10", help="metric of the plots (default %(default)s)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("info", help="print the runtime (oneDNN version, ISA, threads)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it",
+                       description="Quantize a model with a preset and save it with save_pretrained. Static "
+                                   "schemes are calibrated on a seeded sample of MedQuAD (or BEIR) queries and "
+                                   "corpus texts.")
+    q.add_argument("--model", default="all-MiniLM-L6-v2", help="fp32 model name or directory")
+    q.add_argument("--scheme", required=True, help=f"preset: {presets}")
+    q.add_argument("--calibration-size", type=int, default=256, help="calibration texts (default 256)")
+    q.add_argument("--dataset", default="medquad", help="calibration source: 'medquad' or a BEIR directory")
+    q.add_argument("--split", default=None, help="split of the calibration source (MedQuAD default dev)")
+    q.add_argument("--seed", type=int, default=13)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--out", required=True, help="output model directory")
+    return p
+
+
+def _parse_schemes(parser: argparse.ArgumentParser, text: str) -> List[str]:
+    from . import PRESETS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(PRESETS)
+    if not names:
+        parser.error("--schemes is empty")
+    unknown = [s for s in names if s not in PRESETS]
+    if unknown:
+        parser.error(f"unknown scheme(s) {', '.join(unknown)}; presets: {', '.join(PRESETS)} (or 'all')")
+    return list(dict.fromkeys(names))
+
+
+def _load_dataset(parser: argparse.ArgumentParser, args, limit: Optional[int] = None, corpus_factor: int = 4):
+    from .datasets import load_beir, medquad_retrieval
+
+    if args.dataset.lower() == "medquad":
+        split = args.split or "dev"
+        if split not in ("dev", "test", "all"):
+            parser.error(f"--split for medquad must be dev, test or all, not {split!r}")
+        try:
+            ds = medquad_retrieval(split)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+    else:
+        path = Path(args.dataset)
+        if not path.is_dir():
+            parser.error(f"unknown dataset {args.dataset!r}: use 'medquad' or a BEIR-layout directory "
+                         "(corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+        try:
+            ds = load_beir(path, split=args.split or "test")
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            parser.error(f"cannot load BEIR dataset {path}: {e}")
+    if limit is not None:
+        name = ds.name
+        ds = ds.sample(int(limit), seed=args.seed, corpus_size=int(corpus_factor) * int(limit))
+        ds.name = f"{name}-limit{int(limit)}"
+    return ds
+
+
+def _fmt_table(df) -> str:
+    import pandas as pd
+
+    t = pd.DataFrame({"scheme": df["scheme"]})
+    t["nDCG@10"] = df["nDCG@10"].map("{:.4f}".format) if "nDCG@10" in df else ""
+    if "nDCG@10_delta" in df:
+        t["nDCG@10_delta"] = df["nDCG@10_delta"].map("{:+.4f}".format)
+        t["nDCG@10_ci"] = [f"[{a:+.4f}, {b:+.4f}]" for a, b in zip(df["nDCG@10_ci_low"], df["nDCG@10_ci_high"])]
+        t["nDCG@10_p"] = df["nDCG@10_p"].map("{:.3g}".format)
+    for m in ("MRR@10", "R@100", "overlap@10"):
+        if m in df:
+            t[m] = df[m].map("{:.4f}".format)
+    t["texts/s"] = df["corpus_texts_per_s"].map("{:.1f}".format)
+    t["model_MiB"] = (df["model_bytes"] / 2**20).map("{:.1f}".format)
+    t["index_MiB"] = (df["index_bytes"] / 2**20).map("{:.2f}".format)
+    return t.to_string(index=False)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def _save_plots(df, out: Path, metric: str) -> List[Path]:
+    from matplotlib.figure import Figure
+
+    from .plots import plot_quality_vs_size, plot_quality_vs_throughput
+
+    paths = []
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    plot_quality_vs_throughput(df, metric=metric, ax=fig.add_subplot())
+    paths.append(out / "quality_vs_throughput.png")
+    fig.savefig(paths[-1], dpi=120)
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    plot_quality_vs_size(df, metric=metric, ax=axes, what="both")
+    paths.append(out / "quality_vs_size.png")
+    fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def _compare(parser, args) -> int:
+    import pandas as pd
+
+    from . import runtime_info
+    from .evaluate import EvalConfig, evaluate, per_query_table
+    from .metrics import metric_columns
+
+    schemes = _parse_schemes(parser, args.schemes)
+    for name, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--threads", args.threads),
+                    ("--calibration-size", args.calibration_size), ("--n-boot", args.n_boot),
+                    ("--corpus-factor", args.corpus_factor)):
+        if v is not None and v < 1:
+            parser.error(f"{name} must be >= 1")
+    kinds = [] if args.index_kinds.strip().lower() in ("", "none") else \
+        [s.strip() for s in args.index_kinds.split(",") if s.strip()]
+    bad = [s for s in kinds if s not in ("int8", "binary")]
+    if bad:
+        parser.error(f"unknown index kind(s) {', '.join(bad)}; use int8, binary or none")
+    if args.rescore_multiplier < 0:
+        parser.error("--rescore-multiplier must be >= 0")
+    if args.metric not in metric_columns((1, 3, 5, 10, 100)):
+        parser.error(f"--metric {args.metric!r} is not computed; e.g. nDCG@10, MRR@10, R@100")
+    try:
+        cfg = EvalConfig(batch_size=args.batch_size, max_length=args.max_length, calibration_size=args.calibration_size,
+                         n_boot=args.n_boot, seed=args.seed, passages=args.passages, max_words=args.max_words,
+                         stride=args.stride, index_kinds=tuple(kinds), index_scoring=args.index_scoring,
+                         rescore_multiplier=args.rescore_multiplier or None, threads=args.threads)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.metric not in cfg.main_metrics:
+        cfg = EvalConfig(**{**cfg.to_dict(), "main_metrics": tuple(cfg.main_metrics) + (args.metric,)})
+    from .checkpoint import CheckpointError, resolve_model_path
+
+    try:
+        resolve_model_path(args.model)
+    except CheckpointError as e:
+        parser.error(str(e))
+    ds = _load_dataset(parser, args, args.limit, args.corpus_factor)
+    if not ds.corpus or not any(len(j) for q, j in ds.qrels.items() if q in ds.queries):
+        parser.error(f"dataset {ds.name} has an empty corpus or no judged queries")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    print(f"medquant compare: {args.model} on {ds.name} ({len(ds.queries)} queries, {len(ds.corpus)} docs), "
+          f"schemes {','.join(schemes)}", file=sys.stderr, flush=True)
+    df = evaluate(schemes, ds, model=args.model, config=cfg, show_progress_bar=progress)
+
+    with pd.option_context("display.width", 200):
+        print(_fmt_table(df))
+    df.to_csv(out / "results.csv", index=False)
+    per_query_table(df).to_csv(out / "per_query.csv", index=False)
+    payload = {
+        "command": "medquant compare",
+        "argv": vars(args),
+        "model": args.model,
+        "dataset": df.attrs["dataset"],
+        "schemes": schemes,
+        "config": df.attrs["config"],
+        "calibration": df.attrs["calibration"],
+        "runtime_info": runtime_info(),
+        "results": df.to_dict(orient="records"),
+    }
+    with open(out / "results.json", "w", encoding="utf-8") as f:
+        json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
+    plots = _save_plots(df, out, args.metric)
+    written = [out / "results.csv", out / "results.json", out / "per_query.csv", *plots]
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def _info(args) -> int:
+    from . import runtime_info
+
+    info = runtime_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _quantize(parser, args) -> int:
+    from . import Encoder, PRESETS
+    from .checkpoint import CheckpointError
+    from .evaluate import _sample_calibration_texts
+
+    if args.scheme not in PRESETS:
+        parser.error(f"unknown scheme {args.scheme!r}; presets: {', '.join(PRESETS)}")
+    if args.calibration_size < 1:
+        parser.error("--calibration-size must be >= 1")
+    scheme = PRESETS[args.scheme]
+    try:
+        enc = Encoder.from_pretrained(args.model, n_threads=args.threads)
+    except CheckpointError as e:
+        parser.error(str(e))
+    calib = None
+    if scheme.needs_calibration:
+        ds = _load_dataset(parser, args)
+        calib = _sample_calibration_texts(list(ds.queries.values()), list(ds.corpus.values()),
+                                          args.calibration_size, args.seed)
+        print(f"calibrating on {len(calib)} texts from {ds.name}", file=sys.stderr)
+    try:
+        q = enc.quantize(scheme, calibration_texts=calib, batch_size=args.batch_size, show_progress_bar=True)
+    except ValueError as e:  # e.g. --model is already a quantized directory
+        parser.error(str(e))
+    out = q.save_pretrained(args.out)
+    size = (Path(out) / "model.safetensors").stat().st_size
+    print(f"saved {args.scheme} {args.model} to {out} (model.safetensors {size / 2**20:.1f} MiB, "
+          f"{q.size_bytes() / 2**20:.1f} MiB in memory)")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``medquant`` command line; returns the exit code (argument errors exit with 2)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(_sub(parser, "compare"), args)
+    if args.command == "info":
+        return _info(args)
+    if args.command == "quantize":
+        return _quantize(_sub(parser, "quantize"), args)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+def _sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The subcommand's parser (its error() prints that subcommand's usage)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    return parser  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,576 @@
+"""``medquant.evaluate``: what a quantization scheme costs in retrieval quality, and what it buys in speed and bytes.
+
+One call encodes a retrieval collection with an fp32 baseline and with every requested scheme, searches it,
+scores the runs with trec_eval semantics and compares each system with fp32 query by query::
+
+    import medquant
+    from medquant.datasets import medquad_retrieval
+
+    ds = medquad_retrieval("dev", limit=200)
+    df = medquant.evaluate(["int8-dynamic", "int8-static-asym"], ds)       # + an fp32 baseline, always
+    df[["scheme", "nDCG@10", "nDCG@10_delta", "nDCG@10_ci_low", "nDCG@10_ci_high", "corpus_texts_per_s"]]
+    df.attrs["per_query"]["int8-dynamic"]                                  # per-query metrics of one system
+
+Besides the model schemes, the fp32 corpus embeddings are also stored as a quantized *index* (int8 codes, packed
+sign bits) and searched with and without float rescoring of a candidate list; those rows are named
+``fp32+index-int8``, ``fp32+index-binary+rescore4`` and so on. They quantize the stored vectors, not the model,
+so their encode throughput and model size are those of fp32 and only ``index_bytes`` changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+
+from .checkpoint import DEFAULT_MODEL
+from .datasets import RetrievalDataset, load_beir, medquad_retrieval, split_corpus
+from .encoder import Encoder
+from .metrics import evaluate_run, metric_columns, summarize
+from .retrieval import quantize_index, run_from_search, search, search_passages
+from .schemes import QuantScheme, get_scheme
+from .stats import paired_comparison
+
+INDEX_KINDS = ("int8", "binary")
+INDEX_SCORINGS = ("codes", "asymmetric")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of :func:`evaluate`.
+
+    Attributes
+    ----------
+    ks : tuple of int
+        Metric cutoffs (``nDCG@k``, ``P@k``, ``R@k``, ``F1@k``, ``MRR@k``, ``MAP@k`` for each).
+    k : int
+        Documents retrieved per query (>= ``max(ks)``).
+    batch_size : int
+        Texts per forward pass.
+    max_length : int, optional
+        Token truncation length (default: the model's, 256 for all-MiniLM-L6-v2).
+    calibration_size : int
+        Texts used to calibrate static int8 schemes (and SmoothQuant). Unless :func:`evaluate` is given
+        ``calibration_texts``, they are drawn with ``seed`` from the *evaluated collection itself*: half from its
+        queries, half from its corpus texts (passages in passage mode). No relevance judgement is used, but
+        calibration does see unlabelled text of the evaluation split, including some evaluation queries; to keep
+        calibration and evaluation text disjoint, pass ``calibration_texts`` drawn from another split (e.g. the
+        MedQuAD test split when reporting on dev).
+    n_boot : int
+        Bootstrap resamples (and sign-flip permutations) of the paired comparison with fp32.
+    confidence : float
+        Confidence level of the delta intervals.
+    seed : int
+        Seeds the calibration sample and the bootstrap / permutation test.
+    main_metrics : tuple of str
+        Metrics compared with fp32 (``<metric>_delta``, ``_ci_low``, ``_ci_high``, ``_p`` columns).
+    passages : bool
+        Split documents into overlapping word windows (``max_words`` / ``stride``), embed every passage and score
+        a document by its best passage (max-pooling). Index rows then search the top ``8 * k`` passages of the
+        quantized index and keep each document's best one (exact for the documents returned; a row can hold fewer
+        than ``k`` documents if those passages cover fewer).
+    max_words, stride : int
+        Passage window and step, in whitespace words.
+    index_kinds : tuple of str
+        Quantized indexes of the fp32 corpus embeddings to evaluate: ``"int8"``, ``"binary"`` (empty: none).
+    index_scoring : {"codes", "asymmetric"}
+        ``"codes"``: the query is quantized like the corpus and scored in the quantized domain (int8 code dot
+        product, binary Hamming), as sentence-transformers does; ``"asymmetric"``: the float query is scored
+        against the dequantized corpus. See :func:`medquant.retrieval.quantize_index`.
+    rescore_multiplier : int, optional
+        If set (> 0), every index kind also gets a row whose top ``k * rescore_multiplier`` candidates are
+        re-ranked with the float corpus embeddings.
+    threads : int, optional
+        oneDNN threads of every encoder (default: as loaded).
+    warmup : bool
+        Encode a handful of texts before timing each encoder.
+    measure_disk : bool
+        Write each model with ``save_pretrained`` to a temporary directory to measure its size on disk.
+    """
+
+    ks: Tuple[int, ...] = (1, 3, 5, 10, 100)
+    k: int = 100
+    batch_size: int = 32
+    max_length: Optional[int] = None
+    calibration_size: int = 256
+    n_boot: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
+    main_metrics: Tuple[str, ...] = ("nDCG@10", "MRR@10", "R@100")
+    passages: bool = False
+    max_words: int = 160
+    stride: int = 120
+    index_kinds: Tuple[str, ...] = INDEX_KINDS
+    index_scoring: str = "codes"
+    rescore_multiplier: Optional[int] = 4
+    threads: Optional[int] = None
+    warmup: bool = True
+    measure_disk: bool = True
+
+    def __post_init__(self):
+        self.ks = tuple(sorted({int(k) for k in self.ks}))
+        if not self.ks or self.ks[0] < 1:
+            raise ValueError("ks must be positive integers")
+        if int(self.k) < self.ks[-1]:
+            raise ValueError(f"k (results per query, {self.k}) must be >= max(ks) ({self.ks[-1]})")
+        self.k = int(self.k)
+        if int(self.batch_size) < 1:
+            raise ValueError("batch_size must be >= 1")
+        if int(self.calibration_size) < 1:
+            raise ValueError("calibration_size must be >= 1")
+        if int(self.n_boot) < 1:
+            raise ValueError("n_boot must be >= 1")
+        self.main_metrics = tuple(self.main_metrics)
+        known = set(metric_columns(self.ks))
+        bad = [m for m in self.main_metrics if m not in known]
+        if bad:
+            raise ValueError(f"main_metrics {bad} are not computed for ks={self.ks} (e.g. nDCG@10, MRR@10, R@100)")
+        if isinstance(self.index_kinds, str):
+            self.index_kinds = (self.index_kinds,)
+        self.index_kinds = tuple(self.index_kinds)
+        for kind in self.index_kinds:
+            if kind not in INDEX_KINDS:
+                raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+        if self.index_scoring not in INDEX_SCORINGS:
+            raise ValueError(f"index_scoring must be one of {', '.join(INDEX_SCORINGS)}, got {self.index_scoring!r}")
+        if self.rescore_multiplier is not None:
+            if int(self.rescore_multiplier) < 0:
+                raise ValueError("rescore_multiplier must be >= 1 (or 0 / None for no rescoring)")
+            self.rescore_multiplier = int(self.rescore_multiplier) or None
+        if self.passages and not (0 < int(self.stride) <= int(self.max_words)):
+            raise ValueError("passages need 0 < stride <= max_words")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ValueError("threads must be >= 1")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key, value in d.items():
+            if isinstance(value, tuple):
+                d[key] = list(value)
+        return d
+
+
+class PerQueryResults(dict):
+    """``{system: per-query metrics DataFrame}`` as stored in ``results.attrs["per_query"]``.
+
+    A plain dict apart from two things that keep it cheap inside ``DataFrame.attrs``: pandas' deep copies of
+    ``attrs`` share it instead of copying every table, and equality is identity. ``metadata`` holds the dataset's
+    per-query metadata (e.g. MedQuAD ``source`` / ``qtype``) or None.
+    """
+
+    metadata: Optional[pd.DataFrame] = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    __hash__ = object.__hash__
+
+
+def per_query_table(results: Union[pd.DataFrame, Mapping[str, pd.DataFrame]]) -> pd.DataFrame:
+    """All systems' per-query metrics in one long table (columns ``scheme``, ``qid``, metadata, metrics)."""
+    pq = results.attrs["per_query"] if isinstance(results, pd.DataFrame) else results
+    frames = []
+    for name, df in pq.items():
+        f = df.reset_index()
+        f.insert(0, "scheme", name)
+        frames.append(f)
+    if not frames:
+        return pd.DataFrame(columns=["scheme", "qid"])
+    out = pd.concat(frames, ignore_index=True)
+    meta = getattr(pq, "metadata", None)
+    if meta is not None and len(meta):
+        cols = [c for c in ("source", "qtype") if c in meta.columns]
+        if cols:
+            m = meta[cols].copy()
+            m.index = m.index.astype(str)
+            out = out.join(m, on="qid")
+            out = out[["scheme", "qid"] + cols + [c for c in out.columns if c not in ("scheme", "qid", *cols)]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(f"[medquant] {msg}", file=sys.stderr, flush=True)
+
+
+def _is_fp32(enc: Encoder) -> bool:
+    return (enc.scheme.embeddings == "fp32" and all(k == "fp32" for k in enc.site_kinds().values())
+            and "embeddings.word_embeddings.weight_scale" not in enc._storage)
+
+
+def _resolve_dataset(dataset) -> RetrievalDataset:
+    if isinstance(dataset, RetrievalDataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        s = str(dataset)
+        if s in ("medquad", "medquad-dev"):
+            return medquad_retrieval("dev")
+        if s == "medquad-test":
+            return medquad_retrieval("test")
+        if Path(s).is_dir():
+            return load_beir(s)
+        raise ValueError(f"unknown dataset {s!r}: pass a RetrievalDataset, 'medquad', or a BEIR directory")
+    raise TypeError(f"dataset must be a RetrievalDataset, got {type(dataset).__name__}")
+
+
+def _as_items(encoder_or_schemes, schemes) -> List[Union[Encoder, QuantScheme]]:
+    items: List = []
+    for group in (encoder_or_schemes, schemes):
+        if group is None:
+            continue
+        if isinstance(group, (Encoder, str, QuantScheme, dict)):
+            group = [group]
+        for it in group:
+            if isinstance(it, Encoder):
+                items.append(it)
+            else:
+                items.append(get_scheme(it))  # raises on unknown names
+    return items
+
+
+def _unique(label: str, taken: set) -> str:
+    if label not in taken:
+        return label
+    i = 2
+    while f"{label}#{i}" in taken:
+        i += 1
+    return f"{label}#{i}"
+
+
+def _sample_calibration_texts(queries: Sequence[str], corpus: Sequence[str], n: int, seed: int) -> List[str]:
+    """Half queries, half corpus texts (seeded, without replacement); a short pool is filled from the other."""
+    rng = np.random.default_rng([int(seed), 0xCA11B])
+    nq = min(len(queries), n // 2)
+    nc = min(len(corpus), n - nq)
+    nq = min(len(queries), n - nc)
+    qi = rng.choice(len(queries), size=nq, replace=False) if nq else []
+    ci = rng.choice(len(corpus), size=nc, replace=False) if nc else []
+    return [queries[i] for i in qi] + [corpus[i] for i in ci]
+
+
+def _token_count(enc: Encoder, texts: Sequence[str], max_length: Optional[int], chunk: int = 2048) -> int:
+    n = 0
+    for s in range(0, len(texts), chunk):
+        _, mask, _ = enc.tokenize(texts[s: s + chunk], max_length=max_length)
+        n += int(mask.sum())
+    return n
+
+
+def _disk_bytes(enc: Encoder) -> int:
+    with tempfile.TemporaryDirectory(prefix="medquant-size-") as d:
+        out = enc.save_pretrained(d)
+        return int((Path(out) / "model.safetensors").stat().st_size)
+
+
+def _pool_passages(scores: np.ndarray, pidx: np.ndarray, doc_index: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Document ranking from a passage ranking: each document at the rank of its best passage.
+
+    Exact for the documents it returns (a document's score is the score of its first passage in the ranking);
+    a row holds fewer than ``k`` documents (padded with -inf / -1) if the passage list covers fewer.
+    """
+    nq = scores.shape[0]
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    docs = doc_index[pidx]
+    for r in range(nq):
+        _, first = np.unique(docs[r], return_index=True)
+        first = np.sort(first)[:k]
+        out_s[r, : first.size] = scores[r, first]
+        out_i[r, : first.size] = docs[r, first]
+    return out_s, out_i
+
+
+def _top_overlap(a: np.ndarray, b: np.ndarray, n: int = 10) -> float:
+    """Mean fraction of the top-n of ``b`` that is also in the top-n of ``a`` (row by row)."""
+    a, b = a[:, :n], b[:, :n]
+    if a.size == 0:
+        return float("nan")
+    hits = [np.intersect1d(x[x >= 0], y[y >= 0]).size / max(1, min(n, (x >= 0).sum())) for x, y in zip(a, b)]
+    return float(np.mean(hits))
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODEL, schemes=None,
+             config: Optional[EvalConfig] = None, calibration_texts: Optional[Sequence[str]] = None,
+             show_progress_bar: Optional[bool] = None, **overrides) -> pd.DataFrame:
+    """Compare quantization schemes on a retrieval collection: quality (with a paired test against fp32), encode
+    throughput, model bytes and index bytes - one row per system.
+
+    Parameters
+    ----------
+    encoder_or_schemes : Encoder, scheme name, QuantScheme, or a list of them
+        Systems to evaluate. Encoders are used as given; scheme names (presets such as ``"int8-dynamic"``),
+        dicts and :class:`QuantScheme` objects are quantized from the fp32 baseline. An fp32 baseline is always
+        evaluated: an fp32 encoder in the list is reused, otherwise the ``reference`` of a given quantized encoder,
+        otherwise ``model`` is loaded.
+    dataset : RetrievalDataset, "medquad" or a BEIR directory
+        The collection (``"medquad"`` is the full MedQuAD dev split).
+    model : str
+        Model loaded for the fp32 baseline when none is given.
+    schemes : list, optional
+        More schemes (same forms as ``encoder_or_schemes``).
+    config : EvalConfig, optional
+        Settings; keyword ``overrides`` replace single fields (``evaluate(..., n_boot=500, passages=True)``).
+    calibration_texts : sequence of str, optional
+        Texts for static-int8 / SmoothQuant calibration (default: a seeded sample of the collection's queries and
+        corpus, see :class:`EvalConfig`). One calibration pass of the fp32 model is shared by every static scheme.
+    show_progress_bar : bool, optional
+        tqdm bars for encoding and calibration plus one progress line per system on stderr (default: bars only
+        for long inputs, no progress lines).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per system, fp32 first, then its index variants, then the other schemes. Columns:
+
+        * ``scheme`` (system name, e.g. ``int8-dynamic`` or ``fp32+index-binary+rescore4``), ``model``,
+          ``model_scheme``, ``index`` (``float32``, ``int8``, ``binary``), ``index_scoring``, ``rescore``
+          (candidate multiplier, 0 = none), ``n_queries``, ``n_docs``, ``n_passages``;
+        * every metric of :func:`medquant.metrics.evaluate_run` (mean over judged queries);
+        * for each of ``config.main_metrics``: ``<m>_delta`` (system - fp32), ``<m>_ci_low`` / ``<m>_ci_high``
+          (paired percentile bootstrap over queries) and ``<m>_p`` (two-sided paired randomization test);
+        * ``overlap@10`` (fraction of fp32's top-10 retrieved in the system's top-10), ``emb_cosine`` (mean cosine
+          of the system's and fp32's corpus embeddings; NaN for index rows);
+        * ``corpus_texts_per_s``, ``corpus_tokens_per_s``, ``query_texts_per_s`` (encode throughput, timed
+          around :meth:`Encoder.encode` - tokenization included - after a warm-up; tokens are the non-padding
+          tokens after truncation; index rows repeat fp32's. Wall-clock: measure on an otherwise idle machine), ``encode_corpus_s``,
+          ``encode_queries_s``, ``search_s`` (all queries), ``calibration_s``, ``quantize_s``;
+        * ``model_bytes`` (:meth:`Encoder.size_bytes`, in memory), ``model_disk_bytes`` (``model.safetensors``
+          written by :meth:`Encoder.save_pretrained`), ``index_bytes`` (stored corpus vectors: float32 matrix or
+          quantized codes), ``rescore_bytes`` (float32 vectors read at rescoring, 0 without; they may live on
+          disk).
+
+        ``attrs``: ``per_query`` (:class:`PerQueryResults`, system -> per-query metrics indexed by query id),
+        ``config``, ``dataset`` (:meth:`RetrievalDataset.describe`), ``calibration`` (how texts were chosen).
+    """
+    cfg = dataclasses.replace(config, **overrides) if config is not None else EvalConfig(**overrides)
+    if dataset is None:
+        raise TypeError("evaluate() needs a dataset")
+    ds = _resolve_dataset(dataset)
+    items = _as_items(encoder_or_schemes, schemes)
+    qrels = {q: j for q, j in ds.qrels.items() if q in ds.queries and len(j) > 0}
+    if not ds.corpus:
+        raise ValueError(f"dataset {ds.name!r} has an empty corpus")
+    if not qrels:
+        raise ValueError(f"dataset {ds.name!r} has no judged queries")
+    progress = bool(show_progress_bar)
+
+    # ---------------------------------------------------------------- the fp32 baseline
+    baseline: Optional[Encoder] = next((it for it in items if isinstance(it, Encoder) and _is_fp32(it)), None)
+    if baseline is None:
+        baseline = next((it.reference for it in items if isinstance(it, Encoder) and it.reference is not None
+                         and _is_fp32(it.reference)), None)
+    if baseline is None:
+        _log(progress, f"loading {model} (fp32)")
+        baseline = Encoder.from_pretrained(model, n_threads=cfg.threads)
+        for it in items:
+            if isinstance(it, Encoder) and it.config != baseline.config:
+                raise ValueError(f"encoder {it!r} is not a quantized {model}: pass its fp32 encoder too")
+
+    systems: List[Tuple[str, Any]] = [("fp32", baseline)]
+    taken = {"fp32"}
+    seen_schemes = set()
+    for it in items:
+        if it is baseline:
+            continue
+        if isinstance(it, QuantScheme):
+            if it.name == "fp32" and it == get_scheme("fp32"):
+                continue
+            key = it.to_json()
+            if key in seen_schemes:
+                continue
+            seen_schemes.add(key)
+            label = _unique(it.name, taken)
+        else:
+            label = _unique(it.scheme.name, taken)
+        taken.add(label)
+        systems.append((label, it))
+    if cfg.threads is not None:
+        for _, it in systems:
+            if isinstance(it, Encoder) and it.n_threads != int(cfg.threads):
+                it.set_threads(int(cfg.threads))
+
+    # ---------------------------------------------------------------- texts
+    doc_ids = ds.doc_ids
+    qids = list(ds.queries)
+    query_texts = [ds.queries[q] for q in qids]
+    if cfg.passages:
+        corpus_texts, doc_index = split_corpus(ds.corpus, max_words=cfg.max_words, stride=cfg.stride)
+    else:
+        corpus_texts, doc_index = list(ds.corpus.values()), None
+    k = min(cfg.k, len(doc_ids))
+    needs_calib = any(isinstance(it, QuantScheme) and it.needs_calibration for _, it in systems)
+    calib_info: Dict[str, Any] = {"n_texts": 0, "source": None}
+    if needs_calib:
+        if calibration_texts is None:
+            calibration_texts = _sample_calibration_texts(query_texts, corpus_texts, cfg.calibration_size, cfg.seed)
+            calib_info = {"n_texts": len(calibration_texts), "seed": cfg.seed,
+                          "source": f"seeded sample of {ds.name} queries and corpus "
+                                    f"{'passages' if cfg.passages else 'texts'} (same split as evaluated)"}
+        else:
+            calibration_texts = list(calibration_texts)
+            calib_info = {"n_texts": len(calibration_texts), "source": "given"}
+    token_counts: Dict[int, int] = {}
+    calibrations: Dict[float, Tuple[Any, float]] = {}
+
+    def corpus_tokens(enc: Encoder) -> int:
+        key = id(enc.tokenizer)
+        if key not in token_counts:
+            token_counts[key] = _token_count(enc, corpus_texts, cfg.max_length)
+        return token_counts[key]
+
+    def run_encoder(label: str, enc: Encoder) -> Dict[str, Any]:
+        kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, show_progress_bar=show_progress_bar)
+        if cfg.warmup:
+            enc.encode(corpus_texts[: min(4, len(corpus_texts))] + query_texts[:4], batch_size=cfg.batch_size,
+                       max_length=cfg.max_length, show_progress_bar=False)
+        t0 = time.perf_counter()
+        c_emb = enc.encode(corpus_texts, **kw)
+        t_corpus = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        q_emb = enc.encode(query_texts, **kw)
+        t_queries = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if cfg.passages:
+            scores, idx = search_passages(q_emb, c_emb, doc_index, k=k, n_docs=len(doc_ids))
+        else:
+            scores, idx = search(q_emb, c_emb, k=k)
+        t_search = time.perf_counter() - t0
+        n_tok = corpus_tokens(enc)
+        return {
+            "c_emb": c_emb, "q_emb": q_emb, "idx": idx, "scores": scores,
+            "row": {
+                "corpus_texts_per_s": len(corpus_texts) / t_corpus if t_corpus > 0 else float("nan"),
+                "corpus_tokens_per_s": n_tok / t_corpus if t_corpus > 0 else float("nan"),
+                "query_texts_per_s": len(query_texts) / t_queries if t_queries > 0 else float("nan"),
+                "encode_corpus_s": t_corpus, "encode_queries_s": t_queries, "search_s": t_search,
+                "model_bytes": enc.size_bytes(),
+                "model_disk_bytes": _disk_bytes(enc) if cfg.measure_disk else np.nan,
+                "index_bytes": int(c_emb.nbytes), "rescore_bytes": 0,
+            },
+        }
+
+    per_query = PerQueryResults()
+    per_query.metadata = ds.metadata
+    rows: List[Dict[str, Any]] = []
+    base_idx: Optional[np.ndarray] = None
+    base_c: Optional[np.ndarray] = None
+
+    def add_row(label: str, info: Dict[str, Any], scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        run = run_from_search(np.where(idx >= 0, scores, -np.inf), np.maximum(idx, 0), qids, doc_ids,
+                              preserve_order=True)
+        pq = evaluate_run(qrels, run, cfg.ks)
+        per_query[label] = pq
+        row = {"scheme": label}
+        row.update(info)
+        row.update({"n_queries": len(pq), "n_docs": len(doc_ids), "n_passages": len(corpus_texts)})
+        row.update(summarize(pq).drop("n_queries").to_dict())
+        row["overlap@10"] = _top_overlap(base_idx, idx) if base_idx is not None else 1.0
+        rows.append(row)
+        return idx
+
+    n_sys = len(systems)
+    for pos, (label, it) in enumerate(systems, 1):
+        calib_s = quant_s = 0.0
+        if isinstance(it, QuantScheme):
+            if it.needs_calibration and any(k_ == "int8" for k_ in map(it.site_kind, baseline.site_names)):
+                key = float(it.momentum)
+                if key not in calibrations:
+                    _log(progress, f"[{pos}/{n_sys}] {label}: calibrating on {len(calibration_texts)} texts")
+                    t0 = time.perf_counter()
+                    cal = baseline.calibrate(calibration_texts, method=it.calibration, batch_size=cfg.batch_size,
+                                             max_length=cfg.max_length, momentum=it.momentum,
+                                             percentile=it.percentile, show_progress_bar=show_progress_bar)
+                    calibrations[key] = (cal, time.perf_counter() - t0)
+                cal, calib_s = calibrations[key]
+                t0 = time.perf_counter()
+                enc = baseline.quantize(
+                    it, calibration=cal, batch_size=cfg.batch_size, show_progress_bar=show_progress_bar,
+                    calibration_texts=calibration_texts if it.smoothquant_alpha is not None else None)
+                quant_s = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                enc = baseline.quantize(it)
+                quant_s = time.perf_counter() - t0
+        else:
+            enc = it
+        _log(progress, f"[{pos}/{n_sys}] {label}: encoding {len(corpus_texts)} corpus texts and "
+                       f"{len(query_texts)} queries")
+        res = run_encoder(label, enc)
+        info = {"model": str(enc.name), "model_scheme": enc.scheme.name, "index": "float32", "index_scoring": "",
+                "rescore": 0}
+        info.update(res["row"])
+        info.update({"calibration_s": calib_s, "quantize_s": quant_s})
+        if base_c is None:
+            info["emb_cosine"] = 1.0
+        else:
+            info["emb_cosine"] = float(np.mean(np.sum(base_c * res["c_emb"], axis=1)))
+        add_row(label, info, res["scores"], res["idx"])
+        if label == "fp32":
+            base_idx, base_c = res["idx"], res["c_emb"]
+            base_info = info
+            for kind in cfg.index_kinds:
+                t0 = time.perf_counter()
+                index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring)
+                build_s = time.perf_counter() - t0
+                for mult in (None, cfg.rescore_multiplier) if cfg.rescore_multiplier else (None,):
+                    name = f"fp32+index-{kind}" + ("" if cfg.index_scoring == "codes" else "-asym")
+                    name += f"+rescore{mult}" if mult else ""
+                    _log(progress, f"[{pos}/{n_sys}] {name}: searching")
+                    kq = k if not cfg.passages else min(len(corpus_texts), k * 8)
+                    t0 = time.perf_counter()
+                    s, i = index.search(res["q_emb"], k=kq, rescore_multiplier=mult,
+                                        float_corpus=res["c_emb"] if mult else None)
+                    if cfg.passages:
+                        s, i = _pool_passages(np.asarray(s, dtype=np.float32), i, doc_index, k)
+                    t_search = time.perf_counter() - t0
+                    row_info = dict(base_info)
+                    row_info.update({"index": kind, "index_scoring": cfg.index_scoring, "rescore": int(mult or 0),
+                                     "search_s": t_search, "quantize_s": build_s, "emb_cosine": np.nan,
+                                     "index_bytes": int(index.nbytes),
+                                     "rescore_bytes": int(res["c_emb"].nbytes) if mult else 0})
+                    add_row(name, row_info, np.asarray(s, dtype=np.float32), i)
+        del res
+
+    # ---------------------------------------------------------------- paired comparison with fp32
+    base_pq = per_query["fp32"]
+    for row in rows:
+        pq = per_query[row["scheme"]]
+        for m in cfg.main_metrics:
+            c = paired_comparison(base_pq[m], pq[m], n_boot=cfg.n_boot, seed=cfg.seed, confidence=cfg.confidence)
+            row[f"{m}_delta"] = c.delta
+            row[f"{m}_ci_low"] = c.ci_low
+            row[f"{m}_ci_high"] = c.ci_high
+            row[f"{m}_p"] = c.p_value
+
+    df = pd.DataFrame(rows)
+    head = ["scheme", "model", "model_scheme", "index", "index_scoring", "rescore", "n_queries", "n_docs",
+            "n_passages"]
+    metrics = [c for c in metric_columns(cfg.ks) if c in df.columns]
+    deltas = [f"{m}_{s}" for m in cfg.main_metrics for s in ("delta", "ci_low", "ci_high", "p")]
+    tail = ["overlap@10", "emb_cosine", "corpus_texts_per_s", "corpus_tokens_per_s", "query_texts_per_s",
+            "encode_corpus_s", "encode_queries_s", "search_s", "calibration_s", "quantize_s", "model_bytes",
+            "model_disk_bytes", "index_bytes", "rescore_bytes"]
+    df = df[head + metrics + deltas + tail]
+    df.attrs["per_query"] = per_query
+    df.attrs["config"] = cfg.to_dict()
+    df.attrs["dataset"] = ds.describe()
+    df.attrs["calibration"] = calib_info
+    return df
+
+
+__all__ = ["EvalConfig", "PerQueryResults", "evaluate", "per_query_table"]

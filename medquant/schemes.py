@@ -1,0 +1,230 @@
+"""Quantization schemes: a small dataclass, named presets, and validation.
+
+A scheme says, for every linear layer (``site``) of the encoder, in which precision its weights and input
+activations are held, and how the embedding table is stored. Every combination accepted here is implemented in the
+C core (csrc/linear.c); everything else is rejected with an error rather than silently run another way.
+
+Site names follow the Hugging Face module names (the Q/K/V projections are fused into one ``qkv`` site):
+``encoder.layer.{i}.attention.self.qkv``, ``encoder.layer.{i}.attention.output.dense``,
+``encoder.layer.{i}.intermediate.dense``, ``encoder.layer.{i}.output.dense``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Tuple
+
+from ._native import _core
+
+SITE_SUFFIXES = (
+    "attention.self.qkv",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+_ALIASES = {"attention.self.query": 0, "attention.self.key": 0, "attention.self.value": 0}
+
+WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
+ACT_DTYPES = ("fp32", "bf16", "int8")
+MODES = ("dynamic", "dynamic-token", "static")
+GRANULARITIES = ("per-channel", "per-tensor")
+CALIBRATION_METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
+EMBEDDINGS = ("fp32", "int8")
+
+
+def site_name(layer: int, site: int) -> str:
+    return f"encoder.layer.{layer}.{SITE_SUFFIXES[site]}"
+
+
+def site_names(n_layers: int):
+    return [site_name(layer, s) for layer in range(n_layers) for s in range(len(SITE_SUFFIXES))]
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    for p in patterns:
+        for alias, site in _ALIASES.items():
+            if p.endswith(alias):
+                p = p[: -len(alias)] + SITE_SUFFIXES[site]
+        if fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How every linear layer and the embedding table are quantized.
+
+    weights / activations: the precisions of a linear layer's weights and input activations. Supported pairs:
+      fp32/fp32, bf16/bf16, int8/int8 (W8A8 on the VNNI kernels), int8/fp32 (weight-only), int4/fp32 (weight-only,
+      group-wise scales).
+    mode: for int8 activations: "dynamic" (scale from each batch's min/max), "dynamic-token" (one symmetric scale
+      per token), "static" (fixed by calibration).
+    act_symmetric: symmetric activations (zero point 128 in u8) or asymmetric u8 with a zero point.
+    weight_granularity: "per-channel" (one scale per output channel) or "per-tensor" (int8 weights).
+    group_size: int4 group size along the input dimension.
+    calibration: how static ranges are chosen: minmax, moving-average, percentile, entropy, mse.
+    smoothquant_alpha: if set, migrate activation outliers into the weights (SmoothQuant) with this alpha first.
+    embeddings: "int8" stores the word-embedding table as int8 with one scale per row.
+    keep_fp32 / keep_bf16: site names or glob patterns (e.g. "encoder.layer.5.output.dense") kept in higher precision.
+    """
+
+    name: str = "custom"
+    weights: str = "fp32"
+    activations: str = "fp32"
+    mode: str = "static"
+    act_symmetric: bool = False
+    weight_granularity: str = "per-channel"
+    group_size: int = 32
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    momentum: float = 0.9
+    smoothquant_alpha: Optional[float] = None
+    embeddings: str = "fp32"
+    keep_fp32: Tuple[str, ...] = field(default_factory=tuple)
+    keep_bf16: Tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        object.__setattr__(self, "keep_bf16", tuple(self.keep_bf16))
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def one_of(value, allowed, what):
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+
+        one_of(self.weights, WEIGHT_DTYPES, "weights")
+        one_of(self.activations, ACT_DTYPES, "activations")
+        one_of(self.mode, MODES, "mode")
+        one_of(self.weight_granularity, GRANULARITIES, "weight_granularity")
+        one_of(self.calibration, CALIBRATION_METHODS, "calibration")
+        one_of(self.embeddings, EMBEDDINGS, "embeddings")
+        pair = (self.weights, self.activations)
+        supported = {("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("int8", "fp32"), ("int4", "fp32")}
+        if pair not in supported:
+            raise ValueError(
+                f"unsupported combination weights={self.weights} activations={self.activations}; supported: "
+                + ", ".join(f"{w}/{a}" for w, a in sorted(supported))
+            )
+        if self.activations == "int8" and self.mode == "dynamic-token" and not self.act_symmetric:
+            raise ValueError(
+                "per-token dynamic activation quantization must be symmetric (act_symmetric=True): oneDNN applies one "
+                "common source zero point"
+            )
+        if self.weights == "int4" and (self.group_size <= 0 or self.group_size % 2):
+            raise ValueError(f"int4 group_size must be a positive even number, got {self.group_size}")
+        if self.weights == "int4" and self.weight_granularity != "per-channel":
+            raise ValueError("int4 weights use group-wise scales; weight_granularity must stay 'per-channel'")
+        if not (50.0 < self.percentile <= 100.0):
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not (0.0 <= self.momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.smoothquant_alpha is not None:
+            if not (0.0 <= self.smoothquant_alpha <= 1.0):
+                raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
+            if self.activations != "int8":
+                raise ValueError("SmoothQuant only makes sense with int8 activations")
+        overlap = set(self.keep_fp32) & set(self.keep_bf16)
+        if overlap:
+            raise ValueError(f"sites listed in both keep_fp32 and keep_bf16: {sorted(overlap)}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_float(self) -> bool:
+        return self.weights in ("fp32", "bf16") and self.embeddings == "fp32"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations == "int8" and (self.mode == "static" or self.smoothquant_alpha is not None)
+
+    def site_kind(self, name: str) -> str:
+        """The precision of one site: fp32, bf16, int8, w8 or w4."""
+        if _matches(name, self.keep_fp32):
+            return "fp32"
+        if _matches(name, self.keep_bf16):
+            return "bf16"
+        if self.activations == "int8":
+            return "int8"
+        if self.weights == "int8":
+            return "w8"
+        if self.weights == "int4":
+            return "w4"
+        return self.weights  # fp32 / bf16
+
+    def replace(self, **changes) -> "QuantScheme":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        d["keep_fp32"] = list(self.keep_fp32)
+        d["keep_bf16"] = list(self.keep_bf16)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "QuantScheme":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QuantScheme fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: Dict[str, QuantScheme] = {
+    s.name: s
+    for s in [
+        QuantScheme(name="fp32"),
+        QuantScheme(name="bf16", weights="bf16", activations="bf16"),
+        QuantScheme(name="int8-dynamic", weights="int8", activations="int8", mode="dynamic", embeddings="int8"),
+        QuantScheme(
+            name="int8-dynamic-token", weights="int8", activations="int8", mode="dynamic-token", act_symmetric=True,
+            embeddings="int8",
+        ),
+        QuantScheme(
+            name="int8-static-sym", weights="int8", activations="int8", mode="static", act_symmetric=True,
+            calibration="mse", embeddings="int8",
+        ),
+        QuantScheme(
+            name="int8-static-asym", weights="int8", activations="int8", mode="static", act_symmetric=False,
+            calibration="mse", embeddings="int8",
+        ),
+        QuantScheme(
+            name="int8-static-per-tensor", weights="int8", activations="int8", mode="static",
+            weight_granularity="per-tensor", calibration="minmax", embeddings="int8",
+        ),
+        QuantScheme(
+            name="int8-smoothquant", weights="int8", activations="int8", mode="static", act_symmetric=False,
+            calibration="mse", smoothquant_alpha=0.5, embeddings="int8",
+        ),
+        QuantScheme(name="w8-weight-only", weights="int8", activations="fp32", embeddings="int8"),
+        QuantScheme(name="w4-weight-only", weights="int4", activations="fp32", group_size=32, embeddings="int8"),
+    ]
+}
+
+
+def get_scheme(scheme) -> QuantScheme:
+    """A QuantScheme from a preset name, a dict, or a QuantScheme."""
+    if isinstance(scheme, QuantScheme):
+        return scheme
+    if isinstance(scheme, dict):
+        return QuantScheme.from_dict(scheme)
+    if isinstance(scheme, str):
+        if scheme in PRESETS:
+            return PRESETS[scheme]
+        raise ValueError(f"unknown quantization scheme {scheme!r}; presets: {', '.join(PRESETS)}")
+    raise TypeError(f"scheme must be a preset name, a dict or a QuantScheme, got {type(scheme).__name__}")
+
+
+KIND_CODES = {
+    "fp32": _core.LINEAR_F32,
+    "bf16": _core.LINEAR_BF16,
+    "int8": _core.LINEAR_INT8,
+    "w8": _core.LINEAR_W8,
+    "w4": _core.LINEAR_W4,
+}
+MODE_CODES = {"dynamic": _core.ACT_DYNAMIC, "dynamic-token": _core.ACT_DYNAMIC_TOKEN, "static": _core.ACT_STATIC}
