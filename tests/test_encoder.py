@@ -1,0 +1,138 @@
+"""Foundation: the C encoder matches Hugging Face BertModel, is batch-invariant, and rejects bad input clearly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import medquant
+
+torch.set_num_threads(2)
+
+
+def hf_last_hidden(model_dir, ids, mask, tt):
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(str(model_dir), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                    token_type_ids=torch.from_numpy(tt.astype(np.int64)))
+    return out.last_hidden_state.numpy()
+
+
+def st_mean_pooling(hidden, mask):
+    """sentence-transformers' recipe: mask-aware mean over tokens, then L2 normalisation."""
+    m = mask[..., None].astype(np.float32)
+    emb = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    return emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+
+
+def test_runtime_info():
+    info = medquant.runtime_info()
+    assert info["onednn_version"].startswith("3.")
+    assert info["threading"] == "OpenMP"
+    assert info["cpu_isa"]
+    assert info["max_threads"] >= 1
+
+
+def check_parity(enc, model_dir, texts, max_length):
+    ids, mask, tt = enc.tokenize(texts, max_length=max_length)
+    lengths = mask.sum(1)
+    assert len(texts) >= 64
+    assert lengths.max() == max_length, "some texts must be truncated"
+    assert lengths.min() < max_length // 4, "mixed lengths expected"
+    ours = enc.forward(ids, mask, tt)
+    ref = hf_last_hidden(model_dir, ids, mask, tt)
+    m = mask.astype(bool)
+    assert np.abs(ours[m] - ref[m]).max() <= 1e-4
+    assert np.all(ours[~m] == 0)
+    emb = enc.encode(texts, max_length=max_length, batch_size=16)
+    cos = np.sum(emb * st_mean_pooling(ref, mask), axis=1)
+    assert cos.min() >= 0.99999
+
+
+def test_minilm_matches_huggingface(minilm, minilm_dir, mixed_texts):
+    check_parity(minilm, minilm_dir, mixed_texts, max_length=128)
+
+
+def test_random_bert_base_matches_huggingface(random_base_dir, mixed_texts):
+    enc = medquant.Encoder.from_pretrained(random_base_dir)
+    assert enc.config.hidden_size == 768 and enc.config.num_hidden_layers == 12
+    check_parity(enc, random_base_dir, mixed_texts, max_length=96)
+
+
+def test_cls_pooling_and_unnormalized(minilm, minilm_dir, medquad_questions):
+    texts = medquad_questions[:20]
+    ids, mask, tt = minilm.tokenize(texts)
+    ref = hf_last_hidden(minilm_dir, ids, mask, tt)
+    cls = minilm.encode(texts, pooling="cls", normalize=False)
+    assert np.abs(cls - ref[:, 0]).max() <= 1e-4
+    mean = minilm.encode(texts, normalize=False)
+    m = mask[..., None]
+    assert np.abs(mean - (ref * m).sum(1) / m.sum(1)).max() <= 1e-4
+
+
+def test_batch_invariance(minilm, mixed_texts):
+    base = minilm.encode(mixed_texts, batch_size=32)
+    for bs in (1, 7, 64):
+        assert np.abs(minilm.encode(mixed_texts, batch_size=bs) - base).max() <= 1e-5
+    perm = np.random.default_rng(3).permutation(len(mixed_texts))
+    shuffled = minilm.encode([mixed_texts[i] for i in perm], batch_size=32)
+    assert np.abs(shuffled - base[perm]).max() <= 1e-5
+    single = np.concatenate([minilm.encode([t]) for t in mixed_texts[:10]])
+    assert np.abs(single - base[:10]).max() <= 1e-5
+
+
+def test_threads_do_not_change_results(minilm, medquad_questions):
+    texts = medquad_questions[:16]
+    base = minilm.encode(texts)
+    try:
+        minilm.set_threads(1)
+        assert minilm.n_threads == 1
+        assert np.abs(minilm.encode(texts) - base).max() <= 1e-5
+    finally:
+        minilm.set_threads(2)
+    with pytest.raises(ValueError):
+        minilm.set_threads(0)
+
+
+def test_forward_input_validation(minilm):
+    ids = np.array([[101, 2054, 2003, 102]], dtype=np.int64)
+    out = minilm.forward(ids)
+    assert out.shape == (1, 4, 384) and ids.dtype == np.int64  # the caller's array is not converted in place
+    with pytest.raises(TypeError, match="integers"):
+        minilm.forward(ids.astype(np.float32))
+    with pytest.raises(ValueError, match="vocabulary"):
+        minilm.forward(np.array([[101, 40000, 102]]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        minilm.forward(np.array([[101, -5, 102]]))
+    with pytest.raises(ValueError, match="right-padded"):
+        minilm.forward(np.array([[101, 2054, 102]]), np.array([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="no tokens"):
+        minilm.forward(np.array([[101, 2054, 102]]), np.array([[0, 0, 0]]))
+    with pytest.raises(ValueError, match="shape"):
+        minilm.forward(np.array([[101, 2054, 102]]), np.array([[1, 1]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        minilm.forward(np.full((1, 600), 101))
+    with pytest.raises(ValueError, match="token type"):
+        minilm.forward(np.array([[101, 102]]), token_type_ids=np.array([[0, 5]]))
+    with pytest.raises(ValueError, match="empty"):
+        minilm.forward(np.zeros((0, 4), np.int32))
+    # non-contiguous input is accepted (copied), result identical
+    big = np.array([[101, 0, 2054, 0, 102, 0]])
+    assert np.array_equal(minilm.forward(big[:, ::2]), minilm.forward(np.array([[101, 2054, 102]])))
+
+
+def test_encode_input_validation(minilm):
+    with pytest.raises(ValueError, match="empty"):
+        minilm.encode([])
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        minilm.encode(["fine", 3])
+    with pytest.raises(TypeError, match="single string"):
+        minilm.encode("not a list")
+    with pytest.raises(ValueError, match="pooling"):
+        minilm.encode(["x"], pooling="max")
+    with pytest.raises(ValueError, match="max_length"):
+        minilm.encode(["x"], max_length=10_000)
+    out = minilm.encode(["", "a" * 100_000])  # empty and very long texts work (truncated)
+    assert out.shape == (2, 384) and np.isfinite(out).all()

@@ -1,0 +1,159 @@
+"""Quantization schemes in the C core against an independent numpy reference, observers, and the real model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import medquant
+from medquant import QuantScheme, _core
+import quant_reference as ref
+
+RNG = np.random.default_rng(7)
+K, N, M = 96, 80, 37  # M not a multiple of any bucket
+
+
+def layer_data(heavy_tail=False):
+    w = (RNG.standard_normal((N, K)) * 0.05).astype(np.float32)
+    b = (RNG.standard_normal(N) * 0.1).astype(np.float32)
+    x = RNG.standard_normal((M, K)).astype(np.float32)
+    if heavy_tail:
+        x[:, 5] *= 20.0  # an outlier channel, as in BERT's residual stream
+    r = RNG.standard_normal((M, N)).astype(np.float32)
+    return w, b, x, r
+
+
+def tolerance(y_ref, step, qw, sw):
+    """|C - reference| bound: float32 accumulation and scaling (1e-5 relative) plus one activation rounding flip
+    per row (inputs on a .5 boundary may round either way in float32): step[m] * max_k |qw[n,k]| * sw[n]."""
+    wmax = np.abs(qw.astype(np.float64)).max(axis=1) * np.broadcast_to(sw, (qw.shape[0],))
+    return 1e-5 * np.abs(y_ref).max() + 1e-6 + 2.0 * step[:, None] * wmax[None, :]
+
+
+EPIS = [("none", _core.EPI_NONE), ("gelu", _core.EPI_GELU), ("residual", _core.EPI_RESIDUAL)]
+
+
+@pytest.mark.parametrize("epi_name,epi", EPIS)
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("mode,symmetric", [("static", False), ("static", True), ("dynamic", False),
+                                            ("dynamic", True), ("dynamic-token", True)])
+def test_int8_linear_matches_reference(mode, symmetric, per_channel, epi_name, epi):
+    w, b, x, r = layer_data(heavy_tail=True)
+    qw, sw = _core.quantize_weight_s8(w, per_channel)
+    qw_ref, sw_ref = ref.quantize_weight_s8(w, per_channel)
+    assert np.array_equal(qw, qw_ref) and np.array_equal(sw, sw_ref)
+    kw = {}
+    scale = zp = None
+    if mode == "static":
+        lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.5))  # clipping on purpose
+        scale, zp = _core.qparams(lo, hi, symmetric)
+        rs, rz = ref.qparams_sym(lo, hi) if symmetric else ref.qparams_asym(lo, hi)
+        assert np.float32(scale) == rs and zp == rz
+        kw = dict(act_scale=scale, act_zero_point=zp)
+    mode_code = {"static": _core.ACT_STATIC, "dynamic": _core.ACT_DYNAMIC, "dynamic-token": _core.ACT_DYNAMIC_TOKEN}[mode]
+    lin = _core.Linear(_core.LINEAR_INT8, qw, sw, b, None, act_mode=mode_code, act_symmetric=symmetric,
+                       w_per_channel=per_channel, epilogue=epi, **kw)
+    y = lin.forward(x, r if epi_name == "residual" else None)
+    y_ref, step = ref.int8_linear(x, qw, sw, b, mode=mode, symmetric=symmetric, scale=scale, zp=zp,
+                                  per_channel=per_channel, epi=epi_name, residual=r)
+    err = np.abs(y - y_ref)
+    tol = tolerance(y_ref, step, qw, sw)
+    assert np.all(err <= tol), f"max err {err.max()} vs tol {tol[err.argmax() // N].min()}"
+    # the vast majority of outputs agree to float32 rounding (no rounding flip involved)
+    assert np.mean(err <= 1e-5 * np.abs(y_ref).max() + 1e-6) > 0.95
+    assert "vnni" in lin.impl() or "amx" in lin.impl(), lin.impl()
+
+
+@pytest.mark.parametrize("epi_name,epi", EPIS)
+def test_fp32_bf16_linear(epi_name, epi):
+    w, b, x, r = layer_data()
+    y_ref = ref.epilogue(x.astype(np.float64) @ w.T.astype(np.float64) + b, epi_name, r)
+    res = r if epi_name == "residual" else None
+    y32 = _core.Linear(_core.LINEAR_F32, w, None, b, epilogue=epi).forward(x, res)
+    assert np.abs(y32 - y_ref).max() <= 1e-4
+    ybf = _core.Linear(_core.LINEAR_BF16, w, None, b, epilogue=epi).forward(x, res)
+    # bf16 inputs and weights: relative rounding 2^-9 each; errors add up over K terms (random signs)
+    bound = 3 * 2.0 ** -8 * np.sqrt(K) * np.abs(x).max() * np.abs(w).max() + 1e-3
+    assert np.abs(ybf - y_ref).max() <= bound
+
+
+def test_weight_only_int8_and_int4():
+    w, b, x, _ = layer_data()
+    qw, sw = _core.quantize_weight_s8(w, True)
+    y8 = _core.Linear(_core.LINEAR_W8, qw, sw, b).forward(x)
+    y8_ref = x.astype(np.float64) @ (qw.astype(np.float64) * sw[:, None]).T + b
+    assert np.abs(y8 - y8_ref).max() <= 1e-4
+    packed, s4 = _core.quantize_weight_s4(w, 32)
+    q4_ref, s4_ref = ref.quantize_weight_s4(w, 32)
+    assert np.allclose(s4, s4_ref, rtol=0, atol=0)
+    deq = _core.dequantize_weight_s4(packed, s4, 32)
+    assert np.allclose(deq, ref.dequant_s4(q4_ref, s4_ref, 32), atol=1e-7)
+    y4 = _core.Linear(_core.LINEAR_W4, packed, s4, b, group_size=32).forward(x)
+    y4_ref = x.astype(np.float64) @ ref.dequant_s4(q4_ref, s4_ref, 32).T + b
+    assert np.abs(y4 - y4_ref).max() <= 1e-4
+    assert packed.nbytes == w.size // 2
+
+
+def test_smoothquant_multiplier_is_exact_in_float():
+    w, b, x, _ = layer_data(heavy_tail=True)
+    s = np.abs(x).max(0) ** 0.5 / np.abs(w).max(0) ** 0.5
+    y = _core.Linear(_core.LINEAR_F32, np.ascontiguousarray(w * s[None, :]), None, b,
+                     (1 / s).astype(np.float32)).forward(x)
+    assert np.abs(y - (x.astype(np.float64) @ w.T + b)).max() <= 1e-4
+
+
+def test_linear_rejects_bad_arguments():
+    w, b, x, _ = layer_data()
+    qw, sw = _core.quantize_weight_s8(w, True)
+    with pytest.raises(ValueError, match="symmetric only"):
+        _core.Linear(_core.LINEAR_INT8, qw, sw, b, act_mode=_core.ACT_DYNAMIC_TOKEN, act_symmetric=False)
+    with pytest.raises(ValueError, match="scale"):
+        _core.Linear(_core.LINEAR_INT8, qw, sw, b, act_mode=_core.ACT_STATIC, act_scale=-1.0)
+    with pytest.raises(ValueError, match="zero point"):
+        _core.Linear(_core.LINEAR_INT8, qw, sw, b, act_mode=_core.ACT_STATIC, act_scale=0.1, act_zero_point=300)
+    with pytest.raises(TypeError, match="dtype"):
+        _core.Linear(_core.LINEAR_INT8, w, sw, b)
+    with pytest.raises(ValueError, match="w_scales"):
+        _core.Linear(_core.LINEAR_INT8, qw, None, b)
+    w_nan = w.copy()
+    w_nan[1, 2] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        _core.Linear(_core.LINEAR_F32, w_nan, None, b)
+    with pytest.raises(ValueError, match="non-finite"):
+        _core.quantize_weight_s8(w_nan, True)
+    lin = _core.Linear(_core.LINEAR_F32, w, None, b)
+    with pytest.raises(ValueError, match="size"):
+        lin.forward(x[:, :10].copy())
+    with pytest.raises(ValueError, match="contiguous"):
+        lin.forward(np.asfortranarray(x))
+    with pytest.raises(ValueError, match="group"):
+        _core.quantize_weight_s4(w, 7)
+
+
+# ---------------------------------------------------------------------------------------------------- schemes
+
+
+def test_presets_and_validation():
+    for name, s in medquant.PRESETS.items():
+        assert s.name == name and medquant.get_scheme(name) is s
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        medquant.get_scheme("int3-magic")
+    with pytest.raises(ValueError, match="unsupported combination"):
+        QuantScheme(weights="int4", activations="int8")
+    with pytest.raises(ValueError, match="unsupported combination"):
+        QuantScheme(weights="fp32", activations="int8")
+    with pytest.raises(ValueError, match="symmetric"):
+        QuantScheme(weights="int8", activations="int8", mode="dynamic-token", act_symmetric=False)
+    with pytest.raises(ValueError, match="calibration"):
+        QuantScheme(weights="int8", activations="int8", calibration="magic")
+    with pytest.raises(ValueError, match="SmoothQuant"):
+        QuantScheme(smoothquant_alpha=0.5)
+    with pytest.raises(ValueError, match="both"):
+        QuantScheme(keep_fp32=("a",), keep_bf16=("a",))
+    with pytest.raises(ValueError, match="unknown QuantScheme fields"):
+        medquant.get_scheme({"weights": "int8", "bits": 3})
+    s = QuantScheme(weights="int8", activations="int8", keep_fp32=("encoder.layer.5.output.dense",),
+                    keep_bf16=("encoder.layer.0.attention.self.query",))
+    assert s.site_kind("encoder.layer.5.output.dense") == "fp32"
+    assert s.site_kind("encoder.layer.0.attention.self.qkv") == "bf16"
+    assert s.site_kind("encoder.layer.4.output.dense") == "int8"
+    assert medquant.get_scheme(s.to_dict()) == s
