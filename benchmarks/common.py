@@ -1,0 +1,181 @@
+"""Shared pieces of the benchmark: the systems, the workloads' sizes, memory/CPU probes, oneDNN verbose parsing.
+
+Nothing here imports torch, onnxruntime or medquant at module level, so every worker process pays only for the
+runtime it measures.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+THREADS = 2
+BATCH = 32
+CORPUS_MAX_LENGTH = 256
+QUERY_MAX_LENGTH = 256
+FIXED_BATCH, FIXED_SEQ = 32, 128
+SEED = 20240
+REFERENCE = "medquant-int8-static"  # every ratio is taken against this system
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    runtime: str  # medquant | torch | ort
+    variant: str  # fp32 | bf16 | int8-dynamic | int8-static-asym (medquant); fp32 | int8-dyn (torch, ort)
+    label: str
+
+
+SYSTEMS: List[System] = [
+    System("medquant-fp32", "medquant", "fp32", "medquant fp32"),
+    System("medquant-bf16", "medquant", "bf16", "medquant bf16"),
+    System("medquant-int8-dyn", "medquant", "int8-dynamic", "medquant int8 dynamic"),
+    System("medquant-int8-static", "medquant", "int8-static-asym", "medquant int8 static (int8-static-asym)"),
+    System("torch-fp32", "torch", "fp32", "PyTorch fp32"),
+    System("torch-int8-dyn", "torch", "int8-dyn", "PyTorch quantize_dynamic int8"),
+    System("ort-fp32", "ort", "fp32", "ONNX Runtime fp32 (optimized graph)"),
+    System("ort-int8-dyn", "ort", "int8-dyn", "ONNX Runtime quantize_dynamic int8"),
+]
+BY_NAME: Dict[str, System] = {s.name: s for s in SYSTEMS}
+
+MODELS = {
+    "minilm": "all-MiniLM-L6-v2",
+    "bert-base": "BERT-base-sized (random weights, BertConfig())",
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each mode does."""
+
+    n_corpus: int
+    n_queries: int
+    n_calib: int  # calibration texts for the static int8 MiniLM
+    n_calib_base: int  # ... and for the BERT-base-sized model
+    corpus_reps: int
+    query_blocks: int  # the query set is run in this many round-robin blocks
+    fixed_reps_minilm: int
+    fixed_reps_base: int
+    profile_reps: int
+    ceiling_reps: int
+
+
+FULL = Sizes(n_corpus=512, n_queries=200, n_calib=256, n_calib_base=64, corpus_reps=5, query_blocks=8,
+             fixed_reps_minilm=8, fixed_reps_base=5, profile_reps=3, ceiling_reps=5)
+QUICK = Sizes(n_corpus=64, n_queries=40, n_calib=256, n_calib_base=64, corpus_reps=2, query_blocks=2,
+              fixed_reps_minilm=2, fixed_reps_base=1, profile_reps=1, ceiling_reps=2)
+
+
+# ---------------------------------------------------------------------------------------------------- probes
+def proc_status() -> Dict[str, int]:
+    """VmRSS / VmHWM (peak RSS) of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) * 1024
+    return {"rss": out.get("VmRSS", 0), "peak_rss": out.get("VmHWM", 0)}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def system_busy_seconds() -> float:
+    """CPU-seconds the whole machine spent busy since boot (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    vals = [int(x) for x in parts]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    busy = sum(vals[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def machine_info() -> Dict[str, object]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_int8" in flags,
+        "mem_bytes": mem,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- oneDNN verbose
+_PROBLEM = re.compile(r"^(\d+(?:x\d+)*):(\d+(?:x\d+)*)$")
+
+
+def parse_verbose_line(line: str) -> Optional[Dict[str, object]]:
+    """One `onednn_verbose,...,exec,...` line (ONEDNN_VERBOSE=profile_exec, oneDNN 3.x) as a dict, else None."""
+    if not line.startswith("onednn_verbose") or ",exec," not in line:
+        return None
+    parts = line.rstrip("\n").split(",")
+    try:
+        i = parts.index("exec")
+        prim, impl, mds = parts[i + 2], parts[i + 3], parts[i + 5]
+        problem, ms = parts[-2], float(parts[-1])
+    except (ValueError, IndexError):
+        return None
+    return {"prim": prim, "impl": impl, "mds": mds, "problem": problem, "ms": ms}
+
+
+def matmul_ops(problem: str) -> int:
+    """2*M*K*N (times the batch) of a matmul verbose problem 'MxK:KxN' or 'BxMxK:BxKxN'."""
+    m = _PROBLEM.match(problem)
+    if not m:
+        return 0
+    a = [int(x) for x in m.group(1).split("x")]
+    b = [int(x) for x in m.group(2).split("x")]
+    batch = 1
+    for d in a[:-2]:
+        batch *= d
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def categorize(rec: Dict[str, object]) -> str:
+    prim, mds, problem = rec["prim"], rec["mds"], rec["problem"]
+    if prim == "matmul":
+        if problem.count("x") > 2:  # batched (3-D): attention scores / context
+            return "attention matmul"
+        if "src_u8" in mds or "src_s8" in mds:
+            return "linear matmul int8"
+        if "src_bf16" in mds:
+            return "linear matmul bf16"
+        return "linear matmul f32"
+    if prim == "softmax":
+        return "attention softmax"
+    if prim == "layer_normalization":
+        return "layernorm"
+    if prim == "binary":
+        return "binary (epilogue)"
+    return prim

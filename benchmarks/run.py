@@ -1,0 +1,526 @@
+"""medquant vs PyTorch vs ONNX Runtime on CPU: same weights, texts, threads and batches, in one run.
+
+    python benchmarks/run.py            # full run (about 10-15 minutes on 2 cores)
+    python benchmarks/run.py --quick    # smaller samples, fewer repetitions (about 2 minutes once prepared)
+
+Systems: medquant fp32 / bf16 / int8 dynamic / int8 static (int8-static-asym), PyTorch fp32 and quantize_dynamic
+int8, ONNX Runtime fp32 and quantize_dynamic int8 (both on the graph fused by ORT's transformer optimizer). Every
+system runs in its own worker process (its own peak RSS), all with 2 threads; workloads run round-robin across the
+systems (the order rotates every round) so drift and other load hit all of them alike.
+
+Workloads
+  corpus   MedQuAD answers (seeded sample), max_length 256, batch 32, length-sorted batches padded to the batch max
+           (medquant packs the real tokens itself); end to end: tokenize, forward, mean-pool, normalise.
+  query    batch-1 latency of MedQuAD questions, end to end, p50/p95.
+  fixed    batch 32 x seq 128 forward (last hidden state), all-MiniLM-L6-v2 and a BERT-base-sized random model.
+  gemm     the int8 matmul ceiling of this machine (oneDNN, large matmul) and the share of it the int8 encoder's
+           matmuls reach on BERT-base at 32 x 128; plus where medquant int8's time goes (oneDNN profile).
+
+The models and texts are built once into --workdir (default ~/.cache/medquant-bench) by prepare.py and reused.
+Results: benchmarks/results/benchmark[-quick].{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import (  # noqa: E402
+    BATCH, BY_NAME, CORPUS_MAX_LENGTH, FIXED_BATCH, FIXED_SEQ, FULL, QUERY_MAX_LENGTH, QUICK, REFERENCE, SYSTEMS,
+    THREADS, machine_info, system_busy_seconds,
+)
+
+TARGETS = {
+    "corpus_vs_ort_int8": 1.5,
+    "corpus_vs_torch_int8": 2.5,
+    "query_p50_vs_ort_int8": 1.0,
+    "fp32_vs_torch_fp32": 1.0,
+    "bert_base_int8_matmul_efficiency": 0.70,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.pop("ONEDNN_VERBOSE", None)
+    env.pop("DNNL_VERBOSE", None)
+    env["MEDQUANT_NUM_THREADS"] = str(THREADS)
+    env.setdefault("TOKENIZERS_PARALLELISM", "true")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+class WorkerProc:
+    def __init__(self, system, logdir: Path):
+        self.system = system
+        self.log = open(logdir / f"worker-{system.name}.log", "w")
+        self.p = subprocess.Popen([sys.executable, str(HERE / "worker.py")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self.log, text=True, env=child_env(), bufsize=1)
+        self.busy_other = 0.0  # CPU-seconds other processes used while this worker was measured
+        self.window = 0.0
+
+    def call(self, **cmd) -> dict:
+        b0, t0 = system_busy_seconds(), time.perf_counter()
+        self.p.stdin.write(json.dumps(cmd) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        wall = time.perf_counter() - t0
+        busy = system_busy_seconds() - b0
+        if not line:
+            raise RuntimeError(f"worker {self.system.name} died; see {self.log.name}")
+        res = json.loads(line)
+        if not res.get("ok"):
+            raise RuntimeError(f"worker {self.system.name}: {res.get('error')}\n{res.get('traceback', '')}")
+        if "cpu_seconds" in res:
+            self.busy_other += max(0.0, busy - res["cpu_seconds"])
+            self.window += wall
+        return res
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+            self.p.stdin.flush()
+            self.p.wait(timeout=30)
+        except Exception:
+            self.p.kill()
+        self.log.close()
+
+
+def rotated(items, r):
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def start_workers(systems, paths, logdir):
+    workers = {}
+    for s in systems:
+        w = WorkerProc(s, logdir)
+        workers[s.name] = w
+    loads = {}
+    for s in systems:  # loaded one at a time so load times do not overlap
+        loads[s.name] = workers[s.name].call(cmd="load", runtime=s.runtime, variant=s.variant, paths=paths)
+        log(f"  loaded {s.name} in {loads[s.name]['load_seconds']:.1f} s")
+    return workers, loads
+
+
+def stop_workers(workers) -> dict:
+    status = {n: w.call(cmd="status") for n, w in workers.items()}
+    inter = {n: (w.busy_other / w.window if w.window else 0.0) for n, w in workers.items()}
+    for w in workers.values():
+        w.close()
+    return {"status": status, "interference_cores": inter}
+
+
+# ---------------------------------------------------------------------------------------------------- workloads
+def run_corpus(workers, texts_file, n, reps, save_dir):
+    names = list(workers)
+    times = {k: [] for k in names}
+    log(f"corpus: warm-up ({n} texts per system)")
+    for k in names:
+        workers[k].call(cmd="corpus", texts=texts_file, n=n, batch_size=BATCH, max_length=CORPUS_MAX_LENGTH,
+                        save=str(save_dir / f"emb-{k}.npy"))
+    for r in range(reps):
+        for k in rotated(names, r):
+            res = workers[k].call(cmd="corpus", texts=texts_file, n=n, batch_size=BATCH, max_length=CORPUS_MAX_LENGTH)
+            times[k].append(res["seconds"])
+        log(f"corpus round {r + 1}/{reps}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in names))
+    return times
+
+
+def run_queries(workers, texts_file, n, blocks):
+    names = list(workers)
+    for k in names:  # warm-up
+        workers[k].call(cmd="queries", texts=texts_file, n=n, start=0, stop=min(8, n), max_length=QUERY_MAX_LENGTH)
+    lat = {k: [] for k in names}
+    edges = np.linspace(0, n, blocks + 1).astype(int)
+    for b in range(blocks):
+        for k in rotated(names, b):
+            res = workers[k].call(cmd="queries", texts=texts_file, n=n, start=int(edges[b]), stop=int(edges[b + 1]),
+                                  max_length=QUERY_MAX_LENGTH)
+            lat[k] += res["latencies"]
+    log("queries p50 ms: " + ", ".join(f"{k} {1e3 * np.median(lat[k]):.2f}" for k in names))
+    return lat
+
+
+def run_fixed(workers, ids_file, reps, iters=2):
+    names = list(workers)
+    for k in names:
+        workers[k].call(cmd="fixed", ids=ids_file, iters=1)
+    times = {k: [] for k in names}
+    for r in range(reps):
+        for k in rotated(names, r):
+            times[k] += workers[k].call(cmd="fixed", ids=ids_file, iters=iters)["times"]
+    log("fixed 32x128 ms: " + ", ".join(f"{k} {1e3 * np.median(times[k]):.1f}" for k in names))
+    return times
+
+
+def run_gemm_script(args_list, out_json: Path, verbose_file: Path) -> dict:
+    with open(verbose_file, "w") as vf:
+        subprocess.run([sys.executable, str(HERE / "gemm.py"), *args_list, str(out_json)], stdout=vf,
+                       stderr=subprocess.DEVNULL, env=child_env(), check=True)
+    return json.loads(out_json.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def token_counts(hf_dir, texts, max_length, batch):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    lens = np.array([len(e.ids) for e in tok.encode_batch(texts)])
+    srt = np.sort(lens)[::-1]
+    padded = sum(int(srt[s: s + batch].max()) * len(srt[s: s + batch]) for s in range(0, len(srt), batch))
+    return {"real_tokens": int(lens.sum()), "padded_tokens": padded, "mean_len": float(lens.mean()),
+            "median_len": float(np.median(lens)), "max_len": int(lens.max()),
+            "truncated": int((lens >= max_length).sum())}
+
+
+def summarize(raw: dict) -> dict:
+    ref = REFERENCE
+    out = {"corpus": {}, "query": {}, "fixed": {"minilm": {}, "bert-base": {}}}
+    tc = raw["corpus"]["tokens"]
+    for k, ts in raw["corpus"]["times"].items():
+        med = statistics.median(ts)
+        out["corpus"][k] = {"seconds_median": med, "seconds_min": min(ts), "seconds_max": max(ts),
+                            "spread": (max(ts) - min(ts)) / med, "texts_per_s": raw["corpus"]["n"] / med,
+                            "tokens_per_s": tc["real_tokens"] / med}
+    for k, v in out["corpus"].items():
+        v["ratio_to_ref"] = v["texts_per_s"] / out["corpus"][ref]["texts_per_s"]
+        v["ref_speedup"] = out["corpus"][ref]["texts_per_s"] / v["texts_per_s"]
+    for k, lat in raw["query"]["latencies"].items():
+        out["query"][k] = {"p50_ms": 1e3 * pct(lat, 50), "p95_ms": 1e3 * pct(lat, 95), "p99_ms": 1e3 * pct(lat, 99),
+                           "mean_ms": 1e3 * float(np.mean(lat)), "n": len(lat)}
+    for k, v in out["query"].items():
+        v["p50_ratio_to_ref"] = v["p50_ms"] / out["query"][ref]["p50_ms"]
+        v["p95_ratio_to_ref"] = v["p95_ms"] / out["query"][ref]["p95_ms"]
+    for model in ("minilm", "bert-base"):
+        for k, ts in raw["fixed"][model].items():
+            med = statistics.median(ts)
+            out["fixed"][model][k] = {"ms_median": 1e3 * med, "ms_min": 1e3 * min(ts),
+                                      "seq_per_s": FIXED_BATCH / med, "tokens_per_s": FIXED_BATCH * FIXED_SEQ / med}
+        base = out["fixed"][model][ref]["seq_per_s"]
+        for v in out["fixed"][model].values():
+            v["ratio_to_ref"] = v["seq_per_s"] / base
+    # embedding agreement with PyTorch fp32 on the corpus
+    cos = {}
+    embs = {k: np.load(p) for k, p in raw["corpus"]["embeddings"].items()}
+    r = embs.get("torch-fp32")
+    if r is not None:
+        for k, e in embs.items():
+            c = np.sum(r * e, axis=1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(e, axis=1))
+            cos[k] = {"mean": float(c.mean()), "min": float(c.min())}
+    out["cosine_to_torch_fp32"] = cos
+    # GEMM efficiency
+    ceil = raw["gemm"]["ceiling"]
+    prof = raw["gemm"]["profiles"]["bert-base-fixed"]
+    out["gemm"] = {
+        "int8_ceiling_tops": ceil["int8_ceiling_tops"], "int8_large_tops": ceil["int8_large_tops"],
+        "bert_base_int8_linear_tops": prof["linear_tops"],
+        "bert_base_int8_efficiency": prof["linear_tops"] / ceil["int8_ceiling_tops"],
+        "bert_base_int8_efficiency_vs_large": prof["linear_tops"] / ceil["int8_large_tops"],
+        "bert_base_int8_linear_tops_over_wall": prof["linear_tops_over_wall"],
+        "bert_base_int8_wall_efficiency": prof["linear_tops_over_wall"] / ceil["int8_ceiling_tops"],
+    }
+    c, q = out["corpus"], out["query"]
+    targets = {
+        "corpus_vs_ort_int8": c[ref]["texts_per_s"] / c["ort-int8-dyn"]["texts_per_s"],
+        "corpus_vs_torch_int8": c[ref]["texts_per_s"] / c["torch-int8-dyn"]["texts_per_s"],
+        "query_p50_vs_ort_int8": q["ort-int8-dyn"]["p50_ms"] / q[ref]["p50_ms"],
+        "fp32_vs_torch_fp32": c["medquant-fp32"]["texts_per_s"] / c["torch-fp32"]["texts_per_s"],
+        "bert_base_int8_matmul_efficiency": out["gemm"]["bert_base_int8_efficiency"],
+    }
+    out["targets"] = {k: {"measured": v, "target": TARGETS[k], "met": bool(v >= TARGETS[k])} for k, v in targets.items()}
+    return out
+
+
+TARGET_TEXT = {
+    "corpus_vs_ort_int8": "medquant int8 corpus throughput vs ORT int8 (>= 1.5x)",
+    "corpus_vs_torch_int8": "medquant int8 corpus throughput vs PyTorch dynamic int8 (>= 2.5x)",
+    "query_p50_vs_ort_int8": "ORT int8 p50 / medquant int8 p50, batch-1 query latency (>= 1.0: medquant <= ORT)",
+    "fp32_vs_torch_fp32": "medquant fp32 vs PyTorch fp32 corpus throughput (>= 1.0x)",
+    "bert_base_int8_matmul_efficiency": "BERT-base int8 32x128: encoder matmuls / int8 ceiling (>= 70%)",
+}
+
+
+def fmt_bytes(b):
+    return f"{b / 2**20:.1f} MiB"
+
+
+def markdown(raw: dict, s: dict) -> str:
+    m = raw["meta"]
+    L = []
+    L.append(f"# medquant benchmark{' (quick)' if m['quick'] else ''}\n")
+    L.append(f"{m['date']} - `{m['command']}` - {m['seconds']:.0f} s\n")
+    L.append("## Machine\n")
+    mi = m["machine"]
+    ri = m["runtime_info"]
+    L.append(f"- CPU: {mi['cpu_model']} ({mi['logical_cpus']} logical CPUs, avx512_vnni={mi['avx512_vnni']}, "
+             f"avx512_bf16={mi['avx512_bf16']}, amx={mi['amx']}), {mi['mem_bytes'] / 2**30:.1f} GiB RAM")
+    L.append(f"- medquant {ri['medquant_version']}: oneDNN {ri['onednn_version']} ({ri['threading']}, "
+             f"ISA {ri['cpu_isa']}); torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, "
+             f"transformers {m['versions']['transformers']}, Python {m['versions']['python']}")
+    L.append(f"- threads: {THREADS} for every system; load average at start {m['loadavg_start']}, at end "
+             f"{m['loadavg_end']}")
+    inter = m["interference_cores"]
+    L.append(f"- CPU used by other processes while measuring (cores, mean over all measurements): "
+             f"MiniLM phase {inter['minilm']:.2f}, BERT-base phase {inter['bert-base']:.2f}")
+    if max(inter.values()) > 0.15:
+        L.append(f"- **Warning: other processes used the CPU during this run; with {THREADS} OpenMP threads on "
+                 f"{mi['affinity_cpus']} cores such interference inflates times unevenly (a descheduled thread stalls "
+                 f"every barrier). Re-run on an idle machine before quoting these numbers.**")
+    L.append("")
+
+    names = [x.name for x in SYSTEMS if x.name in s["corpus"]]
+    ref = REFERENCE
+    L.append("## Systems\n")
+    L.append(f"Ratios are taken against **{ref}** (int8-static-asym: static asymmetric u8 activations calibrated "
+             f"(MSE) on MedQuAD answers disjoint from the corpus, s8 per-channel weights, int8 word embeddings).\n")
+    for k in names:
+        sysd = BY_NAME[k]
+        info = raw["status"]["minilm"][k].get("info", {})
+        if sysd.runtime == "medquant":
+            impls = sorted(set(v for v in info.get("site_impl", {}).values() if v))
+            detail = f"scheme {info.get('scheme')}, linear kernels: {', '.join(impls) or '?'}"
+        elif sysd.runtime == "torch":
+            detail = (f"BertModel, attention {info.get('attn_implementation')}, quantized engine "
+                      f"{info.get('quantized_engine')}")
+        else:
+            ops = m["prepare"]["minilm"]["ort_ops"]["int8" if "int8" in k else "fp32"]
+            detail = "graph: " + ", ".join(f"{o} x{c}" for o, c in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
+        L.append(f"- `{k}`: {sysd.label}; {detail}")
+    L.append("")
+    tc = raw["corpus"]["tokens"]
+    L.append(f"## Corpus encoding (all-MiniLM-L6-v2)\n")
+    L.append(f"{raw['corpus']['n']} MedQuAD answers (seeded sample), max_length {CORPUS_MAX_LENGTH}, batch {BATCH}, "
+             f"length-sorted; {tc['real_tokens']} real tokens (mean {tc['mean_len']:.0f}, median "
+             f"{tc['median_len']:.0f}, {tc['truncated']} truncated), {tc['padded_tokens']} after padding each batch "
+             f"to its max. Median of {len(next(iter(raw['corpus']['times'].values())))} round-robin repetitions; "
+             f"end to end (tokenize + forward + mean pooling + normalise). Ratio = texts/s / medquant int8 static.\n")
+    L.append("| system | texts/s | tokens/s | s / pass (min-max) | ratio to mq int8 | cos vs torch fp32 (mean / min) |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    for k in names:
+        v = s["corpus"][k]
+        cs = s["cosine_to_torch_fp32"].get(k, {})
+        L.append(f"| {k} | {v['texts_per_s']:.1f} | {v['tokens_per_s']:.0f} | {v['seconds_median']:.2f} "
+                 f"({v['seconds_min']:.2f}-{v['seconds_max']:.2f}) | {v['ratio_to_ref']:.2f} | "
+                 f"{cs.get('mean', float('nan')):.4f} / {cs.get('min', float('nan')):.4f} |")
+    L.append("")
+    L.append(f"## Query latency (all-MiniLM-L6-v2, batch 1)\n")
+    L.append(f"{raw['query']['n']} MedQuAD questions, one at a time, end to end; run in "
+             f"{raw['query']['blocks']} round-robin blocks.\n")
+    L.append("| system | p50 ms | p95 ms | p99 ms | mean ms | p50 ratio to mq int8 |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    for k in names:
+        v = s["query"][k]
+        L.append(f"| {k} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['p99_ms']:.2f} | {v['mean_ms']:.2f} | "
+                 f"{v['p50_ratio_to_ref']:.2f} |")
+    L.append("")
+    L.append(f"## Fixed shapes: batch {FIXED_BATCH} x seq {FIXED_SEQ} (forward, last hidden state)\n")
+    L.append("| system | MiniLM ms | MiniLM seq/s | ratio | BERT-base ms | BERT-base seq/s | BERT-base tokens/s | ratio |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for k in names:
+        a, b = s["fixed"]["minilm"][k], s["fixed"]["bert-base"][k]
+        L.append(f"| {k} | {a['ms_median']:.1f} | {a['seq_per_s']:.1f} | {a['ratio_to_ref']:.2f} | "
+                 f"{b['ms_median']:.1f} | {b['seq_per_s']:.1f} | {b['tokens_per_s']:.0f} | {b['ratio_to_ref']:.2f} |")
+    L.append("")
+    L.append("## Memory and model size\n")
+    L.append("Each system in its own process. Peak RSS = the process's high-water mark over the whole phase (imports, "
+             "load, all workloads); 'after load' = resident set right after loading (includes the runtime's "
+             "libraries); model bytes = the file the system loads (medquant safetensors, ONNX file, torch "
+             "state_dict as torch.save writes it).\n")
+    L.append("| system | MiniLM model bytes | MiniLM RSS before load | after load | peak | "
+             "BERT-base model bytes | RSS after load | peak |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for k in names:
+        a, b = raw["load"]["minilm"][k], raw["load"]["bert-base"][k]
+        pa, pb = raw["status"]["minilm"][k], raw["status"]["bert-base"][k]
+        L.append(f"| {k} | {fmt_bytes(a['model_bytes'])} | {fmt_bytes(a['rss_before_load'])} | "
+                 f"{fmt_bytes(a['rss_after_load'])} | {fmt_bytes(pa['peak_rss'])} | {fmt_bytes(b['model_bytes'])} | "
+                 f"{fmt_bytes(b['rss_after_load'])} | {fmt_bytes(pb['peak_rss'])} |")
+    L.append("")
+    g, ceil = s["gemm"], raw["gemm"]["ceiling"]
+    L.append("## GEMM efficiency\n")
+    L.append("oneDNN execution time (ONEDNN_VERBOSE profile_exec) of medquant's int8 Linear (u8 activations with a "
+             "zero point x s8 per-channel weights, prepacked: the encoder's own primitive), best of the repetitions, "
+             "measured in the same process and interleaved with the profiled BERT-base int8 forwards below:\n")
+    L.append("| kind | M x K x N | implementation | best ms | TOP/s (best) | TOP/s (median) |")
+    L.append("|---|---|---|---:|---:|---:|")
+    for r in ceil["rows"]:
+        L.append(f"| {r['kind']} | {r['shape']} | {r['impl']} | {r['best_ms']:.2f} | {r['best_tops']:.3f} | "
+                 f"{r['median_tops']:.3f} |")
+    L.append("")
+    L.append(f"int8 ceiling (best of the int8 rows) = **{g['int8_ceiling_tops']:.3f} TOP/s** "
+             f"(4096^3: {g['int8_large_tops']:.3f}). BERT-base-sized medquant int8 static at 32 x 128: its 48 "
+             f"linear matmuls run at {g['bert_base_int8_linear_tops']:.3f} TOP/s = "
+             f"**{100 * g['bert_base_int8_efficiency']:.0f}%** of the ceiling "
+             f"({100 * g['bert_base_int8_efficiency_vs_large']:.0f}% of the 4096^3 rate); counting the whole "
+             f"forward's wall time, {g['bert_base_int8_linear_tops_over_wall']:.3f} TOP/s "
+             f"({100 * g['bert_base_int8_wall_efficiency']:.0f}%).\n")
+    L.append("## Where medquant int8 static spends its time\n")
+    L.append("Per pass: wall time without instrumentation (best of the repetitions); oneDNN categories from the "
+             "profiled passes (attention of a multi-sequence batch runs one sequence per thread, so its summed time "
+             "is divided by the thread count to estimate wall time); 'rest' = wall - oneDNN - tokenization = "
+             "medquant's C loops (embedding gather, activation quantization, attention copies, pooling) + binding "
+             "+ Python.\n")
+    for key, title in (("minilm-corpus", "MiniLM corpus encoding (one pass)"),
+                       ("minilm-queries", "MiniLM batch-1 queries (all queries, one pass)"),
+                       ("bert-base-fixed", "BERT-base-sized 32 x 128 forward")):
+        p = raw["gemm"]["profiles"][key]
+        L.append(f"**{title}**: wall {p['wall_ms']:.1f} ms profiled ({p['unprofiled_wall_ms']:.1f} ms without "
+                 f"profiling), {p['onednn_calls']} oneDNN calls\n")
+        L.append("| part | ms (wall est.) | share | calls | implementations |")
+        L.append("|---|---:|---:|---:|---|")
+        for c, v in p["categories"].items():
+            impl = ", ".join(f"{i} x{n}" for i, n in v["impls"].items())
+            extra = f" ({v['tops']:.3f} TOP/s)" if v.get("tops") and c.startswith("linear") else ""
+            L.append(f"| {c}{extra} | {v['wall_ms_est']:.1f} | {100 * v['wall_ms_est'] / p['wall_ms']:.0f}% | "
+                     f"{v['calls']} | {impl} |")
+        if p["tokenize_ms"]:
+            L.append(f"| tokenize + sort + pad (Python, tokenizers) | {p['tokenize_ms']:.1f} | "
+                     f"{100 * p['tokenize_ms'] / p['wall_ms']:.0f}% | | |")
+        L.append(f"| rest: C loops + binding + Python | {p['rest_ms']:.1f} | {100 * p['rest_ms'] / p['wall_ms']:.0f}% "
+                 f"| | |")
+        L.append("")
+    L.append("## Targets\n")
+    L.append("| target | measured | met |")
+    L.append("|---|---:|---|")
+    for k, v in s["targets"].items():
+        meas = f"{100 * v['measured']:.0f}%" if k.endswith("efficiency") else f"{v['measured']:.2f}x"
+        L.append(f"| {TARGET_TEXT[k]} | {meas} | {'yes' if v['met'] else 'NO'} |")
+    L.append("")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller samples and fewer repetitions (~2 minutes)")
+    ap.add_argument("--workdir", type=Path,
+                    default=Path(os.environ.get("MEDQUANT_BENCH_CACHE", Path.home() / ".cache" / "medquant-bench")),
+                    help="where prepared models and texts are cached")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    t_start = time.perf_counter()
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
+    log(f"load average {loadavg_start}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = args.workdir / ("run-quick" if args.quick else "run-full")
+    run_dir.mkdir(exist_ok=True)
+
+    log("preparing models and texts (cached)")
+    subprocess.run([sys.executable, str(HERE / "prepare.py"), str(args.workdir)], check=True, env=child_env())
+    manifest = json.loads((args.workdir / "manifest.json").read_text())
+    texts_file = str(args.workdir / "texts.json")
+    ids_file = str(args.workdir / "fixed_ids.npy")
+    texts = json.loads(Path(texts_file).read_text())
+
+    import medquant  # noqa: E402  (runtime info only; the parent never runs a model)
+
+    raw = {"meta": {"quick": args.quick, "sizes": sizes.__dict__, "machine": machine_info(),
+                    "runtime_info": medquant.runtime_info(), "loadavg_start": loadavg_start,
+                    "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "versions": {"python": platform.python_version(), **{k: manifest["stamp"][k] for k in
+                                                                        ("torch", "transformers", "onnxruntime")}},
+                    "prepare": {k: {"ort_fused": v["ort"]["fused"], "ort_ops": v["ort"]["ops"],
+                                    "medquant": v["medquant"]} for k, v in manifest["models"].items()}},
+           "load": {}, "status": {}, "gemm": {"profiles": {}}}
+
+    from gemm import finish_profile
+
+    inter = {}
+    # ---------------------------------------------------------------- MiniLM: corpus, queries, fixed shapes
+    paths = manifest["models"]["minilm"]["paths"]
+    log("MiniLM: starting 8 workers")
+    workers, raw["load"]["minilm"] = start_workers(SYSTEMS, paths, run_dir)
+    try:
+        n = sizes.n_corpus
+        raw["corpus"] = {"n": n, "tokens": token_counts(paths["hf"], texts["corpus"][:n], CORPUS_MAX_LENGTH, BATCH),
+                         "times": run_corpus(workers, texts_file, n, sizes.corpus_reps, run_dir),
+                         "embeddings": {k: str(run_dir / f"emb-{k}.npy") for k in workers}}
+        raw["query"] = {"n": sizes.n_queries, "blocks": sizes.query_blocks,
+                        "latencies": run_queries(workers, texts_file, sizes.n_queries, sizes.query_blocks)}
+        raw["fixed"] = {"minilm": run_fixed(workers, ids_file, sizes.fixed_reps_minilm, iters=2 if not args.quick else 1)}
+    finally:
+        st = stop_workers(workers)
+    raw["status"]["minilm"] = st["status"]
+    inter["minilm"] = float(np.mean(list(st["interference_cores"].values())))
+
+    log("profiling medquant int8 static (MiniLM corpus and queries)")
+    static_dir = paths["medquant-int8-static-asym"]
+    for wl, n in (("corpus", sizes.n_corpus), ("queries", sizes.n_queries)):
+        meta = run_gemm_script(["profile", "--dir", static_dir, "--workload", wl, "--texts", texts_file, "--n", str(n),
+                                "--reps", str(sizes.profile_reps), "--batch-size", str(BATCH if wl == "corpus" else 1),
+                                "--max-length", str(CORPUS_MAX_LENGTH)],
+                               run_dir / f"profile-{wl}.json", run_dir / f"profile-{wl}.verbose")
+        raw["gemm"]["profiles"][f"minilm-{wl}"] = finish_profile(run_dir / f"profile-{wl}.verbose", meta, THREADS,
+                                                                 batched_attention=(wl == "corpus"))
+
+    # ---------------------------------------------------------------- BERT-base-sized: fixed shapes
+    paths = manifest["models"]["bert-base"]["paths"]
+    log("BERT-base: starting 8 workers")
+    workers, raw["load"]["bert-base"] = start_workers(SYSTEMS, paths, run_dir)
+    try:
+        raw["fixed"]["bert-base"] = run_fixed(workers, ids_file, sizes.fixed_reps_base, iters=1)
+    finally:
+        st = stop_workers(workers)
+    raw["status"]["bert-base"] = st["status"]
+    inter["bert-base"] = float(np.mean(list(st["interference_cores"].values())))
+
+    log("int8 matmul ceiling, interleaved with profiled BERT-base int8 static 32x128 forwards")
+    meta = run_gemm_script(["profile", "--dir", paths["medquant-int8-static-asym"], "--workload", "fixed", "--ids",
+                            ids_file, "--reps", str(sizes.ceiling_reps), "--ceiling"],
+                           run_dir / "profile-fixed.json", run_dir / "profile-fixed.verbose")
+    prof = finish_profile(run_dir / "profile-fixed.verbose", meta, THREADS, batched_attention=True)
+    raw["gemm"]["ceiling"] = prof.pop("ceiling")
+    raw["gemm"]["profiles"]["bert-base-fixed"] = prof
+    log(f"  int8 ceiling {raw['gemm']['ceiling']['int8_ceiling_tops']:.3f} TOP/s, BERT-base int8 linear matmuls "
+        f"{prof['linear_tops']:.3f} TOP/s")
+
+    raw["meta"]["interference_cores"] = inter
+    raw["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    raw["meta"]["seconds"] = time.perf_counter() - t_start
+    s = summarize(raw)
+    stem = "benchmark-quick" if args.quick else "benchmark"
+    md = markdown(raw, s)
+    raw_small = {k: v for k, v in raw.items() if k not in ("corpus", "query")}
+    raw_small["corpus"] = {k: v for k, v in raw["corpus"].items() if k != "embeddings"}
+    raw_small["query"] = {**{k: v for k, v in raw["query"].items() if k != "latencies"},
+                          "latencies_ms": {k: [round(1e3 * x, 3) for x in v]
+                                           for k, v in raw["query"]["latencies"].items()}}
+    (args.out / f"{stem}.json").write_text(json.dumps({"summary": s, "raw": raw_small}, indent=1))
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
+    print("\nratios to medquant int8 static (texts/s, corpus): " + ", ".join(
+        f"{k} {v['ratio_to_ref']:.2f}" for k, v in s["corpus"].items()))
+    for k, v in s["targets"].items():
+        print(f"target {k}: {v['measured']:.3f} (>= {v['target']}) {'met' if v['met'] else 'NOT met'}")
+    log(f"wrote {args.out / (stem + '.md')} and .json in {raw['meta']['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
