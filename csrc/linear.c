@@ -413,6 +413,7 @@ mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, 
     if (!l || !s || !x || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
     if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
     const int64_t rows = mq_bucket_rows(M), K = l->K;
+    mq_engine_enter(l->eng); /* this layer's thread count for the calling thread (cheap: an OpenMP ICV) */
     mq_lin_prim *p = NULL;
     MQ_TRY(get_prim(l, rows, &p));
     const void *src = x;
