@@ -1,5 +1,6 @@
 #include "qparams.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -173,13 +174,20 @@ static float absmax(const float *x, int64_t n) {
     return a;
 }
 
+/* Symmetric scale absmax / qmax, kept a positive normal float: an all-zero group gets 1 (every q is 0), and a group of
+   denormals, whose absmax / qmax would underflow to 0 (and divide by zero), gets FLT_MIN. */
+static inline float sym_scale(float absmax, float qmax) {
+    const float s = absmax / qmax;
+    return s >= FLT_MIN ? s : (absmax > 0.f ? FLT_MIN : 1.f);
+}
+
 mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales) {
     if (N <= 0 || K <= 0) return mq_set_error(MQ_ERR_ARG, "quantize_weight_s8: bad shape [%lld, %lld]", (long long)N, (long long)K);
     MQ_TRY(mq_check_finite(w, (size_t)N * (size_t)K, "weight"));
     float tensor_scale = 0.f;
     if (!per_channel) {
         float a = absmax(w, N * K);
-        tensor_scale = a > 0.f ? a / 127.f : 1.f;
+        tensor_scale = sym_scale(a, 127.f);
         scales[0] = tensor_scale;
     }
     for (int64_t n = 0; n < N; n++) {
@@ -187,7 +195,7 @@ mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_ch
         float s = tensor_scale;
         if (per_channel) {
             float a = absmax(wr, K);
-            s = a > 0.f ? a / 127.f : 1.f;
+            s = sym_scale(a, 127.f);
             scales[n] = s;
         }
         for (int64_t k = 0; k < K; k++) q[n * K + k] = (int8_t)clampf(nearbyintf(wr[k] / s), -127.f, 127.f);
@@ -205,7 +213,7 @@ mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t gr
         for (int64_t g = 0; g < ng; g++) {
             const float *wg = w + n * K + g * group;
             float a = absmax(wg, group);
-            float s = a > 0.f ? a / 7.f : 1.f;
+            float s = sym_scale(a, 7.f);
             scales[n * ng + g] = s;
             for (int64_t k = 0; k < group; k += 2) {
                 int lo = (int)clampf(nearbyintf(wg[k] / s), -7.f, 7.f) + 8;
@@ -240,7 +248,7 @@ mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t
     MQ_TRY(mq_check_finite(x, (size_t)rows * (size_t)cols, "embedding table"));
     for (int64_t r = 0; r < rows; r++) {
         float a = absmax(x + r * cols, cols);
-        float s = a > 0.f ? a / 127.f : 1.f;
+        float s = sym_scale(a, 127.f);
         scales[r] = s;
         for (int64_t c = 0; c < cols; c++) q[r * cols + c] = (int8_t)clampf(nearbyintf(x[r * cols + c] / s), -127.f, 127.f);
     }

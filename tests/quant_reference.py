@@ -13,10 +13,18 @@ import numpy as np
 F32 = np.float32
 
 
+def sym_scale(a, qmax):
+    """absmax / qmax as a positive normal float32: 1 for an all-zero group, FLT_MIN where it would underflow."""
+    with np.errstate(under="ignore"):
+        s = (np.asarray(a, F32) / F32(qmax)).astype(F32)
+    tiny = np.finfo(F32).tiny
+    return np.where(s >= tiny, s, np.where(np.asarray(a) > 0, tiny, F32(1))).astype(F32)
+
+
 def quantize_weight_s8(w, per_channel=True):
     w = w.astype(F32)
     a = np.abs(w).max(axis=1) if per_channel else np.array([np.abs(w).max()], F32)
-    s = np.where(a > 0, a / F32(127), F32(1)).astype(F32)
+    s = sym_scale(a, 127)
     q = np.clip(np.rint(w / (s[:, None] if per_channel else s[0])), -127, 127).astype(np.int8)
     return q, s
 
@@ -25,7 +33,7 @@ def quantize_weight_s4(w, group):
     N, K = w.shape
     g = w.astype(F32).reshape(N, K // group, group)
     a = np.abs(g).max(axis=2)
-    s = np.where(a > 0, a / F32(7), F32(1)).astype(F32)
+    s = sym_scale(a, 7)
     q = np.clip(np.rint(g / s[..., None]), -7, 7).astype(np.int8)
     return q.reshape(N, K), s.reshape(-1)
 

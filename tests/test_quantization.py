@@ -93,6 +93,32 @@ def test_weight_only_int8_and_int4():
     assert packed.nbytes == w.size // 2
 
 
+def test_zero_and_denormal_rows_get_positive_scales():
+    """Fuzz finding (fuzz_binding.py, op_functions): a weight row of denormals made absmax / 127 underflow to a zero
+    scale (so w / s was inf and the Linear built from it refused the scale). Every scale is now a positive normal
+    float, equal to the numpy reference, and the quantized weights still build a working layer."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 32)).astype(np.float32)
+    w[1] = 0.0
+    w[2] = np.float32(1e-45)          # the smallest denormal
+    w[3, :5] = np.float32(-3e-39)     # denormal absmax with zeros around it
+    w[4] *= np.float32(3.4e38) / np.abs(w[4]).max()  # the other end of the range
+    for per_channel in (True, False):
+        q, s = _core.quantize_weight_s8(w, per_channel)
+        q_ref, s_ref = ref.quantize_weight_s8(w, per_channel)
+        assert np.all(s > 0) and np.all(np.isfinite(s))
+        np.testing.assert_array_equal(s, s_ref)
+        np.testing.assert_array_equal(q, q_ref)
+        _core.Linear(_core.LINEAR_W8, q, s, w_per_channel=per_channel).forward(np.ones((2, 32), np.float32))
+    packed, s4 = _core.quantize_weight_s4(w, 8)
+    q4_ref, s4_ref = ref.quantize_weight_s4(w, 8)
+    np.testing.assert_array_equal(s4, s4_ref)
+    assert np.all(s4 > 0)
+    qe, se = _core.quantize_rows_s8(w)
+    assert np.all(se > 0) and se[1] == 1.0 and se[2] == np.finfo(np.float32).tiny
+    assert np.all(np.abs(qe[2]) <= 1)
+
+
 def test_smoothquant_multiplier_is_exact_in_float():
     w, b, x, _ = layer_data(heavy_tail=True)
     s = np.abs(x).max(0) ** 0.5 / np.abs(w).max(0) ** 0.5
