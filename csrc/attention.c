@@ -1,5 +1,7 @@
 #include "attention.h"
 
+#include "qparams.h"
+
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -209,7 +211,15 @@ static void stage_qk(const float *base, int64_t len, int64_t L, int64_t Hh, int6
 }
 
 /* One sequence on thread t: scores, softmax and context into the thread's buffer, then its real rows into ctx. */
-static mq_status one_sequence(mq_attention *a, int t, const float *qkv, float *ctx, int64_t offset, int64_t len) {
+typedef struct {
+    float *ctx;      /* f32 output, or */
+    uint8_t *ctx_q;  /* u8 output with: */
+    float inv_scale;
+    int32_t zp;
+} mq_attn_out;
+
+static mq_status one_sequence(mq_attention *a, int t, const float *qkv, const mq_attn_out *out, int64_t offset,
+                              int64_t len) {
     const int64_t H = (int64_t)a->n_heads * a->head_dim;
     const int bi = (int)((len + MQ_ATTN_BUCKET - 1) / MQ_ATTN_BUCKET) - 1;
     mq_attn_prim *p = &a->prims[bi];
@@ -247,13 +257,21 @@ static mq_status one_sequence(mq_attention *a, int t, const float *qkv, float *c
                                   {DNNL_ARG_SCRATCHPAD, m->scratch}};
     MQ_DNNL(dnnl_primitive_execute(p->pv, stream, 4, pv_args));
     MQ_DNNL(dnnl_stream_wait(stream));
-    memcpy(ctx + offset * H, th->ctx.ptr, (size_t)len * (size_t)H * sizeof(float));
+    if (out->ctx_q)
+        mq_quantize_u8(th->ctx.ptr, len, H, H, NULL, out->inv_scale, out->zp, out->ctx_q + offset * H);
+    else
+        memcpy(out->ctx + offset * H, th->ctx.ptr, (size_t)len * (size_t)H * sizeof(float));
     return MQ_OK;
 }
 
-mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const float *qkv, float *ctx,
-                               const int64_t *offsets, const int32_t *lengths, int64_t batch) {
+mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const float *qkv, float *ctx, uint8_t *ctx_q,
+                               float q_scale, int32_t q_zp, const int64_t *offsets, const int32_t *lengths,
+                               int64_t batch) {
     (void)s;
+    if (ctx_q && (!(q_scale > 0.f) || q_zp < 0 || q_zp > 255))
+        return mq_set_error(MQ_ERR_ARG, "attention: bad output quantization (scale %g, zero point %d)", (double)q_scale, q_zp);
+    if (!ctx_q && !ctx) return mq_set_error(MQ_ERR_ARG, "attention: no output");
+    const mq_attn_out out = {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp};
     for (int64_t b = 0; b < batch; b++) {
         if (lengths[b] <= 0 || lengths[b] > a->max_len)
             return mq_set_error(MQ_ERR_ARG, "attention: sequence length %d outside [1, %lld]", lengths[b], (long long)a->max_len);
@@ -264,7 +282,7 @@ mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const floa
     if (nthr > MQ_ATTN_MAX_THREADS) nthr = MQ_ATTN_MAX_THREADS;
     if (batch < 2 || nthr < 2) {
         /* one sequence: let oneDNN parallelise inside each primitive */
-        for (int64_t b = 0; b < batch; b++) MQ_TRY(one_sequence(a, 0, qkv, ctx, offsets[b], lengths[b]));
+        for (int64_t b = 0; b < batch; b++) MQ_TRY(one_sequence(a, 0, qkv, &out, offsets[b], lengths[b]));
     } else {
         /* several sequences: one per thread at a time; primitives called inside the parallel region run
            single-threaded, each thread with its own memory views, buffers and scratchpad */
@@ -274,7 +292,7 @@ mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const floa
         for (int64_t b = 0; b < batch; b++) {
             const int t = omp_get_thread_num();
             if (st[t] != MQ_OK) continue;
-            st[t] = one_sequence(a, t, qkv, ctx, offsets[b], lengths[b]);
+            st[t] = one_sequence(a, t, qkv, &out, offsets[b], lengths[b]);
             if (st[t] != MQ_OK) snprintf(msg[t], sizeof msg[t], "%s", mq_last_error());
         }
         for (int t = 0; t < nthr; t++)

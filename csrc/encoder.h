@@ -3,6 +3,11 @@
  * Tokens are processed packed: the rows of all sequences of a batch are stacked ([T, H], T = sum of lengths), so
  * the linear layers never compute padding; attention runs per sequence (attention.h).
  *
+ * Static int8 layers take their input quantization from the producer where one exists: FFN_IN writes FFN_OUT's
+ * u8 input in its matmul epilogue (oneDNN dst scale + zero point after GELU), and attention quantizes its
+ * per-sequence output rows for ATTN_OUT (set up at finalize; see fuse_ffn in encoder.c). Observers and taps at those
+ * points then see the u8 values dequantized, i.e. exactly what the consuming layer computes with.
+ *
  * Parameters are handed over once (copied, or prepacked into the layout oneDNN prefers), then mq_encoder_finalize
  * checks that everything is present. An encoder serialises its own forward calls with a lock, so one encoder can be
  * shared by many threads; different encoders run concurrently.

@@ -28,9 +28,12 @@ struct mq_linear {
     int64_t n_wscales;
     float *bias;
     float *act_mul;
-    dnnl_memory_t bias_mem, bias_po_mem, w_scale_mem, src_scale_mem, zp_mem;
+    dnnl_memory_t bias_mem, bias_po_mem, w_scale_mem, src_scale_mem, zp_mem, dst_scale_mem, dst_zp_mem;
     float src_scale;
     int32_t src_zp;
+    int out_u8;        /* mq_linear_set_output_u8: dst is u8 with (dst_scale, dst_zp) */
+    float dst_scale;
+    int32_t dst_zp;
     mq_lin_prim *prims;
     int n_prims, cap_prims;
     char impl[128];
@@ -100,7 +103,7 @@ static mq_status build_pd(const mq_linear *l, int64_t rows, const_dnnl_memory_de
         }                                                                                                     \
     } while (0)
     if ((st = make_md(&src_md, rows, l->K, src_dtype(l), dnnl_ab)) != MQ_OK) goto done;
-    if ((st = make_md(&dst_md, rows, l->N, dnnl_f32, dnnl_ab)) != MQ_OK) goto done;
+    if ((st = make_md(&dst_md, rows, l->N, l->out_u8 ? dnnl_u8 : dnnl_f32, dnnl_ab)) != MQ_OK) goto done;
     if (l->bias && !per_token(l) && (st = make_md(&bias_md, 1, l->N, dnnl_f32, dnnl_ab)) != MQ_OK) goto done;
     if ((st = mq_attr_create(&attr)) != MQ_OK) goto done;
     CK(dnnl_post_ops_create(&po));
@@ -108,6 +111,10 @@ static mq_status build_pd(const mq_linear *l, int64_t rows, const_dnnl_memory_de
         if (!per_token(l)) CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0));
         CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, l->spec.w_per_channel ? (1 << 1) : 0));
         CK(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0));
+    }
+    if (l->out_u8) { /* after the post-ops: dst = saturate(rint(result / dst_scale) + dst_zp) */
+        CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0));
+        CK(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0));
     }
     if (!per_token(l) && (st = append_epilogue(l, rows, po, 0)) != MQ_OK) goto done;
     CK(dnnl_primitive_attr_set_post_ops(attr, po));
@@ -354,6 +361,8 @@ void mq_linear_destroy(mq_linear *l) {
     if (l->w_scale_mem) dnnl_memory_destroy(l->w_scale_mem);
     if (l->src_scale_mem) dnnl_memory_destroy(l->src_scale_mem);
     if (l->zp_mem) dnnl_memory_destroy(l->zp_mem);
+    if (l->dst_scale_mem) dnnl_memory_destroy(l->dst_scale_mem);
+    if (l->dst_zp_mem) dnnl_memory_destroy(l->dst_zp_mem);
     dnnl_memory_desc_destroy(l->w_md);
     mq_free(l->w_store);
     mq_free(l->w_scales);
@@ -388,7 +397,7 @@ static mq_status get_prim(mq_linear *l, int64_t rows, mq_lin_prim **out) {
     mq_status st = mq_primitive_from_pd(pd, &p.prim, &p.scratch_bytes);
     if (st == MQ_OK && ds != dnnl_success) st = mq_set_error(MQ_ERR_DNNL, "linear: cannot create scratchpad memory");
     if (st == MQ_OK) st = make_mem(&p.src, l, rows, l->K, src_dtype(l), DNNL_MEMORY_NONE);
-    if (st == MQ_OK) st = make_mem(&p.dst, l, rows, l->N, dnnl_f32, DNNL_MEMORY_NONE);
+    if (st == MQ_OK) st = make_mem(&p.dst, l, rows, l->N, l->out_u8 ? dnnl_u8 : dnnl_f32, DNNL_MEMORY_NONE);
     if (st == MQ_OK && l->spec.epilogue == MQ_EPI_RESIDUAL) st = make_mem(&p.residual, l, rows, l->N, dnnl_f32, DNNL_MEMORY_NONE);
     if (st == MQ_OK && per_token(l)) st = make_mem(&p.row_scale, l, rows, 1, dnnl_f32, DNNL_MEMORY_NONE);
     if (st == MQ_OK && per_token(l)) {
@@ -408,8 +417,11 @@ static mq_status get_prim(mq_linear *l, int64_t rows, mq_lin_prim **out) {
             return mq_set_error(MQ_ERR_DNNL, "linear: cannot set a memory handle");                \
     } while (0)
 
+static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, const void *src, const float *residual,
+                         void *y);
+
 mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const float *residual,
-                            float *y, mq_observer *obs) {
+                            void *y, mq_observer *obs) {
     if (!l || !s || !x || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
     if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
     const int64_t rows = mq_bucket_rows(M), K = l->K;
@@ -473,6 +485,69 @@ mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, 
             break;
         }
     }
+    return execute(l, s, p, src, residual, y);
+}
+
+mq_status mq_linear_forward_u8(mq_linear *l, mq_linear_scratch *s, const uint8_t *xq, int64_t M, const float *residual,
+                               void *y) {
+    if (!l || !s || !xq || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
+    if (!mq_linear_static_input(l, NULL, NULL))
+        return mq_set_error(MQ_ERR_STATE, "linear: a pre-quantized input needs a static int8 layer without act_mul");
+    if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
+    mq_engine_enter(l->eng);
+    mq_lin_prim *p = NULL;
+    MQ_TRY(get_prim(l, mq_bucket_rows(M), &p));
+    return execute(l, s, p, xq, residual, y);
+}
+
+int mq_linear_static_input(const mq_linear *l, float *scale, int32_t *zero_point) {
+    if (!l || l->spec.kind != MQ_LINEAR_INT8 || l->spec.act_mode != MQ_ACT_STATIC || l->act_mul) return 0;
+    if (scale) *scale = l->src_scale;
+    if (zero_point) *zero_point = l->src_zp;
+    return 1;
+}
+
+int mq_linear_output_u8(const mq_linear *l) { return l && l->out_u8; }
+
+mq_status mq_linear_set_output_u8(mq_linear *l, float scale, int32_t zero_point) {
+    if (!l) return mq_set_error(MQ_ERR_ARG, "linear: NULL");
+    if (l->spec.kind != MQ_LINEAR_INT8)
+        return mq_set_error(MQ_ERR_ARG, "linear: u8 output is for int8 layers (oneDNN 3.2 has no f32 matmul with a "
+                                        "u8 destination and zero point)");
+    if (per_token(l) || l->spec.epilogue == MQ_EPI_RESIDUAL)
+        return mq_set_error(MQ_ERR_ARG, "linear: u8 output needs a layer without residual epilogue and per-token scales");
+    if (!(scale > 0.f) || !(scale < 1e30f) || zero_point < 0 || zero_point > 255)
+        return mq_set_error(MQ_ERR_ARG, "linear: bad output quantization (scale %g, zero point %d)", (double)scale,
+                            zero_point);
+    mq_linear_reset(l);
+    l->dst_scale = scale;
+    l->dst_zp = zero_point;
+    if (!l->dst_scale_mem) {
+        dnnl_memory_desc_t md = NULL;
+        dnnl_dims_t d1 = {1};
+        dnnl_status_t ds = dnnl_memory_desc_create_with_tag(&md, 1, d1, dnnl_f32, dnnl_a);
+        if (ds == dnnl_success) ds = dnnl_memory_create(&l->dst_scale_mem, md, mq_engine_dnnl(l->eng), &l->dst_scale);
+        dnnl_memory_desc_destroy(md);
+        md = NULL;
+        if (ds == dnnl_success) ds = dnnl_memory_desc_create_with_tag(&md, 1, d1, dnnl_s32, dnnl_a);
+        if (ds == dnnl_success) ds = dnnl_memory_create(&l->dst_zp_mem, md, mq_engine_dnnl(l->eng), &l->dst_zp);
+        dnnl_memory_desc_destroy(md);
+        if (ds != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "linear: cannot create output scale memories");
+    }
+    l->out_u8 = 1;
+    /* the weights were prepacked for an f32 output: the u8-output primitive must take the same layout */
+    mq_lin_prim *p = NULL;
+    mq_status st = get_prim(l, mq_bucket_rows(256), &p);
+    if (st != MQ_OK) {
+        l->out_u8 = 0;
+        mq_linear_reset(l);
+    }
+    return st;
+}
+
+static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, const void *src, const float *residual,
+                         void *y) {
+    const int64_t K = l->K;
     if (l->spec.kind == MQ_LINEAR_W8 || l->spec.kind == MQ_LINEAR_W4) {
         MQ_TRY(mq_buffer_reserve(&s->w_deq, (size_t)l->N * (size_t)K, sizeof(float)));
         if (l->spec.kind == MQ_LINEAR_W8)
@@ -496,6 +571,10 @@ mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, 
         if (!per_token(l)) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, l->src_scale_mem};
         args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, l->w_scale_mem};
         args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, l->zp_mem};
+    }
+    if (l->out_u8) {
+        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, l->dst_scale_mem};
+        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, l->dst_zp_mem};
     }
     if (l->spec.epilogue == MQ_EPI_RESIDUAL) SET(p->residual, residual);
     if (!per_token(l) && l->spec.epilogue == MQ_EPI_RESIDUAL) {

@@ -49,9 +49,26 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
 void mq_linear_destroy(mq_linear *lin);
 
 /* y[M, N] = epilogue(x[M, K] W^T + b). x, y and residual have ld K, N, N and must be allocated (and initialised)
- * up to mq_bucket_rows(M) rows. obs (may be NULL) sees the layer's real input rows (after act_mul). */
+ * up to mq_bucket_rows(M) rows. y is float, or uint8 after mq_linear_set_output_u8. obs (may be NULL) sees the
+ * layer's real input rows (after act_mul). */
 mq_status mq_linear_forward(mq_linear *lin, mq_linear_scratch *scratch, const float *x, int64_t M,
-                            const float *residual, float *y, mq_observer *obs);
+                            const float *residual, void *y, mq_observer *obs);
+
+/* Static quantized input: 1 (and *scale, *zero_point) if the layer is INT8 STATIC without act_mul, i.e. it quantizes
+ * its input with one fixed (scale, zero point) that a producer could apply itself; else 0. */
+int mq_linear_static_input(const mq_linear *lin, float *scale, int32_t *zero_point);
+/* Makes the layer write u8 = saturate(rint(epilogue(x W^T + b) / scale) + zero_point) instead of f32: the input
+ * quantization of the next layer fused into this matmul's epilogue (oneDNN dst scale and zero point). Only for an
+ * epilogue without residual (the output is not re-used in f32), INT8 layers only (oneDNN 3.2 has no f32 matmul
+ * with a u8 destination and zero point) and not DYNAMIC_TOKEN (its epilogue is a second primitive); MQ_ERR_ARG
+ * otherwise, MQ_ERR_DNNL if oneDNN would want another weight layout for it. Drops cached
+ * primitives. */
+mq_status mq_linear_set_output_u8(mq_linear *lin, float scale, int32_t zero_point);
+int mq_linear_output_u8(const mq_linear *lin);
+/* Like mq_linear_forward for a layer with a static quantized input (mq_linear_static_input), fed the already
+ * quantized u8 input xq [M, K] (allocated up to mq_bucket_rows(M) rows) instead of x. */
+mq_status mq_linear_forward_u8(mq_linear *lin, mq_linear_scratch *scratch, const uint8_t *xq, int64_t M,
+                               const float *residual, void *y);
 
 /* Drops the cached primitives (after a thread-count change); they are rebuilt on next use. */
 void mq_linear_reset(mq_linear *lin);

@@ -650,7 +650,8 @@ static PyObject *Linear_forward(LinearObject *self, PyObject *args, PyObject *kw
     if (!ok) return NULL;
     /* the layer reads and writes whole row buckets: pad into owned buffers */
     npy_intp dxp[2] = {rows, K}, dyp[2] = {rows, N};
-    PyObject *xp = PyArray_ZEROS(2, dxp, NPY_FLOAT32, 0), *yp = PyArray_ZEROS(2, dyp, NPY_FLOAT32, 0);
+    const int ytype = mq_linear_output_u8(self->lin) ? NPY_UINT8 : NPY_FLOAT32;
+    PyObject *xp = PyArray_ZEROS(2, dxp, NPY_FLOAT32, 0), *yp = PyArray_ZEROS(2, dyp, ytype, 0);
     PyObject *rp = r ? PyArray_ZEROS(2, dyp, NPY_FLOAT32, 0) : NULL;
     PyObject *res = NULL;
     if (!xp || !yp || (r && !rp)) goto done;
@@ -672,6 +673,47 @@ done:
     return res;
 }
 
+static PyObject *Linear_forward_u8(LinearObject *self, PyObject *args) {
+    PyObject *xo;
+    if (!self->lin) return PyErr_Format(PyExc_RuntimeError, "Linear is not initialised");
+    if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
+    if (!mq_linear_static_input(self->lin, NULL, NULL))
+        return PyErr_Format(PyExc_ValueError, "forward_u8 needs a static int8 Linear without act_mul");
+    npy_intp K = mq_linear_in(self->lin), N = mq_linear_out(self->lin), dx[2] = {-1, K};
+    PyArrayObject *x = as_array(xo, NPY_UINT8, 2, dx, "xq");
+    if (!x) return NULL;
+    npy_intp M = PyArray_DIM(x, 0), rows = mq_bucket_rows(M);
+    if (M == 0) return PyErr_Format(PyExc_ValueError, "xq has no rows");
+    npy_intp dxp[2] = {rows, K}, dyp[2] = {rows, N};
+    const int ytype = mq_linear_output_u8(self->lin) ? NPY_UINT8 : NPY_FLOAT32;
+    PyObject *xp = PyArray_ZEROS(2, dxp, NPY_UINT8, 0), *yp = PyArray_ZEROS(2, dyp, ytype, 0), *res = NULL;
+    if (!xp || !yp) goto done;
+    memcpy(PyArray_DATA((PyArrayObject *)xp), PyArray_DATA(x), (size_t)(M * K));
+    mq_status st = mq_linear_forward_u8(self->lin, &self->scratch, PyArray_DATA((PyArrayObject *)xp), M, NULL,
+                                        PyArray_DATA((PyArrayObject *)yp));
+    if (st != MQ_OK) { raise_status(st); goto done; }
+    {
+        PyObject *stop = PyLong_FromSsize_t(M);
+        PyObject *slice = stop ? PySlice_New(NULL, stop, NULL) : NULL;
+        Py_XDECREF(stop);
+        if (slice) { res = PyObject_GetItem(yp, slice); Py_DECREF(slice); }
+    }
+done:
+    Py_XDECREF(xp);
+    Py_XDECREF(yp);
+    return res;
+}
+
+static PyObject *Linear_set_output_u8(LinearObject *self, PyObject *args) {
+    float scale;
+    int zp;
+    if (!self->lin) return PyErr_Format(PyExc_RuntimeError, "Linear is not initialised");
+    if (!PyArg_ParseTuple(args, "fi", &scale, &zp)) return NULL;
+    mq_status st = mq_linear_set_output_u8(self->lin, scale, zp);
+    if (st != MQ_OK) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Linear_impl(LinearObject *self, PyObject *Py_UNUSED(ignored)) {
     if (!self->lin) return PyErr_Format(PyExc_RuntimeError, "Linear is not initialised");
     return PyUnicode_FromString(mq_linear_impl(self->lin));
@@ -685,6 +727,10 @@ static PyObject *Linear_nbytes(LinearObject *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef Linear_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Linear_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(x f32[M, K], residual=None) -> y f32[M, N] (holds the GIL; one Linear is not for concurrent use)"},
+    {"forward_u8", (PyCFunction)Linear_forward_u8, METH_VARARGS,
+     "forward_u8(xq u8[M, K]) -> y: a static int8 layer fed its already quantized input (no residual)"},
+    {"set_output_u8", (PyCFunction)Linear_set_output_u8, METH_VARARGS,
+     "set_output_u8(scale, zero_point): write u8 = sat(rint(y / scale) + zero_point) instead of f32 y"},
     {"impl", (PyCFunction)Linear_impl, METH_NOARGS, "oneDNN implementation of the last built matmul"},
     {"nbytes", (PyCFunction)Linear_nbytes, METH_NOARGS, "bytes held for weights, scales, bias"},
     {NULL, NULL, 0, NULL}};

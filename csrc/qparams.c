@@ -137,6 +137,17 @@ MQ_HOT void mq_quantize_u8_per_row(const float *x, int64_t rows, int64_t cols, i
     }
 }
 
+MQ_HOT void mq_dequantize_u8(const uint8_t *q, int64_t rows, int64_t cols, float scale, int32_t zp, float *x) {
+    const float fzp = (float)zp;
+#pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *restrict qr = q + r * cols;
+        float *restrict xr = x + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++) xr[c] = ((float)qr[c] - fzp) * scale;
+    }
+}
+
 MQ_HOT void mq_scale_columns(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y) {
 #pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
     for (int64_t r = 0; r < rows; r++) {

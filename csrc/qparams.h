@@ -32,6 +32,8 @@ void mq_quantize_u8(const float *x, int64_t rows, int64_t cols, int64_t ld, cons
 /* Per-row symmetric quantization to u8 with zp 128; row_scale[r] = absmax(row r) / 127. */
 void mq_quantize_u8_per_row(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint8_t *q,
                             float *row_scale);
+/* x[r, c] = (q[r, c] - zp) * scale (rows x cols, dense). */
+void mq_dequantize_u8(const uint8_t *q, int64_t rows, int64_t cols, float scale, int32_t zp, float *x);
 /* y = x * col_mul (col_mul non-NULL) */
 void mq_scale_columns(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y);
 /* f32 -> bf16, round to nearest even (NaN kept NaN). */

@@ -63,6 +63,64 @@ def test_int8_linear_matches_reference(mode, symmetric, per_channel, epi_name, e
     assert "vnni" in lin.impl() or "amx" in lin.impl(), lin.impl()
 
 
+@pytest.mark.parametrize("kind", ["int8-static", "int8-dynamic"])
+def test_fused_u8_output_is_the_next_layers_quantization(kind):
+    """FFN_IN -> FFN_OUT fusion (csrc/encoder.c): a layer writing u8 with the next layer's static (scale, zero point)
+    in its matmul epilogue equals quantizing its f32 output separately (numpy), up to one step where the f32
+    value sits on a rounding boundary; and a static layer fed that u8 gives exactly what it gives from f32."""
+    w, b, x, _ = layer_data(heavy_tail=True)
+    qw, sw = _core.quantize_weight_s8(w, True)
+    mode = _core.ACT_STATIC if kind == "int8-static" else _core.ACT_DYNAMIC
+    make = lambda: _core.Linear(_core.LINEAR_INT8, qw, sw, b, None, act_mode=mode, act_symmetric=False,  # noqa: E731
+                                act_scale=0.05, act_zero_point=100, epilogue=_core.EPI_GELU)
+    y = make().forward(x)
+    out_scale, out_zp = _core.qparams(float(y.min()), float(np.percentile(y, 99)), False)  # clips the top 1%
+    fused = make()
+    fused.set_output_u8(out_scale, out_zp)
+    yq = fused.forward(x)
+    assert yq.dtype == np.uint8 and yq.shape == y.shape
+    q_ref = ref.quantize_act(y, out_scale, out_zp)
+    diff = np.abs(yq.astype(np.int64) - q_ref)
+    assert diff.max() <= 1 and np.mean(diff == 0) > 0.99, (diff.max(), np.mean(diff == 0))
+    assert "vnni" in fused.impl(), fused.impl()
+    # the consumer: static int8 with that (scale, zp), fed u8 or f32
+    w2 = (RNG.standard_normal((40, N)) * 0.05).astype(np.float32)
+    q2, s2 = _core.quantize_weight_s8(w2, True)
+    nxt = _core.Linear(_core.LINEAR_INT8, q2, s2, None, None, act_mode=_core.ACT_STATIC, act_symmetric=False,
+                       act_scale=out_scale, act_zero_point=out_zp)
+    from_f32 = nxt.forward(y)
+    from_u8 = nxt.forward_u8(q_ref.astype(np.uint8))
+    np.testing.assert_array_equal(from_u8, from_f32)
+
+
+def test_fused_u8_output_rejections():
+    w, b, x, r = layer_data()
+    qw, sw = _core.quantize_weight_s8(w, True)
+    res = _core.Linear(_core.LINEAR_INT8, qw, sw, b, None, act_mode=_core.ACT_STATIC, act_scale=0.05,
+                       act_zero_point=100, act_symmetric=False, epilogue=_core.EPI_RESIDUAL)
+    with pytest.raises(ValueError, match="residual"):
+        res.set_output_u8(0.1, 3)
+    with pytest.raises(ValueError, match="residual missing"):
+        res.forward_u8(np.zeros((3, K), np.uint8))
+    tok = _core.Linear(_core.LINEAR_INT8, qw, sw, b, None, act_mode=_core.ACT_DYNAMIC_TOKEN, act_symmetric=True)
+    with pytest.raises(ValueError, match="per-token"):
+        tok.set_output_u8(0.1, 3)
+    with pytest.raises(ValueError, match="static int8"):
+        tok.forward_u8(np.zeros((3, K), np.uint8))
+    with pytest.raises(ValueError, match="int8 layers"):
+        _core.Linear(_core.LINEAR_F32, w, None, b).set_output_u8(0.1, 3)
+    plain = _core.Linear(_core.LINEAR_INT8, qw, sw, b, None, act_mode=_core.ACT_DYNAMIC, act_symmetric=False)
+    for bad in [(0.0, 3), (float("nan"), 3), (0.1, 256), (0.1, -1)]:
+        with pytest.raises(ValueError, match="output quantization"):
+            plain.set_output_u8(*bad)
+    static = _core.Linear(_core.LINEAR_INT8, qw, sw, b, None, act_mode=_core.ACT_STATIC, act_scale=0.05,
+                          act_zero_point=100, act_symmetric=False)
+    with pytest.raises(TypeError, match="uint8"):
+        static.forward_u8(np.zeros((3, K), np.float32))
+    with pytest.raises(ValueError):
+        static.forward_u8(np.zeros((3, K + 1), np.uint8))
+
+
 @pytest.mark.parametrize("epi_name,epi", EPIS)
 def test_fp32_bf16_linear(epi_name, epi):
     w, b, x, r = layer_data()

@@ -119,6 +119,24 @@ def test_quant_report(minilm, calibration, eval_texts):
     assert np.isinf(same.iloc[:-1]["sqnr_db"]).all()
 
 
+def test_observing_a_static_int8_model_sees_its_quantized_inputs(minilm, calibration, eval_texts):
+    """In a static int8 model FFN_OUT's and ATTN_OUT's inputs are produced as u8 (fused into FFN_IN's epilogue and
+    attention's copy-out); observers there see them dequantized: values on the layer's own grid, inside its range."""
+    q = minilm.quantize("int8-static-asym", calibration=calibration)
+    cal = q.calibrate(eval_texts[:8])
+    for site in ("encoder.layer.2.output.dense", "encoder.layer.4.attention.output.dense"):
+        spec = q._sites[site]
+        scale, zp = spec["act_scale"], spec["act_zero_point"]
+        obs = cal.observers[cal.sites.index(site)]
+        lo, hi = obs.minmax()
+        assert obs.count() > 0
+        assert (0 - zp) * scale - 1e-5 <= lo and hi <= (255 - zp) * scale + 1e-5
+        for v in (lo, hi):
+            assert abs(v / scale - round(v / scale)) < 1e-3, (site, v, scale)
+    # and the model's embeddings are unaffected by observing
+    np.testing.assert_array_equal(q.encode(eval_texts[:8]), q.encode(eval_texts[:8]))
+
+
 def test_bad_quantization_inputs(minilm, calibration, calib_texts, tmp_path):
     with pytest.raises(ValueError, match="needs calibration"):
         minilm.quantize("int8-static-asym")
