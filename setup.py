@@ -8,7 +8,7 @@ runtime wheel, so no rpath into the (possibly deleted) build environment is need
 
 Environment switches:
   MEDQUANT_STRICT=1    add -Werror (CI builds use it)
-  MEDQUANT_SANITIZE=1  build with AddressSanitizer + UndefinedBehaviorSanitizer (see README, "Sanitizer build")
+  MEDQUANT_SANITIZE=1  build with AddressSanitizer + UndefinedBehaviorSanitizer (see README, "Reliability", and .ci/sanitize.sh)
   MEDQUANT_DEBUG=1     -O0 -g
 """
 import glob
