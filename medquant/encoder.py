@@ -458,6 +458,8 @@ class Encoder:
         For every linear layer output (after its fused epilogue: GELU, or the residual add): SQNR in dB
         (10 log10 ||ref||^2 / ||ref - q||^2) and relative error ||ref - q|| / ||ref||, accumulated over all real
         tokens; plus a final row with the mean and minimum cosine of the pooled, normalized embeddings.
+        Where a static int8 layer's input is quantized by its producer (intermediate.dense writes output.dense's
+        u8 input), that producer's output is reported as the consumer sees it: dequantized from u8.
         """
         ref = reference or self.reference
         if ref is None:
