@@ -210,13 +210,15 @@ static void stage_qk(const float *base, int64_t len, int64_t L, int64_t Hh, int6
     }
 }
 
-/* One sequence on thread t: scores, softmax and context into the thread's buffer, then its real rows into ctx. */
+/* Where a forward writes the context: f32 rows, or u8 rows quantized with (1 / scale, zero point). */
 typedef struct {
-    float *ctx;      /* f32 output, or */
-    uint8_t *ctx_q;  /* u8 output with: */
+    float *ctx;
+    uint8_t *ctx_q;
     float inv_scale;
     int32_t zp;
 } mq_attn_out;
+
+/* One sequence on thread t: scores, softmax and context into the thread's buffer, then its real rows into out. */
 
 static mq_status one_sequence(mq_attention *a, int t, const float *qkv, const mq_attn_out *out, int64_t offset,
                               int64_t len) {

@@ -8,13 +8,18 @@
 #include "attention.h"
 #include "qparams.h"
 
+/* The u8 input of a static int8 site, written by its producer (decided at finalize, see fuse_inputs). */
+typedef struct {
+    int on;
+    float scale;
+    int32_t zp;
+} mq_u8_input;
+
 typedef struct {
     mq_linear *site[MQ_SITES_PER_LAYER];
     float *ln_gamma[2], *ln_beta[2];
-    /* FFN_IN writes u8 in FFN_OUT's static input quantization (set at finalize, see fuse_ffn) */
-    int ffn_fused;
-    float ffn_scale;
-    int32_t ffn_zp;
+    mq_u8_input ctx_q; /* ATTN_OUT's input, quantized by attention's copy-out */
+    mq_u8_input ffn_q; /* FFN_OUT's input, written as u8 by FFN_IN's matmul epilogue */
 } mq_layer;
 
 /* LayerNorm primitive for one row bucket; gamma/beta memories are handle-swapped per layer. */
@@ -42,7 +47,7 @@ struct mq_encoder {
     int n_ln, cap_ln;
     /* workspace, reused across calls */
     mq_linear_scratch scratch;
-    mq_buffer x, qkv, ctx, tmp, ffn, ffn_deq, offsets, stats;
+    mq_buffer x, qkv, ctx, tmp, ffn, deq, offsets, stats;
 };
 
 static mq_status check_config(const mq_bert_config *c) {
@@ -120,7 +125,7 @@ void mq_encoder_destroy(mq_encoder *e) {
     mq_free(e->emb_gamma);
     mq_free(e->emb_beta);
     mq_linear_scratch_release(&e->scratch);
-    mq_buffer bufs[8] = {e->x, e->qkv, e->ctx, e->tmp, e->ffn, e->ffn_deq, e->offsets, e->stats};
+    mq_buffer bufs[8] = {e->x, e->qkv, e->ctx, e->tmp, e->ffn, e->deq, e->offsets, e->stats};
     for (int i = 0; i < 8; i++) mq_buffer_release(&bufs[i]);
     mq_engine_destroy(e->eng);
     pthread_mutex_destroy(&e->lock);
@@ -225,18 +230,15 @@ mq_status mq_encoder_set_linear(mq_encoder *e, int layer, int site, const mq_lin
     return st;
 }
 
-/* When a layer's FFN_OUT quantizes its input statically (INT8 STATIC, no SmoothQuant multiplier), FFN_IN writes
-   that u8 input itself (GELU, then dst scale and zero point in its matmul epilogue): the [T, intermediate] f32
-   activation, the widest of the layer, is then never written, read back and quantized in a separate pass. */
-static void fuse_ffn(mq_layer *L) {
-    float scale;
-    int32_t zp;
-    L->ffn_fused = 0;
-    if (!mq_linear_static_input(L->site[MQ_SITE_FFN_OUT], &scale, &zp)) return;
-    if (mq_linear_set_output_u8(L->site[MQ_SITE_FFN_IN], scale, zp) != MQ_OK) return; /* not fusable: stay f32 */
-    L->ffn_fused = 1;
-    L->ffn_scale = scale;
-    L->ffn_zp = zp;
+/* A static int8 site (INT8 STATIC, no SmoothQuant multiplier) takes its u8 input from the producer instead of
+   quantizing an f32 copy in a pass of its own: attention quantizes its output rows for ATTN_OUT as it copies them
+   out, and FFN_IN applies FFN_OUT's scale and zero point in its matmul epilogue (after GELU), so the
+   [T, intermediate] f32 activation, the widest of the layer, is never written at all. */
+static void fuse_inputs(mq_layer *L) {
+    mq_u8_input *c = &L->ctx_q, *f = &L->ffn_q;
+    c->on = mq_linear_static_input(L->site[MQ_SITE_ATTN_OUT], &c->scale, &c->zp);
+    f->on = mq_linear_static_input(L->site[MQ_SITE_FFN_OUT], &f->scale, &f->zp) &&
+            mq_linear_set_output_u8(L->site[MQ_SITE_FFN_IN], f->scale, f->zp) == MQ_OK; /* else FFN_IN stays f32 */
 }
 
 static mq_status finalize_locked(mq_encoder *e) {
@@ -250,7 +252,7 @@ static mq_status finalize_locked(mq_encoder *e) {
         if (!e->layers[l].ln_gamma[0] || !e->layers[l].ln_gamma[1])
             return mq_set_error(MQ_ERR_STATE, "encoder: layer %lld LayerNorm not set", (long long)l);
     }
-    for (int64_t l = 0; l < e->cfg.n_layers; l++) fuse_ffn(&e->layers[l]);
+    for (int64_t l = 0; l < e->cfg.n_layers; l++) fuse_inputs(&e->layers[l]);
     e->finalized = 1;
     return MQ_OK;
 }
@@ -453,8 +455,24 @@ static int any_nonfinite(const float *x, size_t n) {
     return bad;
 }
 
+static float *tap_of(float **taps, int idx) { return taps ? taps[idx] : NULL; }
+
 static void copy_tap(float **taps, int idx, const float *src, int64_t T, int64_t N) {
     if (taps && taps[idx]) memcpy(taps[idx], src, (size_t)T * (size_t)N * sizeof(float));
+}
+
+/* A producer-written u8 input, dequantized for whoever asked for its values: a tap (written in place) and the
+   consuming site's observer. Nothing to do (and no pass over the data) when neither is there. */
+static mq_status expose_u8(mq_encoder *e, const uint8_t *q, int64_t T, int64_t cols, const mq_u8_input *u, float *tap,
+                           mq_observer *obs) {
+    if (!tap && !obs) return MQ_OK;
+    float *x = tap;
+    if (!x) {
+        MQ_TRY(mq_buffer_reserve(&e->deq, (size_t)T * (size_t)cols, sizeof(float)));
+        x = e->deq.ptr;
+    }
+    mq_dequantize_u8(q, T, cols, u->scale, u->zp, x);
+    return obs ? mq_observer_update_matrix(obs, x, (size_t)T, (size_t)cols) : MQ_OK;
 }
 
 static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
@@ -482,17 +500,11 @@ static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
 #define OBS(s) (obs ? obs[s] : NULL)
         MQ_TRY(mq_linear_forward(L->site[MQ_SITE_QKV], &e->scratch, x, T, NULL, qkv, OBS(MQ_SITE_QKV)));
         copy_tap(a->taps, t0 + MQ_SITE_QKV, qkv, T, 3 * H);
-        float ctx_scale;
-        int32_t ctx_zp;
-        if (mq_linear_static_input(L->site[MQ_SITE_ATTN_OUT], &ctx_scale, &ctx_zp)) {
-            /* the output projection's static input quantization runs in attention's per-sequence copy-out */
+        if (L->ctx_q.on) {
             uint8_t *cq = (uint8_t *)ctx;
-            MQ_TRY(mq_attention_forward(e->attn, &e->scratch, qkv, NULL, cq, ctx_scale, ctx_zp, off, a->lengths, a->batch));
-            if (OBS(MQ_SITE_ATTN_OUT)) {
-                MQ_TRY(mq_buffer_reserve(&e->ffn_deq, (size_t)T * (size_t)H, sizeof(float)));
-                mq_dequantize_u8(cq, T, H, ctx_scale, ctx_zp, e->ffn_deq.ptr);
-                MQ_TRY(mq_observer_update_matrix(OBS(MQ_SITE_ATTN_OUT), e->ffn_deq.ptr, (size_t)T, (size_t)H));
-            }
+            MQ_TRY(mq_attention_forward(e->attn, &e->scratch, qkv, NULL, cq, L->ctx_q.scale, L->ctx_q.zp, off, a->lengths,
+                                        a->batch));
+            MQ_TRY(expose_u8(e, cq, T, H, &L->ctx_q, NULL, OBS(MQ_SITE_ATTN_OUT)));
             MQ_TRY(mq_linear_forward_u8(L->site[MQ_SITE_ATTN_OUT], &e->scratch, cq, T, x, tmp));
         } else {
             MQ_TRY(mq_attention_forward(e->attn, &e->scratch, qkv, ctx, NULL, 0.f, 0, off, a->lengths, a->batch));
@@ -501,17 +513,9 @@ static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
         copy_tap(a->taps, t0 + MQ_SITE_ATTN_OUT, tmp, T, H);
         MQ_TRY(layer_norm(e, T, tmp, x, L->ln_gamma[0], L->ln_beta[0]));
         MQ_TRY(mq_linear_forward(L->site[MQ_SITE_FFN_IN], &e->scratch, x, T, NULL, ffn, OBS(MQ_SITE_FFN_IN)));
-        if (L->ffn_fused) {
-            /* ffn holds u8: a tap or an observer of FFN_OUT's input sees it dequantized (what FFN_OUT consumes) */
+        if (L->ffn_q.on) { /* ffn holds FFN_OUT's u8 input; its tap shows it dequantized (what FFN_OUT consumes) */
             const uint8_t *fq = (const uint8_t *)ffn;
-            float *fd = NULL;
-            if ((a->taps && a->taps[t0 + MQ_SITE_FFN_IN]) || OBS(MQ_SITE_FFN_OUT)) {
-                MQ_TRY(mq_buffer_reserve(&e->ffn_deq, (size_t)T * (size_t)I, sizeof(float)));
-                fd = e->ffn_deq.ptr;
-                mq_dequantize_u8(fq, T, I, L->ffn_scale, L->ffn_zp, fd);
-                copy_tap(a->taps, t0 + MQ_SITE_FFN_IN, fd, T, I);
-                if (OBS(MQ_SITE_FFN_OUT)) MQ_TRY(mq_observer_update_matrix(OBS(MQ_SITE_FFN_OUT), fd, (size_t)T, (size_t)I));
-            }
+            MQ_TRY(expose_u8(e, fq, T, I, &L->ffn_q, tap_of(a->taps, t0 + MQ_SITE_FFN_IN), OBS(MQ_SITE_FFN_OUT)));
             MQ_TRY(mq_linear_forward_u8(L->site[MQ_SITE_FFN_OUT], &e->scratch, fq, T, x, tmp));
         } else {
             copy_tap(a->taps, t0 + MQ_SITE_FFN_IN, ffn, T, I);

@@ -5,7 +5,7 @@
  *
  * Static int8 layers take their input quantization from the producer where one exists: FFN_IN writes FFN_OUT's
  * u8 input in its matmul epilogue (oneDNN dst scale + zero point after GELU), and attention quantizes its
- * per-sequence output rows for ATTN_OUT (set up at finalize; see fuse_ffn in encoder.c). Observers and taps at those
+ * per-sequence output rows for ATTN_OUT (set up at finalize; see fuse_inputs in encoder.c). Observers and taps at those
  * points then see the u8 values dequantized, i.e. exactly what the consuming layer computes with.
  *
  * Parameters are handed over once (copied, or prepacked into the layout oneDNN prefers), then mq_encoder_finalize

@@ -67,6 +67,17 @@ static mq_status make_mem(dnnl_memory_t *mem, const mq_linear *l, int64_t d0, in
     return MQ_OK;
 }
 
+/* A 1-D memory of n values over `handle` (scales and zero points passed at execution). */
+static mq_status vector_mem(dnnl_memory_t *mem, const mq_linear *l, int64_t n, dnnl_data_type_t dt, void *handle) {
+    dnnl_memory_desc_t md = NULL;
+    dnnl_dims_t dims = {n};
+    MQ_DNNL(dnnl_memory_desc_create_with_tag(&md, 1, dims, dt, dnnl_a));
+    dnnl_status_t st = dnnl_memory_create(mem, md, mq_engine_dnnl(l->eng), handle);
+    dnnl_memory_desc_destroy(md);
+    if (st != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "linear: oneDNN error %d creating a scale memory", (int)st);
+    return MQ_OK;
+}
+
 /* Appends [bias add] + GELU or residual add to po. */
 static mq_status append_epilogue(const mq_linear *l, int64_t rows, dnnl_post_ops_t po, int with_bias) {
     dnnl_memory_desc_t md = NULL;
@@ -310,20 +321,10 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
         if ((st = make_mem(per_token(l) ? &l->bias_po_mem : &l->bias_mem, l, 1, N, dnnl_f32, l->bias)) != MQ_OK) goto fail;
     }
     if (kind == MQ_LINEAR_INT8) {
-        dnnl_memory_desc_t md = NULL;
-        dnnl_dims_t d1 = {1}, dn = {l->n_wscales};
-        dnnl_status_t ds = dnnl_memory_desc_create_with_tag(&md, 1, dn, dnnl_f32, dnnl_a);
-        if (ds == dnnl_success) ds = dnnl_memory_create(&l->w_scale_mem, md, mq_engine_dnnl(eng), l->w_scales);
-        dnnl_memory_desc_destroy(md);
-        md = NULL;
-        if (ds == dnnl_success) ds = dnnl_memory_desc_create_with_tag(&md, 1, d1, dnnl_f32, dnnl_a);
-        if (ds == dnnl_success) ds = dnnl_memory_create(&l->src_scale_mem, md, mq_engine_dnnl(eng), &l->src_scale);
-        dnnl_memory_desc_destroy(md);
-        md = NULL;
-        if (ds == dnnl_success) ds = dnnl_memory_desc_create_with_tag(&md, 1, d1, dnnl_s32, dnnl_a);
-        if (ds == dnnl_success) ds = dnnl_memory_create(&l->zp_mem, md, mq_engine_dnnl(eng), &l->src_zp);
-        dnnl_memory_desc_destroy(md);
-        if (ds != dnnl_success) { st = mq_set_error(MQ_ERR_DNNL, "linear: cannot create scale memories"); goto fail; }
+        if ((st = vector_mem(&l->w_scale_mem, l, l->n_wscales, dnnl_f32, l->w_scales)) != MQ_OK ||
+            (st = vector_mem(&l->src_scale_mem, l, 1, dnnl_f32, &l->src_scale)) != MQ_OK ||
+            (st = vector_mem(&l->zp_mem, l, 1, dnnl_s32, &l->src_zp)) != MQ_OK)
+            goto fail;
         l->src_scale = spec->act_scale;
         l->src_zp = spec->act_symmetric ? 128 : spec->act_zero_point;
     }
@@ -492,7 +493,7 @@ mq_status mq_linear_forward_u8(mq_linear *l, mq_linear_scratch *s, const uint8_t
                                void *y) {
     if (!l || !s || !xq || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
     if (!mq_linear_static_input(l, NULL, NULL))
-        return mq_set_error(MQ_ERR_STATE, "linear: a pre-quantized input needs a static int8 layer without act_mul");
+        return mq_set_error(MQ_ERR_ARG, "linear: a pre-quantized input needs a static int8 layer without act_mul");
     if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
     mq_engine_enter(l->eng);
     mq_lin_prim *p = NULL;
@@ -522,18 +523,8 @@ mq_status mq_linear_set_output_u8(mq_linear *l, float scale, int32_t zero_point)
     mq_linear_reset(l);
     l->dst_scale = scale;
     l->dst_zp = zero_point;
-    if (!l->dst_scale_mem) {
-        dnnl_memory_desc_t md = NULL;
-        dnnl_dims_t d1 = {1};
-        dnnl_status_t ds = dnnl_memory_desc_create_with_tag(&md, 1, d1, dnnl_f32, dnnl_a);
-        if (ds == dnnl_success) ds = dnnl_memory_create(&l->dst_scale_mem, md, mq_engine_dnnl(l->eng), &l->dst_scale);
-        dnnl_memory_desc_destroy(md);
-        md = NULL;
-        if (ds == dnnl_success) ds = dnnl_memory_desc_create_with_tag(&md, 1, d1, dnnl_s32, dnnl_a);
-        if (ds == dnnl_success) ds = dnnl_memory_create(&l->dst_zp_mem, md, mq_engine_dnnl(l->eng), &l->dst_zp);
-        dnnl_memory_desc_destroy(md);
-        if (ds != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "linear: cannot create output scale memories");
-    }
+    if (!l->dst_scale_mem) MQ_TRY(vector_mem(&l->dst_scale_mem, l, 1, dnnl_f32, &l->dst_scale));
+    if (!l->dst_zp_mem) MQ_TRY(vector_mem(&l->dst_zp_mem, l, 1, dnnl_s32, &l->dst_zp));
     l->out_u8 = 1;
     /* the weights were prepacked for an f32 output: the u8-output primitive must take the same layout */
     mq_lin_prim *p = NULL;

@@ -634,6 +634,17 @@ static void Linear_dealloc(LinearObject *self) {
     Py_DECREF(tp);
 }
 
+/* y[:M] of a bucket-padded output (a view; NULL with an exception set on failure). */
+static PyObject *first_rows(PyObject *y, npy_intp M) {
+    PyObject *stop = PyLong_FromSsize_t(M);
+    PyObject *slice = stop ? PySlice_New(NULL, stop, NULL) : NULL;
+    Py_XDECREF(stop);
+    if (!slice) return NULL;
+    PyObject *res = PyObject_GetItem(y, slice);
+    Py_DECREF(slice);
+    return res;
+}
+
 static PyObject *Linear_forward(LinearObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"x", "residual", NULL};
     PyObject *xo, *ro = Py_None;
@@ -660,12 +671,7 @@ static PyObject *Linear_forward(LinearObject *self, PyObject *args, PyObject *kw
     mq_status st = mq_linear_forward(self->lin, &self->scratch, PyArray_DATA((PyArrayObject *)xp), M,
                                      rp ? PyArray_DATA((PyArrayObject *)rp) : NULL, PyArray_DATA((PyArrayObject *)yp), NULL);
     if (st != MQ_OK) { raise_status(st); goto done; }
-    PyObject *stop = PyLong_FromSsize_t(M);
-    PyObject *slice = stop ? PySlice_New(NULL, stop, NULL) : NULL;
-    Py_XDECREF(stop);
-    if (!slice) goto done;
-    res = PyObject_GetItem(yp, slice);
-    Py_DECREF(slice);
+    res = first_rows(yp, M);
 done:
     Py_XDECREF(xp);
     Py_XDECREF(yp);
@@ -677,8 +683,6 @@ static PyObject *Linear_forward_u8(LinearObject *self, PyObject *args) {
     PyObject *xo;
     if (!self->lin) return PyErr_Format(PyExc_RuntimeError, "Linear is not initialised");
     if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
-    if (!mq_linear_static_input(self->lin, NULL, NULL))
-        return PyErr_Format(PyExc_ValueError, "forward_u8 needs a static int8 Linear without act_mul");
     npy_intp K = mq_linear_in(self->lin), N = mq_linear_out(self->lin), dx[2] = {-1, K};
     PyArrayObject *x = as_array(xo, NPY_UINT8, 2, dx, "xq");
     if (!x) return NULL;
@@ -692,12 +696,7 @@ static PyObject *Linear_forward_u8(LinearObject *self, PyObject *args) {
     mq_status st = mq_linear_forward_u8(self->lin, &self->scratch, PyArray_DATA((PyArrayObject *)xp), M, NULL,
                                         PyArray_DATA((PyArrayObject *)yp));
     if (st != MQ_OK) { raise_status(st); goto done; }
-    {
-        PyObject *stop = PyLong_FromSsize_t(M);
-        PyObject *slice = stop ? PySlice_New(NULL, stop, NULL) : NULL;
-        Py_XDECREF(stop);
-        if (slice) { res = PyObject_GetItem(yp, slice); Py_DECREF(slice); }
-    }
+    res = first_rows(yp, M);
 done:
     Py_XDECREF(xp);
     Py_XDECREF(yp);

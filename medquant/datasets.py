@@ -154,6 +154,7 @@ def _parse_medquad_file(path: Path, subset: str, source: str, include_unanswered
     cuis: List[str] = []
     stypes: List[str] = []
     sgroups: List[str] = []
+    unique_lists = {"cui": cuis, "semantictype": stypes, "semanticgroup": sgroups}
     synonyms: List[str] = []
     pairs: List[ET.Element] = []
     # Document-level annotations: walk everything except the QA pairs' subtrees.
@@ -168,18 +169,10 @@ def _parse_medquad_file(path: Path, subset: str, source: str, include_unanswered
             focus = _text(el)
         elif tag == "category" and not category:
             category = _text(el)
-        elif tag == "cui":
+        elif tag in unique_lists:  # UMLS annotations: distinct values in document order
             t = _text(el)
-            if t and t not in cuis:
-                cuis.append(t)
-        elif tag == "semantictype":
-            t = _text(el)
-            if t and t not in stypes:
-                stypes.append(t)
-        elif tag == "semanticgroup":
-            t = _text(el)
-            if t and t not in sgroups:
-                sgroups.append(t)
+            if t and t not in unique_lists[tag]:
+                unique_lists[tag].append(t)
         elif tag == "synonym":
             t = _text(el)
             if t:
