@@ -7,6 +7,7 @@ struct mq_engine {
     dnnl_engine_t engine;
     dnnl_stream_t stream;
     int n_threads;
+    int int8_exact; /* -1 until linear.c has measured it */
 };
 
 mq_status mq_engine_create(mq_engine **out, int n_threads) {
@@ -14,6 +15,7 @@ mq_status mq_engine_create(mq_engine **out, int n_threads) {
     *out = NULL;
     mq_engine *eng = calloc(1, sizeof *eng);
     if (!eng) return mq_set_error(MQ_ERR_NOMEM, "engine: out of memory");
+    eng->int8_exact = -1;
     mq_status st = mq_engine_set_threads(eng, n_threads);
     if (st != MQ_OK) { free(eng); return st; }
     dnnl_status_t ds = dnnl_engine_create(&eng->engine, dnnl_cpu, 0);
@@ -45,6 +47,9 @@ mq_status mq_engine_set_threads(mq_engine *eng, int n_threads) {
 }
 
 void mq_engine_enter(const mq_engine *eng) { omp_set_num_threads(eng->n_threads); }
+
+int mq_engine_int8_exact(const mq_engine *eng) { return eng->int8_exact; }
+void mq_engine_set_int8_exact(mq_engine *eng, int exact) { eng->int8_exact = exact ? 1 : 0; }
 
 mq_status mq_attr_create(dnnl_primitive_attr_t *attr) {
     MQ_DNNL(dnnl_primitive_attr_create(attr));

@@ -17,6 +17,12 @@ mq_status mq_engine_set_threads(mq_engine *eng, int n_threads);
 /* Applies the engine's thread count to the calling thread (OpenMP ICVs are per thread). */
 void mq_engine_enter(const mq_engine *eng);
 
+/* Whether oneDNN's int8 matmul computes u8 x s8 products exactly on this CPU: 1 yes, 0 no (kernels without VNNI/AMX
+   add pairs of products in saturating 16-bit arithmetic), -1 not measured yet. linear.c measures it on the first int8
+   layer and records it here, once per engine. */
+int mq_engine_int8_exact(const mq_engine *eng);
+void mq_engine_set_int8_exact(mq_engine *eng, int exact);
+
 /* Creates a primitive from a descriptor with the user-managed scratchpad the caller provides at execution.
    Grows *scratch_bytes to the largest scratchpad seen. Destroys pd. */
 mq_status mq_primitive_from_pd(dnnl_primitive_desc_t pd, dnnl_primitive_t *prim, size_t *scratch_bytes);

@@ -36,10 +36,12 @@ struct mq_linear {
     int32_t dst_zp;
     mq_lin_prim *prims;
     int n_prims, cap_prims;
-    char impl[128];
+    int emulated; /* INT8/BF16 run as an f32 matmul on the same rounded operands (mq_linear_emulated) */
+    char impl[160];
 };
 
 static dnnl_data_type_t src_dtype(const mq_linear *l) {
+    if (l->emulated) return dnnl_f32;
     switch (l->spec.kind) {
         case MQ_LINEAR_BF16: return dnnl_bf16;
         case MQ_LINEAR_INT8: return dnnl_u8;
@@ -121,7 +123,7 @@ static mq_status build_pd(const mq_linear *l, int64_t rows, const_dnnl_memory_de
     if (l->spec.kind == MQ_LINEAR_INT8) {
         if (!per_token(l)) CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0));
         CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, l->spec.w_per_channel ? (1 << 1) : 0));
-        CK(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0));
+        if (!l->emulated) CK(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0)); /* emulated: q - zp */
     }
     if (l->out_u8) { /* after the post-ops: dst = saturate(rint(result / dst_scale) + dst_zp) */
         CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0));
@@ -259,9 +261,27 @@ static float *copy_floats(const float *src, int64_t n, const char *what, mq_stat
     return p;
 }
 
-mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N, const mq_linear_spec *spec,
-                           const mq_linear_weights *w) {
-    if (!out || !eng || !spec) return mq_set_error(MQ_ERR_ARG, "linear: NULL argument");
+/* Prepacks the user's weights; an emulated layer prepacks, as f32, exactly the values the native kernel would
+   multiply: the s8 integers (INT8) or the bf16-rounded weights (BF16). */
+static mq_status prepack_weights(mq_linear *l, const void *weight) {
+    const mq_linear_kind kind = l->spec.kind;
+    if (!l->emulated) return prepack(l, weight, kind == MQ_LINEAR_INT8 ? dnnl_s8 : dnnl_f32);
+    const size_t n = (size_t)l->N * (size_t)l->K;
+    float *tmp = mq_alloc(n, sizeof(float));
+    if (!tmp) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the weights");
+    if (kind == MQ_LINEAR_INT8) {
+        const int8_t *q = weight;
+        for (size_t i = 0; i < n; i++) tmp[i] = (float)q[i];
+    } else {
+        mq_round_f32_bf16(weight, l->N, l->K, l->K, NULL, tmp);
+    }
+    mq_status st = prepack(l, tmp, dnnl_f32);
+    mq_free(tmp);
+    return st;
+}
+
+static mq_status linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N, const mq_linear_spec *spec,
+                               const mq_linear_weights *w, int emulated) {
     *out = NULL;
     MQ_TRY(check_spec(spec, K, N, w));
     mq_linear *l = calloc(1, sizeof *l);
@@ -270,6 +290,7 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
     l->K = K;
     l->N = N;
     l->spec = *spec;
+    l->emulated = emulated && (spec->kind == MQ_LINEAR_INT8 || spec->kind == MQ_LINEAR_BF16);
     mq_status st = MQ_OK;
     const mq_linear_kind kind = spec->kind;
     if (kind == MQ_LINEAR_INT8 || kind == MQ_LINEAR_W8)
@@ -304,16 +325,22 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
         }
         dnnl_memory_desc_t any = NULL;
         dnnl_primitive_desc_t pd = NULL;
-        dnnl_data_type_t wdt = kind == MQ_LINEAR_INT8 ? dnnl_s8 : (kind == MQ_LINEAR_BF16 ? dnnl_bf16 : dnnl_f32);
+        dnnl_data_type_t wdt = l->emulated ? dnnl_f32
+                             : (kind == MQ_LINEAR_INT8 ? dnnl_s8 : (kind == MQ_LINEAR_BF16 ? dnnl_bf16 : dnnl_f32));
         if ((st = make_md(&any, K, N, wdt, dnnl_format_tag_any)) != MQ_OK) goto fail;
         st = build_pd(l, mq_bucket_rows(256), any, &pd);
         dnnl_memory_desc_destroy(any);
         if (st != MQ_OK) goto fail;
+        if (kind == MQ_LINEAR_BF16 && !l->emulated && strncmp(mq_pd_impl_name(pd), "ref", 3) == 0) {
+            dnnl_primitive_desc_destroy(pd);
+            st = mq_set_error(MQ_ERR_DNNL, "linear: oneDNN has only its reference bf16 matmul on this CPU");
+            goto fail;
+        }
         const_dnnl_memory_desc_t q = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
         dnnl_status_t ds = dnnl_memory_desc_clone(&l->w_md, q);
         dnnl_primitive_desc_destroy(pd);
         if (ds != dnnl_success) { st = mq_set_error(MQ_ERR_DNNL, "linear: cannot clone the weights descriptor"); goto fail; }
-        st = prepack(l, w->weight, kind == MQ_LINEAR_INT8 ? dnnl_s8 : dnnl_f32);
+        st = prepack_weights(l, w->weight);
         if (st != MQ_OK) goto fail;
     }
     /* attribute argument memories: handles point into this struct / its arrays */
@@ -333,6 +360,59 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
 fail:
     mq_linear_destroy(l);
     return st;
+}
+
+/* Measures, once per engine, whether the int8 matmul kernels oneDNN picks on this CPU compute u8 x s8 exactly. Kernels
+   without VNNI or AMX add pairs of u8 * s8 products in saturating 16-bit arithmetic (vpmaddubsw): 255 * 127 * 2
+   exceeds 32767. A layer built like every int8 layer multiplies u8 255 by s8 127 over K = 256 inputs; an exact
+   kernel gives 255 * 127 * 256 (exact in f32), a saturating one about half of it. */
+static mq_status probe_int8_exact(mq_engine *eng) {
+    enum { PK = 256, PN = 64, PM = 64 };
+    const int64_t rows = mq_bucket_rows(PM);
+    const float one = 1.f, expect = 255.f * 127.f * (float)PK;
+    mq_linear *l = NULL;
+    mq_linear_scratch s;
+    memset(&s, 0, sizeof s);
+    int8_t *w = mq_alloc((size_t)PN * PK, 1);
+    float *x = mq_alloc((size_t)rows * PK, sizeof(float)), *y = mq_alloc((size_t)rows * PN, sizeof(float));
+    mq_status st = MQ_OK;
+    if (!w || !x || !y) st = mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the int8 kernel check");
+    if (st == MQ_OK) {
+        memset(w, 127, (size_t)PN * PK);
+        for (int64_t i = 0; i < rows * PK; i++) x[i] = 255.f;
+        const mq_linear_spec spec = {.kind = MQ_LINEAR_INT8, .act_mode = MQ_ACT_STATIC, .act_symmetric = 0,
+                                     .act_scale = 1.f, .act_zero_point = 0, .w_per_channel = 0, .epilogue = MQ_EPI_NONE};
+        const mq_linear_weights lw = {w, &one, NULL, NULL};
+        st = linear_create(&l, eng, PK, PN, &spec, &lw, 0);
+    }
+    if (st == MQ_OK) st = mq_linear_forward(l, &s, x, PM, NULL, y, NULL);
+    if (st == MQ_OK) {
+        int exact = 1;
+        for (int64_t i = 0; i < (int64_t)PM * PN; i++) exact &= y[i] == expect;
+        mq_engine_set_int8_exact(eng, exact);
+    }
+    mq_linear_destroy(l);
+    mq_linear_scratch_release(&s);
+    mq_free(w);
+    mq_free(x);
+    mq_free(y);
+    return st;
+}
+
+mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N, const mq_linear_spec *spec,
+                           const mq_linear_weights *w) {
+    if (!out || !eng || !spec) return mq_set_error(MQ_ERR_ARG, "linear: NULL argument");
+    *out = NULL;
+    MQ_TRY(check_spec(spec, K, N, w));
+    if (spec->kind == MQ_LINEAR_INT8) {
+        if (mq_engine_int8_exact(eng) < 0) MQ_TRY(probe_int8_exact(eng));
+        return linear_create(out, eng, K, N, spec, w, !mq_engine_int8_exact(eng));
+    }
+    if (spec->kind == MQ_LINEAR_BF16) { /* no bf16 matmul on this CPU (oneDNN 3.2 needs avx512_core): emulate */
+        mq_status st = linear_create(out, eng, K, N, spec, w, 0);
+        return st == MQ_ERR_DNNL ? linear_create(out, eng, K, N, spec, w, 1) : st;
+    }
+    return linear_create(out, eng, K, N, spec, w, 0);
 }
 
 static void destroy_prim(mq_lin_prim *p) {
@@ -392,7 +472,7 @@ static mq_status get_prim(mq_linear *l, int64_t rows, mq_lin_prim **out) {
         dnnl_primitive_desc_destroy(pd);
         return mq_set_error(MQ_ERR_DNNL, "linear: oneDNN chose another weight layout for %lld rows", (long long)rows);
     }
-    snprintf(l->impl, sizeof l->impl, "%s", mq_pd_impl_name(pd));
+    snprintf(l->impl, sizeof l->impl, "%s%s", mq_pd_impl_name(pd), l->emulated ? " (emulated in f32)" : "");
     const_dnnl_memory_desc_t smd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
     dnnl_status_t ds = dnnl_memory_create(&p.scratch, smd, mq_engine_dnnl(l->eng), DNNL_MEMORY_NONE);
     mq_status st = mq_primitive_from_pd(pd, &p.prim, &p.scratch_bytes);
@@ -420,6 +500,14 @@ static mq_status get_prim(mq_linear *l, int64_t rows, mq_lin_prim **out) {
 
 static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, const void *src, const float *residual,
                          void *y);
+
+/* Emulated INT8: the quantized input as the exact integers q - zero point in f32 (scales stay matmul attributes). */
+static mq_status centered_f32(const mq_linear *l, mq_linear_scratch *s, const uint8_t *q, int64_t M, const void **src) {
+    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)mq_bucket_rows(M) * (size_t)l->K, sizeof(float)));
+    mq_dequantize_u8(q, M, l->K, 1.f, per_token(l) ? 128 : l->src_zp, s->act_lp.ptr);
+    *src = s->act_lp.ptr;
+    return MQ_OK;
+}
 
 mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const float *residual,
                             void *y, mq_observer *obs) {
@@ -451,8 +539,13 @@ mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, 
                 }
                 MQ_TRY(mq_observer_update_matrix(obs, xs, (size_t)M, (size_t)K));
             }
-            MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)rows * (size_t)K, sizeof(uint16_t)));
-            mq_convert_f32_bf16(x, M, K, K, l->act_mul, s->act_lp.ptr);
+            if (l->emulated) {
+                MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)rows * (size_t)K, sizeof(float)));
+                mq_round_f32_bf16(x, M, K, K, l->act_mul, s->act_lp.ptr);
+            } else {
+                MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)rows * (size_t)K, sizeof(uint16_t)));
+                mq_convert_f32_bf16(x, M, K, K, l->act_mul, s->act_lp.ptr);
+            }
             src = s->act_lp.ptr;
             break;
         case MQ_LINEAR_INT8: {
@@ -483,6 +576,7 @@ mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, 
                 mq_quantize_u8(x, M, K, K, l->act_mul, 1.f / l->src_scale, l->src_zp, q);
             }
             src = q;
+            if (l->emulated) MQ_TRY(centered_f32(l, s, q, M, &src));
             break;
         }
     }
@@ -498,7 +592,9 @@ mq_status mq_linear_forward_u8(mq_linear *l, mq_linear_scratch *s, const uint8_t
     mq_engine_enter(l->eng);
     mq_lin_prim *p = NULL;
     MQ_TRY(get_prim(l, mq_bucket_rows(M), &p));
-    return execute(l, s, p, xq, residual, y);
+    const void *src = xq;
+    if (l->emulated) MQ_TRY(centered_f32(l, s, xq, M, &src));
+    return execute(l, s, p, src, residual, y);
 }
 
 int mq_linear_static_input(const mq_linear *l, float *scale, int32_t *zero_point) {
@@ -520,6 +616,9 @@ mq_status mq_linear_set_output_u8(mq_linear *l, float scale, int32_t zero_point)
     if (!(scale > 0.f) || !(scale < 1e30f) || zero_point < 0 || zero_point > 255)
         return mq_set_error(MQ_ERR_ARG, "linear: bad output quantization (scale %g, zero point %d)", (double)scale,
                             zero_point);
+    if (l->emulated)
+        return mq_set_error(MQ_ERR_ARG, "linear: u8 output needs oneDNN's exact int8 kernels (this layer is emulated in "
+                                        "f32 on this CPU)");
     mq_linear_reset(l);
     l->dst_scale = scale;
     l->dst_zp = zero_point;
@@ -561,7 +660,7 @@ static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, con
     if (l->spec.kind == MQ_LINEAR_INT8) {
         if (!per_token(l)) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, l->src_scale_mem};
         args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, l->w_scale_mem};
-        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, l->zp_mem};
+        if (!l->emulated) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, l->zp_mem};
     }
     if (l->out_u8) {
         args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, l->dst_scale_mem};
@@ -605,4 +704,23 @@ size_t mq_linear_nbytes(const mq_linear *l) {
     return b;
 }
 
+mq_status mq_linear_kernel_support(int *int8_exact, int *bf16_native) {
+    mq_engine *eng = NULL;
+    MQ_TRY(mq_engine_create(&eng, 0));
+    mq_status st = probe_int8_exact(eng);
+    if (st == MQ_OK) *int8_exact = mq_engine_int8_exact(eng);
+    if (st == MQ_OK) {
+        float w[16 * 16] = {0};
+        const mq_linear_spec spec = {.kind = MQ_LINEAR_BF16, .epilogue = MQ_EPI_NONE};
+        const mq_linear_weights lw = {w, NULL, NULL, NULL};
+        mq_linear *l = NULL;
+        st = mq_linear_create(&l, eng, 16, 16, &spec, &lw);
+        if (st == MQ_OK) *bf16_native = !l->emulated;
+        mq_linear_destroy(l);
+    }
+    mq_engine_destroy(eng);
+    return st;
+}
+
 const char *mq_linear_impl(const mq_linear *l) { return l->impl; }
+int mq_linear_emulated(const mq_linear *l) { return l->emulated; }

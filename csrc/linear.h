@@ -10,6 +10,13 @@
  *           STATIC         scale and zero point fixed by calibration
  *   W8    weight-only: s8 weights stored, dequantized to f32 per call (oneDNN 3.2 has no weight decompression)
  *   W4    weight-only: int4 weights with group-wise scales, dequantized to f32 per call
+ * Emulation on CPUs without the kernels (decided at creation; the numbers stay those of the scheme):
+ *   INT8  oneDNN's int8 kernels without VNNI/AMX add pairs of u8*s8 products in saturating 16-bit arithmetic
+ *         (vpmaddubsw), which a check run once per engine detects; an int8 layer there runs an f32 matmul on the
+ *         same integers, s8 weights and (q - zero point) activations, with the same scales as attributes: the same
+ *         quantization, the same results up to f32 summation order.
+ *   BF16  no bf16 matmul on this CPU (oneDNN 3.2 needs avx512_core): an f32 matmul on bf16-rounded operands.
+ *   Emulated layers run at f32 speed, hold f32 weights and take no u8 output (mq_linear_set_output_u8).
  * Epilogues (bias, GELU-erf, residual add) are matmul post-ops. Primitives are built per row bucket
  * (mq_bucket_rows) on first use and reused; all scratch comes from the caller's mq_linear_scratch.
  */
@@ -76,7 +83,13 @@ int64_t mq_linear_in(const mq_linear *lin);
 int64_t mq_linear_out(const mq_linear *lin);
 /* Bytes held for the weights, scales, bias and smoothing vector (prepacked size for prepacked kinds). */
 size_t mq_linear_nbytes(const mq_linear *lin);
-/* oneDNN implementation of the most recently built matmul primitive ("" before the first). */
+/* oneDNN implementation of the most recently built matmul primitive ("" before the first), with " (emulated in f32)"
+ * appended for an emulated layer. */
 const char *mq_linear_impl(const mq_linear *lin);
+/* 1 if this INT8 or BF16 layer runs as an f32 matmul because the CPU has no exact int8 / no bf16 kernel. */
+int mq_linear_emulated(const mq_linear *lin);
+/* What this CPU offers, measured on a temporary engine: *int8_exact as above, *bf16_native whether a bf16 layer runs
+ * a native (optimized, non-reference) bf16 matmul. */
+mq_status mq_linear_kernel_support(int *int8_exact, int *bf16_native);
 
 #endif

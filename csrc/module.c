@@ -718,6 +718,11 @@ static PyObject *Linear_impl(LinearObject *self, PyObject *Py_UNUSED(ignored)) {
     return PyUnicode_FromString(mq_linear_impl(self->lin));
 }
 
+static PyObject *Linear_emulated(LinearObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!self->lin) return PyErr_Format(PyExc_RuntimeError, "Linear is not initialised");
+    return PyBool_FromLong(mq_linear_emulated(self->lin));
+}
+
 static PyObject *Linear_nbytes(LinearObject *self, PyObject *Py_UNUSED(ignored)) {
     if (!self->lin) return PyErr_Format(PyExc_RuntimeError, "Linear is not initialised");
     return PyLong_FromSize_t(mq_linear_nbytes(self->lin));
@@ -732,6 +737,8 @@ static PyMethodDef Linear_methods[] = {
      "set_output_u8(scale, zero_point): write u8 = sat(rint(y / scale) + zero_point) instead of f32 y"},
     {"impl", (PyCFunction)Linear_impl, METH_NOARGS, "oneDNN implementation of the last built matmul"},
     {"nbytes", (PyCFunction)Linear_nbytes, METH_NOARGS, "bytes held for weights, scales, bias"},
+    {"emulated", (PyCFunction)Linear_emulated, METH_NOARGS,
+     "True if this int8/bf16 layer runs as an f32 matmul (no exact int8 / no bf16 kernel on this CPU)"},
     {NULL, NULL, 0, NULL}};
 
 static PyType_Slot Linear_slots[] = {
@@ -753,6 +760,17 @@ static PyObject *py_runtime_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ign
     snprintf(version, sizeof version, "%d.%d.%d", info.version_major, info.version_minor, info.version_patch);
     return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i}", "onednn_version", version, "onednn_hash", info.version_hash, "threading", info.cpu_runtime, "cpu_isa", info.cpu_isa,
                          "max_threads", info.max_threads);
+}
+
+static PyObject *py_kernel_support(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    int int8_exact = 0, bf16_native = 0;
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = mq_linear_kernel_support(&int8_exact, &bf16_native);
+    Py_END_ALLOW_THREADS
+    if (st != MQ_OK) return raise_status(st);
+    return Py_BuildValue("{s:O,s:O}", "int8_exact", int8_exact ? Py_True : Py_False, "bf16_native",
+                         bf16_native ? Py_True : Py_False);
 }
 
 static PyObject *py_quantize_weight_s8(PyObject *Py_UNUSED(m), PyObject *args) {
@@ -841,6 +859,8 @@ static PyObject *py_qparams(PyObject *Py_UNUSED(m), PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"runtime_info", py_runtime_info, METH_NOARGS, "oneDNN version, threading runtime, effective ISA, threads"},
+    {"kernel_support", py_kernel_support, METH_NOARGS,
+     "{int8_exact, bf16_native}: whether int8 / bf16 layers run native oneDNN kernels here (else emulated in f32)"},
     {"quantize_weight_s8", py_quantize_weight_s8, METH_VARARGS, "(w f32[N,K], per_channel=True) -> (q i8[N,K], scales)"},
     {"quantize_weight_s4", py_quantize_weight_s4, METH_VARARGS, "(w f32[N,K], group) -> (packed u8[N,K/2], scales)"},
     {"dequantize_weight_s4", py_dequantize_weight_s4, METH_VARARGS, "(packed, scales, group) -> w f32[N,K]"},

@@ -179,6 +179,26 @@ MQ_HOT void mq_convert_f32_bf16(const float *x, int64_t rows, int64_t cols, int6
     }
 }
 
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+MQ_HOT void mq_round_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y) {
+#pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * ld;
+        float *restrict yr = y + r * cols;
+        if (col_mul) {
+            for (int64_t c = 0; c < cols; c++) yr[c] = bf16_to_f32(f32_to_bf16(xr[c] * col_mul[c]));
+        } else {
+            for (int64_t c = 0; c < cols; c++) yr[c] = bf16_to_f32(f32_to_bf16(xr[c]));
+        }
+    }
+}
+
 static float absmax(const float *x, int64_t n) {
     float a = 0.f;
     for (int64_t i = 0; i < n; i++) a = fmaxf(a, fabsf(x[i]));

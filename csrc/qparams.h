@@ -38,6 +38,8 @@ void mq_dequantize_u8(const uint8_t *q, int64_t rows, int64_t cols, float scale,
 void mq_scale_columns(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y);
 /* f32 -> bf16, round to nearest even (NaN kept NaN). */
 void mq_convert_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint16_t *y);
+/* The same rounding, the result widened back to f32 (dense rows x cols): the values a bf16 matmul multiplies. */
+void mq_round_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y);
 
 /* Weights [N, K] row-major (one row per output channel). */
 mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales);

@@ -17,8 +17,12 @@ __version__ = "0.1.0"
 
 
 def runtime_info() -> dict:
-    """oneDNN version and build hash, threading runtime, effective CPU ISA, OpenMP thread count, library path."""
+    """oneDNN version and build hash, threading runtime, effective CPU ISA, OpenMP thread count, library path, and
+    which kernels this CPU offers: ``int8_exact`` (oneDNN's int8 matmul is exact here: VNNI or AMX) and
+    ``bf16_native`` (a bf16 matmul exists here). Where one is False, layers of that precision are emulated: the same
+    numbers, computed by an f32 matmul, at f32 speed (see README, "Any CPU")."""
     info = dict(_core.runtime_info())
+    info.update(_core.kernel_support())
     info["libdnnl"] = LIBDNNL_PATH
     info["medquant_version"] = __version__
     return info

@@ -43,6 +43,13 @@ def dequant_s4(q, s, group):
     return (q.reshape(N, K // group, group).astype(np.float64) * s.reshape(N, K // group, 1)).reshape(N, K)
 
 
+def bf16(x):
+    """float32 -> bfloat16 -> float32, round to nearest even (finite inputs)."""
+    u = np.ascontiguousarray(x, F32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(F32)
+
+
 def qparams_asym(lo, hi):
     lo, hi = min(F32(lo), F32(0)), max(F32(hi), F32(0))
     span = max(F32(hi - lo), F32(1e-30))

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import medquant
+from kernels import SUPPORT
 from medquant.datasets import medquad_retrieval
 from medquant.evaluate import EvalConfig, PerQueryResults, per_query_table
 from medquant.metrics import summarize
@@ -66,7 +67,7 @@ def test_deltas_and_ci_consistent(results):
         for m in MAIN:
             assert row[f"{m}_delta"] == pytest.approx(row[m] - base[m], abs=1e-12)
             assert row[f"{m}_ci_low"] <= row[f"{m}_delta"] + 1e-12 <= row[f"{m}_ci_high"] + 2e-12
-            assert 0.0 < row[f"{m}_p"] <= 1.0
+            assert 1.0 / (results.attrs["config"]["n_boot"] + 1) <= row[f"{m}_p"] <= 1.0  # p's floor is 1/(n+1)
     b = results.iloc[0]
     assert b["nDCG@10_delta"] == 0.0 and b["nDCG@10_ci_low"] == 0.0 and b["nDCG@10_ci_high"] == 0.0
     assert b["nDCG@10_p"] == 1.0 and b["overlap@10"] == 1.0
@@ -80,7 +81,10 @@ def test_deltas_and_ci_consistent(results):
 def test_sizes(results, minilm):
     r = results.set_index("scheme")
     assert r.loc["fp32", "model_bytes"] == minilm.size_bytes()
-    assert r.loc["int8-dynamic", "model_bytes"] < 0.35 * r.loc["fp32", "model_bytes"]
+    if SUPPORT["int8_exact"]:
+        assert r.loc["int8-dynamic", "model_bytes"] < 0.35 * r.loc["fp32", "model_bytes"]
+    else:  # emulated int8 layers hold f32 weights in memory (tests/kernels.py); the int8 embedding table shrinks
+        assert r.loc["int8-dynamic", "model_bytes"] < 0.7 * r.loc["fp32", "model_bytes"]
     assert r.loc["int8-dynamic", "model_disk_bytes"] < 0.35 * r.loc["fp32", "model_disk_bytes"]
     n, d = int(r.loc["fp32", "n_docs"]), minilm.hidden_size
     assert r.loc["fp32", "index_bytes"] == n * d * 4
