@@ -25,8 +25,8 @@ def test_identical_systems(test):
     r = paired_comparison(a, a.copy(), n_boot=2000, test=test)
     assert isinstance(r, PairedComparison)
     assert r.delta == 0 and r.rel_delta == 0 and r.mean_a == r.mean_b
-    assert r.ci_low <= 0 <= r.ci_high
-    assert r.p_value == pytest.approx(1.0)
+    assert r.ci_low == 0.0 and r.ci_high == 0.0  # every paired resample of zero differences is zero
+    assert r.p_value == 1.0
     assert not r.significant()
 
 
@@ -107,6 +107,36 @@ def test_randomization_pvalue_bounds():
     d = np.full(20, 0.5)  # all differences positive: only the all-plus / all-minus flips are as extreme
     p = randomization_pvalue(d, n_perm=5000, seed=1)
     assert p == pytest.approx(1 / 5001, abs=3 / 5001)
+
+
+@pytest.mark.parametrize("n_perm", [1, 99, 2000])
+def test_randomization_pvalue_never_below_one_over_n_plus_one(n_perm):
+    """The observed assignment counts as one of the resamples: p >= 1 / (n_perm + 1), never 0, and exactly that
+    floor when no resample can be as extreme (40 equal positive differences: chance 2^-39 per resample)."""
+    rng = np.random.default_rng(n_perm)
+    for d in (np.full(40, 0.3), rng.normal(5.0, 0.1, 200), rng.normal(0, 1, 50), np.array([1e-9])):
+        p = randomization_pvalue(d, n_perm=n_perm, seed=2)
+        assert 1 / (n_perm + 1) <= p <= 1.0
+    assert randomization_pvalue(np.full(40, 0.3), n_perm=n_perm, seed=2) == 1 / (n_perm + 1)
+    r = paired_comparison(np.zeros(40), np.full(40, 0.3), n_boot=50, n_perm=n_perm)
+    assert r.p_value == 1 / (n_perm + 1)
+
+
+@pytest.mark.parametrize("confidence,z", [(0.95, 1.959963985), (0.90, 1.644853627)])
+def test_bootstrap_interval_matches_normal_approximation(confidence, z):
+    """On a large sample the paired percentile bootstrap interval of the mean difference is mean(d) +- z sd(d)/sqrt(n):
+    its width pins the confidence level (a 90% interval is 16% narrower than a 95% one) and the pairing (the spread
+    of the systems' own scores, here 12x that of their differences, must not enter)."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    a = rng.uniform(0, 1, n)
+    d = rng.normal(0.01, 0.025, n)
+    b = a + d
+    r = paired_comparison(a, b, n_boot=4000, confidence=confidence, seed=3)
+    half = z * d.std(ddof=1) / np.sqrt(n)
+    assert r.confidence == confidence
+    assert (r.ci_high - r.ci_low) == pytest.approx(2 * half, rel=0.05)
+    assert (r.ci_low + r.ci_high) / 2 == pytest.approx(d.mean(), abs=0.1 * half)
 
 
 def test_compare_runs_table():
