@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("atheris")
+from conftest import require
+
+require("atheris")
 
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS = int(os.environ.get("MEDQUANT_FUZZ_SECONDS", "30"))

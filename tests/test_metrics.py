@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytrec_eval = pytest.importorskip("pytrec_eval")
+from conftest import require
+
+pytrec_eval = require("pytrec_eval")
 
 from medquant.metrics import evaluate_run, metric_columns, summarize, trec_order  # noqa: E402
 
