@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 PRESET_HELP = "comma-separated preset names, or 'all'"
+# The default run on MedQuAD: a seeded sample of the split, so that a first run gives a complete table in minutes
+# (README, command 1). --full evaluates the whole split.
+QUICK_LIMIT = 150
+DEFAULT_SCHEMES = "fp32,bf16,int8-dynamic,int8-static-asym"
+FULL_STUDY = ("medquant compare --full --schemes all --index-kinds int8,binary --rescore-multiplier 4 "
+              "--out results-full")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,11 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default="medquad", help="'medquad' or a BEIR-layout directory (default %(default)s)")
     c.add_argument("--split", default=None,
                    help="MedQuAD: dev (default), test or all; BEIR: the qrels file (default test)")
-    c.add_argument("--schemes", default="fp32,bf16,int8-dynamic,int8-static-asym,w8-weight-only",
+    c.add_argument("--schemes", default=DEFAULT_SCHEMES,
                    help=f"{PRESET_HELP} (default %(default)s); presets: {presets}")
     c.add_argument("--limit", type=int, default=None,
                    help="keep N queries (seeded) and a corpus of corpus-factor * N documents (their relevant "
-                        "documents plus random distractors)")
+                        f"documents plus random distractors); default for MedQuAD: {QUICK_LIMIT}, a quick sample "
+                        "(--full for the whole split); other collections are evaluated whole by default")
+    c.add_argument("--full", action="store_true", help="MedQuAD: evaluate the whole split instead of the quick sample")
     c.add_argument("--corpus-factor", type=int, default=4, help="corpus size per query with --limit (default 4)")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--max-length", type=int, default=None, help="token truncation (default: the model's)")
@@ -95,7 +103,7 @@ def _parse_schemes(parser: argparse.ArgumentParser, text: str) -> List[str]:
     return list(dict.fromkeys(names))
 
 
-def _load_dataset(parser: argparse.ArgumentParser, args, limit: Optional[int] = None, corpus_factor: int = 4):
+def _load_dataset(parser: argparse.ArgumentParser, args):
     from .datasets import load_beir, medquad_retrieval
 
     if args.dataset.lower() == "medquad":
@@ -115,10 +123,14 @@ def _load_dataset(parser: argparse.ArgumentParser, args, limit: Optional[int] = 
             ds = load_beir(path, split=args.split or "test")
         except (FileNotFoundError, ValueError, KeyError) as e:
             parser.error(f"cannot load BEIR dataset {path}: {e}")
-    if limit is not None:
-        name = ds.name
-        ds = ds.sample(int(limit), seed=args.seed, corpus_size=int(corpus_factor) * int(limit))
-        ds.name = f"{name}-limit{int(limit)}"
+    return ds
+
+
+def _sample(ds, limit: int, corpus_factor: int, seed: int):
+    """``limit`` queries (seeded) and a corpus of ``corpus_factor * limit`` documents, named after the sample."""
+    name = ds.name
+    ds = ds.sample(int(limit), seed=seed, corpus_size=int(corpus_factor) * int(limit))
+    ds.name = f"{name}-limit{int(limit)}"
     return ds
 
 
@@ -207,7 +219,12 @@ def _compare(parser, args) -> int:
         resolve_model_path(args.model)
     except CheckpointError as e:
         parser.error(str(e))
-    ds = _load_dataset(parser, args, args.limit, args.corpus_factor)
+    quick = args.limit is None and not args.full and args.dataset.lower() == "medquad"
+    if args.full and args.limit is not None:
+        parser.error("--full and --limit exclude each other")
+    full_ds = _load_dataset(parser, args)
+    limit = QUICK_LIMIT if quick else args.limit
+    ds = full_ds if limit is None else _sample(full_ds, limit, args.corpus_factor, args.seed)
     if not ds.corpus or not any(len(j) for q, j in ds.qrels.items() if q in ds.queries):
         parser.error(f"dataset {ds.name} has an empty corpus or no judged queries")
     out = Path(args.out)
@@ -237,6 +254,11 @@ def _compare(parser, args) -> int:
     plots = _save_plots(df, out, args.metric)
     written = [out / "results.csv", out / "results.json", out / "per_query.csv", *plots]
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    if quick:
+        print(f"\nThis was the quick sample: {len(ds.queries)} of {len(full_ds.queries)} {full_ds.name} queries "
+              f"(seed {args.seed}) against {len(ds.corpus)} of {len(full_ds.corpus)} answers (their relevant answers "
+              f"plus random distractors), so the intervals are wide and scores are higher than on the whole split.\n"
+              f"The full study (every scheme, the whole split, quantized indexes): {FULL_STUDY}")
     return 0
 
 

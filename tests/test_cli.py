@@ -38,6 +38,24 @@ def test_compare_writes_files(tmp_path, capsys):
     assert "int8-static-sym" in printed and "nDCG@10" in printed
 
 
+def test_compare_default_is_the_quick_sample(tmp_path, capsys, monkeypatch):
+    """Without --limit or --full, MedQuAD is evaluated on the documented quick sample, and the output says so and
+    names the command of the full study."""
+    from medquant import cli
+
+    monkeypatch.setattr(cli, "QUICK_LIMIT", 30)
+    out = tmp_path / "quick"
+    rc = main(["compare", "--schemes", "fp32", "--index-kinds", "none", "--max-length", "64", "--n-boot", "100",
+               "--corpus-factor", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["dataset"]["n_queries"] == 30 and meta["dataset"]["name"] == "medquad-dev-limit30"
+    printed = capsys.readouterr().out
+    assert "quick sample: 30 of" in printed and cli.FULL_STUDY in printed
+    assert cli._parser().parse_args(["compare"]).schemes == cli.DEFAULT_SCHEMES == \
+        "fp32,bf16,int8-dynamic,int8-static-asym"
+
+
 def test_compare_beir_directory(tmp_path):
     beir = tmp_path / "tiny"
     (beir / "qrels").mkdir(parents=True)
@@ -64,6 +82,7 @@ def test_compare_beir_directory(tmp_path):
     (["compare", "--split", "train"], "--split"),
     (["compare", "--index-kinds", "pq"], "unknown index kind"),
     (["compare", "--limit", "0"], "--limit"),
+    (["compare", "--full", "--limit", "10"], "exclude each other"),
     (["quantize", "--scheme", "int2", "--out", "x"], "unknown scheme"),
     (["frobnicate"], "invalid choice"),
 ])
