@@ -778,11 +778,10 @@ def test_extreme_but_finite_weights_raise_instead_of_returning_nan(tiny_dir, tmp
             e.encode(["what causes glaucoma?", "heart"])
         with pytest.raises(ValueError, match="non-finite"):
             e.forward(*e.tokenize(["what causes glaucoma?"])[:2])
-    # int8 activations clamp the overflowing channel into range: finite (if meaningless) output is allowed
-    try:
-        assert np.isfinite(enc.quantize("int8-dynamic").encode(["what causes glaucoma?"])).all()
-    except ValueError as e:
-        assert "non-finite" in str(e)
+    # dynamic int8 puts the 1e38 channel at the top of its u8 range (scale ~4e35) and everything else at the zero
+    # point: the result is finite, if meaningless, on every kernel path (native or emulated int8)
+    for scheme in ("int8-dynamic", "int8-dynamic-token"):
+        assert np.isfinite(enc.quantize(scheme).encode(["what causes glaucoma?"])).all()
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
