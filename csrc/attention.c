@@ -1,3 +1,5 @@
+/* attention.c - scaled dot-product self-attention per sequence over packed rows (attention.h): primitives per length
+ * bucket in a primitive cache, built before the parallel region so the threads only look them up. */
 #include "attention.h"
 
 #include "qparams.h"
@@ -17,7 +19,6 @@ typedef struct {
 
 /* Primitives for one length bucket, and per-thread memory views (created on first use by that thread). */
 typedef struct {
-    int64_t len;
     dnnl_primitive_t qk, softmax, pv;
     size_t scratch_bytes;
     dnnl_memory_desc_t md[7]; /* q, k, v, scores, mask, ctx, scratch */
@@ -36,10 +37,12 @@ struct mq_attention {
     int n_heads;
     int64_t head_dim, max_len;
     float scale;
-    mq_attn_prim *prims; /* indexed by bucket: len / MQ_ATTN_BUCKET - 1 */
-    int n_buckets;
+    mq_prim_cache prims; /* mq_attn_prim per length bucket (a multiple of MQ_ATTN_BUCKET) */
     mq_attn_thread threads[MQ_ATTN_MAX_THREADS];
 };
+
+static mq_status build_prim(void *owner, int64_t L, void *entry);
+static void free_prim(void *entry);
 
 mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, int64_t head_dim, int64_t max_len) {
     if (!out || !eng) return mq_set_error(MQ_ERR_ARG, "attention: NULL argument");
@@ -54,9 +57,7 @@ mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, i
     a->head_dim = head_dim;
     a->max_len = max_len;
     a->scale = 1.f / sqrtf((float)head_dim);
-    a->n_buckets = (int)((max_len + MQ_ATTN_BUCKET - 1) / MQ_ATTN_BUCKET);
-    a->prims = calloc((size_t)a->n_buckets, sizeof *a->prims);
-    if (!a->prims) { free(a); return mq_set_error(MQ_ERR_NOMEM, "attention: out of memory"); }
+    mq_prim_cache_init(&a->prims, sizeof(mq_attn_prim), build_prim, free_prim);
     *out = a;
     return MQ_OK;
 }
@@ -67,7 +68,8 @@ static void destroy_mems(mq_attn_mems *m) {
     memset(m, 0, sizeof *m);
 }
 
-static void destroy_prim(mq_attn_prim *p) {
+static void free_prim(void *entry) {
+    mq_attn_prim *p = entry;
     dnnl_primitive_t prims[3] = {p->qk, p->softmax, p->pv};
     for (int i = 0; i < 3; i++) if (prims[i]) dnnl_primitive_destroy(prims[i]);
     for (int i = 0; i < 7; i++) dnnl_memory_desc_destroy(p->md[i]);
@@ -76,14 +78,12 @@ static void destroy_prim(mq_attn_prim *p) {
 }
 
 void mq_attention_reset(mq_attention *a) {
-    if (!a) return;
-    for (int i = 0; i < a->n_buckets; i++) destroy_prim(&a->prims[i]);
+    if (a) mq_prim_cache_clear(&a->prims);
 }
 
 void mq_attention_destroy(mq_attention *a) {
     if (!a) return;
-    mq_attention_reset(a);
-    free(a->prims);
+    mq_prim_cache_release(&a->prims);
     for (int t = 0; t < MQ_ATTN_MAX_THREADS; t++) {
         mq_buffer_release(&a->threads[t].scores);
         mq_buffer_release(&a->threads[t].mask);
@@ -96,22 +96,25 @@ void mq_attention_destroy(mq_attention *a) {
     free(a);
 }
 
+/* The padded length a sequence of len tokens runs at. */
+static int64_t bucket_len(int64_t len) { return (len + MQ_ATTN_BUCKET - 1) / MQ_ATTN_BUCKET * MQ_ATTN_BUCKET; }
+
 static mq_status md3(dnnl_memory_desc_t *md, int64_t d0, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2) {
     dnnl_dims_t dims = {d0, d1, d2}, strides = {s0, s1, s2};
     MQ_DNNL(dnnl_memory_desc_create_with_strides(md, 3, dims, dnnl_f32, strides));
     return MQ_OK;
 }
 
-static mq_status build(mq_attention *a, int64_t L, mq_attn_prim *p) {
+static mq_status build_prim(void *owner, int64_t L, void *entry) {
+    mq_attention *a = owner;
+    mq_attn_prim *p = entry;
     const int64_t Hh = a->n_heads, d = a->head_dim, H = Hh * d, ld = 3 * H;
     dnnl_engine_t eng = mq_engine_dnnl(a->eng);
     mq_status st = MQ_OK;
-    dnnl_status_t ds = dnnl_success;
     dnnl_memory_desc_t q_md = NULL, k_md = NULL, v_md = NULL, s_md = NULL, m_md = NULL, c_md = NULL;
     dnnl_primitive_attr_t attr = NULL, sattr = NULL, pattr = NULL;
     dnnl_post_ops_t po = NULL;
     dnnl_primitive_desc_t pd = NULL;
-    p->len = L;
     /* Q and K^T are dense copies (one_sequence): on dense operands oneDNN picks its brgemm kernel, which applies the
        scale and mask post-ops in registers; on strided views of the packed rows it falls back to gemm:jit plus a
        separate post-processing pass over the scores (2-4x slower for this matmul). */
@@ -121,43 +124,33 @@ static mq_status build(mq_attention *a, int64_t L, mq_attn_prim *p) {
     if ((st = md3(&s_md, Hh, L, L, L * L, L, 1)) != MQ_OK) goto done;
     if ((st = md3(&m_md, 1, 1, L, L, L, 1)) != MQ_OK) goto done;
     if ((st = md3(&c_md, Hh, L, d, d, H, 1)) != MQ_OK) goto done;
-#define CK(call)                                                                                           \
-    do {                                                                                                   \
-        ds = (call);                                                                                       \
-        if (ds != dnnl_success) {                                                                          \
-            st = mq_set_error(MQ_ERR_DNNL, "attention (len %lld): oneDNN error %d (%s) in %s", (long long)L, (int)ds, \
-                              mq_dnnl_status_name(ds), #call);                                             \
-            goto done;                                                                                     \
-        }                                                                                                  \
-    } while (0)
     if ((st = mq_attr_create(&attr)) != MQ_OK) goto done;
-    CK(dnnl_post_ops_create(&po));
-    CK(dnnl_post_ops_append_eltwise(po, dnnl_eltwise_linear, a->scale, 0.f));
-    CK(dnnl_post_ops_append_binary(po, dnnl_binary_add, m_md));
-    CK(dnnl_primitive_attr_set_post_ops(attr, po));
-    CK(dnnl_matmul_primitive_desc_create(&pd, eng, q_md, k_md, NULL, s_md, attr));
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_post_ops_create(&po)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_post_ops_append_eltwise(po, dnnl_eltwise_linear, a->scale, 0.f)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_post_ops_append_binary(po, dnnl_binary_add, m_md)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_primitive_attr_set_post_ops(attr, po)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_matmul_primitive_desc_create(&pd, eng, q_md, k_md, NULL, s_md, attr)), done);
     if ((st = mq_primitive_from_pd(pd, &p->qk, &p->scratch_bytes)) != MQ_OK) { pd = NULL; goto done; }
     pd = NULL;
     if ((st = mq_attr_create(&sattr)) != MQ_OK) goto done;
-    CK(dnnl_softmax_forward_primitive_desc_create(&pd, eng, dnnl_forward_inference, dnnl_softmax_accurate, s_md, s_md,
-                                                  2, sattr));
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_softmax_forward_primitive_desc_create(&pd, eng, dnnl_forward_inference, dnnl_softmax_accurate, s_md, s_md,
+                                                  2, sattr)), done);
     if ((st = mq_primitive_from_pd(pd, &p->softmax, &p->scratch_bytes)) != MQ_OK) { pd = NULL; goto done; }
     pd = NULL;
     if ((st = mq_attr_create(&pattr)) != MQ_OK) goto done;
-    CK(dnnl_matmul_primitive_desc_create(&pd, eng, s_md, v_md, NULL, c_md, pattr));
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_matmul_primitive_desc_create(&pd, eng, s_md, v_md, NULL, c_md, pattr)), done);
     if ((st = mq_primitive_from_pd(pd, &p->pv, &p->scratch_bytes)) != MQ_OK) { pd = NULL; goto done; }
     pd = NULL;
     {
         dnnl_memory_desc_t sp = NULL;
         dnnl_dims_t sd = {(int64_t)(p->scratch_bytes ? p->scratch_bytes : 1)};
-        CK(dnnl_memory_desc_create_with_tag(&sp, 1, sd, dnnl_u8, dnnl_a));
+        MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_memory_desc_create_with_tag(&sp, 1, sd, dnnl_u8, dnnl_a)), done);
         p->md[6] = sp;
     }
     {
         const_dnnl_memory_desc_t src[6] = {q_md, k_md, v_md, s_md, m_md, c_md};
-        for (int i = 0; i < 6; i++) CK(dnnl_memory_desc_clone(&p->md[i], src[i]));
+        for (int i = 0; i < 6; i++) MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_memory_desc_clone(&p->md[i], src[i])), done);
     }
-#undef CK
 done:
     if (pd) dnnl_primitive_desc_destroy(pd);
     if (po) dnnl_post_ops_destroy(po);
@@ -166,29 +159,26 @@ done:
     if (pattr) dnnl_primitive_attr_destroy(pattr);
     dnnl_memory_desc_t mds[6] = {q_md, k_md, v_md, s_md, m_md, c_md};
     for (int i = 0; i < 6; i++) dnnl_memory_desc_destroy(mds[i]);
-    if (st != MQ_OK) destroy_prim(p);
-    return st;
+    return st; /* on failure the cache frees the partly built entry */
 }
 
 static mq_status thread_mems(mq_attention *a, mq_attn_prim *p, int t, mq_attn_mems **out) {
     mq_attn_mems *m = &p->mems[t];
     if (!m->q) {
         dnnl_memory_t *dst[7] = {&m->q, &m->k, &m->v, &m->scores, &m->mask, &m->ctx, &m->scratch};
-        for (int i = 0; i < 7; i++)
-            if (dnnl_memory_create(dst[i], p->md[i], mq_engine_dnnl(a->eng), DNNL_MEMORY_NONE) != dnnl_success) {
+        for (int i = 0; i < 7; i++) {
+            mq_status st = MQ_DNNL_STATUS(dnnl_memory_create(dst[i], p->md[i], mq_engine_dnnl(a->eng), DNNL_MEMORY_NONE));
+            if (st != MQ_OK) {
                 destroy_mems(m);
-                return mq_set_error(MQ_ERR_DNNL, "attention: cannot create memory views");
+                return st;
             }
+        }
     }
     *out = m;
     return MQ_OK;
 }
 
-#define SET(mem, ptr)                                                                   \
-    do {                                                                                \
-        if (dnnl_memory_set_data_handle((mem), (void *)(ptr)) != dnnl_success)          \
-            return mq_set_error(MQ_ERR_DNNL, "attention: cannot set a memory handle");  \
-    } while (0)
+#define SET(mem, ptr) MQ_DNNL(dnnl_memory_set_data_handle((mem), (void *)(ptr)))
 
 /* Copies one sequence's queries to q [heads, L, d] and its keys, transposed, to kt [heads, d, L]; rows / columns
    from len to L are zero (masked keys then score exactly -1e30 * 1; padded query rows are discarded). */
@@ -223,9 +213,8 @@ typedef struct {
 static mq_status one_sequence(mq_attention *a, int t, const float *qkv, const mq_attn_out *out, int64_t offset,
                               int64_t len) {
     const int64_t H = (int64_t)a->n_heads * a->head_dim;
-    const int bi = (int)((len + MQ_ATTN_BUCKET - 1) / MQ_ATTN_BUCKET) - 1;
-    mq_attn_prim *p = &a->prims[bi];
-    const int64_t L = p->len;
+    const int64_t L = bucket_len(len);
+    mq_attn_prim *p = mq_prim_cache_find(&a->prims, L); /* built by mq_attention_forward */
     mq_attn_thread *th = &a->threads[t];
     mq_attn_mems *m = NULL;
     MQ_TRY(thread_mems(a, p, t, &m));
@@ -246,8 +235,7 @@ static mq_status one_sequence(mq_attention *a, int t, const float *qkv, const mq
     SET(m->mask, mask);
     SET(m->ctx, th->ctx.ptr);
     SET(m->scratch, th->scratch.ptr);
-    if (!th->stream && dnnl_stream_create(&th->stream, mq_engine_dnnl(a->eng), dnnl_stream_default_flags) != dnnl_success)
-        return mq_set_error(MQ_ERR_DNNL, "attention: cannot create a stream");
+    if (!th->stream) MQ_DNNL(dnnl_stream_create(&th->stream, mq_engine_dnnl(a->eng), dnnl_stream_default_flags));
     dnnl_stream_t stream = th->stream;
     dnnl_exec_arg_t qk_args[5] = {{DNNL_ARG_SRC, m->q}, {DNNL_ARG_WEIGHTS, m->k}, {DNNL_ARG_DST, m->scores},
                                   {DNNL_ARG_SCRATCHPAD, m->scratch},
@@ -266,10 +254,8 @@ static mq_status one_sequence(mq_attention *a, int t, const float *qkv, const mq
     return MQ_OK;
 }
 
-mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const float *qkv, float *ctx, uint8_t *ctx_q,
-                               float q_scale, int32_t q_zp, const int64_t *offsets, const int32_t *lengths,
-                               int64_t batch) {
-    (void)s;
+mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, uint8_t *ctx_q, float q_scale,
+                               int32_t q_zp, const int64_t *offsets, const int32_t *lengths, int64_t batch) {
     if (ctx_q && (!(q_scale > 0.f) || q_zp < 0 || q_zp > 255))
         return mq_set_error(MQ_ERR_ARG, "attention: bad output quantization (scale %g, zero point %d)", (double)q_scale, q_zp);
     if (!ctx_q && !ctx) return mq_set_error(MQ_ERR_ARG, "attention: no output");
@@ -277,8 +263,8 @@ mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const floa
     for (int64_t b = 0; b < batch; b++) {
         if (lengths[b] <= 0 || lengths[b] > a->max_len)
             return mq_set_error(MQ_ERR_ARG, "attention: sequence length %d outside [1, %lld]", lengths[b], (long long)a->max_len);
-        const int bi = (int)((lengths[b] + MQ_ATTN_BUCKET - 1) / MQ_ATTN_BUCKET) - 1;
-        if (!a->prims[bi].qk) MQ_TRY(build(a, (int64_t)(bi + 1) * MQ_ATTN_BUCKET, &a->prims[bi]));
+        void *entry = NULL;
+        MQ_TRY(mq_prim_cache_get(&a->prims, a, bucket_len(lengths[b]), &entry));
     }
     int nthr = mq_engine_threads(a->eng);
     if (nthr > MQ_ATTN_MAX_THREADS) nthr = MQ_ATTN_MAX_THREADS;

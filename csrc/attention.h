@@ -12,6 +12,7 @@
 #define MQ_ATTENTION_H
 
 #include "engine.h"
+#include "primcache.h"
 #include "workspace.h"
 
 #define MQ_ATTN_BUCKET 16
@@ -25,8 +26,7 @@ void mq_attention_reset(mq_attention *a);
 /* Writes the context to ctx [T, H] (f32), or, when ctx_q is non-NULL, quantized to u8 into ctx_q [T, H] with
  * q = clamp(rint(x / q_scale) + q_zp, 0, 255) (the static input quantization of the output projection, fused into
  * the copy-out of each sequence; ctx is then not written). */
-mq_status mq_attention_forward(mq_attention *a, mq_linear_scratch *s, const float *qkv, float *ctx, uint8_t *ctx_q,
-                               float q_scale, int32_t q_zp, const int64_t *offsets, const int32_t *lengths,
-                               int64_t batch);
+mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, uint8_t *ctx_q, float q_scale,
+                               int32_t q_zp, const int64_t *offsets, const int32_t *lengths, int64_t batch);
 
 #endif

@@ -5,8 +5,12 @@
  *
  * Static int8 layers take their input quantization from the producer where one exists: FFN_IN writes FFN_OUT's
  * u8 input in its matmul epilogue (oneDNN dst scale + zero point after GELU), and attention quantizes its
- * per-sequence output rows for ATTN_OUT (set up at finalize; see fuse_inputs in encoder.c). Observers and taps at those
- * points then see the u8 values dequantized, i.e. exactly what the consuming layer computes with.
+ * per-sequence output rows for ATTN_OUT (set up at finalize; see fuse_inputs in encoder.c). A site hook at those
+ * points then sees the u8 values dequantized, i.e. exactly what the consuming layer computes with.
+ *
+ * The encoder owns its parts: embeddings (embeddings.h), LayerNorm (layernorm.h), the linear layers (linear.h),
+ * attention (attention.h) and pooling (pooling.h). Observation is one per-site hook (mq_site_hook) passed with a
+ * forward: calibration and per-layer reports register it (probe.h); the inference path carries nothing else.
  *
  * Parameters are handed over once (copied, or prepacked into the layout oneDNN prefers), then mq_encoder_finalize
  * checks that everything is present. An encoder serialises its own forward calls with a lock, so one encoder can be
@@ -16,7 +20,7 @@
 #define MQ_ENCODER_H
 
 #include "linear.h"
-#include "observer.h"
+#include "pooling.h"
 
 typedef struct {
     int64_t vocab_size, hidden, n_layers, n_heads, intermediate, max_position, type_vocab;
@@ -25,7 +29,24 @@ typedef struct {
 
 /* The quantizable sites (linear layers) of a layer, in execution order. */
 enum { MQ_SITE_QKV = 0, MQ_SITE_ATTN_OUT = 1, MQ_SITE_FFN_IN = 2, MQ_SITE_FFN_OUT = 3, MQ_SITES_PER_LAYER = 4 };
-enum { MQ_POOL_NONE = 0, MQ_POOL_CLS = 1, MQ_POOL_MEAN = 2 };
+
+/* The points of a site a hook can see. */
+typedef enum { MQ_SITE_INPUT = 1, MQ_SITE_OUTPUT = 2 } mq_site_point;
+/* Called during a forward, for every site and every point in the hook's `points` mask, with x [rows, cols]
+ * row-major f32 (rows: all tokens of the batch, packed):
+ *   MQ_SITE_INPUT   what the site's matmul computes with: its input times its SmoothQuant multiplier, or, for an
+ *                   input its producer quantized (fuse_inputs), those u8 values dequantized;
+ *   MQ_SITE_OUTPUT  the site's result after its epilogue: QKV [T, 3H]; ATTN_OUT and FFN_OUT after the residual add;
+ *                   FFN_IN after GELU (dequantized where FFN_IN writes FFN_OUT's u8 input).
+ * x is valid during the call only. A non-OK return stops the forward with that status. Like llama.cpp's eval
+ * callback: the forward knows nothing of what the hook does. */
+typedef mq_status (*mq_site_fn)(void *user, int layer, int site, mq_site_point point, const float *x, int64_t rows,
+                                int64_t cols);
+typedef struct {
+    mq_site_fn fn;   /* NULL: no hook */
+    void *user;
+    unsigned points; /* MQ_SITE_INPUT | MQ_SITE_OUTPUT */
+} mq_site_hook;
 
 typedef struct mq_encoder mq_encoder;
 
@@ -39,8 +60,10 @@ mq_status mq_encoder_set_word_embeddings_s8(mq_encoder *enc, const int8_t *table
 mq_status mq_encoder_set_position_type_embeddings(mq_encoder *enc, const float *position, const float *token_type);
 /* layer -1: the embedding LayerNorm; which 0: after attention, 1: after the FFN. gamma, beta: [hidden]. */
 mq_status mq_encoder_set_layernorm(mq_encoder *enc, int layer, int which, const float *gamma, const float *beta);
-/* The site's expected shape: QKV hidden -> 3*hidden (rows Q, K, V), ATTN_OUT hidden -> hidden,
-   FFN_IN hidden -> intermediate (GELU), FFN_OUT intermediate -> hidden. The epilogue is set by the site. */
+/* A site's shape, in_features -> out_features: QKV hidden -> 3*hidden (rows Q, K, V), ATTN_OUT hidden -> hidden,
+   FFN_IN hidden -> intermediate (GELU), FFN_OUT intermediate -> hidden. MQ_ERR_ARG for an unknown site. */
+mq_status mq_encoder_site_shape(const mq_encoder *enc, int site, int64_t *in_features, int64_t *out_features);
+/* Sets a site's linear layer (shape as above; the epilogue is set by the site). */
 mq_status mq_encoder_set_linear(mq_encoder *enc, int layer, int site, const mq_linear_spec *spec,
                                 const mq_linear_weights *w);
 mq_status mq_encoder_finalize(mq_encoder *enc);
@@ -64,8 +87,7 @@ typedef struct {
     int pooling;             /* MQ_POOL_* */
     int normalize;           /* L2-normalise pooled vectors */
     float *pooled;           /* [batch, hidden] or NULL */
-    mq_observer **observers; /* n_layers * MQ_SITES_PER_LAYER (entries may be NULL), or NULL */
-    float **taps;            /* n_layers * MQ_SITES_PER_LAYER outputs [T, out_features] (entries may be NULL), or NULL */
+    mq_site_hook hook;       /* {NULL}: none */
 } mq_forward_args;
 
 mq_status mq_encoder_forward(mq_encoder *enc, const mq_forward_args *args);

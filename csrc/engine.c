@@ -1,3 +1,4 @@
+/* engine.c - the oneDNN CPU engine and stream, thread count, primitive creation helpers and runtime facts (engine.h). */
 #include "engine.h"
 
 #include <omp.h>
@@ -18,11 +19,11 @@ mq_status mq_engine_create(mq_engine **out, int n_threads) {
     eng->int8_exact = -1;
     mq_status st = mq_engine_set_threads(eng, n_threads);
     if (st != MQ_OK) { free(eng); return st; }
-    dnnl_status_t ds = dnnl_engine_create(&eng->engine, dnnl_cpu, 0);
-    if (ds == dnnl_success) ds = dnnl_stream_create(&eng->stream, eng->engine, dnnl_stream_default_flags);
-    if (ds != dnnl_success) {
+    st = MQ_DNNL_STATUS(dnnl_engine_create(&eng->engine, dnnl_cpu, 0));
+    if (st == MQ_OK) st = MQ_DNNL_STATUS(dnnl_stream_create(&eng->stream, eng->engine, dnnl_stream_default_flags));
+    if (st != MQ_OK) {
         mq_engine_destroy(eng);
-        return mq_set_error(MQ_ERR_DNNL, "engine: cannot create the oneDNN CPU engine/stream (status %d)", (int)ds);
+        return st;
     }
     *out = eng;
     return MQ_OK;
@@ -53,21 +54,20 @@ void mq_engine_set_int8_exact(mq_engine *eng, int exact) { eng->int8_exact = exa
 
 mq_status mq_attr_create(dnnl_primitive_attr_t *attr) {
     MQ_DNNL(dnnl_primitive_attr_create(attr));
-    dnnl_status_t st = dnnl_primitive_attr_set_scratchpad_mode(*attr, dnnl_scratchpad_mode_user);
-    if (st != dnnl_success) {
+    mq_status st = MQ_DNNL_STATUS(dnnl_primitive_attr_set_scratchpad_mode(*attr, dnnl_scratchpad_mode_user));
+    if (st != MQ_OK) {
         dnnl_primitive_attr_destroy(*attr);
         *attr = NULL;
-        return mq_set_error(MQ_ERR_DNNL, "oneDNN error %d setting the user scratchpad mode", (int)st);
     }
-    return MQ_OK;
+    return st;
 }
 
 mq_status mq_primitive_from_pd(dnnl_primitive_desc_t pd, dnnl_primitive_t *prim, size_t *scratch_bytes) {
     const_dnnl_memory_desc_t smd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
     size_t need = smd ? dnnl_memory_desc_get_size(smd) : 0;
-    dnnl_status_t st = dnnl_primitive_create(prim, pd);
+    mq_status st = MQ_DNNL_STATUS(dnnl_primitive_create(prim, pd));
     dnnl_primitive_desc_destroy(pd);
-    if (st != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "oneDNN error %d creating a primitive", (int)st);
+    MQ_TRY(st);
     if (scratch_bytes && need > *scratch_bytes) *scratch_bytes = need;
     return MQ_OK;
 }

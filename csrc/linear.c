@@ -1,3 +1,11 @@
+/* linear.c - one linear layer in one precision kind on a oneDNN matmul (linear.h).
+ *
+ * Owns the precision-kind traits table (KINDS, one row per kind: its traits and its input, weight and dequantize
+ * functions) and the matmul built from it: weights prepacked (or stored, weight-only) at creation, primitives per
+ * row bucket in a primitive cache, the epilogue as post-ops, and the emulation of int8 / bf16 where the CPU has no
+ * exact kernel. Nothing outside this file switches on a kind: the binding reads mq_linear_kind_traits and
+ * mq_linear_weight_layout.
+ */
 #include "linear.h"
 
 #include <stdio.h>
@@ -10,17 +18,19 @@
 
 /* One matmul primitive built for a row bucket, with the memory objects whose handles are set per call. */
 typedef struct {
-    int64_t rows;
     dnnl_primitive_t prim, epi; /* epi: the per-token epilogue (binary primitive), else NULL */
     size_t scratch_bytes;
     dnnl_memory_t src, dst, scratch, residual, row_scale;
 } mq_lin_prim;
 
+typedef struct mq_kind_row mq_kind_row;
+
 struct mq_linear {
     mq_engine *eng; /* borrowed */
+    const mq_kind_row *kind;
     int64_t K, N;
     mq_linear_spec spec;
-    dnnl_memory_desc_t w_md; /* weights as the primitives take them (prepacked or plain f32 for weight-only) */
+    dnnl_memory_desc_t w_md; /* weights as the primitives take them (prepacked, or plain f32 for weight-only) */
     dnnl_memory_t w_mem;     /* prepacked weights (owns its buffer), or handle-less for weight-only */
     void *w_store;           /* weight-only: the quantized weights */
     size_t w_store_bytes;
@@ -34,24 +44,83 @@ struct mq_linear {
     int out_u8;        /* mq_linear_set_output_u8: dst is u8 with (dst_scale, dst_zp) */
     float dst_scale;
     int32_t dst_zp;
-    mq_lin_prim *prims;
-    int n_prims, cap_prims;
+    mq_prim_cache prims; /* mq_lin_prim per row bucket */
     int emulated; /* INT8/BF16 run as an f32 matmul on the same rounded operands (mq_linear_emulated) */
     char impl[160];
 };
 
-static dnnl_data_type_t src_dtype(const mq_linear *l) {
-    if (l->emulated) return dnnl_f32;
-    switch (l->spec.kind) {
-        case MQ_LINEAR_BF16: return dnnl_bf16;
-        case MQ_LINEAR_INT8: return dnnl_u8;
-        default: return dnnl_f32;
-    }
+/* ------------------------------------------------------------------ the precision kinds */
+
+/* The matmul source for x [M, K] (rows allocated up to the bucket): x itself or a converted copy in scratch. */
+typedef mq_status (*mq_input_fn)(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
+/* Takes the user's weights: prepacks them for the matmul, or stores them quantized (weight-only). */
+typedef mq_status (*mq_weights_fn)(mq_linear *l, const void *weight);
+/* Weight-only: the stored weights as f32 [N, K] for this call's matmul. */
+typedef void (*mq_dequantize_fn)(const mq_linear *l, float *w);
+/* Emulation: the values the native kernel would multiply, as f32 [N, K]. */
+typedef void (*mq_widen_fn)(const mq_linear *l, const void *weight, float *w);
+
+struct mq_kind_row {
+    mq_linear_traits traits;
+    mq_input_fn input;
+    mq_weights_fn weights;
+    mq_dequantize_fn dequantize; /* weight-only kinds */
+    mq_widen_fn widen;           /* kinds that may be emulated */
+};
+
+static mq_status input_f32(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
+static mq_status input_bf16(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
+static mq_status input_u8(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
+static mq_status weights_prepacked(mq_linear *l, const void *weight);
+static mq_status weights_stored(mq_linear *l, const void *weight);
+static void dequantize_s8(const mq_linear *l, float *w);
+static void dequantize_s4(const mq_linear *l, float *w);
+static void widen_bf16(const mq_linear *l, const void *weight, float *w);
+static void widen_s8(const mq_linear *l, const void *weight, float *w);
+
+static const mq_kind_row KINDS[] = {
+    [MQ_LINEAR_F32] = {{"f32", MQ_WEIGHTS_F32, MQ_WSCALES_NONE, dnnl_f32, dnnl_f32, 0, 0, MQ_EMULATE_NEVER},
+                       input_f32, weights_prepacked, NULL, NULL},
+    [MQ_LINEAR_BF16] = {{"bf16", MQ_WEIGHTS_F32, MQ_WSCALES_NONE, dnnl_bf16, dnnl_bf16, 0, 0, MQ_EMULATE_WITHOUT_KERNEL},
+                        input_bf16, weights_prepacked, NULL, widen_bf16},
+    [MQ_LINEAR_INT8] = {{"int8", MQ_WEIGHTS_S8, MQ_WSCALES_CHANNEL, dnnl_u8, dnnl_s8, 1, 0, MQ_EMULATE_UNLESS_INT8_EXACT},
+                        input_u8, weights_prepacked, NULL, widen_s8},
+    [MQ_LINEAR_W8] = {{"w8", MQ_WEIGHTS_S8, MQ_WSCALES_CHANNEL, dnnl_f32, dnnl_f32, 0, 1, MQ_EMULATE_NEVER},
+                      input_f32, weights_stored, dequantize_s8, NULL},
+    [MQ_LINEAR_W4] = {{"w4", MQ_WEIGHTS_S4_PACKED, MQ_WSCALES_GROUP, dnnl_f32, dnnl_f32, 0, 1, MQ_EMULATE_NEVER},
+                      input_f32, weights_stored, dequantize_s4, NULL},
+};
+_Static_assert(sizeof KINDS / sizeof KINDS[0] == MQ_LINEAR_KIND_COUNT, "one KINDS row per mq_linear_kind");
+
+const mq_linear_traits *mq_linear_kind_traits(int kind) {
+    return kind >= 0 && kind < MQ_LINEAR_KIND_COUNT ? &KINDS[kind].traits : NULL;
 }
 
-static int per_token(const mq_linear *l) {
-    return l->spec.kind == MQ_LINEAR_INT8 && l->spec.act_mode == MQ_ACT_DYNAMIC_TOKEN;
+mq_status mq_linear_weight_layout(int kind, int64_t K, int64_t N, int w_per_channel, int64_t group_size,
+                                  int64_t *cols, int64_t *n_scales) {
+    const mq_linear_traits *t = mq_linear_kind_traits(kind);
+    if (!t) return mq_set_error(MQ_ERR_ARG, "linear: unknown kind %d", kind);
+    *cols = t->weight_format == MQ_WEIGHTS_S4_PACKED ? K / 2 : K;
+    switch (t->w_scales) {
+        case MQ_WSCALES_CHANNEL: *n_scales = w_per_channel ? N : 1; break;
+        case MQ_WSCALES_GROUP:
+            if (group_size <= 0 || group_size % 2 || K % group_size)
+                return mq_set_error(MQ_ERR_ARG, "linear: int4 group size %lld must be even and divide in_features %lld",
+                                    (long long)group_size, (long long)K);
+            *n_scales = N * (K / group_size);
+            break;
+        default: *n_scales = 0; break;
+    }
+    return MQ_OK;
 }
+
+static const mq_linear_traits *traits(const mq_linear *l) { return &l->kind->traits; }
+
+static int per_token(const mq_linear *l) {
+    return traits(l)->quantized_input && l->spec.act_mode == MQ_ACT_DYNAMIC_TOKEN;
+}
+
+/* ------------------------------------------------------------------ oneDNN descriptors and memories */
 
 static mq_status make_md(dnnl_memory_desc_t *md, int64_t d0, int64_t d1, dnnl_data_type_t dt, dnnl_format_tag_t tag) {
     dnnl_dims_t dims = {d0, d1};
@@ -63,10 +132,9 @@ static mq_status make_mem(dnnl_memory_t *mem, const mq_linear *l, int64_t d0, in
                           void *handle) {
     dnnl_memory_desc_t md;
     MQ_TRY(make_md(&md, d0, d1, dt, dnnl_ab));
-    dnnl_status_t st = dnnl_memory_create(mem, md, mq_engine_dnnl(l->eng), handle);
+    mq_status st = MQ_DNNL_STATUS(dnnl_memory_create(mem, md, mq_engine_dnnl(l->eng), handle));
     dnnl_memory_desc_destroy(md);
-    if (st != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "linear: oneDNN error %d creating a memory", (int)st);
-    return MQ_OK;
+    return st;
 }
 
 /* A 1-D memory of n values over `handle` (scales and zero points passed at execution). */
@@ -74,27 +142,41 @@ static mq_status vector_mem(dnnl_memory_t *mem, const mq_linear *l, int64_t n, d
     dnnl_memory_desc_t md = NULL;
     dnnl_dims_t dims = {n};
     MQ_DNNL(dnnl_memory_desc_create_with_tag(&md, 1, dims, dt, dnnl_a));
-    dnnl_status_t st = dnnl_memory_create(mem, md, mq_engine_dnnl(l->eng), handle);
+    mq_status st = MQ_DNNL_STATUS(dnnl_memory_create(mem, md, mq_engine_dnnl(l->eng), handle));
     dnnl_memory_desc_destroy(md);
-    if (st != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "linear: oneDNN error %d creating a scale memory", (int)st);
-    return MQ_OK;
+    return st;
+}
+
+/* Appends a binary add of an f32 [d0, N] operand to po. */
+static mq_status append_add(const mq_linear *l, int64_t d0, dnnl_post_ops_t po) {
+    dnnl_memory_desc_t md = NULL;
+    MQ_TRY(make_md(&md, d0, l->N, dnnl_f32, dnnl_ab));
+    mq_status st = MQ_DNNL_STATUS(dnnl_post_ops_append_binary(po, dnnl_binary_add, md));
+    dnnl_memory_desc_destroy(md);
+    return st;
 }
 
 /* Appends [bias add] + GELU or residual add to po. */
 static mq_status append_epilogue(const mq_linear *l, int64_t rows, dnnl_post_ops_t po, int with_bias) {
-    dnnl_memory_desc_t md = NULL;
-    if (with_bias) {
-        MQ_TRY(make_md(&md, 1, l->N, dnnl_f32, dnnl_ab));
-        dnnl_status_t ds = dnnl_post_ops_append_binary(po, dnnl_binary_add, md);
-        dnnl_memory_desc_destroy(md);
-        if (ds != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "linear: cannot append the bias post-op (%d)", (int)ds);
-    }
+    if (with_bias) MQ_TRY(append_add(l, 1, po));
     if (l->spec.epilogue == MQ_EPI_GELU) MQ_DNNL(dnnl_post_ops_append_eltwise(po, dnnl_eltwise_gelu_erf, 0.f, 0.f));
-    if (l->spec.epilogue == MQ_EPI_RESIDUAL) {
-        MQ_TRY(make_md(&md, rows, l->N, dnnl_f32, dnnl_ab));
-        dnnl_status_t ds = dnnl_post_ops_append_binary(po, dnnl_binary_add, md);
-        dnnl_memory_desc_destroy(md);
-        if (ds != dnnl_success) return mq_set_error(MQ_ERR_DNNL, "linear: cannot append the residual post-op (%d)", (int)ds);
+    if (l->spec.epilogue == MQ_EPI_RESIDUAL) MQ_TRY(append_add(l, rows, po));
+    return MQ_OK;
+}
+
+static dnnl_data_type_t src_dtype(const mq_linear *l) { return l->emulated ? dnnl_f32 : traits(l)->src_dt; }
+
+/* The quantization attributes: source / weight scales and source zero point of a quantized-input kind (an emulated
+   layer subtracts the zero point itself), destination scale and zero point of a u8 output. */
+static mq_status set_quant_attrs(const mq_linear *l, dnnl_primitive_attr_t attr) {
+    if (traits(l)->quantized_input) {
+        if (!per_token(l)) MQ_DNNL(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0));
+        MQ_DNNL(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, l->spec.w_per_channel ? (1 << 1) : 0));
+        if (!l->emulated) MQ_DNNL(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0));
+    }
+    if (l->out_u8) { /* after the post-ops: dst = saturate(rint(result / dst_scale) + dst_zp) */
+        MQ_DNNL(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0));
+        MQ_DNNL(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0));
     }
     return MQ_OK;
 }
@@ -105,35 +187,17 @@ static mq_status build_pd(const mq_linear *l, int64_t rows, const_dnnl_memory_de
     dnnl_memory_desc_t src_md = NULL, dst_md = NULL, bias_md = NULL;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t po = NULL;
-    dnnl_status_t ds;
-#define CK(call)                                                                                              \
-    do {                                                                                                      \
-        ds = (call);                                                                                          \
-        if (ds != dnnl_success) {                                                                             \
-            st = mq_set_error(MQ_ERR_DNNL, "linear [%lld x %lld] -> %lld: oneDNN error %d (%s) in %s", (long long)rows, \
-                              (long long)l->K, (long long)l->N, (int)ds, mq_dnnl_status_name(ds), #call);     \
-            goto done;                                                                                        \
-        }                                                                                                     \
-    } while (0)
-    if ((st = make_md(&src_md, rows, l->K, src_dtype(l), dnnl_ab)) != MQ_OK) goto done;
-    if ((st = make_md(&dst_md, rows, l->N, l->out_u8 ? dnnl_u8 : dnnl_f32, dnnl_ab)) != MQ_OK) goto done;
-    if (l->bias && !per_token(l) && (st = make_md(&bias_md, 1, l->N, dnnl_f32, dnnl_ab)) != MQ_OK) goto done;
-    if ((st = mq_attr_create(&attr)) != MQ_OK) goto done;
-    CK(dnnl_post_ops_create(&po));
-    if (l->spec.kind == MQ_LINEAR_INT8) {
-        if (!per_token(l)) CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0));
-        CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, l->spec.w_per_channel ? (1 << 1) : 0));
-        if (!l->emulated) CK(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0)); /* emulated: q - zp */
-    }
-    if (l->out_u8) { /* after the post-ops: dst = saturate(rint(result / dst_scale) + dst_zp) */
-        CK(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0));
-        CK(dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0));
-    }
-    if (!per_token(l) && (st = append_epilogue(l, rows, po, 0)) != MQ_OK) goto done;
-    CK(dnnl_primitive_attr_set_post_ops(attr, po));
-    CK(dnnl_matmul_primitive_desc_create(pd, mq_engine_dnnl(l->eng), src_md, wmd, bias_md, dst_md, attr));
+    MQ_TRY_GOTO(st, make_md(&src_md, rows, l->K, src_dtype(l), dnnl_ab), done);
+    MQ_TRY_GOTO(st, make_md(&dst_md, rows, l->N, l->out_u8 ? dnnl_u8 : dnnl_f32, dnnl_ab), done);
+    if (l->bias && !per_token(l)) MQ_TRY_GOTO(st, make_md(&bias_md, 1, l->N, dnnl_f32, dnnl_ab), done);
+    MQ_TRY_GOTO(st, mq_attr_create(&attr), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_post_ops_create(&po)), done);
+    MQ_TRY_GOTO(st, set_quant_attrs(l, attr), done);
+    if (!per_token(l)) MQ_TRY_GOTO(st, append_epilogue(l, rows, po, 0), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_primitive_attr_set_post_ops(attr, po)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_matmul_primitive_desc_create(pd, mq_engine_dnnl(l->eng), src_md, wmd, bias_md,
+                                                                     dst_md, attr)), done);
 done:
-#undef CK
     if (po) dnnl_post_ops_destroy(po);
     if (attr) dnnl_primitive_attr_destroy(attr);
     dnnl_memory_desc_destroy(src_md);
@@ -149,17 +213,14 @@ static mq_status build_epilogue_pd(const mq_linear *l, int64_t rows, dnnl_primit
     dnnl_memory_desc_t y_md = NULL, rs_md = NULL;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t po = NULL;
-    dnnl_status_t ds = dnnl_success;
-    if ((st = make_md(&y_md, rows, l->N, dnnl_f32, dnnl_ab)) != MQ_OK) goto done;
-    if ((st = make_md(&rs_md, rows, 1, dnnl_f32, dnnl_ab)) != MQ_OK) goto done;
-    if ((st = mq_attr_create(&attr)) != MQ_OK) goto done;
-    ds = dnnl_post_ops_create(&po);
-    if (ds == dnnl_success && (st = append_epilogue(l, rows, po, l->bias != NULL)) != MQ_OK) goto done;
-    if (ds == dnnl_success) ds = dnnl_primitive_attr_set_post_ops(attr, po);
-    if (ds == dnnl_success)
-        ds = dnnl_binary_primitive_desc_create(pd, mq_engine_dnnl(l->eng), dnnl_binary_mul, y_md, rs_md, y_md, attr);
-    if (ds != dnnl_success)
-        st = mq_set_error(MQ_ERR_DNNL, "linear: oneDNN error %d building the per-token epilogue", (int)ds);
+    MQ_TRY_GOTO(st, make_md(&y_md, rows, l->N, dnnl_f32, dnnl_ab), done);
+    MQ_TRY_GOTO(st, make_md(&rs_md, rows, 1, dnnl_f32, dnnl_ab), done);
+    MQ_TRY_GOTO(st, mq_attr_create(&attr), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_post_ops_create(&po)), done);
+    MQ_TRY_GOTO(st, append_epilogue(l, rows, po, l->bias != NULL), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_primitive_attr_set_post_ops(attr, po)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_binary_primitive_desc_create(pd, mq_engine_dnnl(l->eng), dnnl_binary_mul, y_md,
+                                                                     rs_md, y_md, attr)), done);
 done:
     if (po) dnnl_post_ops_destroy(po);
     if (attr) dnnl_primitive_attr_destroy(attr);
@@ -168,68 +229,181 @@ done:
     return st;
 }
 
-/* Reorders user weights (plain [N, K] row-major, i.e. {K, N} "ba") into the primitive's preferred layout. */
-static mq_status prepack(mq_linear *l, const void *user, dnnl_data_type_t user_dt) {
+/* Runs the reorder of user weights (plain [N, K] row-major, i.e. {K, N} "ba") into l->w_mem. */
+static mq_status run_reorder(mq_linear *l, dnnl_memory_t umem, const_dnnl_memory_desc_t umd) {
     mq_status st = MQ_OK;
-    dnnl_memory_desc_t umd = NULL;
-    dnnl_memory_t umem = NULL;
+    dnnl_engine_t eng = mq_engine_dnnl(l->eng);
     dnnl_primitive_desc_t rpd = NULL;
     dnnl_primitive_t rprim = NULL;
     dnnl_primitive_attr_t rattr = NULL;
-    void *scratch = NULL;
-    dnnl_status_t ds;
-    if ((st = make_md(&umd, l->K, l->N, user_dt, dnnl_ba)) != MQ_OK) return st;
-    ds = dnnl_memory_create(&umem, umd, mq_engine_dnnl(l->eng), (void *)user);
-    if (ds == dnnl_success) ds = dnnl_memory_create(&l->w_mem, l->w_md, mq_engine_dnnl(l->eng), DNNL_MEMORY_ALLOCATE);
-    if (ds == dnnl_success) ds = dnnl_primitive_attr_create(&rattr);
-    if (ds == dnnl_success) ds = dnnl_primitive_attr_set_scratchpad_mode(rattr, dnnl_scratchpad_mode_user);
-    if (ds == dnnl_success)
-        ds = dnnl_reorder_primitive_desc_create(&rpd, umd, mq_engine_dnnl(l->eng), l->w_md, mq_engine_dnnl(l->eng), rattr);
-    if (ds != dnnl_success) {
-        st = mq_set_error(MQ_ERR_DNNL, "linear: cannot prepack weights [%lld x %lld] (oneDNN error %d)",
-                          (long long)l->N, (long long)l->K, (int)ds);
-        goto done;
-    }
-    size_t sbytes = 0;
-    if ((st = mq_primitive_from_pd(rpd, &rprim, &sbytes)) != MQ_OK) goto done;
-    rpd = NULL;
-    scratch = mq_alloc(sbytes, 1);
-    if (!scratch) { st = mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the prepack scratchpad"); goto done; }
     dnnl_memory_t smem = NULL;
-    dnnl_memory_desc_t smd = NULL;
-    {
-        dnnl_dims_t sd = {(int64_t)(sbytes ? sbytes : 1)};
-        ds = dnnl_memory_desc_create_with_tag(&smd, 1, sd, dnnl_u8, dnnl_a);
-        if (ds == dnnl_success) ds = dnnl_memory_create(&smem, smd, mq_engine_dnnl(l->eng), scratch);
-        dnnl_memory_desc_destroy(smd);
-    }
-    if (ds == dnnl_success) {
-        dnnl_exec_arg_t args[3] = {{DNNL_ARG_FROM, umem}, {DNNL_ARG_TO, l->w_mem}, {DNNL_ARG_SCRATCHPAD, smem}};
-        ds = dnnl_primitive_execute(rprim, mq_engine_stream(l->eng), 3, args);
-        if (ds == dnnl_success) ds = dnnl_stream_wait(mq_engine_stream(l->eng));
-    }
-    if (smem) dnnl_memory_destroy(smem);
-    if (ds != dnnl_success) st = mq_set_error(MQ_ERR_DNNL, "linear: weight reorder failed (oneDNN error %d)", (int)ds);
+    void *scratch = NULL;
+    size_t sbytes = 0;
+    MQ_TRY_GOTO(st, mq_attr_create(&rattr), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_reorder_primitive_desc_create(&rpd, umd, eng, l->w_md, eng, rattr)), done);
+    st = mq_primitive_from_pd(rpd, &rprim, &sbytes);
+    rpd = NULL;
+    if (st != MQ_OK) goto done;
+    scratch = mq_alloc(sbytes ? sbytes : 1, 1);
+    if (!scratch) { st = mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the prepack scratchpad"); goto done; }
+    MQ_TRY_GOTO(st, make_mem(&smem, l, 1, (int64_t)(sbytes ? sbytes : 1), dnnl_u8, scratch), done);
+    dnnl_exec_arg_t args[3] = {{DNNL_ARG_FROM, umem}, {DNNL_ARG_TO, l->w_mem}, {DNNL_ARG_SCRATCHPAD, smem}};
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_primitive_execute(rprim, mq_engine_stream(l->eng), 3, args)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_stream_wait(mq_engine_stream(l->eng))), done);
 done:
+    if (smem) dnnl_memory_destroy(smem);
     mq_free(scratch);
     if (rprim) dnnl_primitive_destroy(rprim);
     if (rpd) dnnl_primitive_desc_destroy(rpd);
     if (rattr) dnnl_primitive_attr_destroy(rattr);
+    return st;
+}
+
+/* Reorders user weights of type user_dt into the primitive's preferred layout l->w_md (allocated in l->w_mem). */
+static mq_status prepack(mq_linear *l, const void *user, dnnl_data_type_t user_dt) {
+    dnnl_memory_desc_t umd = NULL;
+    dnnl_memory_t umem = NULL;
+    mq_status st = MQ_OK;
+    MQ_TRY(make_md(&umd, l->K, l->N, user_dt, dnnl_ba));
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_memory_create(&umem, umd, mq_engine_dnnl(l->eng), (void *)user)), done);
+    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_memory_create(&l->w_mem, l->w_md, mq_engine_dnnl(l->eng), DNNL_MEMORY_ALLOCATE)),
+                done);
+    st = run_reorder(l, umem, umd);
+done:
     if (umem) dnnl_memory_destroy(umem);
     dnnl_memory_desc_destroy(umd);
     return st;
 }
 
+/* ------------------------------------------------------------------ the kinds' functions */
+
+static mq_status input_f32(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src) {
+    *src = x;
+    if (!l->act_mul) return MQ_OK;
+    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)mq_bucket_rows(M) * (size_t)l->K, sizeof(float)));
+    mq_scale_columns(x, M, l->K, l->K, l->act_mul, s->act_lp.ptr);
+    *src = s->act_lp.ptr;
+    return MQ_OK;
+}
+
+static mq_status input_bf16(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src) {
+    const size_t n = (size_t)mq_bucket_rows(M) * (size_t)l->K;
+    if (l->emulated) {
+        MQ_TRY(mq_buffer_reserve(&s->act_lp, n, sizeof(float)));
+        mq_round_f32_bf16(x, M, l->K, l->K, l->act_mul, s->act_lp.ptr);
+    } else {
+        MQ_TRY(mq_buffer_reserve(&s->act_lp, n, sizeof(uint16_t)));
+        mq_convert_f32_bf16(x, M, l->K, l->K, l->act_mul, s->act_lp.ptr);
+    }
+    *src = s->act_lp.ptr;
+    return MQ_OK;
+}
+
+/* Emulated INT8: the quantized input as the exact integers q - zero point in f32 (scales stay matmul attributes). */
+static mq_status centered_f32(const mq_linear *l, mq_linear_scratch *s, const uint8_t *q, int64_t M, const void **src) {
+    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)mq_bucket_rows(M) * (size_t)l->K, sizeof(float)));
+    mq_dequantize_u8(q, M, l->K, 1.f, per_token(l) ? 128 : l->src_zp, s->act_lp.ptr);
+    *src = s->act_lp.ptr;
+    return MQ_OK;
+}
+
+static mq_status input_u8(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src) {
+    const int64_t K = l->K;
+    MQ_TRY(mq_buffer_reserve(&s->act_q, (size_t)mq_bucket_rows(M) * (size_t)K, 1));
+    uint8_t *q = s->act_q.ptr;
+    if (l->spec.act_mode == MQ_ACT_DYNAMIC_TOKEN) {
+        MQ_TRY(mq_buffer_reserve(&s->row_scale, (size_t)mq_bucket_rows(M), sizeof(float)));
+        mq_quantize_u8_per_row(x, M, K, K, l->act_mul, q, s->row_scale.ptr);
+    } else {
+        if (l->spec.act_mode == MQ_ACT_DYNAMIC) {
+            float mn, mx;
+            mq_minmax_rows(x, M, K, K, l->act_mul, &mn, &mx);
+            if (!(mn >= -3.4e38f && mx <= 3.4e38f))
+                return mq_set_error(MQ_ERR_NUMERIC, "linear: non-finite activations reached an int8 layer");
+            mq_qparams qp = l->spec.act_symmetric ? mq_qparams_sym_u8(mn, mx) : mq_qparams_asym_u8(mn, mx);
+            l->src_scale = qp.scale;
+            l->src_zp = qp.zero_point;
+        }
+        mq_quantize_u8(x, M, K, K, l->act_mul, 1.f / l->src_scale, l->src_zp, q);
+    }
+    *src = q;
+    return l->emulated ? centered_f32(l, s, q, M, src) : MQ_OK;
+}
+
+static void widen_bf16(const mq_linear *l, const void *weight, float *w) {
+    mq_round_f32_bf16(weight, l->N, l->K, l->K, NULL, w);
+}
+
+static void widen_s8(const mq_linear *l, const void *weight, float *w) {
+    const int8_t *q = weight;
+    const size_t n = (size_t)l->N * (size_t)l->K;
+    for (size_t i = 0; i < n; i++) w[i] = (float)q[i];
+}
+
+static void dequantize_s8(const mq_linear *l, float *w) {
+    mq_dequantize_weight_s8(l->w_store, l->N, l->K, l->w_scales, l->spec.w_per_channel, w);
+}
+
+static void dequantize_s4(const mq_linear *l, float *w) {
+    mq_dequantize_weight_s4(l->w_store, l->N, l->K, l->spec.group_size, l->w_scales, w);
+}
+
+/* The weight layout oneDNN prefers for this layer (its format-any choice for a 256-row bucket) into l->w_md. A kind
+   that may be emulated where it has no kernel refuses oneDNN's reference matmul (so the caller falls back). */
+static mq_status choose_weight_layout(mq_linear *l) {
+    dnnl_memory_desc_t any = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    MQ_TRY(make_md(&any, l->K, l->N, l->emulated ? dnnl_f32 : traits(l)->weight_dt, dnnl_format_tag_any));
+    mq_status st = build_pd(l, mq_bucket_rows(256), any, &pd);
+    dnnl_memory_desc_destroy(any);
+    if (st != MQ_OK) return st;
+    if (traits(l)->emulation == MQ_EMULATE_WITHOUT_KERNEL && !l->emulated && strncmp(mq_pd_impl_name(pd), "ref", 3) == 0)
+        st = mq_set_error(MQ_ERR_DNNL, "linear: oneDNN has only its reference %s matmul on this CPU", traits(l)->name);
+    if (st == MQ_OK) st = MQ_DNNL_STATUS(dnnl_memory_desc_clone(&l->w_md, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0)));
+    dnnl_primitive_desc_destroy(pd);
+    return st;
+}
+
+/* Prepacks the user's weights; an emulated layer prepacks, as f32, exactly the values the native kernel would
+   multiply (the kind's widen function). */
+static mq_status weights_prepacked(mq_linear *l, const void *weight) {
+    MQ_TRY(choose_weight_layout(l));
+    if (!l->emulated)
+        return prepack(l, weight, traits(l)->weight_format == MQ_WEIGHTS_S8 ? dnnl_s8 : dnnl_f32);
+    float *tmp = mq_alloc((size_t)l->N * (size_t)l->K, sizeof(float));
+    if (!tmp) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the weights");
+    l->kind->widen(l, weight, tmp);
+    mq_status st = prepack(l, tmp, dnnl_f32);
+    mq_free(tmp);
+    return st;
+}
+
+/* Weight-only: keeps the quantized weights; the matmul takes plain f32 weights dequantized per call. */
+static mq_status weights_stored(mq_linear *l, const void *weight) {
+    int64_t cols = 0, n_scales = 0;
+    MQ_TRY(mq_linear_weight_layout((int)l->spec.kind, l->K, l->N, l->spec.w_per_channel, l->spec.group_size, &cols,
+                                   &n_scales));
+    l->w_store_bytes = (size_t)l->N * (size_t)cols;
+    l->w_store = mq_alloc(l->w_store_bytes, 1);
+    if (!l->w_store) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for weights");
+    memcpy(l->w_store, weight, l->w_store_bytes);
+    MQ_TRY(make_md(&l->w_md, l->K, l->N, dnnl_f32, dnnl_ba));
+    MQ_DNNL(dnnl_memory_create(&l->w_mem, l->w_md, mq_engine_dnnl(l->eng), DNNL_MEMORY_NONE));
+    return MQ_OK;
+}
+
+/* ------------------------------------------------------------------ creation */
+
 static mq_status check_spec(const mq_linear_spec *s, int64_t K, int64_t N, const mq_linear_weights *w) {
     if (K <= 0 || N <= 0 || K > (1 << 20) || N > (1 << 20))
         return mq_set_error(MQ_ERR_ARG, "linear: bad shape in=%lld out=%lld", (long long)K, (long long)N);
     if (!w || !w->weight) return mq_set_error(MQ_ERR_ARG, "linear: weights are missing");
-    if ((int)s->kind < MQ_LINEAR_F32 || (int)s->kind > MQ_LINEAR_W4)
-        return mq_set_error(MQ_ERR_ARG, "linear: unknown kind %d", (int)s->kind);
-    if ((int)s->epilogue < MQ_EPI_NONE || (int)s->epilogue > MQ_EPI_RESIDUAL)
+    const mq_linear_traits *t = mq_linear_kind_traits((int)s->kind);
+    if (!t) return mq_set_error(MQ_ERR_ARG, "linear: unknown kind %d", (int)s->kind);
+    if ((int)s->epilogue < 0 || (int)s->epilogue >= MQ_EPI_COUNT)
         return mq_set_error(MQ_ERR_ARG, "linear: unknown epilogue %d", (int)s->epilogue);
-    if (s->kind == MQ_LINEAR_INT8) {
-        if ((int)s->act_mode < MQ_ACT_DYNAMIC || (int)s->act_mode > MQ_ACT_STATIC)
+    if (t->quantized_input) {
+        if ((int)s->act_mode < 0 || (int)s->act_mode >= MQ_ACT_MODE_COUNT)
             return mq_set_error(MQ_ERR_ARG, "linear: unknown activation mode %d", (int)s->act_mode);
         if (s->act_mode == MQ_ACT_DYNAMIC_TOKEN && !s->act_symmetric)
             return mq_set_error(MQ_ERR_ARG,
@@ -243,42 +417,42 @@ static mq_status check_spec(const mq_linear_spec *s, int64_t K, int64_t N, const
                 return mq_set_error(MQ_ERR_ARG, "linear: activation zero point %d outside [0, 255]", s->act_zero_point);
         }
     }
-    if ((s->kind == MQ_LINEAR_INT8 || s->kind == MQ_LINEAR_W8 || s->kind == MQ_LINEAR_W4) && !w->w_scales)
+    if (t->w_scales != MQ_WSCALES_NONE && !w->w_scales)
         return mq_set_error(MQ_ERR_ARG, "linear: quantized weights need their scales");
-    if (s->kind == MQ_LINEAR_W4 && (s->group_size <= 0 || s->group_size % 2 || K % s->group_size))
-        return mq_set_error(MQ_ERR_ARG, "linear: int4 group size %lld must be even and divide in_features %lld",
-                            (long long)s->group_size, (long long)K);
+    int64_t cols = 0, n_scales = 0;
+    return mq_linear_weight_layout((int)s->kind, K, N, s->w_per_channel, s->group_size, &cols, &n_scales);
+}
+
+/* Copies the weight scales (all positive), bias and activation multiplier. */
+static mq_status take_vectors(mq_linear *l, const mq_linear_weights *w) {
+    int64_t cols = 0;
+    MQ_TRY(mq_linear_weight_layout((int)l->spec.kind, l->K, l->N, l->spec.w_per_channel, l->spec.group_size, &cols,
+                                   &l->n_wscales));
+    if (l->n_wscales) {
+        MQ_TRY(mq_take_floats(&l->w_scales, w->w_scales, (size_t)l->n_wscales, "weight scales"));
+        for (int64_t i = 0; i < l->n_wscales; i++)
+            if (!(l->w_scales[i] > 0.f))
+                return mq_set_error(MQ_ERR_ARG, "linear: weight scale %lld is not positive", (long long)i);
+    }
+    if (w->bias) MQ_TRY(mq_take_floats(&l->bias, w->bias, (size_t)l->N, "bias"));
+    if (w->act_mul) MQ_TRY(mq_take_floats(&l->act_mul, w->act_mul, (size_t)l->K, "activation multiplier"));
     return MQ_OK;
 }
 
-static float *copy_floats(const float *src, int64_t n, const char *what, mq_status *st) {
-    if (!src) return NULL;
-    *st = mq_check_finite(src, (size_t)n, what);
-    if (*st != MQ_OK) return NULL;
-    float *p = mq_alloc((size_t)n, sizeof(float));
-    if (!p) { *st = mq_set_error(MQ_ERR_NOMEM, "linear: out of memory"); return NULL; }
-    memcpy(p, src, (size_t)n * sizeof(float));
-    return p;
+/* Memories of the attribute arguments; their handles point into this struct and its arrays. */
+static mq_status attr_memories(mq_linear *l) {
+    if (l->bias) MQ_TRY(make_mem(per_token(l) ? &l->bias_po_mem : &l->bias_mem, l, 1, l->N, dnnl_f32, l->bias));
+    if (!traits(l)->quantized_input) return MQ_OK;
+    MQ_TRY(vector_mem(&l->w_scale_mem, l, l->n_wscales, dnnl_f32, l->w_scales));
+    MQ_TRY(vector_mem(&l->src_scale_mem, l, 1, dnnl_f32, &l->src_scale));
+    MQ_TRY(vector_mem(&l->zp_mem, l, 1, dnnl_s32, &l->src_zp));
+    l->src_scale = l->spec.act_scale;
+    l->src_zp = l->spec.act_symmetric ? 128 : l->spec.act_zero_point;
+    return MQ_OK;
 }
 
-/* Prepacks the user's weights; an emulated layer prepacks, as f32, exactly the values the native kernel would
-   multiply: the s8 integers (INT8) or the bf16-rounded weights (BF16). */
-static mq_status prepack_weights(mq_linear *l, const void *weight) {
-    const mq_linear_kind kind = l->spec.kind;
-    if (!l->emulated) return prepack(l, weight, kind == MQ_LINEAR_INT8 ? dnnl_s8 : dnnl_f32);
-    const size_t n = (size_t)l->N * (size_t)l->K;
-    float *tmp = mq_alloc(n, sizeof(float));
-    if (!tmp) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the weights");
-    if (kind == MQ_LINEAR_INT8) {
-        const int8_t *q = weight;
-        for (size_t i = 0; i < n; i++) tmp[i] = (float)q[i];
-    } else {
-        mq_round_f32_bf16(weight, l->N, l->K, l->K, NULL, tmp);
-    }
-    mq_status st = prepack(l, tmp, dnnl_f32);
-    mq_free(tmp);
-    return st;
-}
+static mq_status build_prim(void *owner, int64_t rows, void *entry);
+static void free_prim(void *entry);
 
 static mq_status linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N, const mq_linear_spec *spec,
                                const mq_linear_weights *w, int emulated) {
@@ -287,79 +461,23 @@ static mq_status linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64
     mq_linear *l = calloc(1, sizeof *l);
     if (!l) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory");
     l->eng = eng;
+    l->kind = &KINDS[spec->kind];
     l->K = K;
     l->N = N;
     l->spec = *spec;
-    l->emulated = emulated && (spec->kind == MQ_LINEAR_INT8 || spec->kind == MQ_LINEAR_BF16);
-    mq_status st = MQ_OK;
-    const mq_linear_kind kind = spec->kind;
-    if (kind == MQ_LINEAR_INT8 || kind == MQ_LINEAR_W8)
-        l->n_wscales = spec->w_per_channel ? N : 1;
-    else if (kind == MQ_LINEAR_W4)
-        l->n_wscales = N * (K / spec->group_size);
-    if (l->n_wscales) {
-        l->w_scales = copy_floats(w->w_scales, l->n_wscales, "weight scales", &st);
-        if (st != MQ_OK) goto fail;
-        for (int64_t i = 0; i < l->n_wscales; i++)
-            if (!(l->w_scales[i] > 0.f)) { st = mq_set_error(MQ_ERR_ARG, "linear: weight scale %lld is not positive", (long long)i); goto fail; }
-    }
-    l->bias = copy_floats(w->bias, N, "bias", &st);
-    if (st != MQ_OK) goto fail;
-    l->act_mul = copy_floats(w->act_mul, K, "activation multiplier", &st);
-    if (st != MQ_OK) goto fail;
-
-    if (kind == MQ_LINEAR_W8 || kind == MQ_LINEAR_W4) {
-        l->w_store_bytes = (size_t)N * (size_t)K / (kind == MQ_LINEAR_W4 ? 2 : 1);
-        l->w_store = mq_alloc(l->w_store_bytes, 1);
-        if (!l->w_store) { st = mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for weights"); goto fail; }
-        memcpy(l->w_store, w->weight, l->w_store_bytes);
-        if ((st = make_md(&l->w_md, K, N, dnnl_f32, dnnl_ba)) != MQ_OK) goto fail;
-        if (dnnl_memory_create(&l->w_mem, l->w_md, mq_engine_dnnl(eng), DNNL_MEMORY_NONE) != dnnl_success) {
-            st = mq_set_error(MQ_ERR_DNNL, "linear: cannot create the weights memory");
-            goto fail;
-        }
-    } else {
-        if (kind == MQ_LINEAR_F32) {
-            st = mq_check_finite((const float *)w->weight, (size_t)N * (size_t)K, "weight");
-            if (st != MQ_OK) goto fail;
-        }
-        dnnl_memory_desc_t any = NULL;
-        dnnl_primitive_desc_t pd = NULL;
-        dnnl_data_type_t wdt = l->emulated ? dnnl_f32
-                             : (kind == MQ_LINEAR_INT8 ? dnnl_s8 : (kind == MQ_LINEAR_BF16 ? dnnl_bf16 : dnnl_f32));
-        if ((st = make_md(&any, K, N, wdt, dnnl_format_tag_any)) != MQ_OK) goto fail;
-        st = build_pd(l, mq_bucket_rows(256), any, &pd);
-        dnnl_memory_desc_destroy(any);
-        if (st != MQ_OK) goto fail;
-        if (kind == MQ_LINEAR_BF16 && !l->emulated && strncmp(mq_pd_impl_name(pd), "ref", 3) == 0) {
-            dnnl_primitive_desc_destroy(pd);
-            st = mq_set_error(MQ_ERR_DNNL, "linear: oneDNN has only its reference bf16 matmul on this CPU");
-            goto fail;
-        }
-        const_dnnl_memory_desc_t q = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
-        dnnl_status_t ds = dnnl_memory_desc_clone(&l->w_md, q);
-        dnnl_primitive_desc_destroy(pd);
-        if (ds != dnnl_success) { st = mq_set_error(MQ_ERR_DNNL, "linear: cannot clone the weights descriptor"); goto fail; }
-        st = prepack_weights(l, w->weight);
-        if (st != MQ_OK) goto fail;
-    }
-    /* attribute argument memories: handles point into this struct / its arrays */
-    if (l->bias) {
-        if ((st = make_mem(per_token(l) ? &l->bias_po_mem : &l->bias_mem, l, 1, N, dnnl_f32, l->bias)) != MQ_OK) goto fail;
-    }
-    if (kind == MQ_LINEAR_INT8) {
-        if ((st = vector_mem(&l->w_scale_mem, l, l->n_wscales, dnnl_f32, l->w_scales)) != MQ_OK ||
-            (st = vector_mem(&l->src_scale_mem, l, 1, dnnl_f32, &l->src_scale)) != MQ_OK ||
-            (st = vector_mem(&l->zp_mem, l, 1, dnnl_s32, &l->src_zp)) != MQ_OK)
-            goto fail;
-        l->src_scale = spec->act_scale;
-        l->src_zp = spec->act_symmetric ? 128 : spec->act_zero_point;
+    l->emulated = emulated && traits(l)->emulation != MQ_EMULATE_NEVER;
+    mq_prim_cache_init(&l->prims, sizeof(mq_lin_prim), build_prim, free_prim);
+    mq_status st = take_vectors(l, w);
+    if (st == MQ_OK && traits(l)->weight_format == MQ_WEIGHTS_F32)
+        st = mq_check_finite((const float *)w->weight, (size_t)N * (size_t)K, "weight");
+    if (st == MQ_OK) st = l->kind->weights(l, w->weight);
+    if (st == MQ_OK) st = attr_memories(l);
+    if (st != MQ_OK) {
+        mq_linear_destroy(l);
+        return st;
     }
     *out = l;
     return MQ_OK;
-fail:
-    mq_linear_destroy(l);
-    return st;
 }
 
 /* Measures, once per engine, whether the int8 matmul kernels oneDNN picks on this CPU compute u8 x s8 exactly. Kernels
@@ -385,7 +503,7 @@ static mq_status probe_int8_exact(mq_engine *eng) {
         const mq_linear_weights lw = {w, &one, NULL, NULL};
         st = linear_create(&l, eng, PK, PN, &spec, &lw, 0);
     }
-    if (st == MQ_OK) st = mq_linear_forward(l, &s, x, PM, NULL, y, NULL);
+    if (st == MQ_OK) st = mq_linear_forward(l, &s, x, PM, NULL, y);
     if (st == MQ_OK) {
         int exact = 1;
         for (int64_t i = 0; i < (int64_t)PM * PN; i++) exact &= y[i] == expect;
@@ -404,46 +522,39 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
     if (!out || !eng || !spec) return mq_set_error(MQ_ERR_ARG, "linear: NULL argument");
     *out = NULL;
     MQ_TRY(check_spec(spec, K, N, w));
-    if (spec->kind == MQ_LINEAR_INT8) {
-        if (mq_engine_int8_exact(eng) < 0) MQ_TRY(probe_int8_exact(eng));
-        return linear_create(out, eng, K, N, spec, w, !mq_engine_int8_exact(eng));
+    switch (KINDS[spec->kind].traits.emulation) {
+        case MQ_EMULATE_UNLESS_INT8_EXACT:
+            if (mq_engine_int8_exact(eng) < 0) MQ_TRY(probe_int8_exact(eng));
+            return linear_create(out, eng, K, N, spec, w, !mq_engine_int8_exact(eng));
+        case MQ_EMULATE_WITHOUT_KERNEL: { /* e.g. no bf16 matmul on this CPU (oneDNN 3.2 needs avx512_core) */
+            mq_status st = linear_create(out, eng, K, N, spec, w, 0);
+            return st == MQ_ERR_DNNL ? linear_create(out, eng, K, N, spec, w, 1) : st;
+        }
+        default: return linear_create(out, eng, K, N, spec, w, 0);
     }
-    if (spec->kind == MQ_LINEAR_BF16) { /* no bf16 matmul on this CPU (oneDNN 3.2 needs avx512_core): emulate */
-        mq_status st = linear_create(out, eng, K, N, spec, w, 0);
-        return st == MQ_ERR_DNNL ? linear_create(out, eng, K, N, spec, w, 1) : st;
-    }
-    return linear_create(out, eng, K, N, spec, w, 0);
 }
 
-static void destroy_prim(mq_lin_prim *p) {
+static void free_prim(void *entry) {
+    mq_lin_prim *p = entry;
     if (p->prim) dnnl_primitive_destroy(p->prim);
     if (p->epi) dnnl_primitive_destroy(p->epi);
-    if (p->src) dnnl_memory_destroy(p->src);
-    if (p->dst) dnnl_memory_destroy(p->dst);
-    if (p->scratch) dnnl_memory_destroy(p->scratch);
-    if (p->residual) dnnl_memory_destroy(p->residual);
-    if (p->row_scale) dnnl_memory_destroy(p->row_scale);
+    dnnl_memory_t mems[5] = {p->src, p->dst, p->scratch, p->residual, p->row_scale};
+    for (int i = 0; i < 5; i++)
+        if (mems[i]) dnnl_memory_destroy(mems[i]);
     memset(p, 0, sizeof *p);
 }
 
 void mq_linear_reset(mq_linear *l) {
-    if (!l) return;
-    for (int i = 0; i < l->n_prims; i++) destroy_prim(&l->prims[i]);
-    l->n_prims = 0;
+    if (l) mq_prim_cache_clear(&l->prims);
 }
 
 void mq_linear_destroy(mq_linear *l) {
     if (!l) return;
-    mq_linear_reset(l);
-    free(l->prims);
-    if (l->w_mem) dnnl_memory_destroy(l->w_mem);
-    if (l->bias_mem) dnnl_memory_destroy(l->bias_mem);
-    if (l->bias_po_mem) dnnl_memory_destroy(l->bias_po_mem);
-    if (l->w_scale_mem) dnnl_memory_destroy(l->w_scale_mem);
-    if (l->src_scale_mem) dnnl_memory_destroy(l->src_scale_mem);
-    if (l->zp_mem) dnnl_memory_destroy(l->zp_mem);
-    if (l->dst_scale_mem) dnnl_memory_destroy(l->dst_scale_mem);
-    if (l->dst_zp_mem) dnnl_memory_destroy(l->dst_zp_mem);
+    mq_prim_cache_release(&l->prims);
+    dnnl_memory_t mems[8] = {l->w_mem, l->bias_mem, l->bias_po_mem, l->w_scale_mem,
+                             l->src_scale_mem, l->zp_mem, l->dst_scale_mem, l->dst_zp_mem};
+    for (int i = 0; i < 8; i++)
+        if (mems[i]) dnnl_memory_destroy(mems[i]);
     dnnl_memory_desc_destroy(l->w_md);
     mq_free(l->w_store);
     mq_free(l->w_scales);
@@ -452,135 +563,110 @@ void mq_linear_destroy(mq_linear *l) {
     free(l);
 }
 
-static mq_status get_prim(mq_linear *l, int64_t rows, mq_lin_prim **out) {
-    for (int i = 0; i < l->n_prims; i++)
-        if (l->prims[i].rows == rows) { *out = &l->prims[i]; return MQ_OK; }
-    if (l->n_prims == l->cap_prims) {
-        int cap = l->cap_prims ? 2 * l->cap_prims : 8;
-        mq_lin_prim *np = realloc(l->prims, (size_t)cap * sizeof *np);
-        if (!np) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory");
-        l->prims = np;
-        l->cap_prims = cap;
-    }
-    mq_lin_prim p;
-    memset(&p, 0, sizeof p);
-    p.rows = rows;
+/* The primitive cache's build function: the matmul (and per-token epilogue) for `rows` rows and its memories. */
+static mq_status build_prim(void *owner, int64_t rows, void *entry) {
+    mq_linear *l = owner;
+    mq_lin_prim *p = entry;
     dnnl_primitive_desc_t pd = NULL;
     MQ_TRY(build_pd(l, rows, l->w_md, &pd));
-    const_dnnl_memory_desc_t wq = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
-    if (!dnnl_memory_desc_equal(wq, l->w_md)) {
+    if (!dnnl_memory_desc_equal(dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0), l->w_md)) {
         dnnl_primitive_desc_destroy(pd);
         return mq_set_error(MQ_ERR_DNNL, "linear: oneDNN chose another weight layout for %lld rows", (long long)rows);
     }
     snprintf(l->impl, sizeof l->impl, "%s%s", mq_pd_impl_name(pd), l->emulated ? " (emulated in f32)" : "");
     const_dnnl_memory_desc_t smd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-    dnnl_status_t ds = dnnl_memory_create(&p.scratch, smd, mq_engine_dnnl(l->eng), DNNL_MEMORY_NONE);
-    mq_status st = mq_primitive_from_pd(pd, &p.prim, &p.scratch_bytes);
-    if (st == MQ_OK && ds != dnnl_success) st = mq_set_error(MQ_ERR_DNNL, "linear: cannot create scratchpad memory");
-    if (st == MQ_OK) st = make_mem(&p.src, l, rows, l->K, src_dtype(l), DNNL_MEMORY_NONE);
-    if (st == MQ_OK) st = make_mem(&p.dst, l, rows, l->N, l->out_u8 ? dnnl_u8 : dnnl_f32, DNNL_MEMORY_NONE);
-    if (st == MQ_OK && l->spec.epilogue == MQ_EPI_RESIDUAL) st = make_mem(&p.residual, l, rows, l->N, dnnl_f32, DNNL_MEMORY_NONE);
-    if (st == MQ_OK && per_token(l)) st = make_mem(&p.row_scale, l, rows, 1, dnnl_f32, DNNL_MEMORY_NONE);
-    if (st == MQ_OK && per_token(l)) {
-        dnnl_primitive_desc_t epd = NULL;
-        st = build_epilogue_pd(l, rows, &epd);
-        if (st == MQ_OK) st = mq_primitive_from_pd(epd, &p.epi, &p.scratch_bytes);
-    }
-    if (st != MQ_OK) { destroy_prim(&p); return st; }
-    l->prims[l->n_prims] = p;
-    *out = &l->prims[l->n_prims++];
+    mq_status st = MQ_DNNL_STATUS(dnnl_memory_create(&p->scratch, smd, mq_engine_dnnl(l->eng), DNNL_MEMORY_NONE));
+    mq_status st2 = mq_primitive_from_pd(pd, &p->prim, &p->scratch_bytes);
+    MQ_TRY(st);
+    MQ_TRY(st2);
+    MQ_TRY(make_mem(&p->src, l, rows, l->K, src_dtype(l), DNNL_MEMORY_NONE));
+    MQ_TRY(make_mem(&p->dst, l, rows, l->N, l->out_u8 ? dnnl_u8 : dnnl_f32, DNNL_MEMORY_NONE));
+    if (l->spec.epilogue == MQ_EPI_RESIDUAL) MQ_TRY(make_mem(&p->residual, l, rows, l->N, dnnl_f32, DNNL_MEMORY_NONE));
+    if (!per_token(l)) return MQ_OK;
+    MQ_TRY(make_mem(&p->row_scale, l, rows, 1, dnnl_f32, DNNL_MEMORY_NONE));
+    dnnl_primitive_desc_t epd = NULL;
+    MQ_TRY(build_epilogue_pd(l, rows, &epd));
+    return mq_primitive_from_pd(epd, &p->epi, &p->scratch_bytes);
+}
+
+/* ------------------------------------------------------------------ forward */
+
+#define SET(mem, ptr) MQ_DNNL(dnnl_memory_set_data_handle((mem), (void *)(ptr)))
+
+/* The per-token epilogue: y = epilogue(y * row_scale (+ bias)) in place. */
+static mq_status execute_epilogue(mq_linear *l, mq_lin_prim *p, const mq_linear_scratch *s) {
+    dnnl_exec_arg_t args[6];
+    int n = 0, po = 0;
+    SET(p->row_scale, s->row_scale.ptr);
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SRC_0, p->dst};
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SRC_1, p->row_scale};
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_DST, p->dst};
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, p->scratch};
+    if (l->bias_po_mem) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(po++) | DNNL_ARG_SRC_1, l->bias_po_mem};
+    if (l->spec.epilogue == MQ_EPI_RESIDUAL)
+        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(po) | DNNL_ARG_SRC_1, p->residual};
+    MQ_DNNL(dnnl_primitive_execute(p->epi, mq_engine_stream(l->eng), n, args));
     return MQ_OK;
 }
 
-#define SET(mem, ptr)                                                                              \
-    do {                                                                                           \
-        if (dnnl_memory_set_data_handle((mem), (void *)(ptr)) != dnnl_success)                     \
-            return mq_set_error(MQ_ERR_DNNL, "linear: cannot set a memory handle");                \
-    } while (0)
-
 static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, const void *src, const float *residual,
-                         void *y);
-
-/* Emulated INT8: the quantized input as the exact integers q - zero point in f32 (scales stay matmul attributes). */
-static mq_status centered_f32(const mq_linear *l, mq_linear_scratch *s, const uint8_t *q, int64_t M, const void **src) {
-    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)mq_bucket_rows(M) * (size_t)l->K, sizeof(float)));
-    mq_dequantize_u8(q, M, l->K, 1.f, per_token(l) ? 128 : l->src_zp, s->act_lp.ptr);
-    *src = s->act_lp.ptr;
+                         void *y) {
+    if (traits(l)->weight_only) {
+        MQ_TRY(mq_buffer_reserve(&s->w_deq, (size_t)l->N * (size_t)l->K, sizeof(float)));
+        l->kind->dequantize(l, s->w_deq.ptr);
+        SET(l->w_mem, s->w_deq.ptr);
+    }
+    MQ_TRY(mq_buffer_reserve(&s->scratchpad, p->scratch_bytes ? p->scratch_bytes : 1, 1));
+    SET(p->src, src);
+    SET(p->dst, y);
+    SET(p->scratch, s->scratchpad.ptr);
+    dnnl_exec_arg_t args[MQ_MAX_ARGS];
+    int n = 0;
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SRC, p->src};
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_WEIGHTS, l->w_mem};
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_DST, p->dst};
+    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, p->scratch};
+    if (l->bias_mem) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, l->bias_mem};
+    if (traits(l)->quantized_input) {
+        if (!per_token(l)) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, l->src_scale_mem};
+        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, l->w_scale_mem};
+        if (!l->emulated) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, l->zp_mem};
+    }
+    if (l->out_u8) {
+        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, l->dst_scale_mem};
+        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, l->dst_zp_mem};
+    }
+    if (l->spec.epilogue == MQ_EPI_RESIDUAL) SET(p->residual, residual);
+    if (!per_token(l) && l->spec.epilogue == MQ_EPI_RESIDUAL) {
+        const int po = 0; /* GELU and residual never both: the residual is post-op 0 */
+        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(po) | DNNL_ARG_SRC_1, p->residual};
+    }
+    MQ_DNNL(dnnl_primitive_execute(p->prim, mq_engine_stream(l->eng), n, args));
+    if (p->epi) MQ_TRY(execute_epilogue(l, p, s));
+    MQ_DNNL(dnnl_stream_wait(mq_engine_stream(l->eng)));
     return MQ_OK;
 }
 
 mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const float *residual,
-                            void *y, mq_observer *obs) {
+                            void *y) {
     if (!l || !s || !x || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
     if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
-    const int64_t rows = mq_bucket_rows(M), K = l->K;
     mq_engine_enter(l->eng); /* this layer's thread count for the calling thread (cheap: an OpenMP ICV) */
-    mq_lin_prim *p = NULL;
-    MQ_TRY(get_prim(l, rows, &p));
-    const void *src = x;
-    const float *xs = x; /* the layer's effective input (after act_mul) for the observer */
-    switch (l->spec.kind) {
-        case MQ_LINEAR_F32:
-        case MQ_LINEAR_W8:
-        case MQ_LINEAR_W4:
-            if (l->act_mul) {
-                MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)rows * (size_t)K, sizeof(float)));
-                mq_scale_columns(x, M, K, K, l->act_mul, s->act_lp.ptr);
-                src = xs = s->act_lp.ptr;
-            }
-            if (obs) MQ_TRY(mq_observer_update_matrix(obs, xs, (size_t)M, (size_t)K));
-            break;
-        case MQ_LINEAR_BF16:
-            if (obs) {
-                if (l->act_mul) {
-                    MQ_TRY(mq_buffer_reserve(&s->w_deq, (size_t)M * (size_t)K, sizeof(float)));
-                    mq_scale_columns(x, M, K, K, l->act_mul, s->w_deq.ptr);
-                    xs = s->w_deq.ptr;
-                }
-                MQ_TRY(mq_observer_update_matrix(obs, xs, (size_t)M, (size_t)K));
-            }
-            if (l->emulated) {
-                MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)rows * (size_t)K, sizeof(float)));
-                mq_round_f32_bf16(x, M, K, K, l->act_mul, s->act_lp.ptr);
-            } else {
-                MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)rows * (size_t)K, sizeof(uint16_t)));
-                mq_convert_f32_bf16(x, M, K, K, l->act_mul, s->act_lp.ptr);
-            }
-            src = s->act_lp.ptr;
-            break;
-        case MQ_LINEAR_INT8: {
-            if (obs) {
-                if (l->act_mul) {
-                    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)M * (size_t)K, sizeof(float)));
-                    mq_scale_columns(x, M, K, K, l->act_mul, s->act_lp.ptr);
-                    xs = s->act_lp.ptr;
-                }
-                MQ_TRY(mq_observer_update_matrix(obs, xs, (size_t)M, (size_t)K));
-            }
-            MQ_TRY(mq_buffer_reserve(&s->act_q, (size_t)rows * (size_t)K, 1));
-            uint8_t *q = s->act_q.ptr;
-            if (l->spec.act_mode == MQ_ACT_DYNAMIC_TOKEN) {
-                MQ_TRY(mq_buffer_reserve(&s->row_scale, (size_t)rows, sizeof(float)));
-                mq_quantize_u8_per_row(x, M, K, K, l->act_mul, q, s->row_scale.ptr);
-                SET(p->row_scale, s->row_scale.ptr);
-            } else {
-                if (l->spec.act_mode == MQ_ACT_DYNAMIC) {
-                    float mn, mx;
-                    mq_minmax_rows(x, M, K, K, l->act_mul, &mn, &mx);
-                    if (!(mn >= -3.4e38f && mx <= 3.4e38f))
-                        return mq_set_error(MQ_ERR_NUMERIC, "linear: non-finite activations reached an int8 layer");
-                    mq_qparams qp = l->spec.act_symmetric ? mq_qparams_sym_u8(mn, mx) : mq_qparams_asym_u8(mn, mx);
-                    l->src_scale = qp.scale;
-                    l->src_zp = qp.zero_point;
-                }
-                mq_quantize_u8(x, M, K, K, l->act_mul, 1.f / l->src_scale, l->src_zp, q);
-            }
-            src = q;
-            if (l->emulated) MQ_TRY(centered_f32(l, s, q, M, &src));
-            break;
-        }
-    }
-    return execute(l, s, p, src, residual, y);
+    void *entry = NULL;
+    MQ_TRY(mq_prim_cache_get(&l->prims, l, mq_bucket_rows(M), &entry));
+    const void *src = NULL;
+    MQ_TRY(l->kind->input(l, s, x, M, &src));
+    return execute(l, s, entry, src, residual, y);
+}
+
+mq_status mq_linear_effective_input(const mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M,
+                                    const float **xs) {
+    *xs = x;
+    if (!l->act_mul) return MQ_OK;
+    MQ_TRY(mq_buffer_reserve(&s->act_in, (size_t)M * (size_t)l->K, sizeof(float)));
+    mq_scale_columns(x, M, l->K, l->K, l->act_mul, s->act_in.ptr);
+    *xs = s->act_in.ptr;
+    return MQ_OK;
 }
 
 mq_status mq_linear_forward_u8(mq_linear *l, mq_linear_scratch *s, const uint8_t *xq, int64_t M, const float *residual,
@@ -590,15 +676,15 @@ mq_status mq_linear_forward_u8(mq_linear *l, mq_linear_scratch *s, const uint8_t
         return mq_set_error(MQ_ERR_ARG, "linear: a pre-quantized input needs a static int8 layer without act_mul");
     if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
     mq_engine_enter(l->eng);
-    mq_lin_prim *p = NULL;
-    MQ_TRY(get_prim(l, mq_bucket_rows(M), &p));
+    void *entry = NULL;
+    MQ_TRY(mq_prim_cache_get(&l->prims, l, mq_bucket_rows(M), &entry));
     const void *src = xq;
     if (l->emulated) MQ_TRY(centered_f32(l, s, xq, M, &src));
-    return execute(l, s, p, src, residual, y);
+    return execute(l, s, entry, src, residual, y);
 }
 
 int mq_linear_static_input(const mq_linear *l, float *scale, int32_t *zero_point) {
-    if (!l || l->spec.kind != MQ_LINEAR_INT8 || l->spec.act_mode != MQ_ACT_STATIC || l->act_mul) return 0;
+    if (!l || !traits(l)->quantized_input || l->spec.act_mode != MQ_ACT_STATIC || l->act_mul) return 0;
     if (scale) *scale = l->src_scale;
     if (zero_point) *zero_point = l->src_zp;
     return 1;
@@ -608,7 +694,7 @@ int mq_linear_output_u8(const mq_linear *l) { return l && l->out_u8; }
 
 mq_status mq_linear_set_output_u8(mq_linear *l, float scale, int32_t zero_point) {
     if (!l) return mq_set_error(MQ_ERR_ARG, "linear: NULL");
-    if (l->spec.kind != MQ_LINEAR_INT8)
+    if (!traits(l)->quantized_input)
         return mq_set_error(MQ_ERR_ARG, "linear: u8 output is for int8 layers (oneDNN 3.2 has no f32 matmul with a "
                                         "u8 destination and zero point)");
     if (per_token(l) || l->spec.epilogue == MQ_EPI_RESIDUAL)
@@ -626,8 +712,8 @@ mq_status mq_linear_set_output_u8(mq_linear *l, float scale, int32_t zero_point)
     if (!l->dst_zp_mem) MQ_TRY(vector_mem(&l->dst_zp_mem, l, 1, dnnl_s32, &l->dst_zp));
     l->out_u8 = 1;
     /* the weights were prepacked for an f32 output: the u8-output primitive must take the same layout */
-    mq_lin_prim *p = NULL;
-    mq_status st = get_prim(l, mq_bucket_rows(256), &p);
+    void *entry = NULL;
+    mq_status st = mq_prim_cache_get(&l->prims, l, mq_bucket_rows(256), &entry);
     if (st != MQ_OK) {
         l->out_u8 = 0;
         mq_linear_reset(l);
@@ -635,59 +721,7 @@ mq_status mq_linear_set_output_u8(mq_linear *l, float scale, int32_t zero_point)
     return st;
 }
 
-static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, const void *src, const float *residual,
-                         void *y) {
-    const int64_t K = l->K;
-    if (l->spec.kind == MQ_LINEAR_W8 || l->spec.kind == MQ_LINEAR_W4) {
-        MQ_TRY(mq_buffer_reserve(&s->w_deq, (size_t)l->N * (size_t)K, sizeof(float)));
-        if (l->spec.kind == MQ_LINEAR_W8)
-            mq_dequantize_weight_s8(l->w_store, l->N, K, l->w_scales, l->spec.w_per_channel, s->w_deq.ptr);
-        else
-            mq_dequantize_weight_s4(l->w_store, l->N, K, l->spec.group_size, l->w_scales, s->w_deq.ptr);
-        SET(l->w_mem, s->w_deq.ptr);
-    }
-    MQ_TRY(mq_buffer_reserve(&s->scratchpad, p->scratch_bytes ? p->scratch_bytes : 1, 1));
-    SET(p->src, src);
-    SET(p->dst, y);
-    SET(p->scratch, s->scratchpad.ptr);
-    dnnl_exec_arg_t args[MQ_MAX_ARGS];
-    int n = 0;
-    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SRC, p->src};
-    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_WEIGHTS, l->w_mem};
-    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_DST, p->dst};
-    args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, p->scratch};
-    if (l->bias_mem) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, l->bias_mem};
-    if (l->spec.kind == MQ_LINEAR_INT8) {
-        if (!per_token(l)) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, l->src_scale_mem};
-        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, l->w_scale_mem};
-        if (!l->emulated) args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, l->zp_mem};
-    }
-    if (l->out_u8) {
-        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, l->dst_scale_mem};
-        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, l->dst_zp_mem};
-    }
-    if (l->spec.epilogue == MQ_EPI_RESIDUAL) SET(p->residual, residual);
-    if (!per_token(l) && l->spec.epilogue == MQ_EPI_RESIDUAL) {
-        const int po = 0; /* GELU and residual never both: the residual is post-op 0 */
-        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(po) | DNNL_ARG_SRC_1, p->residual};
-    }
-    MQ_DNNL(dnnl_primitive_execute(p->prim, mq_engine_stream(l->eng), n, args));
-    if (p->epi) {
-        dnnl_exec_arg_t eargs[6];
-        int ne = 0, po = 0;
-        eargs[ne++] = (dnnl_exec_arg_t){DNNL_ARG_SRC_0, p->dst};
-        eargs[ne++] = (dnnl_exec_arg_t){DNNL_ARG_SRC_1, p->row_scale};
-        eargs[ne++] = (dnnl_exec_arg_t){DNNL_ARG_DST, p->dst};
-        eargs[ne++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, p->scratch};
-        if (l->bias_po_mem)
-            eargs[ne++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(po++) | DNNL_ARG_SRC_1, l->bias_po_mem};
-        if (l->spec.epilogue == MQ_EPI_RESIDUAL)
-            eargs[ne++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(po) | DNNL_ARG_SRC_1, p->residual};
-        MQ_DNNL(dnnl_primitive_execute(p->epi, mq_engine_stream(l->eng), ne, eargs));
-    }
-    MQ_DNNL(dnnl_stream_wait(mq_engine_stream(l->eng)));
-    return MQ_OK;
-}
+/* ------------------------------------------------------------------ queries */
 
 int64_t mq_linear_in(const mq_linear *l) { return l->K; }
 int64_t mq_linear_out(const mq_linear *l) { return l->N; }

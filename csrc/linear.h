@@ -1,6 +1,8 @@
 /* linear.h - one linear layer y = epilogue(x W^T + b) in one precision, on oneDNN matmul.
  *
- * The only place that knows how a quantization scheme maps to oneDNN:
+ * The only place that knows how a quantization scheme maps to oneDNN. Each precision kind is one row of the traits
+ * table in linear.c (mq_linear_traits plus its input, weight and dequantize functions); adding a kind (e.g. W4A8,
+ * fp8) is a row there, its kernel functions, and a scheme entry in Python. The kinds today:
  *   F32   f32 x f32, weights prepacked (format_tag_any + reorder at creation)
  *   BF16  bf16 x bf16 -> f32, activations converted per call, weights prepacked as bf16
  *   INT8  u8 x s8 -> f32 on the VNNI kernels; weights s8 (per tensor or per output channel) prepacked with the
@@ -24,12 +26,54 @@
 #define MQ_LINEAR_H
 
 #include "engine.h"
-#include "observer.h"
+#include "primcache.h"
 #include "workspace.h"
 
-typedef enum { MQ_LINEAR_F32 = 0, MQ_LINEAR_BF16 = 1, MQ_LINEAR_INT8 = 2, MQ_LINEAR_W8 = 3, MQ_LINEAR_W4 = 4 } mq_linear_kind;
-typedef enum { MQ_ACT_DYNAMIC = 0, MQ_ACT_DYNAMIC_TOKEN = 1, MQ_ACT_STATIC = 2 } mq_act_mode;
-typedef enum { MQ_EPI_NONE = 0, MQ_EPI_GELU = 1, MQ_EPI_RESIDUAL = 2 } mq_epilogue;
+typedef enum { MQ_LINEAR_F32, MQ_LINEAR_BF16, MQ_LINEAR_INT8, MQ_LINEAR_W8, MQ_LINEAR_W4, MQ_LINEAR_KIND_COUNT } mq_linear_kind;
+typedef enum { MQ_ACT_DYNAMIC, MQ_ACT_DYNAMIC_TOKEN, MQ_ACT_STATIC, MQ_ACT_MODE_COUNT } mq_act_mode;
+typedef enum { MQ_EPI_NONE, MQ_EPI_GELU, MQ_EPI_RESIDUAL, MQ_EPI_COUNT } mq_epilogue;
+
+/* What mq_linear_weights.weight holds for a kind. */
+typedef enum {
+    MQ_WEIGHTS_F32,       /* float [N, K] */
+    MQ_WEIGHTS_S8,        /* int8 [N, K] */
+    MQ_WEIGHTS_S4_PACKED, /* uint8 [N, K/2]: two int4 values per byte (qparams.h) */
+    MQ_WEIGHT_FORMAT_COUNT
+} mq_weight_format;
+/* How many weight scales a kind takes. */
+typedef enum {
+    MQ_WSCALES_NONE,
+    MQ_WSCALES_CHANNEL, /* N per output channel, or 1 per tensor (mq_linear_spec.w_per_channel) */
+    MQ_WSCALES_GROUP,   /* N * K / group_size */
+    MQ_WSCALES_COUNT
+} mq_wscale_layout;
+/* When a kind runs as an f32 matmul on the same rounded operands instead of its native kernel. */
+typedef enum {
+    MQ_EMULATE_NEVER,
+    MQ_EMULATE_UNLESS_INT8_EXACT, /* when the engine's int8 kernel check fails (mq_engine_int8_exact) */
+    MQ_EMULATE_WITHOUT_KERNEL,    /* when oneDNN has no optimized matmul for the kind on this CPU */
+    MQ_EMULATION_COUNT
+} mq_emulation;
+
+/* The traits of a precision kind: everything the core, the binding and its callers need to know about it. One row
+ * per kind in linear.c (with the kind's input, weight and dequantize functions); nothing else switches on kinds. */
+typedef struct {
+    const char *name;
+    mq_weight_format weight_format;
+    mq_wscale_layout w_scales;
+    dnnl_data_type_t src_dt;    /* the native matmul's activation type */
+    dnnl_data_type_t weight_dt; /* the native matmul's (prepacked) weight type */
+    int quantized_input;        /* activations quantized to u8 by act_mode / act_scale / act_zero_point */
+    int weight_only;            /* weights kept quantized and dequantized to f32 per call */
+    mq_emulation emulation;
+} mq_linear_traits;
+
+/* The traits of `kind`, or NULL for a value outside [0, MQ_LINEAR_KIND_COUNT). */
+const mq_linear_traits *mq_linear_kind_traits(int kind);
+/* The weight array a kind takes for in_features K and out_features N: [N, *cols] of the kind's weight format, and
+ * *n_scales weight scales. MQ_ERR_ARG (with a message) for an unknown kind or a bad group size. */
+mq_status mq_linear_weight_layout(int kind, int64_t K, int64_t N, int w_per_channel, int64_t group_size,
+                                  int64_t *cols, int64_t *n_scales);
 
 typedef struct {
     mq_linear_kind kind;
@@ -43,8 +87,8 @@ typedef struct {
 } mq_linear_spec;
 
 typedef struct {
-    const void *weight;      /* F32/BF16: float [N, K]; INT8/W8: int8 [N, K]; W4: uint8 [N, K/2] */
-    const float *w_scales;   /* INT8/W8: N (per channel) or 1; W4: N * K/group_size; else NULL */
+    const void *weight;      /* the kind's weight format (mq_weight_format) */
+    const float *w_scales;   /* the kind's scale layout (mq_wscale_layout), or NULL for none */
     const float *bias;       /* N floats or NULL */
     const float *act_mul;    /* K floats or NULL: per-input-channel activation multiplier (SmoothQuant 1/s) */
 } mq_linear_weights;
@@ -56,10 +100,13 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
 void mq_linear_destroy(mq_linear *lin);
 
 /* y[M, N] = epilogue(x[M, K] W^T + b). x, y and residual have ld K, N, N and must be allocated (and initialised)
- * up to mq_bucket_rows(M) rows. y is float, or uint8 after mq_linear_set_output_u8. obs (may be NULL) sees the
- * layer's real input rows (after act_mul). */
+ * up to mq_bucket_rows(M) rows. y is float, or uint8 after mq_linear_set_output_u8. */
 mq_status mq_linear_forward(mq_linear *lin, mq_linear_scratch *scratch, const float *x, int64_t M,
-                            const float *residual, void *y, mq_observer *obs);
+                            const float *residual, void *y);
+/* The input the layer's matmul computes with for x [M, K]: x itself, or x * act_mul (SmoothQuant) written to
+ * scratch->act_in. For whoever observes a site's input (encoder.h, mq_site_hook); the forward does not need it. */
+mq_status mq_linear_effective_input(const mq_linear *lin, mq_linear_scratch *scratch, const float *x, int64_t M,
+                                    const float **xs);
 
 /* Static quantized input: 1 (and *scale, *zero_point) if the layer is INT8 STATIC without act_mul, i.e. it quantizes
  * its input with one fixed (scale, zero point) that a producer could apply itself; else 0. */

@@ -1,5 +1,5 @@
 /* observer.c - calibration observers: running min/max, moving average, signed histogram, per-column absmax, and
- * the range choosers (minmax, percentile, entropy, MSE).  Design notes in observer.h. */
+ * the range choosers (minmax, moving average, percentile, entropy, MSE) and their names.  Design notes in observer.h. */
 #include "observer.h"
 
 #include <float.h>
@@ -574,10 +574,17 @@ static void finish_range(double l, double h, int symmetric, float *olo, float *o
     *ohi = fh;
 }
 
+const char *mq_range_method_name(int method) {
+    static const char *const names[MQ_RANGE_COUNT] = {
+        [MQ_RANGE_MINMAX] = "minmax", [MQ_RANGE_MOVING_AVERAGE] = "moving-average", [MQ_RANGE_PERCENTILE] = "percentile",
+        [MQ_RANGE_ENTROPY] = "entropy", [MQ_RANGE_MSE] = "mse"};
+    return method >= 0 && method < MQ_RANGE_COUNT ? names[method] : NULL;
+}
+
 mq_status mq_observer_compute_range(const mq_observer *obs, mq_range_method method, double param, int symmetric,
                                     int levels, float *lo, float *hi) {
     if (!obs || !lo || !hi) return mq_set_error(MQ_ERR_ARG, "observer: NULL argument to compute_range");
-    if ((int)method < (int)MQ_RANGE_MINMAX || (int)method > (int)MQ_RANGE_MSE)
+    if ((int)method < 0 || (int)method >= (int)MQ_RANGE_COUNT)
         return mq_set_error(MQ_ERR_ARG, "observer: unknown range method %d", (int)method);
     if (levels < 4 || levels > OBS_MAX_LEVELS)
         return mq_set_error(MQ_ERR_ARG, "observer: levels must be in [4, 1<<24], got %d", levels);
@@ -588,11 +595,10 @@ mq_status mq_observer_compute_range(const mq_observer *obs, mq_range_method meth
     double rlo = mn, rhi = mx;
     mq_status st = MQ_OK;
     switch (method) {
-    case MQ_RANGE_MINMAX:
-        if (obs->momentum > 0.f) {
-            rlo = obs->mov_min;
-            rhi = obs->mov_max;
-        }
+    case MQ_RANGE_MINMAX: break;
+    case MQ_RANGE_MOVING_AVERAGE:
+        rlo = obs->mov_min;
+        rhi = obs->mov_max;
         break;
     case MQ_RANGE_PERCENTILE: {
         const double p = param / 100.0;
@@ -620,6 +626,7 @@ mq_status mq_observer_compute_range(const mq_observer *obs, mq_range_method meth
     case MQ_RANGE_MSE:
         st = range_mse(obs, symmetric, levels, mn, mx, &rlo, &rhi);
         break;
+    default: break; /* rejected above */
     }
     if (st != MQ_OK) return st;
     finish_range(rlo, rhi, symmetric, lo, hi);

@@ -29,7 +29,17 @@
 #include "status.h"
 
 typedef struct mq_observer mq_observer;
-typedef enum { MQ_RANGE_MINMAX = 0, MQ_RANGE_PERCENTILE = 1, MQ_RANGE_ENTROPY = 2, MQ_RANGE_MSE = 3 } mq_range_method;
+typedef enum {
+    MQ_RANGE_MINMAX,
+    MQ_RANGE_MOVING_AVERAGE,
+    MQ_RANGE_PERCENTILE,
+    MQ_RANGE_ENTROPY,
+    MQ_RANGE_MSE,
+    MQ_RANGE_COUNT
+} mq_range_method;
+/* The method's name as users write it ("minmax", "moving-average", "percentile", "entropy", "mse"), or NULL outside
+   [0, MQ_RANGE_COUNT). */
+const char *mq_range_method_name(int method);
 
 /* nbins in [16, 1 << 20] (any value, odd is fine); momentum in [0, 1): 0 = plain running min/max, > 0 = moving
    average min/max per update call (avg = momentum * avg + (1 - momentum) * batch_min; the first batch
@@ -58,7 +68,8 @@ mq_status mq_observer_column_absmax(const mq_observer *obs, const float **absmax
    for quantization to `levels` integer levels, levels in [4, 1 << 24] (256 for 8 bit).  symmetric != 0 gives
    lo == -hi.  The result lies inside the observed [min, max] (symmetric: [-absmax, absmax]) except for
    MSE asymmetric (see below).  PERCENTILE, ENTROPY and MSE use the whole histogram (momentum plays no part).
-   MINMAX      running min/max, or the moving average when momentum > 0.  Symmetric: absmax of those.
+   MINMAX      running min/max.  Symmetric: absmax of those.
+   MOVING_AVERAGE  the moving-average min/max (== MINMAX when momentum is 0).  Symmetric: absmax of those.
    PERCENTILE  param = p in (50, 100].  Asymmetric: lo = (100 - p)-th, hi = p-th percentile of x; symmetric:
                hi = p-th percentile of |x|.  Linear interpolation inside a bin, clamped to the observed range.
    ENTROPY     TensorRT KL calibration on the |x| histogram (trailing empty bins dropped; if it has more than

@@ -1,3 +1,4 @@
+/* qparams.c - scale / zero-point math and the quantize, dequantize, convert and finiteness kernels (qparams.h). */
 #include "qparams.h"
 
 #include <float.h>
@@ -289,5 +290,22 @@ mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t
 mq_status mq_check_finite(const float *x, size_t n, const char *what) {
     for (size_t i = 0; i < n; i++)
         if (!isfinite(x[i])) return mq_set_error(MQ_ERR_NUMERIC, "%s contains a non-finite value (%g) at flat index %zu", what, (double)x[i], i);
+    return MQ_OK;
+}
+
+int mq_any_nonfinite(const float *x, size_t n) {
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= (x[i] - x[i] != 0.0f); /* NaN exactly for NaN and Inf; branch-free */
+    return bad;
+}
+
+mq_status mq_take_floats(float **dst, const float *src, size_t n, const char *what) {
+    if (!src) return mq_set_error(MQ_ERR_ARG, "%s is missing", what);
+    MQ_TRY(mq_check_finite(src, n, what));
+    float *p = mq_alloc(n, sizeof(float));
+    if (!p) return mq_set_error(MQ_ERR_NOMEM, "out of memory for %s", what);
+    memcpy(p, src, n * sizeof(float));
+    mq_free(*dst);
+    *dst = p;
     return MQ_OK;
 }

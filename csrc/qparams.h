@@ -52,5 +52,10 @@ mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t
 
 /* Returns MQ_ERR_NUMERIC naming `what` if any of the n values is NaN or Inf. */
 mq_status mq_check_finite(const float *x, size_t n, const char *what);
+/* Nonzero if any of the n values is NaN or Inf (branch-free: for hot paths that only need to know). */
+int mq_any_nonfinite(const float *x, size_t n);
+/* Replaces *dst (freed with mq_free) by a copy of n finite floats; MQ_ERR_ARG if src is NULL, MQ_ERR_NUMERIC naming
+   `what` if a value is not finite; *dst unchanged on failure. */
+mq_status mq_take_floats(float **dst, const float *src, size_t n, const char *what);
 
 #endif

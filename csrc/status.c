@@ -1,3 +1,4 @@
+/* status.c - the thread-local last-error message, status names, checked size arithmetic and aligned allocation. */
 #include "status.h"
 
 #include <stdarg.h>
@@ -65,3 +66,9 @@ void *mq_alloc(size_t count, size_t elem_size) {
 }
 
 void mq_free(void *p) { free(p); }
+
+mq_status mq_dnnl_check(dnnl_status_t st, const char *call, const char *file, int line) {
+    if (st == dnnl_success) return MQ_OK;
+    return mq_set_error(MQ_ERR_DNNL, "oneDNN error %d (%s) in %s at %s:%d", (int)st, mq_dnnl_status_name(st), call,
+                        file, line);
+}

@@ -22,20 +22,24 @@ mq_status mq_set_error(mq_status code, const char *fmt, ...) __attribute__((form
 const char *mq_last_error(void);
 const char *mq_status_name(mq_status code);
 
-/* Checks a oneDNN status; on failure records the call text and returns MQ_ERR_DNNL from the enclosing function. */
-#define MQ_DNNL(call)                                                                       \
-    do {                                                                                    \
-        dnnl_status_t mq_dnnl_st_ = (call);                                                 \
-        if (mq_dnnl_st_ != dnnl_success)                                                    \
-            return mq_set_error(MQ_ERR_DNNL, "oneDNN error %d (%s) in %s at %s:%d", (int)mq_dnnl_st_, \
-                                mq_dnnl_status_name(mq_dnnl_st_), #call, __FILE__, __LINE__); \
-    } while (0)
+/* The one way oneDNN statuses are checked: MQ_DNNL_STATUS(call) runs the call and converts its status, recording the
+   call's text, file and line as the message on failure. MQ_DNNL returns it from the enclosing function; in a function
+   with cleanup, MQ_TRY_GOTO(st, MQ_DNNL_STATUS(call), done) stores it and jumps. */
+mq_status mq_dnnl_check(dnnl_status_t st, const char *call, const char *file, int line);
+#define MQ_DNNL_STATUS(call) mq_dnnl_check((call), #call, __FILE__, __LINE__)
+#define MQ_DNNL(call) MQ_TRY(MQ_DNNL_STATUS(call))
 
 /* Propagates a non-OK mq_status from the enclosing function. */
 #define MQ_TRY(call)                      \
     do {                                  \
         mq_status mq_st_ = (call);        \
         if (mq_st_ != MQ_OK) return mq_st_; \
+    } while (0)
+
+/* Stores a non-OK mq_status in st and jumps to label (for functions that release what they built). */
+#define MQ_TRY_GOTO(st, call, label)        \
+    do {                                    \
+        if (((st) = (call)) != MQ_OK) goto label; \
     } while (0)
 
 const char *mq_dnnl_status_name(dnnl_status_t st);

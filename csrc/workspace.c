@@ -1,3 +1,4 @@
+/* workspace.c - grow-only scratch buffers and the row buckets primitives are built for (workspace.h). */
 #include "workspace.h"
 
 mq_status mq_buffer_reserve(mq_buffer *b, size_t count, size_t elem_size) {
@@ -22,6 +23,7 @@ void mq_buffer_release(mq_buffer *b) {
 void mq_linear_scratch_release(mq_linear_scratch *s) {
     mq_buffer_release(&s->act_q);
     mq_buffer_release(&s->act_lp);
+    mq_buffer_release(&s->act_in);
     mq_buffer_release(&s->row_scale);
     mq_buffer_release(&s->w_deq);
     mq_buffer_release(&s->scratchpad);

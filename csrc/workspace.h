@@ -16,9 +16,11 @@ void mq_buffer_release(mq_buffer *b);
 /* Scratch shared by every linear layer of one encoder; used under the encoder's lock. */
 typedef struct {
     mq_buffer act_q;      /* u8 quantized activations */
-    mq_buffer act_lp;     /* bf16 activations, or f32 smoothed activations */
+    mq_buffer act_lp;     /* the matmul's source when it is not x: bf16 activations, or f32 ones (smoothed, bf16-rounded
+                             or centred u8 of an emulated layer) */
+    mq_buffer act_in;     /* a layer's effective input shown to a site hook (mq_linear_effective_input) */
     mq_buffer row_scale;  /* per-row activation scales */
-    mq_buffer w_deq;      /* dequantized weights for weight-only layers */
+    mq_buffer w_deq;      /* dequantized weights of weight-only layers */
     mq_buffer scratchpad; /* oneDNN user scratchpad */
 } mq_linear_scratch;
 

@@ -38,8 +38,8 @@ def build(fn, *a):
     except Exception as e:
         raise Skip from e
 VOCAB, H, I, MAXPOS, LAYERS = 50, 16, 32, 64, 2
-CFG = {"vocab_size": VOCAB, "hidden_size": H, "num_hidden_layers": LAYERS, "num_attention_heads": 2,
-       "intermediate_size": I, "max_position_embeddings": MAXPOS, "type_vocab_size": 2, "layer_norm_eps": 1e-12}
+CFG = {"vocab_size": VOCAB, "hidden": H, "n_layers": LAYERS, "n_heads": 2, "intermediate": I, "max_position": MAXPOS,
+       "type_vocab": 2, "ln_eps": 1e-12}
 DTYPES = [np.int32, np.int32, np.int32, np.float32, np.float32, np.int64, np.int8, np.uint8, np.float64, np.float16,
           np.uint32, np.bool_, np.int16, object]
 SPECIAL_FLOATS = [0.0, -0.0, 1.0, -1.0, 1e-45, 1e-38, 3.4e38, -3.4e38, 1e39, float("inf"), float("-inf"),
@@ -389,10 +389,10 @@ def op_construct(fdp):
     except EXPECTED:
         return
     c = e  # set some parameters with fuzzed arrays, then try to finalize and run
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    h, v = cfg["hidden"], cfg["vocab_size"]
     if not all(isinstance(cfg.get(k), int) for k in CFG if k != "layer_norm_eps"):
         return
-    if h * v > 10**6 or cfg["max_position_embeddings"] * h > 10**6 or cfg["intermediate_size"] * h > 10**6:
+    if h * v > 10**6 or cfg["max_position"] * h > 10**6 or cfg["intermediate"] * h > 10**6:
         return
     for _ in range(fdp.ConsumeIntInRange(0, 6)):
         r = fdp.ConsumeIntInRange(0, 3)
@@ -400,15 +400,15 @@ def op_construct(fdp):
             if r == 0:
                 c.set_word_embeddings(build(lambda: layout(fdp, fill(fdp, (v, h), np.float32))))
             elif r == 1:
-                c.set_position_type_embeddings(fill(fdp, (cfg["max_position_embeddings"], h), np.float32),
-                                               fill(fdp, (cfg["type_vocab_size"], h), np.float32))
+                c.set_position_type_embeddings(fill(fdp, (cfg["max_position"], h), np.float32),
+                                               fill(fdp, (cfg["type_vocab"], h), np.float32))
             elif r == 2:
                 c.set_layernorm(pick_int(fdp, -2, 3), pick_int(fdp, -1, 2), fill(fdp, (h,), np.float32),
                                 fill(fdp, (h,), np.float32))
             else:
                 site = pick_int(fdp, -1, 4)
-                K = cfg["intermediate_size"] if site == 3 else h
-                N = 3 * h if site == 0 else (cfg["intermediate_size"] if site == 2 else h)
+                K = cfg["intermediate"] if site == 3 else h
+                N = 3 * h if site == 0 else (cfg["intermediate"] if site == 2 else h)
                 c.set_linear(pick_int(fdp, -1, 2), site, fdp.ConsumeIntInRange(0, 1), fill(fdp, (N, K), np.float32))
         except EXPECTED:
             pass

@@ -16,6 +16,8 @@ from ._native import _core
 from .schemes import CALIBRATION_METHODS, SITE_SUFFIXES
 
 _RANGE_CODES = {
+    "minmax": _core.RANGE_MINMAX,
+    "moving-average": _core.RANGE_MOVING_AVERAGE,
     "percentile": _core.RANGE_PERCENTILE,
     "entropy": _core.RANGE_ENTROPY,
     "mse": _core.RANGE_MSE,
@@ -53,16 +55,8 @@ class Calibration:
         obs = self.observer(site)
         if obs.count() == 0:
             raise ValueError(f"site {site} observed no values")
-        if method == "minmax":
-            lo, hi = obs.minmax()
-        elif method == "moving-average":
-            lo, hi = obs.moving_minmax()
-        else:
-            param = float(percentile if percentile is not None else self.percentile) if method == "percentile" else 0.0
-            lo, hi = obs.compute_range(_RANGE_CODES[method], param, bool(symmetric), 256)
-        if symmetric:
-            a = max(abs(lo), abs(hi))
-            lo, hi = -a, a
+        param = float(percentile if percentile is not None else self.percentile) if method == "percentile" else 0.0
+        lo, hi = obs.compute_range(_RANGE_CODES[method], param, bool(symmetric), 256)
         return float(lo), float(hi)
 
     def ranges(self, method: Optional[str] = None, symmetric: bool = False,

@@ -40,7 +40,20 @@ class BertConfig:
     pad_token_id: int = 0
 
     def to_core(self) -> Dict:
+        """The C core's configuration (its own names, mq_bert_config)."""
         return {
+            "vocab_size": self.vocab_size,
+            "hidden": self.hidden_size,
+            "n_layers": self.num_hidden_layers,
+            "n_heads": self.num_attention_heads,
+            "intermediate": self.intermediate_size,
+            "max_position": self.max_position_embeddings,
+            "type_vocab": self.type_vocab_size,
+            "ln_eps": self.layer_norm_eps,
+        }
+
+    def to_hf(self) -> Dict:
+        d = {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -50,9 +63,6 @@ class BertConfig:
             "type_vocab_size": self.type_vocab_size,
             "layer_norm_eps": self.layer_norm_eps,
         }
-
-    def to_hf(self) -> Dict:
-        d = self.to_core()
         d.update(
             {
                 "architectures": ["BertModel"],

@@ -112,8 +112,8 @@ def core_round(rng):
 
 
 def core_encoder_round(rng):
-    c = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-         "intermediate_size": 32, "max_position_embeddings": 64, "type_vocab_size": 2, "layer_norm_eps": 1e-12}
+    c = {"vocab_size": 50, "hidden": 16, "n_layers": 1, "n_heads": 2, "intermediate": 32, "max_position": 64,
+         "type_vocab": 2, "ln_eps": 1e-12}
     H, I = 16, 32
     for kind in (_core.LINEAR_F32, _core.LINEAR_INT8):
         e = _core.Encoder(c, 2, _core.Observer)
@@ -159,7 +159,7 @@ def core_encoder_round(rng):
         e.threads(), e.nbytes(), e.site_impl(0, 0)
         expect_error(e.__init__, c, 1, _core.Observer)
         del e, obs
-    expect_error(_core.Encoder, dict(c, hidden_size=2**31), 1, _core.Observer)
+    expect_error(_core.Encoder, dict(c, hidden=2**31), 1, _core.Observer)
     expect_error(_core.Encoder, c, 1, int)
 
 

@@ -50,21 +50,27 @@ def texts():
 
 
 def core_config(**changes):
+    """The C core's config dict (its own names) of a tiny BERT; changes are given by Hugging Face name."""
     c = {k: v for k, v in tiny_config(50, hidden=16, layers=1, heads=2, intermediate=32, max_position=64).items()
          if k not in ("architectures", "model_type", "hidden_act", "position_embedding_type", "pad_token_id")}
     c.update(changes)
-    return c
+    return {CORE_NAMES[k]: v for k, v in c.items()}
+
+
+CORE_NAMES = {"vocab_size": "vocab_size", "hidden_size": "hidden", "num_hidden_layers": "n_layers",
+              "num_attention_heads": "n_heads", "intermediate_size": "intermediate",
+              "max_position_embeddings": "max_position", "type_vocab_size": "type_vocab", "layer_norm_eps": "ln_eps"}
 
 
 def build_core(kind=_core.LINEAR_F32, n_threads=1, finalize=True, seed=0):
     """A 1-layer _core.Encoder (hidden 16, vocab 50, max_position 64) built directly through the binding."""
     rng = np.random.default_rng(seed)
     c = core_config()
-    H, I = c["hidden_size"], c["intermediate_size"]
+    H, I = c["hidden"], c["intermediate"]
     e = _core.Encoder(c, n_threads, _core.Observer)
     e.set_word_embeddings(rng.standard_normal((c["vocab_size"], H)).astype(np.float32))
-    e.set_position_type_embeddings(rng.standard_normal((c["max_position_embeddings"], H)).astype(np.float32),
-                                   rng.standard_normal((c["type_vocab_size"], H)).astype(np.float32))
+    e.set_position_type_embeddings(rng.standard_normal((c["max_position"], H)).astype(np.float32),
+                                   rng.standard_normal((c["type_vocab"], H)).astype(np.float32))
     g, b = np.ones(H, np.float32), np.zeros(H, np.float32)
     for layer, which in ((-1, 0), (0, 0), (0, 1)):
         e.set_layernorm(layer, which, g, b)

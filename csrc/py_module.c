@@ -1,0 +1,211 @@
+/* py_module.c - the module medquant._core: its functions (runtime facts, weight quantization, qparams), its
+ * constants, and the multi-phase init that adds the Observer, Encoder and Linear types. */
+#define MQ_PY_MODULE_MAIN /* this file imports the NumPy C API for the extension (py_common.h) */
+#include "py_common.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "encoder.h"
+#include "linear.h"
+#include "observer.h"
+#include "qparams.h"
+
+static PyObject *py_runtime_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    mq_runtime_info info;
+    mq_runtime_info_get(&info);
+    char version[64];
+    snprintf(version, sizeof version, "%d.%d.%d", info.version_major, info.version_minor, info.version_patch);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i}", "onednn_version", version, "onednn_hash", info.version_hash, "threading", info.cpu_runtime, "cpu_isa", info.cpu_isa,
+                         "max_threads", info.max_threads);
+}
+
+static PyObject *py_kernel_support(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    int int8_exact = 0, bf16_native = 0;
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = mq_linear_kernel_support(&int8_exact, &bf16_native);
+    Py_END_ALLOW_THREADS
+    if (st != MQ_OK) return mq_py_raise(st);
+    return Py_BuildValue("{s:O,s:O}", "int8_exact", int8_exact ? Py_True : Py_False, "bf16_native",
+                         bf16_native ? Py_True : Py_False);
+}
+
+static PyObject *py_quantize_weight_s8(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *w;
+    int per_channel = 1;
+    if (!PyArg_ParseTuple(args, "O|p", &w, &per_channel)) return NULL;
+    PyArrayObject *a = mq_py_array(w, NPY_FLOAT32, 2, NULL, "weight");
+    if (!a) return NULL;
+    npy_intp N = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1), dn[1] = {per_channel ? N : 1};
+    if (N == 0 || K == 0) return PyErr_Format(PyExc_ValueError, "weight is empty");
+    PyObject *q = PyArray_SimpleNew(2, PyArray_DIMS(a), NPY_INT8);
+    PyObject *s = PyArray_SimpleNew(1, dn, NPY_FLOAT32);
+    if (!q || !s) { Py_XDECREF(q); Py_XDECREF(s); return NULL; }
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = mq_quantize_weight_s8(PyArray_DATA(a), N, K, per_channel, PyArray_DATA((PyArrayObject *)q), PyArray_DATA((PyArrayObject *)s));
+    Py_END_ALLOW_THREADS
+    if (st != MQ_OK) { Py_DECREF(q); Py_DECREF(s); return mq_py_raise(st); }
+    return Py_BuildValue("(NN)", q, s);
+}
+
+static PyObject *py_quantize_weight_s4(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *w;
+    long long group;
+    if (!PyArg_ParseTuple(args, "OL", &w, &group)) return NULL;
+    PyArrayObject *a = mq_py_array(w, NPY_FLOAT32, 2, NULL, "weight");
+    if (!a) return NULL;
+    npy_intp N = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1);
+    if (N == 0 || K == 0 || group <= 0 || group % 2 || K % group)
+        return PyErr_Format(PyExc_ValueError, "int4 needs an even group size dividing in_features (group=%lld, in=%zd)", group, (Py_ssize_t)K);
+    npy_intp dq[2] = {N, K / 2}, ds[1] = {N * (K / (npy_intp)group)};
+    PyObject *q = PyArray_SimpleNew(2, dq, NPY_UINT8);
+    PyObject *s = PyArray_SimpleNew(1, ds, NPY_FLOAT32);
+    if (!q || !s) { Py_XDECREF(q); Py_XDECREF(s); return NULL; }
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = mq_quantize_weight_s4(PyArray_DATA(a), N, K, group, PyArray_DATA((PyArrayObject *)q), PyArray_DATA((PyArrayObject *)s));
+    Py_END_ALLOW_THREADS
+    if (st != MQ_OK) { Py_DECREF(q); Py_DECREF(s); return mq_py_raise(st); }
+    return Py_BuildValue("(NN)", q, s);
+}
+
+static PyObject *py_dequantize_weight_s4(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *qo, *so;
+    long long group;
+    if (!PyArg_ParseTuple(args, "OOL", &qo, &so, &group)) return NULL;
+    PyArrayObject *q = mq_py_array(qo, NPY_UINT8, 2, NULL, "packed");
+    if (!q) return NULL;
+    npy_intp N = PyArray_DIM(q, 0), K = 2 * PyArray_DIM(q, 1);
+    if (N == 0 || K == 0 || group <= 0 || group % 2 || K % group) return PyErr_Format(PyExc_ValueError, "bad int4 group size %lld", group);
+    npy_intp ds[1] = {N * (K / (npy_intp)group)}, dw[2] = {N, K};
+    PyArrayObject *s = mq_py_array(so, NPY_FLOAT32, 1, ds, "scales");
+    if (!s) return NULL;
+    PyObject *w = PyArray_SimpleNew(2, dw, NPY_FLOAT32);
+    if (!w) return NULL;
+    mq_dequantize_weight_s4(PyArray_DATA(q), N, K, group, PyArray_DATA(s), PyArray_DATA((PyArrayObject *)w));
+    return w;
+}
+
+static PyObject *py_quantize_rows_s8(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *x;
+    if (!PyArg_ParseTuple(args, "O", &x)) return NULL;
+    PyArrayObject *a = mq_py_array(x, NPY_FLOAT32, 2, NULL, "table");
+    if (!a) return NULL;
+    npy_intp R = PyArray_DIM(a, 0), C = PyArray_DIM(a, 1), dr[1] = {R};
+    if (R == 0 || C == 0) return PyErr_Format(PyExc_ValueError, "table is empty");
+    PyObject *q = PyArray_SimpleNew(2, PyArray_DIMS(a), NPY_INT8);
+    PyObject *s = PyArray_SimpleNew(1, dr, NPY_FLOAT32);
+    if (!q || !s) { Py_XDECREF(q); Py_XDECREF(s); return NULL; }
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = mq_quantize_rows_s8(PyArray_DATA(a), R, C, PyArray_DATA((PyArrayObject *)q), PyArray_DATA((PyArrayObject *)s));
+    Py_END_ALLOW_THREADS
+    if (st != MQ_OK) { Py_DECREF(q); Py_DECREF(s); return mq_py_raise(st); }
+    return Py_BuildValue("(NN)", q, s);
+}
+
+static PyObject *py_qparams(PyObject *Py_UNUSED(m), PyObject *args) {
+    float lo, hi;
+    int symmetric;
+    if (!PyArg_ParseTuple(args, "ffp", &lo, &hi, &symmetric)) return NULL;
+    if (!isfinite(lo) || !isfinite(hi) || lo > hi) return PyErr_Format(PyExc_ValueError, "range [%g, %g] is not a finite interval", lo, hi);
+    mq_qparams q = symmetric ? mq_qparams_sym_u8(lo, hi) : mq_qparams_asym_u8(lo, hi);
+    return Py_BuildValue("(fi)", q.scale, q.zero_point);
+}
+
+static PyMethodDef module_methods[] = {
+    {"runtime_info", py_runtime_info, METH_NOARGS, "oneDNN version, threading runtime, effective ISA, threads"},
+    {"kernel_support", py_kernel_support, METH_NOARGS,
+     "{int8_exact, bf16_native}: whether int8 / bf16 layers run native oneDNN kernels here (else emulated in f32)"},
+    {"quantize_weight_s8", py_quantize_weight_s8, METH_VARARGS, "(w f32[N,K], per_channel=True) -> (q i8[N,K], scales)"},
+    {"quantize_weight_s4", py_quantize_weight_s4, METH_VARARGS, "(w f32[N,K], group) -> (packed u8[N,K/2], scales)"},
+    {"dequantize_weight_s4", py_dequantize_weight_s4, METH_VARARGS, "(packed, scales, group) -> w f32[N,K]"},
+    {"quantize_rows_s8", py_quantize_rows_s8, METH_VARARGS, "(table f32[R,C]) -> (q i8[R,C], row scales)"},
+    {"qparams", py_qparams, METH_VARARGS, "(lo, hi, symmetric) -> (scale, zero_point) of the u8 activation grid"},
+    {NULL, NULL, 0, NULL}};
+
+static const char *kind_name(int kind) { return mq_linear_kind_traits(kind)->name; }
+
+/* A core enumeration from its name function: `table` = {name: code}, and a constant PREFIX_NAME per value (names
+   upper-cased, '-' as '_'). */
+static int add_enum(PyObject *m, const char *prefix, const char *table, const char *(*name_of)(int), int count) {
+    PyObject *d = PyDict_New();
+    if (!d) return -1;
+    for (int i = 0; i < count; i++) {
+        char name[48];
+        int n = snprintf(name, sizeof name, "%s%s", prefix, name_of(i));
+        for (int j = (int)strlen(prefix); j < n && j < (int)sizeof name; j++)
+            name[j] = name[j] == '-' ? '_' : (char)(name[j] >= 'a' && name[j] <= 'z' ? name[j] - 'a' + 'A' : name[j]);
+        PyObject *v = PyLong_FromLong(i);
+        int bad = !v || PyDict_SetItemString(d, name_of(i), v) < 0 || PyModule_AddIntConstant(m, name, i) < 0;
+        Py_XDECREF(v);
+        if (bad) { Py_DECREF(d); return -1; }
+    }
+    int rc = PyModule_AddObjectRef(m, table, d);
+    Py_DECREF(d);
+    return rc;
+}
+
+/* The integer codes the Python layer passes back: precision kinds (LINEAR_KINDS and LINEAR_<NAME>), range methods
+   (RANGE_METHODS and RANGE_<NAME>), activation modes, epilogues, pooling, sites per layer. Kinds and range methods
+   come from the core's own tables, so a new one needs no change here. */
+static int add_constants(PyObject *m) {
+    static const struct {
+        const char *name;
+        int value;
+    } constants[] = {
+        {"ACT_DYNAMIC", MQ_ACT_DYNAMIC}, {"ACT_DYNAMIC_TOKEN", MQ_ACT_DYNAMIC_TOKEN}, {"ACT_STATIC", MQ_ACT_STATIC},
+        {"EPI_NONE", MQ_EPI_NONE}, {"EPI_GELU", MQ_EPI_GELU}, {"EPI_RESIDUAL", MQ_EPI_RESIDUAL},
+        {"POOL_NONE", MQ_POOL_NONE}, {"POOL_CLS", MQ_POOL_CLS}, {"POOL_MEAN", MQ_POOL_MEAN},
+        {"SITES_PER_LAYER", MQ_SITES_PER_LAYER},
+    };
+    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value)) return -1;
+    if (add_enum(m, "LINEAR_", "LINEAR_KINDS", kind_name, MQ_LINEAR_KIND_COUNT) < 0) return -1;
+    return add_enum(m, "RANGE_", "RANGE_METHODS", mq_range_method_name, MQ_RANGE_COUNT);
+}
+
+/* Adds a type made from spec as `name`; returns it (borrowed from the module) or NULL. */
+static PyObject *add_type(PyObject *m, PyType_Spec *spec, const char *name) {
+    PyObject *t = PyType_FromModuleAndSpec(m, spec, NULL);
+    if (!t) return NULL;
+    int rc = PyModule_AddObjectRef(m, name, t);
+    Py_DECREF(t);
+    return rc < 0 ? NULL : t;
+}
+
+static int module_exec(PyObject *m) {
+    import_array1(-1);
+    PyObject *ot = add_type(m, &mq_py_observer_spec, "Observer");
+    if (!ot) return -1;
+    Py_INCREF(ot);
+    ((mq_py_state *)PyModule_GetState(m))->observer_type = (PyTypeObject *)ot;
+    if (!add_type(m, &mq_py_encoder_spec, "Encoder") || !add_type(m, &mq_py_linear_spec, "Linear")) return -1;
+    return add_constants(m);
+}
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg) {
+    mq_py_state *ms = PyModule_GetState(m);
+    if (ms) Py_VISIT(ms->observer_type);
+    return 0;
+}
+
+static int module_clear(PyObject *m) {
+    mq_py_state *ms = PyModule_GetState(m);
+    if (ms) Py_CLEAR(ms->observer_type);
+    return 0;
+}
+
+static void module_free(void *m) { module_clear((PyObject *)m); }
+
+static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}};
+
+static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core",
+                                         "medquant C core: BERT encoder, quantized linear layers and observers on oneDNN",
+                                         sizeof(mq_py_state), module_methods, module_slots, module_traverse,
+                                         module_clear, module_free};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }
