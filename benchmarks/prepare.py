@@ -34,7 +34,7 @@ def log(msg: str) -> None:
 
 
 def sample_texts(sizes) -> dict:
-    from medquant.datasets import load_medquad
+    from medquant.eval.datasets import load_medquad
 
     df = load_medquad()
     answers = [a for a in df["answer"].drop_duplicates().tolist() if a.strip()]
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     import onnxruntime
     import torch
     import transformers
-    from medquant.checkpoint import resolve_model_path
+    from medquant.model.checkpoint import resolve_model_path
 
     sizes_used = {k: getattr(sizes, k) for k in ("n_corpus", "n_queries", "n_calib", "n_calib_base")}
     stamp = {"version": STAMP_VERSION, "sizes": sizes_used, "seed": SEED, "torch": torch.__version__,

@@ -36,7 +36,7 @@ def main():
     args = ap.parse_args()
 
     import medquant
-    from medquant.datasets import load_medquad
+    from medquant.eval.datasets import load_medquad
 
     answers = load_medquad()["answer"].astype(str).tolist()
     enc = medquant.Encoder.from_pretrained(args.model)

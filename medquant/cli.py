@@ -104,7 +104,7 @@ def _parse_schemes(parser: argparse.ArgumentParser, text: str) -> List[str]:
 
 
 def _load_dataset(parser: argparse.ArgumentParser, args):
-    from .datasets import load_beir, medquad_retrieval
+    from .eval.datasets import load_beir, medquad_retrieval
 
     if args.dataset.lower() == "medquad":
         split = args.split or "dev"
@@ -167,7 +167,7 @@ def _json_safe(obj):
 def _save_plots(df, out: Path, metric: str) -> List[Path]:
     from matplotlib.figure import Figure
 
-    from .plots import plot_quality_vs_size, plot_quality_vs_throughput
+    from .eval.plots import plot_quality_vs_size, plot_quality_vs_throughput
 
     paths = []
     fig = Figure(figsize=(6.4, 4.6), layout="constrained")
@@ -186,8 +186,8 @@ def _compare(parser, args) -> int:
     import pandas as pd
 
     from . import runtime_info
-    from .evaluate import EvalConfig, evaluate, per_query_table
-    from .metrics import metric_columns
+    from .eval.evaluate import EvalConfig, evaluate, per_query_table
+    from .eval.metrics import metric_columns
 
     schemes = _parse_schemes(parser, args.schemes)
     for name, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--threads", args.threads),
@@ -213,7 +213,7 @@ def _compare(parser, args) -> int:
         parser.error(str(e))
     if args.metric not in cfg.main_metrics:
         cfg = EvalConfig(**{**cfg.to_dict(), "main_metrics": tuple(cfg.main_metrics) + (args.metric,)})
-    from .checkpoint import CheckpointError, resolve_model_path
+    from .model.checkpoint import CheckpointError, resolve_model_path
 
     try:
         resolve_model_path(args.model)
@@ -277,8 +277,8 @@ def _info(args) -> int:
 
 def _quantize(parser, args) -> int:
     from . import Encoder, PRESETS
-    from .checkpoint import CheckpointError
-    from .evaluate import _sample_calibration_texts
+    from .model.checkpoint import CheckpointError
+    from .eval.evaluate import _sample_calibration_texts
 
     if args.scheme not in PRESETS:
         parser.error(f"unknown scheme {args.scheme!r}; presets: {', '.join(PRESETS)}")

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from ._native import _core
+from .._native import _core
 from .schemes import CALIBRATION_METHODS, SITE_SUFFIXES
 
 _RANGE_CODES = {

@@ -277,7 +277,7 @@ def compare_runs(per_query_a: pd.DataFrame, per_query_b: pd.DataFrame, metrics: 
     Parameters
     ----------
     per_query_a, per_query_b : pandas.DataFrame
-        :func:`medquant.metrics.evaluate_run` outputs over the same query ids.
+        :func:`medquant.eval.metrics.evaluate_run` outputs over the same query ids.
     metrics : sequence of str, optional
         Columns to compare (default: every ``<metric>@<k>`` column present in both).
     **kwargs

@@ -1,10 +1,10 @@
-"""``medquant.evaluate``: what a quantization scheme costs in retrieval quality, and what it buys in speed and bytes.
+"""``medquant.eval.evaluate``: what a quantization scheme costs in retrieval quality, and what it buys in speed and bytes.
 
 One call encodes a retrieval collection with an fp32 baseline and with every requested scheme, searches it,
 scores the runs with trec_eval semantics and compares each system with fp32 query by query::
 
     import medquant
-    from medquant.datasets import medquad_retrieval
+    from medquant.eval.datasets import medquad_retrieval
 
     ds = medquad_retrieval("dev", limit=200)
     df = medquant.evaluate(["int8-dynamic", "int8-static-asym"], ds)       # + an fp32 baseline, always
@@ -30,12 +30,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from .checkpoint import DEFAULT_MODEL
+from ..model.checkpoint import DEFAULT_MODEL
+from ..model.encoder import Encoder
+from ..quant.schemes import QuantScheme, get_scheme
 from .datasets import RetrievalDataset, load_beir, medquad_retrieval, split_corpus
-from .encoder import Encoder
 from .metrics import evaluate_run, metric_columns, summarize
 from .retrieval import quantize_index, run_from_search, search, search_passages
-from .schemes import QuantScheme, get_scheme
 from .stats import paired_comparison
 
 INDEX_KINDS = ("int8", "binary")
@@ -83,7 +83,7 @@ class EvalConfig:
     index_scoring : {"codes", "asymmetric"}
         ``"codes"``: the query is quantized like the corpus and scored in the quantized domain (int8 code dot
         product, binary Hamming), as sentence-transformers does; ``"asymmetric"``: the float query is scored
-        against the dequantized corpus. See :func:`medquant.retrieval.quantize_index`.
+        against the dequantized corpus. See :func:`medquant.eval.retrieval.quantize_index`.
     rescore_multiplier : int, optional
         If set (> 0), every index kind also gets a row whose top ``k * rescore_multiplier`` candidates are
         re-ranked with the float corpus embeddings.
@@ -340,7 +340,7 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODE
         * ``scheme`` (system name, e.g. ``int8-dynamic`` or ``fp32+index-binary+rescore4``), ``model``,
           ``model_scheme``, ``index`` (``float32``, ``int8``, ``binary``), ``index_scoring``, ``rescore``
           (candidate multiplier, 0 = none), ``n_queries``, ``n_docs``, ``n_passages``;
-        * every metric of :func:`medquant.metrics.evaluate_run` (mean over judged queries);
+        * every metric of :func:`medquant.eval.metrics.evaluate_run` (mean over judged queries);
         * for each of ``config.main_metrics``: ``<m>_delta`` (system - fp32), ``<m>_ci_low`` / ``<m>_ci_high``
           (paired percentile bootstrap over queries) and ``<m>_p`` (two-sided paired randomization test);
         * ``overlap@10`` (fraction of fp32's top-10 retrieved in the system's top-10), ``emb_cosine`` (mean cosine

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Optional, Tuple
 
-from ._native import _core
+from .._native import _core
 
 SITE_SUFFIXES = (
     "attention.self.qkv",

@@ -112,7 +112,7 @@ def data_root() -> Path:
         if not p.is_dir():
             raise FileNotFoundError(f"MEDQUANT_DATA={env!r} is not a directory")
         return p
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # medquant/eval/datasets.py -> the repository
     candidates = [repo.parent / "shared" / "data" / "medquad", Path.cwd() / "shared" / "data" / "medquad"]
     for c in candidates:
         if c.is_dir():
@@ -659,7 +659,7 @@ def split_corpus(corpus: Mapping[str, str], max_words: int = 160, stride: int = 
         All passages, document by document.
     doc_index : numpy.ndarray
         int64 ``[len(passages)]``: index (in corpus order) of each passage's document; input to
-        :func:`medquant.retrieval.search_passages`.
+        :func:`medquant.eval.retrieval.search_passages`.
     """
     passages: List[str] = []
     index: List[int] = []

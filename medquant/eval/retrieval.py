@@ -1,7 +1,7 @@
 """Exact dense retrieval (blocked top-k), passage max-pooling, and quantized (int8 / binary) embedding indexes.
 
 Ranking convention everywhere: higher score first, ties broken by the lower corpus index. (Evaluation with
-:mod:`medquant.metrics` re-sorts each query's run the way trec_eval does - score descending, then document id
+:mod:`medquant.eval.metrics` re-sorts each query's run the way trec_eval does - score descending, then document id
 descending - unless the run is built with ``run_from_search(..., preserve_order=True)``.)
 """
 from __future__ import annotations
@@ -223,7 +223,7 @@ def search_passages(query_emb: np.ndarray, passage_emb: np.ndarray, passage_doc_
     query_emb : array-like, shape (nq, d)
     passage_emb : array-like, shape (npass, d)
     passage_doc_index : array-like of int, shape (npass,)
-        Document index of each passage (e.g. from :func:`medquant.datasets.split_corpus`); any order.
+        Document index of each passage (e.g. from :func:`medquant.eval.datasets.split_corpus`); any order.
     k : int
         Documents per query (clipped to the number of documents that have a passage).
     n_docs : int, optional

@@ -11,13 +11,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from ._native import _core
-from .calibration import Calibration, qparams
+from .._native import _core
+from ..quant.calibration import Calibration, qparams
+from ..quant.schemes import KIND_CODES, MODE_CODES, SITE_SUFFIXES, QuantScheme, get_scheme, site_name
 from .checkpoint import (
     DEFAULT_MODEL, BertConfig, CheckpointError, default_max_length, fp32_params, load_config, load_state_dict,
     load_tokenizer, read_safetensors, resolve_model_path,
 )
-from .schemes import KIND_CODES, MODE_CODES, SITE_SUFFIXES, QuantScheme, get_scheme, site_name
 
 FORMAT = "medquant-quantized-v1"
 _POOLING = {"mean": _core.POOL_MEAN, "cls": _core.POOL_CLS}
