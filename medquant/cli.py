@@ -278,7 +278,7 @@ def _info(args) -> int:
 def _quantize(parser, args) -> int:
     from . import Encoder, PRESETS
     from .model.checkpoint import CheckpointError
-    from .eval.evaluate import _sample_calibration_texts
+    from .quant.calibration import sample_calibration_texts
 
     if args.scheme not in PRESETS:
         parser.error(f"unknown scheme {args.scheme!r}; presets: {', '.join(PRESETS)}")
@@ -292,7 +292,7 @@ def _quantize(parser, args) -> int:
     calib = None
     if scheme.needs_calibration:
         ds = _load_dataset(parser, args)
-        calib = _sample_calibration_texts(list(ds.queries.values()), list(ds.corpus.values()),
+        calib = sample_calibration_texts(list(ds.queries.values()), list(ds.corpus.values()),
                                           args.calibration_size, args.seed)
         print(f"calibrating on {len(calib)} texts from {ds.name}", file=sys.stderr)
     try:

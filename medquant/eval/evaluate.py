@@ -32,6 +32,7 @@ import pandas as pd
 
 from ..model.checkpoint import DEFAULT_MODEL
 from ..model.encoder import Encoder
+from ..quant.calibration import sample_calibration_texts
 from ..quant.schemes import QuantScheme, get_scheme
 from .datasets import RetrievalDataset, load_beir, medquad_retrieval, split_corpus
 from .metrics import evaluate_run, metric_columns, summarize
@@ -207,11 +208,6 @@ def _log(enabled: bool, msg: str) -> None:
         print(f"[medquant] {msg}", file=sys.stderr, flush=True)
 
 
-def _is_fp32(enc: Encoder) -> bool:
-    return (enc.scheme.embeddings == "fp32" and all(k == "fp32" for k in enc.site_kinds().values())
-            and "embeddings.word_embeddings.weight_scale" not in enc._storage)
-
-
 def _resolve_dataset(dataset) -> RetrievalDataset:
     if isinstance(dataset, RetrievalDataset):
         return dataset
@@ -249,17 +245,6 @@ def _unique(label: str, taken: set) -> str:
     while f"{label}#{i}" in taken:
         i += 1
     return f"{label}#{i}"
-
-
-def _sample_calibration_texts(queries: Sequence[str], corpus: Sequence[str], n: int, seed: int) -> List[str]:
-    """Half queries, half corpus texts (seeded, without replacement); a short pool is filled from the other."""
-    rng = np.random.default_rng([int(seed), 0xCA11B])
-    nq = min(len(queries), n // 2)
-    nc = min(len(corpus), n - nq)
-    nq = min(len(queries), n - nc)
-    qi = rng.choice(len(queries), size=nq, replace=False) if nq else []
-    ci = rng.choice(len(corpus), size=nc, replace=False) if nc else []
-    return [queries[i] for i in qi] + [corpus[i] for i in ci]
 
 
 def _token_count(enc: Encoder, texts: Sequence[str], max_length: Optional[int], chunk: int = 2048) -> int:
@@ -370,10 +355,10 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODE
     progress = bool(show_progress_bar)
 
     # ---------------------------------------------------------------- the fp32 baseline
-    baseline: Optional[Encoder] = next((it for it in items if isinstance(it, Encoder) and _is_fp32(it)), None)
+    baseline: Optional[Encoder] = next((it for it in items if isinstance(it, Encoder) and it.is_fp32), None)
     if baseline is None:
         baseline = next((it.reference for it in items if isinstance(it, Encoder) and it.reference is not None
-                         and _is_fp32(it.reference)), None)
+                         and it.reference.is_fp32), None)
     if baseline is None:
         _log(progress, f"loading {model} (fp32)")
         baseline = Encoder.from_pretrained(model, n_threads=cfg.threads)
@@ -417,7 +402,7 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODE
     calib_info: Dict[str, Any] = {"n_texts": 0, "source": None}
     if needs_calib:
         if calibration_texts is None:
-            calibration_texts = _sample_calibration_texts(query_texts, corpus_texts, cfg.calibration_size, cfg.seed)
+            calibration_texts = sample_calibration_texts(query_texts, corpus_texts, cfg.calibration_size, cfg.seed)
             calib_info = {"n_texts": len(calibration_texts), "seed": cfg.seed,
                           "source": f"seeded sample of {ds.name} queries and corpus "
                                     f"{'passages' if cfg.passages else 'texts'} (same split as evaluated)"}

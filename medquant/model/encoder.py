@@ -1,53 +1,29 @@
-"""medquant.Encoder: load a BERT checkpoint, encode texts with the C core, calibrate, quantize, save."""
+"""medquant.Encoder: a BERT encoder run by the C core: load, tokenize, encode, calibrate; quantizing, the per-site
+error report and saving are delegated to :mod:`medquant.quant.quantize`, :mod:`medquant.quant.report` and
+:mod:`medquant.model.storage`."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import threading
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
 from .._native import _core
-from ..quant.calibration import Calibration, qparams
-from ..quant.schemes import KIND_CODES, MODE_CODES, SITE_SUFFIXES, QuantScheme, get_scheme, site_name
+from ..quant import quantize as _quantize
+from ..quant import report as _report
+from ..quant.calibration import Calibration
+from ..quant.schemes import QuantScheme, get_scheme
+from . import limits, storage as _storage
+from .architectures import WORD_EMBEDDING_SCALES, BertConfig, parse_site
 from .checkpoint import (
-    DEFAULT_MODEL, BertConfig, CheckpointError, default_max_length, fp32_params, load_config, load_state_dict,
-    load_tokenizer, read_safetensors, resolve_model_path,
+    DEFAULT_MODEL, default_max_length, fp32_params, load_config, load_state_dict, load_tokenizer, resolve_model_path,
 )
 
-FORMAT = "medquant-quantized-v1"
 _POOLING = {"mean": _core.POOL_MEAN, "cls": _core.POOL_CLS}
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                    "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")
-
-
-def _default_threads() -> int:
-    env = os.environ.get("MEDQUANT_NUM_THREADS")
-    if env:
-        return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-def _fp32_sites(params: Dict[str, np.ndarray], cfg: BertConfig):
-    """Per-site fp32 (weight [N, K], bias [N]); Q, K, V fused into one [3H, H] projection."""
-    sites = {}
-    for i in range(cfg.num_hidden_layers):
-        p = f"encoder.layer.{i}."
-        qkv = [p + f"attention.self.{n}" for n in ("query", "key", "value")]
-        sites[site_name(i, 0)] = (
-            np.ascontiguousarray(np.concatenate([params[n + ".weight"] for n in qkv], axis=0)),
-            np.ascontiguousarray(np.concatenate([params[n + ".bias"] for n in qkv], axis=0)),
-        )
-        for s, mod in ((1, "attention.output.dense"), (2, "intermediate.dense"), (3, "output.dense")):
-            sites[site_name(i, s)] = (params[p + mod + ".weight"], params[p + mod + ".bias"])
-    return sites
+Batch = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class Encoder:
@@ -71,7 +47,8 @@ class Encoder:
         self._fp32 = fp32
         self.reference = reference
         self._tok_lock = threading.Lock()
-        self._core = self._build(n_threads if n_threads is not None else _default_threads())
+        self._core = _storage.build_core(config, storage, sites,
+                                         n_threads if n_threads is not None else limits.default_threads())
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -81,100 +58,45 @@ class Encoder:
         model_dir = resolve_model_path(name_or_path)
         cfg = load_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        ml = default_max_length(model_dir, cfg) if max_length is None else cls._check_max_length(max_length, cfg)
+        ml = (default_max_length(model_dir, cfg) if max_length is None
+              else limits.max_length(max_length, cfg.max_position_embeddings))
         state, meta = load_state_dict(model_dir, allow_pickle=allow_pickle)
-        name = str(name_or_path)
-        if meta.get("format") == FORMAT:
-            scheme, sites, storage = cls._read_quantized(meta, state, cfg)
-            return cls(config=cfg, tokenizer=tokenizer, storage=storage, sites=sites, scheme=scheme, max_length=ml,
-                       model_dir=model_dir, name=name, n_threads=n_threads)
-        params = fp32_params(state, cfg)
-        scheme = get_scheme("fp32")
-        storage, sites = cls._float_storage(params, cfg, scheme)
-        return cls(config=cfg, tokenizer=tokenizer, storage=storage, sites=sites, scheme=scheme, max_length=ml,
-                   model_dir=model_dir, name=name, fp32=params, n_threads=n_threads)
-
-    @staticmethod
-    def _check_max_length(max_length, cfg: BertConfig) -> int:
-        if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool):
-            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
-        if not (2 <= max_length <= cfg.max_position_embeddings):
-            raise ValueError(f"max_length must be in [2, {cfg.max_position_embeddings}], got {max_length}")
-        return int(max_length)
-
-    @staticmethod
-    def _float_storage(params, cfg, scheme, act_mul=None):
-        storage = {
-            "embeddings.word_embeddings.weight": params["embeddings.word_embeddings.weight"],
-            "embeddings.position_embeddings.weight": params["embeddings.position_embeddings.weight"],
-            "embeddings.token_type_embeddings.weight": params["embeddings.token_type_embeddings.weight"],
-            "embeddings.LayerNorm.weight": params["embeddings.LayerNorm.weight"],
-            "embeddings.LayerNorm.bias": params["embeddings.LayerNorm.bias"],
-        }
-        for i in range(cfg.num_hidden_layers):
-            for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
-                for t in ("weight", "bias"):
-                    k = f"encoder.layer.{i}.{ln}.{t}"
-                    storage[k] = params[k]
-        sites = {}
-        for name, (w, b) in _fp32_sites(params, cfg).items():
-            kind = scheme.site_kind(name)
-            if kind not in ("fp32", "bf16"):
-                raise ValueError(f"_float_storage got a non-float site kind {kind}")
-            if act_mul is not None and name in act_mul:
-                w = np.ascontiguousarray(w / act_mul[name][None, :], dtype=np.float32)
-                storage[name + ".act_mul"] = act_mul[name]
-            storage[name + ".weight"] = w
-            storage[name + ".bias"] = b
-            sites[name] = {"kind": kind}
-        return storage, sites
-
-    def _build(self, n_threads: int):
-        cfg, st = self.config, self._storage
-        core = _core.Encoder(cfg.to_core(), int(n_threads), _core.Observer)
-        if "embeddings.word_embeddings.weight_scale" in st:
-            core.set_word_embeddings(st["embeddings.word_embeddings.weight"], st["embeddings.word_embeddings.weight_scale"])
+        if _storage.is_quantized(meta):
+            params = None
+            scheme, sites, tensors = _storage.read_quantized(meta, state, cfg)
         else:
-            core.set_word_embeddings(st["embeddings.word_embeddings.weight"])
-        core.set_position_type_embeddings(st["embeddings.position_embeddings.weight"],
-                                          st["embeddings.token_type_embeddings.weight"])
-        core.set_layernorm(-1, 0, st["embeddings.LayerNorm.weight"], st["embeddings.LayerNorm.bias"])
-        for i in range(cfg.num_hidden_layers):
-            for which, ln in enumerate(("attention.output.LayerNorm", "output.LayerNorm")):
-                core.set_layernorm(i, which, st[f"encoder.layer.{i}.{ln}.weight"], st[f"encoder.layer.{i}.{ln}.bias"])
-            for s in range(len(SITE_SUFFIXES)):
-                name = site_name(i, s)
-                spec = self._sites[name]
-                kw = dict(
-                    w_scales=st.get(name + ".weight_scale"),
-                    bias=st.get(name + ".bias"),
-                    act_mul=st.get(name + ".act_mul"),
-                )
-                if spec["kind"] == "int8":
-                    kw.update(
-                        act_mode=MODE_CODES[spec["act_mode"]],
-                        act_symmetric=bool(spec["act_symmetric"]),
-                        act_scale=float(spec.get("act_scale", 1.0)),
-                        act_zero_point=int(spec.get("act_zero_point", 0)),
-                    )
-                if spec["kind"] in ("int8", "w8"):
-                    kw["w_per_channel"] = bool(spec["w_per_channel"])
-                if spec["kind"] == "w4":
-                    kw["group_size"] = int(spec["group_size"])
-                core.set_linear(i, s, KIND_CODES[spec["kind"]], st[name + ".weight"], **kw)
-        core.finalize()
-        return core
+            params = fp32_params(state, cfg)
+            scheme = get_scheme("fp32")
+            tensors, sites = _storage.float_storage(params, cfg, scheme)
+        return cls(config=cfg, tokenizer=tokenizer, storage=tensors, sites=sites, scheme=scheme, max_length=ml,
+                   model_dir=model_dir, name=str(name_or_path), fp32=params, n_threads=n_threads)
+
+    def with_storage(self, storage: Dict[str, np.ndarray], sites: Dict[str, Dict], scheme: QuantScheme, *,
+                     fp32: Optional[Dict[str, np.ndarray]] = None, reference: Optional["Encoder"] = None) -> "Encoder":
+        """A new encoder of the same model (config, tokenizer, max_length, threads) holding other tensors."""
+        return Encoder(config=self.config, tokenizer=self.tokenizer, storage=storage, sites=sites, scheme=scheme,
+                       max_length=self.max_length, model_dir=self.model_dir, name=self.name, fp32=fp32,
+                       reference=reference, n_threads=self.n_threads)
 
     # ------------------------------------------------------------------------------------------ properties
+    @property
+    def fp32_params(self) -> Optional[Dict[str, np.ndarray]]:
+        """The fp32 checkpoint parameters this encoder was made from (None if it was loaded quantized)."""
+        return self._fp32
+
+    @property
+    def is_fp32(self) -> bool:
+        """Every site and the embedding table in fp32."""
+        return (self.scheme.embeddings == "fp32" and all(k == "fp32" for k in self.site_kinds().values())
+                and WORD_EMBEDDING_SCALES not in self._storage)
+
     @property
     def n_threads(self) -> int:
         return self._core.threads()
 
     def set_threads(self, n_threads: int) -> None:
         """Threads used by oneDNN for this encoder's forward passes."""
-        if not isinstance(n_threads, (int, np.integer)) or n_threads < 1:
-            raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
-        self._core.set_threads(int(n_threads))
+        self._core.set_threads(limits.positive_int(n_threads, "n_threads"))
 
     @property
     def hidden_size(self) -> int:
@@ -189,8 +111,7 @@ class Encoder:
 
     def site_impl(self, site: str) -> str:
         """The oneDNN implementation that ran a site's matmul (e.g. 'brg:avx512_core_vnni'), '' before it ran."""
-        layer, s = int(site.split(".")[2]), SITE_SUFFIXES.index(site.split(".", 3)[3])
-        return self._core.site_impl(layer, s)
+        return self._core.site_impl(*parse_site(site))
 
     def size_bytes(self) -> int:
         """Bytes the encoder's parameters take in memory (prepacked weights, scales, embeddings)."""
@@ -203,10 +124,13 @@ class Encoder:
     # ------------------------------------------------------------------------------------------ running
     def tokenize(self, texts: Sequence[str], max_length: Optional[int] = None):
         """Token ids, attention mask and token type ids (int32, right-padded) for a list of texts."""
-        texts = self._check_texts(texts)
-        ml = self.max_length if max_length is None else self._check_max_length(max_length, self.config)
-        encs = self._encode_tokens(texts, ml)
+        texts = limits.texts(texts)
+        encs = self._encode_tokens(texts, self._max_length(max_length))
         return self._pad([e.ids for e in encs], [e.type_ids for e in encs])
+
+    def _max_length(self, max_length: Optional[int]) -> int:
+        return self.max_length if max_length is None else limits.max_length(max_length,
+                                                                            self.config.max_position_embeddings)
 
     def _encode_tokens(self, texts: List[str], max_length: int):
         with self._tok_lock:
@@ -228,19 +152,28 @@ class Encoder:
             types[b, : len(t)] = t
         return ids, mask, types
 
-    @staticmethod
-    def _check_texts(texts) -> List[str]:
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be a list of strings, not a single string (wrap it: [text])")
-        if texts is None:
-            raise TypeError("texts must be a list of strings, got None")
-        texts = list(texts)
-        if not texts:
-            raise ValueError("texts is empty: nothing to encode")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
-        return texts
+    def batches(self, texts: Sequence[str], batch_size: int = 32, max_length: Optional[int] = None, *,
+                by_length: bool = True, show_progress_bar: Optional[bool] = False, auto_progress: int = 32,
+                desc: str = "") -> Iterator[Batch]:
+        """(positions in ``texts``, input ids, attention mask, token type ids) per batch of tokenized texts.
+
+        by_length: batch the texts longest first, so little padding is computed (else in input order).
+        show_progress_bar: a tqdm bar; None: one when there are at least ``auto_progress`` batches.
+        """
+        texts = limits.texts(texts)
+        batch_size = limits.positive_int(batch_size, "batch_size")
+        encs = self._encode_tokens(texts, self._max_length(max_length))
+        order = np.argsort([-len(e.ids) for e in encs], kind="stable") if by_length else np.arange(len(encs))
+        starts = range(0, len(texts), batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(starts) >= auto_progress
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch")
+        for s in starts:
+            idx = order[s: s + batch_size]
+            yield (idx, *self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx]))
 
     @staticmethod
     def _as_int32(a, name: str, shape=None) -> np.ndarray:
@@ -272,29 +205,22 @@ class Encoder:
         Texts are tokenized (truncated to max_length, default the model's), sorted by length and batched so little
         padding is computed; each batch is one call into the C core (all layers, GIL released).
         """
-        texts = self._check_texts(texts)
+        texts = limits.texts(texts)
         if pooling not in _POOLING:
             raise ValueError(f"pooling must be one of {', '.join(_POOLING)}, got {pooling!r}")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        ml = self.max_length if max_length is None else self._check_max_length(max_length, self.config)
-        encs = self._encode_tokens(texts, ml)
-        order = np.argsort([-len(e.ids) for e in encs], kind="stable")
         out = np.empty((len(texts), self.config.hidden_size), np.float32)
-        starts = range(0, len(texts), batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(starts) >= 32
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"encode [{self.scheme.name}]", unit="batch")
-        for s in starts:
-            idx = order[s: s + batch_size]
-            ids, mask, tt = self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx])
+        for idx, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
+                                               desc=f"encode [{self.scheme.name}]"):
             _, pooled, _ = self._core.forward(ids, mask, tt, pooling=_POOLING[pooling], normalize=bool(normalize),
                                               hidden=False)
             out[idx] = pooled
         return out
+
+    def forward_taps(self, ids: np.ndarray, mask: np.ndarray, token_type_ids: np.ndarray):
+        """(mean-pooled normalized embeddings, per-site output taps) of one padded batch (see quant_report)."""
+        _, pooled, taps = self._core.forward(ids, mask, token_type_ids, pooling=_core.POOL_MEAN, normalize=True,
+                                             hidden=False, taps=True)
+        return pooled, taps
 
     def encode_to(self, texts: Iterable[str], out, chunk_size: int = 2048, **encode_kwargs) -> int:
         """Stream texts (any iterable, e.g. a generator) into ``out`` (an array-like of shape [n, hidden], such as a
@@ -317,235 +243,32 @@ class Encoder:
                   max_length: Optional[int] = None, nbins: int = 2048, momentum: float = 0.9,
                   percentile: float = 99.99, show_progress_bar: Optional[bool] = None) -> Calibration:
         """Observe every linear layer's input over ``texts`` (C observers) and return the statistics."""
-        return self._calibrate(self._core, texts, method, batch_size, max_length, nbins, momentum, percentile,
-                               show_progress_bar)
-
-    def _calibrate(self, core, texts, method, batch_size, max_length, nbins, momentum, percentile, show_progress_bar):
-        texts = self._check_texts(texts)
-        ml = self.max_length if max_length is None else self._check_max_length(max_length, self.config)
+        texts = limits.texts(texts)
         sites = self.site_names
         observers = [_core.Observer(nbins, momentum) for _ in sites]
-        encs = self._encode_tokens(texts, ml)
-        order = np.argsort([-len(e.ids) for e in encs], kind="stable")
-        starts = range(0, len(texts), batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(starts) >= 8
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="calibrate", unit="batch")
-        for s in starts:
-            idx = order[s: s + batch_size]
-            ids, mask, tt = self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx])
-            core.forward(ids, mask, tt, hidden=False, observers=observers)
+        for _, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
+                                             auto_progress=8, desc="calibrate"):
+            self._core.forward(ids, mask, tt, hidden=False, observers=observers)
         return Calibration(sites=sites, observers=observers, n_texts=len(texts), method=method, percentile=percentile)
 
-    # ------------------------------------------------------------------------------------------ quantization
+    # ------------------------------------------------------------------------------------------ delegated
     def quantize(self, scheme, calibration_texts: Optional[Sequence[str]] = None,
                  calibration: Optional[Calibration] = None, batch_size: int = 32,
                  show_progress_bar: Optional[bool] = None) -> "Encoder":
-        """A new Encoder quantized under ``scheme`` (a preset name, dict or QuantScheme); this one is untouched.
+        """A new Encoder quantized under ``scheme`` (see :func:`medquant.quant.quantize.quantize`)."""
+        return _quantize.quantize(self, scheme, calibration_texts=calibration_texts, calibration=calibration,
+                                  batch_size=batch_size, show_progress_bar=show_progress_bar)
 
-        Static int8 schemes need calibration: pass ``calibration_texts`` (a few hundred representative texts) or a
-        ``calibration`` from :meth:`calibrate`. SmoothQuant needs ``calibration_texts`` (its ranges are measured
-        after smoothing).
-        """
-        scheme = get_scheme(scheme)
-        if self._fp32 is None:
-            raise ValueError("quantize() starts from fp32 weights; this encoder was loaded quantized. Load the fp32 "
-                             "checkpoint and quantize that.")
-        cfg = self.config
-        names = self.site_names
-        kinds = {n: scheme.site_kind(n) for n in names}
-        int8_sites = [n for n in names if kinds[n] == "int8"]
-        if calibration_texts is not None:
-            calibration_texts = self._check_texts(calibration_texts)
-        need_calib = scheme.needs_calibration and bool(int8_sites)
-        if need_calib and calibration is None and calibration_texts is None:
-            raise ValueError(f"scheme {scheme.name!r} needs calibration: pass calibration_texts=[...] or "
-                             "calibration=encoder.calibrate(texts)")
-        if calibration is not None and not isinstance(calibration, Calibration):
-            raise TypeError("calibration must be a medquant Calibration (from Encoder.calibrate)")
-        if calibration is not None and calibration.sites != names:
-            raise ValueError("calibration was gathered on a model with different sites")
-
-        act_mul: Dict[str, np.ndarray] = {}
-        if scheme.smoothquant_alpha is not None and int8_sites:
-            if calibration_texts is None:
-                raise ValueError("SmoothQuant needs calibration_texts: ranges are measured after smoothing")
-            base = calibration or self.calibrate(calibration_texts, method=scheme.calibration,
-                                                 batch_size=batch_size, momentum=scheme.momentum,
-                                                 percentile=scheme.percentile, show_progress_bar=show_progress_bar)
-            act_mul = self._smoothquant_factors(base, int8_sites, scheme.smoothquant_alpha)
-            # ranges of the smoothed activations: calibrate an fp32 encoder that applies the smoothing
-            smooth_storage, smooth_sites = self._float_storage(self._fp32, cfg, get_scheme("fp32"), act_mul)
-            tmp = Encoder(config=cfg, tokenizer=self.tokenizer, storage=smooth_storage, sites=smooth_sites,
-                          scheme=get_scheme("fp32"), max_length=self.max_length, model_dir=self.model_dir,
-                          name=self.name, n_threads=self.n_threads)
-            calibration = tmp.calibrate(calibration_texts, method=scheme.calibration, batch_size=batch_size,
-                                        momentum=scheme.momentum, percentile=scheme.percentile,
-                                        show_progress_bar=show_progress_bar)
-            calibration.act_mul = act_mul
-        elif need_calib and calibration is None:
-            calibration = self.calibrate(calibration_texts, method=scheme.calibration, batch_size=batch_size,
-                                         momentum=scheme.momentum, percentile=scheme.percentile,
-                                         show_progress_bar=show_progress_bar)
-
-        storage, sites = self._quantized_storage(scheme, kinds, act_mul, calibration)
-        return Encoder(config=cfg, tokenizer=self.tokenizer, storage=storage, sites=sites, scheme=scheme,
-                       max_length=self.max_length, model_dir=self.model_dir, name=self.name, fp32=self._fp32,
-                       reference=self, n_threads=self.n_threads)
-
-    def _smoothquant_factors(self, calib: Calibration, sites, alpha: float) -> Dict[str, np.ndarray]:
-        """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha); activations are multiplied by 1/s, weights by s."""
-        fp32_sites = _fp32_sites(self._fp32, self.config)
-        out = {}
-        for n in sites:
-            ax = calib.column_absmax(n).astype(np.float64)
-            wx = np.abs(fp32_sites[n][0]).max(axis=0).astype(np.float64)
-            s = np.power(np.maximum(ax, 1e-5), alpha) / np.power(np.maximum(wx, 1e-5), 1.0 - alpha)
-            s = np.clip(s, 1e-4, 1e4)
-            out[n] = (1.0 / s).astype(np.float32)
-        return out
-
-    def _quantized_storage(self, scheme: QuantScheme, kinds, act_mul, calibration):
-        cfg = self.config
-        params = self._fp32
-        storage, _ = self._float_storage(params, cfg, get_scheme("fp32"))
-        if scheme.embeddings == "int8":
-            q, s = _core.quantize_rows_s8(params["embeddings.word_embeddings.weight"])
-            storage["embeddings.word_embeddings.weight"] = q
-            storage["embeddings.word_embeddings.weight_scale"] = s
-        per_channel = scheme.weight_granularity == "per-channel"
-        sites = {}
-        for name, (w, b) in _fp32_sites(params, cfg).items():
-            kind = kinds[name]
-            spec: Dict = {"kind": kind}
-            storage[name + ".bias"] = b
-            if kind in ("fp32", "bf16"):
-                storage[name + ".weight"] = w
-            elif kind in ("int8", "w8"):
-                mul = act_mul.get(name)
-                if mul is not None:
-                    w = np.ascontiguousarray(w / mul[None, :], dtype=np.float32)
-                    storage[name + ".act_mul"] = mul
-                q, s = _core.quantize_weight_s8(w, per_channel)
-                storage[name + ".weight"] = q
-                storage[name + ".weight_scale"] = s
-                spec["w_per_channel"] = per_channel
-                if kind == "int8":
-                    spec["act_mode"] = scheme.mode
-                    spec["act_symmetric"] = bool(scheme.act_symmetric)
-                    if scheme.mode == "static":
-                        lo, hi = calibration.range(name, scheme.calibration, scheme.act_symmetric, scheme.percentile)
-                        scale, zp = qparams(lo, hi, scheme.act_symmetric)
-                        spec["act_scale"] = float(scale)
-                        spec["act_zero_point"] = int(zp)
-                        spec["act_range"] = [lo, hi]
-            elif kind == "w4":
-                q, s = _core.quantize_weight_s4(w, int(scheme.group_size))
-                storage[name + ".weight"] = q
-                storage[name + ".weight_scale"] = s
-                spec["group_size"] = int(scheme.group_size)
-            sites[name] = spec
-        return storage, sites
-
-    # ------------------------------------------------------------------------------------------ reports
     def quant_report(self, texts: Sequence[str], reference: Optional["Encoder"] = None, batch_size: int = 16,
                      max_length: Optional[int] = None) -> pd.DataFrame:
-        """Per-site error of this encoder against an fp32 reference on ``texts``.
+        """Per-site error against an fp32 reference (see :func:`medquant.quant.report.quant_report`)."""
+        return _report.quant_report(self, texts, reference=reference, batch_size=batch_size, max_length=max_length)
 
-        For every linear layer output (after its fused epilogue: GELU, or the residual add): SQNR in dB
-        (10 log10 ||ref||^2 / ||ref - q||^2) and relative error ||ref - q|| / ||ref||, accumulated over all real
-        tokens; plus a final row with the mean and minimum cosine of the pooled, normalized embeddings.
-        Where a static int8 layer's input is quantized by its producer (intermediate.dense writes output.dense's
-        u8 input), that producer's output is reported as the consumer sees it: dequantized from u8.
-        """
-        ref = reference or self.reference
-        if ref is None:
-            raise ValueError("quant_report needs an fp32 reference: pass reference=Encoder.from_pretrained(...)")
-        if ref.config != self.config:
-            raise ValueError("reference has a different architecture")
-        texts = self._check_texts(texts)
-        ml = self.max_length if max_length is None else self._check_max_length(max_length, self.config)
-        encs = self._encode_tokens(texts, ml)
-        names = self.site_names
-        sig = np.zeros(len(names))
-        err = np.zeros(len(names))
-        cos = []
-        for s in range(0, len(texts), batch_size):
-            chunk = encs[s: s + batch_size]
-            ids, mask, tt = self._pad([e.ids for e in chunk], [e.type_ids for e in chunk])
-            _, pr, tr = ref._core.forward(ids, mask, tt, pooling=_core.POOL_MEAN, normalize=True, hidden=False, taps=True)
-            _, pq, tq = self._core.forward(ids, mask, tt, pooling=_core.POOL_MEAN, normalize=True, hidden=False, taps=True)
-            for i, (a, b) in enumerate(zip(tr, tq)):
-                a64 = a.astype(np.float64)
-                sig[i] += np.sum(a64 * a64)
-                d = a64 - b
-                err[i] += np.sum(d * d)
-            cos.append(np.sum(pr * pq, axis=1))
-        cos = np.concatenate(cos)
-        kinds = self.site_kinds()
-        rows = []
-        for i, n in enumerate(names):
-            rows.append({
-                "site": n, "layer": int(n.split(".")[2]), "module": n.split(".", 3)[3], "kind": kinds[n],
-                "sqnr_db": float(10 * np.log10(sig[i] / err[i])) if err[i] > 0 else float("inf"),
-                "rel_error": float(np.sqrt(err[i] / sig[i])) if sig[i] > 0 else float("nan"),
-            })
-        rows.append({"site": "embedding", "layer": self.config.num_hidden_layers, "module": "pooled", "kind": "",
-                     "sqnr_db": float("nan"), "rel_error": float(1 - cos.mean()),
-                     "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())})
-        return pd.DataFrame(rows)
-
-    # ------------------------------------------------------------------------------------------ saving
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
         """Write the encoder as a model directory that :meth:`from_pretrained` (and, for fp32, Hugging Face) loads.
 
         fp32: a standard Hugging Face BERT checkpoint. Quantized: model.safetensors with int8/int4 weights, scales,
         zero points and the scheme as metadata (loading needs no calibration data). Tokenizer files are copied.
         """
-        from safetensors.numpy import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.scheme.name == "fp32" and self._fp32 is not None and all(
-                v["kind"] == "fp32" for v in self._sites.values()):
-            save_file(dict(self._fp32), str(out / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            meta = {"format": FORMAT, "scheme": self.scheme.to_json(), "sites": json.dumps(self._sites, sort_keys=True)}
-            save_file({k: np.ascontiguousarray(v) for k, v in self._storage.items()}, str(out / "model.safetensors"),
-                      metadata=meta)
-        with open(out / "config.json", "w", encoding="utf-8") as f:
-            json.dump(self.config.to_hf(), f, indent=2)
-        if self.model_dir is not None:
-            for fn in _TOKENIZER_FILES:
-                src = Path(self.model_dir) / fn
-                if src.exists() and src.resolve() != (out / fn).resolve():
-                    shutil.copyfile(src, out / fn)
-        if not (out / "tokenizer.json").exists() and not (out / "vocab.txt").exists():
-            self.tokenizer.save(str(out / "tokenizer.json"))
-        return out
-
-    @staticmethod
-    def _read_quantized(meta, state, cfg: BertConfig):
-        try:
-            scheme = QuantScheme.from_dict(json.loads(meta["scheme"]))
-            sites = json.loads(meta["sites"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"quantized checkpoint metadata is corrupt: {e}") from None
-        expected = [site_name(i, s) for i in range(cfg.num_hidden_layers) for s in range(len(SITE_SUFFIXES))]
-        if not isinstance(sites, dict) or sorted(sites) != sorted(expected):
-            raise CheckpointError("quantized checkpoint sites do not match config.json")
-        for n, spec in sites.items():
-            if not isinstance(spec, dict) or spec.get("kind") not in KIND_CODES:
-                raise CheckpointError(f"quantized checkpoint: bad site spec for {n}: {spec!r}")
-            if spec["kind"] == "int8" and spec.get("act_mode") not in MODE_CODES:
-                raise CheckpointError(f"quantized checkpoint: bad activation mode for {n}")
-        storage = {k: np.ascontiguousarray(v) for k, v in state.items()}
-        for k, v in storage.items():
-            if v.dtype.kind == "f" and v.dtype != np.float32:
-                storage[k] = v.astype(np.float32)
-            if storage[k].dtype == np.float32 and not np.isfinite(storage[k]).all():
-                raise CheckpointError(f"tensor {k} contains NaN or Inf")
-        return scheme, {n: sites[n] for n in expected}, storage
+        return _storage.write(Path(directory), config=self.config, tokenizer=self.tokenizer, scheme=self.scheme,
+                              storage=self._storage, sites=self._sites, fp32=self._fp32, model_dir=self.model_dir)

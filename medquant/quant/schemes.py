@@ -6,7 +6,9 @@ C core (csrc/linear.c); everything else is rejected with an error rather than si
 
 Site names follow the Hugging Face module names (the Q/K/V projections are fused into one ``qkv`` site):
 ``encoder.layer.{i}.attention.self.qkv``, ``encoder.layer.{i}.attention.output.dense``,
-``encoder.layer.{i}.intermediate.dense``, ``encoder.layer.{i}.output.dense``.
+``encoder.layer.{i}.intermediate.dense``, ``encoder.layer.{i}.output.dense`` (owned by
+:mod:`medquant.model.architectures`). Whether a scheme needs calibration is decided here and nowhere else
+(:attr:`QuantScheme.needs_calibration`, :meth:`QuantScheme.needs_calibration_for`).
 """
 from __future__ import annotations
 
@@ -14,42 +16,21 @@ import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from .._native import _core
-
-SITE_SUFFIXES = (
-    "attention.self.qkv",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
-_ALIASES = {"attention.self.query": 0, "attention.self.key": 0, "attention.self.value": 0}
+from ..model.architectures import resolve_alias
+from .calibration import CALIBRATION_METHODS
 
 WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
 ACT_DTYPES = ("fp32", "bf16", "int8")
 MODES = ("dynamic", "dynamic-token", "static")
 GRANULARITIES = ("per-channel", "per-tensor")
-CALIBRATION_METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
 EMBEDDINGS = ("fp32", "int8")
 
 
-def site_name(layer: int, site: int) -> str:
-    return f"encoder.layer.{layer}.{SITE_SUFFIXES[site]}"
-
-
-def site_names(n_layers: int):
-    return [site_name(layer, s) for layer in range(n_layers) for s in range(len(SITE_SUFFIXES))]
-
-
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    for p in patterns:
-        for alias, site in _ALIASES.items():
-            if p.endswith(alias):
-                p = p[: -len(alias)] + SITE_SUFFIXES[site]
-        if fnmatch.fnmatchcase(name, p):
-            return True
-    return False
+    return any(fnmatch.fnmatchcase(name, resolve_alias(p)) for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -138,7 +119,21 @@ class QuantScheme:
 
     @property
     def needs_calibration(self) -> bool:
+        """Static int8 activations or SmoothQuant: quantizing needs calibration statistics."""
         return self.activations == "int8" and (self.mode == "static" or self.smoothquant_alpha is not None)
+
+    @property
+    def needs_calibration_texts(self) -> bool:
+        """SmoothQuant measures its ranges after smoothing, so it needs the texts, not only a calibration."""
+        return self.smoothquant_alpha is not None
+
+    def int8_sites(self, site_names: Iterable[str]) -> List[str]:
+        """The sites (of a model with these site names) whose activations this scheme quantizes to int8."""
+        return [n for n in site_names if self.site_kind(n) == "int8"]
+
+    def needs_calibration_for(self, site_names: Iterable[str]) -> bool:
+        """Whether quantizing a model with these sites needs calibration (some site runs int8 under it)."""
+        return self.needs_calibration and bool(self.int8_sites(site_names))
 
     def site_kind(self, name: str) -> str:
         """The precision of one site: fp32, bf16, int8, w8 or w4."""

@@ -1,0 +1,246 @@
+"""Encoder architectures: the one place that maps a Hugging Face checkpoint (config keys, parameter names) onto the
+C core's layout, and that names the linear layers ("sites") of a layer.
+
+The C core runs one layout: word / position / token-type embeddings and their LayerNorm, then per layer four linear
+sites (``SITE_SUFFIXES``: the fused Q/K/V projection, the attention output, the FFN input, the FFN output) and two
+LayerNorms. An :class:`Architecture` says where those tensors live in a checkpoint and which config keys describe
+them. BERT (with its BioBERT / ClinicalBERT / PubMedBERT / MiniLM checkpoints) is the one entry of
+``ARCHITECTURES`` today; another family (e.g. ELECTRA: other prefixes; RoBERTa: other prefixes and a position
+offset the core would have to offer) is a subclass added to that tuple.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Tuple
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------------- sites
+#: The linear layers of one encoder layer, in the core's order (site index 0..3).
+SITE_SUFFIXES = (
+    "attention.self.qkv",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+#: Hugging Face module names that are parts of a fused site (Q, K and V are one ``qkv`` site).
+SITE_ALIASES = {"attention.self.query": 0, "attention.self.key": 0, "attention.self.value": 0}
+#: The two LayerNorms of a layer, in the core's order (``which`` 0 and 1).
+LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
+LAYER_PREFIX = "encoder.layer."
+
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+WORD_EMBEDDING_SCALES = WORD_EMBEDDINGS + "_scale"
+POSITION_EMBEDDINGS = "embeddings.position_embeddings.weight"
+TOKEN_TYPE_EMBEDDINGS = "embeddings.token_type_embeddings.weight"
+EMBEDDING_LAYER_NORM = "embeddings.LayerNorm"
+
+
+def site_name(layer: int, site: int) -> str:
+    """``encoder.layer.{layer}.{SITE_SUFFIXES[site]}``."""
+    return f"{LAYER_PREFIX}{layer}.{SITE_SUFFIXES[site]}"
+
+
+def site_names(n_layers: int) -> List[str]:
+    return [site_name(layer, s) for layer in range(n_layers) for s in range(len(SITE_SUFFIXES))]
+
+
+def site_layer(name: str) -> int:
+    """The layer index of a site name."""
+    return int(name[len(LAYER_PREFIX):].split(".", 1)[0])
+
+
+def site_module(name: str) -> str:
+    """The site suffix of a site name, e.g. ``attention.self.qkv``."""
+    return name[len(LAYER_PREFIX):].split(".", 1)[1]
+
+
+def parse_site(name: str) -> Tuple[int, int]:
+    """(layer, site index) of a site name."""
+    return site_layer(name), SITE_SUFFIXES.index(site_module(name))
+
+
+def resolve_alias(pattern: str) -> str:
+    """A site pattern with a fused part's Hugging Face name (``...attention.self.query``) replaced by its site."""
+    for alias, site in SITE_ALIASES.items():
+        if pattern.endswith(alias):
+            return pattern[: -len(alias)] + SITE_SUFFIXES[site]
+    return pattern
+
+
+# ---------------------------------------------------------------------------------------------------- config
+#: Config keys the core reads, all positive integers, with the largest value the core supports.
+CORE_CONFIG_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 14, "num_hidden_layers": 256,
+                      "num_attention_heads": 1024, "intermediate_size": 1 << 16, "max_position_embeddings": 1 << 14,
+                      "type_vocab_size": 1 << 10}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The shape of an encoder in the core's terms (``to_core``) and as a Hugging Face config.json (``to_hf``)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    def to_core(self) -> Dict:
+        d = {key: getattr(self, key) for key in CORE_CONFIG_LIMITS}
+        d["layer_norm_eps"] = self.layer_norm_eps
+        return d
+
+    def to_hf(self) -> Dict:
+        d = self.to_core()
+        d.update(BERT.hf_config)
+        d["pad_token_id"] = self.pad_token_id
+        return d
+
+    @property
+    def site_names(self) -> List[str]:
+        return site_names(self.num_hidden_layers)
+
+
+# ---------------------------------------------------------------------------------------------------- families
+class Architecture:
+    """A checkpoint family whose tensors map onto the core's layout. Subclass and add to ``ARCHITECTURES``."""
+
+    #: config.json ``model_type`` values and ``architectures`` name prefixes of this family
+    model_types: Tuple[str, ...] = ()
+    arch_prefixes: Tuple[str, ...] = ()
+    #: prefixes stripped from state-dict keys (task heads, sentence-transformers wrappers)
+    state_prefixes: Tuple[str, ...] = ()
+    #: old parameter-name endings renamed on load (TF-converted LayerNorm gamma/beta)
+    renames: Tuple[Tuple[str, str], ...] = ()
+    #: keys written to config.json besides the core's
+    hf_config: Dict = {}
+    #: the Hugging Face modules fused into the qkv site, in order
+    qkv_parts = ("attention.self.query", "attention.self.key", "attention.self.value")
+
+    def matches(self, raw: Mapping) -> bool:
+        archs = raw.get("architectures") or []
+        return raw.get("model_type") in self.model_types or any(
+            str(a).startswith(p) for a in archs for p in self.arch_prefixes)
+
+    def check_config(self, raw: Mapping) -> None:
+        """Raise ValueError for config.json settings of this family that the core does not implement."""
+
+    def strip_prefix(self, key: str) -> str:
+        for prefix in self.state_prefixes:
+            if key.startswith(prefix):
+                return key[len(prefix):]
+        return key
+
+    def rename(self, key: str) -> str:
+        for old, new in self.renames:
+            if key.endswith(old):
+                return key[: -len(old)] + new
+        return key
+
+    def expected_shapes(self, cfg: BertConfig) -> Dict[str, tuple]:
+        """Every parameter the core needs, by checkpoint name, with its shape."""
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        shapes = {
+            WORD_EMBEDDINGS: (cfg.vocab_size, H),
+            POSITION_EMBEDDINGS: (cfg.max_position_embeddings, H),
+            TOKEN_TYPE_EMBEDDINGS: (cfg.type_vocab_size, H),
+            EMBEDDING_LAYER_NORM + ".weight": (H,),
+            EMBEDDING_LAYER_NORM + ".bias": (H,),
+        }
+        # checkpoint order: Q, K, V, attention output, its LayerNorm, FFN in, FFN out, its LayerNorm
+        layer = [*((q, (H, H)) for q in self.qkv_parts), (SITE_SUFFIXES[1], (H, H)), (LAYER_NORMS[0], (H,)),
+                 (SITE_SUFFIXES[2], (I, H)), (SITE_SUFFIXES[3], (H, I)), (LAYER_NORMS[1], (H,))]
+        for i in range(cfg.num_hidden_layers):
+            p = f"{LAYER_PREFIX}{i}."
+            for name, shape in layer:
+                shapes[p + name + ".weight"] = shape
+                shapes[p + name + ".bias"] = shape[:1]
+        return shapes
+
+    def float_tensors(self, params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, np.ndarray]:
+        """The parameters outside the linear sites (embeddings, LayerNorms), by core storage name."""
+        names = [WORD_EMBEDDINGS, POSITION_EMBEDDINGS, TOKEN_TYPE_EMBEDDINGS, EMBEDDING_LAYER_NORM + ".weight",
+                 EMBEDDING_LAYER_NORM + ".bias"]
+        names += [f"{LAYER_PREFIX}{i}.{ln}.{t}" for i in range(cfg.num_hidden_layers) for ln in LAYER_NORMS
+                  for t in ("weight", "bias")]
+        return {n: params[n] for n in names}
+
+    def fp32_sites(self, params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+        """Per-site fp32 (weight [N, K], bias [N]); Q, K, V fused into one [3H, H] projection."""
+        sites = {}
+        for i in range(cfg.num_hidden_layers):
+            p = f"{LAYER_PREFIX}{i}."
+            qkv = [p + n for n in self.qkv_parts]
+            sites[site_name(i, 0)] = (
+                np.ascontiguousarray(np.concatenate([params[n + ".weight"] for n in qkv], axis=0)),
+                np.ascontiguousarray(np.concatenate([params[n + ".bias"] for n in qkv], axis=0)),
+            )
+            for s in range(1, len(SITE_SUFFIXES)):
+                name = site_name(i, s)
+                sites[name] = (params[name + ".weight"], params[name + ".bias"])
+        return sites
+
+    def load_float_tensors(self, core, storage: Mapping[str, np.ndarray], cfg: BertConfig) -> None:
+        """Hand the embeddings and LayerNorms of ``storage`` to a ``_core.Encoder``."""
+        if WORD_EMBEDDING_SCALES in storage:
+            core.set_word_embeddings(storage[WORD_EMBEDDINGS], storage[WORD_EMBEDDING_SCALES])
+        else:
+            core.set_word_embeddings(storage[WORD_EMBEDDINGS])
+        core.set_position_type_embeddings(storage[POSITION_EMBEDDINGS], storage[TOKEN_TYPE_EMBEDDINGS])
+        core.set_layernorm(-1, 0, storage[EMBEDDING_LAYER_NORM + ".weight"], storage[EMBEDDING_LAYER_NORM + ".bias"])
+        for i in range(cfg.num_hidden_layers):
+            for which, ln in enumerate(LAYER_NORMS):
+                p = f"{LAYER_PREFIX}{i}.{ln}"
+                core.set_layernorm(i, which, storage[p + ".weight"], storage[p + ".bias"])
+
+
+class BertArchitecture(Architecture):
+    """BertModel and the checkpoints that share its layout."""
+
+    model_types = ("bert",)
+    arch_prefixes = ("Bert",)
+    state_prefixes = ("bert.", "model.", "0.auto_model.")
+    renames = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
+    hf_config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu",
+                 "position_embedding_type": "absolute"}
+
+    def check_config(self, raw: Mapping) -> None:
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"unsupported position_embedding_type {raw['position_embedding_type']!r} (only absolute)")
+        act = raw.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"unsupported hidden_act {act!r}: the C core implements BERT's erf GELU ('gelu')")
+        if raw.get("is_decoder") or raw.get("add_cross_attention"):
+            raise ValueError("decoder / cross-attention BERT variants are not supported")
+
+
+BERT = BertArchitecture()
+#: Every family medquant loads; ``architecture_for`` picks the first that matches a config.json.
+ARCHITECTURES: Tuple[Architecture, ...] = (BERT,)
+SUPPORTED = "BERT-architecture encoders (BertModel, BioBERT, ClinicalBERT, PubMedBERT, MiniLM sentence models)"
+
+
+def architecture_for(raw: Mapping) -> Architecture:
+    """The family of a config.json, or ValueError naming what it is."""
+    for arch in ARCHITECTURES:
+        if arch.matches(raw):
+            return arch
+    archs = ", ".join(map(str, raw.get("architectures") or [])) or "unknown"
+    raise ValueError(f"unsupported architecture: model_type={raw.get('model_type')!r}, architectures=[{archs}]; "
+                     f"medquant runs {SUPPORTED}")
+
+
+def fp32_sites(params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Per-site fp32 (weight, bias) of a loaded checkpoint's parameters (see :meth:`Architecture.fp32_sites`)."""
+    return BERT.fp32_sites(params, cfg)
+
+
+__all__ = [
+    "ARCHITECTURES", "Architecture", "BERT", "BertArchitecture", "BertConfig", "CORE_CONFIG_LIMITS", "LAYER_NORMS",
+    "SITE_ALIASES", "SITE_SUFFIXES", "architecture_for", "fp32_sites", "parse_site", "resolve_alias", "site_layer",
+    "site_module", "site_name", "site_names",
+]
