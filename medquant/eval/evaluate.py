@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -32,10 +32,12 @@ import pandas as pd
 
 from ..model.checkpoint import DEFAULT_MODEL
 from ..model.encoder import Encoder
+from ..model.limits import positive_int
 from ..quant.calibration import sample_calibration_texts
+from ..quant.quantize import calibrate_for
 from ..quant.schemes import QuantScheme, get_scheme
 from .datasets import RetrievalDataset, load_beir, medquad_retrieval, split_corpus
-from .metrics import evaluate_run, metric_columns, summarize
+from .metrics import DEFAULT_KS, check_ks, evaluate_run, metric_columns, summarize
 from .retrieval import quantize_index, run_from_search, search, search_passages
 from .stats import paired_comparison
 
@@ -96,7 +98,7 @@ class EvalConfig:
         Write each model with ``save_pretrained`` to a temporary directory to measure its size on disk.
     """
 
-    ks: Tuple[int, ...] = (1, 3, 5, 10, 100)
+    ks: Tuple[int, ...] = DEFAULT_KS
     k: int = 100
     batch_size: int = 32
     max_length: Optional[int] = None
@@ -116,18 +118,12 @@ class EvalConfig:
     measure_disk: bool = True
 
     def __post_init__(self):
-        self.ks = tuple(sorted({int(k) for k in self.ks}))
-        if not self.ks or self.ks[0] < 1:
-            raise ValueError("ks must be positive integers")
+        self.ks = tuple(check_ks(self.ks))
         if int(self.k) < self.ks[-1]:
             raise ValueError(f"k (results per query, {self.k}) must be >= max(ks) ({self.ks[-1]})")
         self.k = int(self.k)
-        if int(self.batch_size) < 1:
-            raise ValueError("batch_size must be >= 1")
-        if int(self.calibration_size) < 1:
-            raise ValueError("calibration_size must be >= 1")
-        if int(self.n_boot) < 1:
-            raise ValueError("n_boot must be >= 1")
+        for name in ("batch_size", "calibration_size", "n_boot"):
+            positive_int(getattr(self, name), name)
         self.main_metrics = tuple(self.main_metrics)
         known = set(metric_columns(self.ks))
         bad = [m for m in self.main_metrics if m not in known]
@@ -147,8 +143,8 @@ class EvalConfig:
             self.rescore_multiplier = int(self.rescore_multiplier) or None
         if self.passages and not (0 < int(self.stride) <= int(self.max_words)):
             raise ValueError("passages need 0 < stride <= max_words")
-        if self.threads is not None and int(self.threads) < 1:
-            raise ValueError("threads must be >= 1")
+        if self.threads is not None:
+            positive_int(self.threads, "threads")
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -288,6 +284,272 @@ def _top_overlap(a: np.ndarray, b: np.ndarray, n: int = 10) -> float:
     return float(np.mean(hits))
 
 
+# ---------------------------------------------------------------------------------------------------- the study
+@dataclass
+class _Study:
+    """What :func:`evaluate` works on (inputs resolved once) and what it has produced so far."""
+
+    cfg: EvalConfig
+    ds: RetrievalDataset
+    qrels: Dict[str, Mapping[str, int]]
+    qids: List[str]
+    doc_ids: List[str]
+    query_texts: List[str]
+    corpus_texts: List[str]
+    doc_index: Optional[np.ndarray]
+    k: int
+    progress: bool
+    show_progress_bar: Optional[bool]
+    calibration_texts: Optional[List[str]] = None
+    calib_info: Dict[str, Any] = field(default_factory=lambda: {"n_texts": 0, "source": None})
+    calibrations: Dict[float, Tuple[Any, float]] = field(default_factory=dict)
+    token_counts: Dict[int, int] = field(default_factory=dict)
+    per_query: PerQueryResults = field(default_factory=PerQueryResults)
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    base_idx: Optional[np.ndarray] = None
+    base_c: Optional[np.ndarray] = None
+
+
+def _resolve_study(ds: RetrievalDataset, cfg: EvalConfig, show_progress_bar: Optional[bool]) -> _Study:
+    """The dataset's judged queries and the texts to encode (passages in passage mode)."""
+    qrels = {q: j for q, j in ds.qrels.items() if q in ds.queries and len(j) > 0}
+    if not ds.corpus:
+        raise ValueError(f"dataset {ds.name!r} has an empty corpus")
+    if not qrels:
+        raise ValueError(f"dataset {ds.name!r} has no judged queries")
+    qids = list(ds.queries)
+    if cfg.passages:
+        corpus_texts, doc_index = split_corpus(ds.corpus, max_words=cfg.max_words, stride=cfg.stride)
+    else:
+        corpus_texts, doc_index = list(ds.corpus.values()), None
+    study = _Study(cfg=cfg, ds=ds, qrels=qrels, qids=qids, doc_ids=ds.doc_ids,
+                   query_texts=[ds.queries[q] for q in qids], corpus_texts=corpus_texts, doc_index=doc_index,
+                   k=min(cfg.k, len(ds.doc_ids)), progress=bool(show_progress_bar),
+                   show_progress_bar=show_progress_bar)
+    study.per_query.metadata = ds.metadata
+    return study
+
+
+def _baseline(items: List[Union[Encoder, QuantScheme]], model: str, study: _Study) -> Encoder:
+    """The fp32 encoder: one in ``items``, else the reference of a quantized one, else ``model`` loaded."""
+    encoders = [it for it in items if isinstance(it, Encoder)]
+    baseline = next((it for it in encoders if it.is_fp32), None)
+    if baseline is None:
+        baseline = next((it.reference for it in encoders if it.reference is not None and it.reference.is_fp32), None)
+    if baseline is None:
+        _log(study.progress, f"loading {model} (fp32)")
+        baseline = Encoder.from_pretrained(model, n_threads=study.cfg.threads)
+        for it in encoders:
+            if it.config != baseline.config:
+                raise ValueError(f"encoder {it!r} is not a quantized {model}: pass its fp32 encoder too")
+    return baseline
+
+
+def _systems(items, baseline: Encoder, threads: Optional[int]) -> List[Tuple[str, Any]]:
+    """(label, encoder or scheme) per system, fp32 first, duplicates dropped, labels made unique."""
+    systems: List[Tuple[str, Any]] = [("fp32", baseline)]
+    taken = {"fp32"}
+    seen_schemes = set()
+    for it in items:
+        if it is baseline:
+            continue
+        if isinstance(it, QuantScheme):
+            if it.name == "fp32" and it == get_scheme("fp32"):
+                continue
+            key = it.to_json()
+            if key in seen_schemes:
+                continue
+            seen_schemes.add(key)
+            label = _unique(it.name, taken)
+        else:
+            label = _unique(it.scheme.name, taken)
+        taken.add(label)
+        systems.append((label, it))
+    if threads is not None:
+        for _, it in systems:
+            if isinstance(it, Encoder) and it.n_threads != int(threads):
+                it.set_threads(int(threads))
+    return systems
+
+
+def _choose_calibration_texts(study: _Study, systems, calibration_texts: Optional[Sequence[str]]) -> None:
+    """Calibration texts when some scheme needs calibration: the given ones, else a seeded sample."""
+    if not any(isinstance(it, QuantScheme) and it.needs_calibration for _, it in systems):
+        return
+    cfg, ds = study.cfg, study.ds
+    if calibration_texts is None:
+        study.calibration_texts = sample_calibration_texts(study.query_texts, study.corpus_texts,
+                                                           cfg.calibration_size, cfg.seed)
+        study.calib_info = {"n_texts": len(study.calibration_texts), "seed": cfg.seed,
+                            "source": f"seeded sample of {ds.name} queries and corpus "
+                                      f"{'passages' if cfg.passages else 'texts'} (same split as evaluated)"}
+    else:
+        study.calibration_texts = list(calibration_texts)
+        study.calib_info = {"n_texts": len(study.calibration_texts), "source": "given"}
+
+
+def _quantized(study: _Study, baseline: Encoder, scheme: QuantScheme, label: str, pos: str
+               ) -> Tuple[Encoder, float, float]:
+    """(encoder, calibration seconds, quantize seconds) of a scheme; one calibration per momentum is shared."""
+    cfg, calib_s = study.cfg, 0.0
+    if not scheme.needs_calibration_for(baseline.site_names):
+        t0 = time.perf_counter()
+        enc = baseline.quantize(scheme)
+        return enc, calib_s, time.perf_counter() - t0
+    key = float(scheme.momentum)
+    if key not in study.calibrations:
+        _log(study.progress, f"{pos} {label}: calibrating on {len(study.calibration_texts)} texts")
+        t0 = time.perf_counter()
+        cal = calibrate_for(baseline, scheme, study.calibration_texts, cfg.batch_size, cfg.max_length,
+                            study.show_progress_bar)
+        study.calibrations[key] = (cal, time.perf_counter() - t0)
+    cal, calib_s = study.calibrations[key]
+    t0 = time.perf_counter()
+    enc = baseline.quantize(scheme, calibration=cal, batch_size=cfg.batch_size,
+                            show_progress_bar=study.show_progress_bar,
+                            calibration_texts=study.calibration_texts if scheme.needs_calibration_texts else None)
+    return enc, calib_s, time.perf_counter() - t0
+
+
+def _corpus_tokens(study: _Study, enc: Encoder) -> int:
+    key = id(enc.tokenizer)
+    if key not in study.token_counts:
+        study.token_counts[key] = _token_count(enc, study.corpus_texts, study.cfg.max_length)
+    return study.token_counts[key]
+
+
+def _encode_and_search(study: _Study, enc: Encoder) -> Dict[str, Any]:
+    """Corpus and query embeddings of one encoder, its search results, and its timing and byte columns."""
+    cfg, corpus_texts, query_texts = study.cfg, study.corpus_texts, study.query_texts
+    kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, show_progress_bar=study.show_progress_bar)
+    if cfg.warmup:
+        enc.encode(corpus_texts[: min(4, len(corpus_texts))] + query_texts[:4], batch_size=cfg.batch_size,
+                   max_length=cfg.max_length, show_progress_bar=False)
+    t0 = time.perf_counter()
+    c_emb = enc.encode(corpus_texts, **kw)
+    t_corpus = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    q_emb = enc.encode(query_texts, **kw)
+    t_queries = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if cfg.passages:
+        scores, idx = search_passages(q_emb, c_emb, study.doc_index, k=study.k, n_docs=len(study.doc_ids))
+    else:
+        scores, idx = search(q_emb, c_emb, k=study.k)
+    t_search = time.perf_counter() - t0
+    n_tok = _corpus_tokens(study, enc)
+    return {
+        "c_emb": c_emb, "q_emb": q_emb, "idx": idx, "scores": scores,
+        "row": {
+            "corpus_texts_per_s": len(corpus_texts) / t_corpus if t_corpus > 0 else float("nan"),
+            "corpus_tokens_per_s": n_tok / t_corpus if t_corpus > 0 else float("nan"),
+            "query_texts_per_s": len(query_texts) / t_queries if t_queries > 0 else float("nan"),
+            "encode_corpus_s": t_corpus, "encode_queries_s": t_queries, "search_s": t_search,
+            "model_bytes": enc.size_bytes(),
+            "model_disk_bytes": _disk_bytes(enc) if cfg.measure_disk else np.nan,
+            "index_bytes": int(c_emb.nbytes), "rescore_bytes": 0,
+        },
+    }
+
+
+def _add_row(study: _Study, label: str, info: Dict[str, Any], scores: np.ndarray, idx: np.ndarray) -> None:
+    """Score one system's ranking and append its result row (per-query metrics go to ``study.per_query``)."""
+    run = run_from_search(np.where(idx >= 0, scores, -np.inf), np.maximum(idx, 0), study.qids, study.doc_ids,
+                          preserve_order=True)
+    pq = evaluate_run(study.qrels, run, study.cfg.ks)
+    study.per_query[label] = pq
+    row = {"scheme": label}
+    row.update(info)
+    row.update({"n_queries": len(pq), "n_docs": len(study.doc_ids), "n_passages": len(study.corpus_texts)})
+    row.update(summarize(pq).drop("n_queries").to_dict())
+    row["overlap@10"] = _top_overlap(study.base_idx, idx) if study.base_idx is not None else 1.0
+    study.rows.append(row)
+
+
+def _index_rows(study: _Study, res: Dict[str, Any], base_info: Dict[str, Any], pos: str) -> None:
+    """Rows of the quantized indexes of the fp32 corpus embeddings (with and without rescoring)."""
+    cfg, k = study.cfg, study.k
+    for kind in cfg.index_kinds:
+        t0 = time.perf_counter()
+        index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring)
+        build_s = time.perf_counter() - t0
+        for mult in (None, cfg.rescore_multiplier) if cfg.rescore_multiplier else (None,):
+            name = f"fp32+index-{kind}" + ("" if cfg.index_scoring == "codes" else "-asym")
+            name += f"+rescore{mult}" if mult else ""
+            _log(study.progress, f"{pos} {name}: searching")
+            kq = k if not cfg.passages else min(len(study.corpus_texts), k * 8)
+            t0 = time.perf_counter()
+            s, i = index.search(res["q_emb"], k=kq, rescore_multiplier=mult,
+                                float_corpus=res["c_emb"] if mult else None)
+            if cfg.passages:
+                s, i = _pool_passages(np.asarray(s, dtype=np.float32), i, study.doc_index, k)
+            t_search = time.perf_counter() - t0
+            row_info = dict(base_info)
+            row_info.update({"index": kind, "index_scoring": cfg.index_scoring, "rescore": int(mult or 0),
+                             "search_s": t_search, "quantize_s": build_s, "emb_cosine": np.nan,
+                             "index_bytes": int(index.nbytes),
+                             "rescore_bytes": int(res["c_emb"].nbytes) if mult else 0})
+            _add_row(study, name, row_info, np.asarray(s, dtype=np.float32), i)
+
+
+def _run_system(study: _Study, baseline: Encoder, label: str, item, pos: str) -> None:
+    """Quantize (schemes), encode, search and score one system; fp32 also gets its index rows."""
+    calib_s = quant_s = 0.0
+    enc = item
+    if isinstance(item, QuantScheme):
+        enc, calib_s, quant_s = _quantized(study, baseline, item, label, pos)
+    _log(study.progress, f"{pos} {label}: encoding {len(study.corpus_texts)} corpus texts and "
+                         f"{len(study.query_texts)} queries")
+    res = _encode_and_search(study, enc)
+    info = {"model": str(enc.name), "model_scheme": enc.scheme.name, "index": "float32", "index_scoring": "",
+            "rescore": 0}
+    info.update(res["row"])
+    info.update({"calibration_s": calib_s, "quantize_s": quant_s})
+    if study.base_c is None:
+        info["emb_cosine"] = 1.0
+    else:
+        info["emb_cosine"] = float(np.mean(np.sum(study.base_c * res["c_emb"], axis=1)))
+    _add_row(study, label, info, res["scores"], res["idx"])
+    if label == "fp32":
+        study.base_idx, study.base_c = res["idx"], res["c_emb"]
+        _index_rows(study, res, info, pos)
+
+
+def _compare_with_fp32(study: _Study) -> None:
+    """Paired comparison of every row's main metrics with fp32 (delta, CI, p)."""
+    cfg = study.cfg
+    base_pq = study.per_query["fp32"]
+    for row in study.rows:
+        pq = study.per_query[row["scheme"]]
+        for m in cfg.main_metrics:
+            c = paired_comparison(base_pq[m], pq[m], n_boot=cfg.n_boot, seed=cfg.seed, confidence=cfg.confidence)
+            row[f"{m}_delta"] = c.delta
+            row[f"{m}_ci_low"] = c.ci_low
+            row[f"{m}_ci_high"] = c.ci_high
+            row[f"{m}_p"] = c.p_value
+
+
+_HEAD_COLUMNS = ["scheme", "model", "model_scheme", "index", "index_scoring", "rescore", "n_queries", "n_docs",
+                 "n_passages"]
+_TAIL_COLUMNS = ["overlap@10", "emb_cosine", "corpus_texts_per_s", "corpus_tokens_per_s", "query_texts_per_s",
+                 "encode_corpus_s", "encode_queries_s", "search_s", "calibration_s", "quantize_s", "model_bytes",
+                 "model_disk_bytes", "index_bytes", "rescore_bytes"]
+
+
+def _results_frame(study: _Study) -> pd.DataFrame:
+    """The rows as a DataFrame in the documented column order, with its attrs."""
+    cfg = study.cfg
+    df = pd.DataFrame(study.rows)
+    metrics = [c for c in metric_columns(cfg.ks) if c in df.columns]
+    deltas = [f"{m}_{s}" for m in cfg.main_metrics for s in ("delta", "ci_low", "ci_high", "p")]
+    df = df[_HEAD_COLUMNS + metrics + deltas + _TAIL_COLUMNS]
+    df.attrs["per_query"] = study.per_query
+    df.attrs["config"] = cfg.to_dict()
+    df.attrs["dataset"] = study.ds.describe()
+    df.attrs["calibration"] = study.calib_info
+    return df
+
+
 # ---------------------------------------------------------------------------------------------------- evaluate
 def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODEL, schemes=None,
              config: Optional[EvalConfig] = None, calibration_texts: Optional[Sequence[str]] = None,
@@ -347,215 +609,14 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODE
         raise TypeError("evaluate() needs a dataset")
     ds = _resolve_dataset(dataset)
     items = _as_items(encoder_or_schemes, schemes)
-    qrels = {q: j for q, j in ds.qrels.items() if q in ds.queries and len(j) > 0}
-    if not ds.corpus:
-        raise ValueError(f"dataset {ds.name!r} has an empty corpus")
-    if not qrels:
-        raise ValueError(f"dataset {ds.name!r} has no judged queries")
-    progress = bool(show_progress_bar)
-
-    # ---------------------------------------------------------------- the fp32 baseline
-    baseline: Optional[Encoder] = next((it for it in items if isinstance(it, Encoder) and it.is_fp32), None)
-    if baseline is None:
-        baseline = next((it.reference for it in items if isinstance(it, Encoder) and it.reference is not None
-                         and it.reference.is_fp32), None)
-    if baseline is None:
-        _log(progress, f"loading {model} (fp32)")
-        baseline = Encoder.from_pretrained(model, n_threads=cfg.threads)
-        for it in items:
-            if isinstance(it, Encoder) and it.config != baseline.config:
-                raise ValueError(f"encoder {it!r} is not a quantized {model}: pass its fp32 encoder too")
-
-    systems: List[Tuple[str, Any]] = [("fp32", baseline)]
-    taken = {"fp32"}
-    seen_schemes = set()
-    for it in items:
-        if it is baseline:
-            continue
-        if isinstance(it, QuantScheme):
-            if it.name == "fp32" and it == get_scheme("fp32"):
-                continue
-            key = it.to_json()
-            if key in seen_schemes:
-                continue
-            seen_schemes.add(key)
-            label = _unique(it.name, taken)
-        else:
-            label = _unique(it.scheme.name, taken)
-        taken.add(label)
-        systems.append((label, it))
-    if cfg.threads is not None:
-        for _, it in systems:
-            if isinstance(it, Encoder) and it.n_threads != int(cfg.threads):
-                it.set_threads(int(cfg.threads))
-
-    # ---------------------------------------------------------------- texts
-    doc_ids = ds.doc_ids
-    qids = list(ds.queries)
-    query_texts = [ds.queries[q] for q in qids]
-    if cfg.passages:
-        corpus_texts, doc_index = split_corpus(ds.corpus, max_words=cfg.max_words, stride=cfg.stride)
-    else:
-        corpus_texts, doc_index = list(ds.corpus.values()), None
-    k = min(cfg.k, len(doc_ids))
-    needs_calib = any(isinstance(it, QuantScheme) and it.needs_calibration for _, it in systems)
-    calib_info: Dict[str, Any] = {"n_texts": 0, "source": None}
-    if needs_calib:
-        if calibration_texts is None:
-            calibration_texts = sample_calibration_texts(query_texts, corpus_texts, cfg.calibration_size, cfg.seed)
-            calib_info = {"n_texts": len(calibration_texts), "seed": cfg.seed,
-                          "source": f"seeded sample of {ds.name} queries and corpus "
-                                    f"{'passages' if cfg.passages else 'texts'} (same split as evaluated)"}
-        else:
-            calibration_texts = list(calibration_texts)
-            calib_info = {"n_texts": len(calibration_texts), "source": "given"}
-    token_counts: Dict[int, int] = {}
-    calibrations: Dict[float, Tuple[Any, float]] = {}
-
-    def corpus_tokens(enc: Encoder) -> int:
-        key = id(enc.tokenizer)
-        if key not in token_counts:
-            token_counts[key] = _token_count(enc, corpus_texts, cfg.max_length)
-        return token_counts[key]
-
-    def run_encoder(label: str, enc: Encoder) -> Dict[str, Any]:
-        kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, show_progress_bar=show_progress_bar)
-        if cfg.warmup:
-            enc.encode(corpus_texts[: min(4, len(corpus_texts))] + query_texts[:4], batch_size=cfg.batch_size,
-                       max_length=cfg.max_length, show_progress_bar=False)
-        t0 = time.perf_counter()
-        c_emb = enc.encode(corpus_texts, **kw)
-        t_corpus = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        q_emb = enc.encode(query_texts, **kw)
-        t_queries = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if cfg.passages:
-            scores, idx = search_passages(q_emb, c_emb, doc_index, k=k, n_docs=len(doc_ids))
-        else:
-            scores, idx = search(q_emb, c_emb, k=k)
-        t_search = time.perf_counter() - t0
-        n_tok = corpus_tokens(enc)
-        return {
-            "c_emb": c_emb, "q_emb": q_emb, "idx": idx, "scores": scores,
-            "row": {
-                "corpus_texts_per_s": len(corpus_texts) / t_corpus if t_corpus > 0 else float("nan"),
-                "corpus_tokens_per_s": n_tok / t_corpus if t_corpus > 0 else float("nan"),
-                "query_texts_per_s": len(query_texts) / t_queries if t_queries > 0 else float("nan"),
-                "encode_corpus_s": t_corpus, "encode_queries_s": t_queries, "search_s": t_search,
-                "model_bytes": enc.size_bytes(),
-                "model_disk_bytes": _disk_bytes(enc) if cfg.measure_disk else np.nan,
-                "index_bytes": int(c_emb.nbytes), "rescore_bytes": 0,
-            },
-        }
-
-    per_query = PerQueryResults()
-    per_query.metadata = ds.metadata
-    rows: List[Dict[str, Any]] = []
-    base_idx: Optional[np.ndarray] = None
-    base_c: Optional[np.ndarray] = None
-
-    def add_row(label: str, info: Dict[str, Any], scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        run = run_from_search(np.where(idx >= 0, scores, -np.inf), np.maximum(idx, 0), qids, doc_ids,
-                              preserve_order=True)
-        pq = evaluate_run(qrels, run, cfg.ks)
-        per_query[label] = pq
-        row = {"scheme": label}
-        row.update(info)
-        row.update({"n_queries": len(pq), "n_docs": len(doc_ids), "n_passages": len(corpus_texts)})
-        row.update(summarize(pq).drop("n_queries").to_dict())
-        row["overlap@10"] = _top_overlap(base_idx, idx) if base_idx is not None else 1.0
-        rows.append(row)
-        return idx
-
-    n_sys = len(systems)
-    for pos, (label, it) in enumerate(systems, 1):
-        calib_s = quant_s = 0.0
-        if isinstance(it, QuantScheme):
-            if it.needs_calibration and any(k_ == "int8" for k_ in map(it.site_kind, baseline.site_names)):
-                key = float(it.momentum)
-                if key not in calibrations:
-                    _log(progress, f"[{pos}/{n_sys}] {label}: calibrating on {len(calibration_texts)} texts")
-                    t0 = time.perf_counter()
-                    cal = baseline.calibrate(calibration_texts, method=it.calibration, batch_size=cfg.batch_size,
-                                             max_length=cfg.max_length, momentum=it.momentum,
-                                             percentile=it.percentile, show_progress_bar=show_progress_bar)
-                    calibrations[key] = (cal, time.perf_counter() - t0)
-                cal, calib_s = calibrations[key]
-                t0 = time.perf_counter()
-                enc = baseline.quantize(
-                    it, calibration=cal, batch_size=cfg.batch_size, show_progress_bar=show_progress_bar,
-                    calibration_texts=calibration_texts if it.smoothquant_alpha is not None else None)
-                quant_s = time.perf_counter() - t0
-            else:
-                t0 = time.perf_counter()
-                enc = baseline.quantize(it)
-                quant_s = time.perf_counter() - t0
-        else:
-            enc = it
-        _log(progress, f"[{pos}/{n_sys}] {label}: encoding {len(corpus_texts)} corpus texts and "
-                       f"{len(query_texts)} queries")
-        res = run_encoder(label, enc)
-        info = {"model": str(enc.name), "model_scheme": enc.scheme.name, "index": "float32", "index_scoring": "",
-                "rescore": 0}
-        info.update(res["row"])
-        info.update({"calibration_s": calib_s, "quantize_s": quant_s})
-        if base_c is None:
-            info["emb_cosine"] = 1.0
-        else:
-            info["emb_cosine"] = float(np.mean(np.sum(base_c * res["c_emb"], axis=1)))
-        add_row(label, info, res["scores"], res["idx"])
-        if label == "fp32":
-            base_idx, base_c = res["idx"], res["c_emb"]
-            base_info = info
-            for kind in cfg.index_kinds:
-                t0 = time.perf_counter()
-                index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring)
-                build_s = time.perf_counter() - t0
-                for mult in (None, cfg.rescore_multiplier) if cfg.rescore_multiplier else (None,):
-                    name = f"fp32+index-{kind}" + ("" if cfg.index_scoring == "codes" else "-asym")
-                    name += f"+rescore{mult}" if mult else ""
-                    _log(progress, f"[{pos}/{n_sys}] {name}: searching")
-                    kq = k if not cfg.passages else min(len(corpus_texts), k * 8)
-                    t0 = time.perf_counter()
-                    s, i = index.search(res["q_emb"], k=kq, rescore_multiplier=mult,
-                                        float_corpus=res["c_emb"] if mult else None)
-                    if cfg.passages:
-                        s, i = _pool_passages(np.asarray(s, dtype=np.float32), i, doc_index, k)
-                    t_search = time.perf_counter() - t0
-                    row_info = dict(base_info)
-                    row_info.update({"index": kind, "index_scoring": cfg.index_scoring, "rescore": int(mult or 0),
-                                     "search_s": t_search, "quantize_s": build_s, "emb_cosine": np.nan,
-                                     "index_bytes": int(index.nbytes),
-                                     "rescore_bytes": int(res["c_emb"].nbytes) if mult else 0})
-                    add_row(name, row_info, np.asarray(s, dtype=np.float32), i)
-        del res
-
-    # ---------------------------------------------------------------- paired comparison with fp32
-    base_pq = per_query["fp32"]
-    for row in rows:
-        pq = per_query[row["scheme"]]
-        for m in cfg.main_metrics:
-            c = paired_comparison(base_pq[m], pq[m], n_boot=cfg.n_boot, seed=cfg.seed, confidence=cfg.confidence)
-            row[f"{m}_delta"] = c.delta
-            row[f"{m}_ci_low"] = c.ci_low
-            row[f"{m}_ci_high"] = c.ci_high
-            row[f"{m}_p"] = c.p_value
-
-    df = pd.DataFrame(rows)
-    head = ["scheme", "model", "model_scheme", "index", "index_scoring", "rescore", "n_queries", "n_docs",
-            "n_passages"]
-    metrics = [c for c in metric_columns(cfg.ks) if c in df.columns]
-    deltas = [f"{m}_{s}" for m in cfg.main_metrics for s in ("delta", "ci_low", "ci_high", "p")]
-    tail = ["overlap@10", "emb_cosine", "corpus_texts_per_s", "corpus_tokens_per_s", "query_texts_per_s",
-            "encode_corpus_s", "encode_queries_s", "search_s", "calibration_s", "quantize_s", "model_bytes",
-            "model_disk_bytes", "index_bytes", "rescore_bytes"]
-    df = df[head + metrics + deltas + tail]
-    df.attrs["per_query"] = per_query
-    df.attrs["config"] = cfg.to_dict()
-    df.attrs["dataset"] = ds.describe()
-    df.attrs["calibration"] = calib_info
-    return df
+    study = _resolve_study(ds, cfg, show_progress_bar)
+    baseline = _baseline(items, model, study)
+    systems = _systems(items, baseline, cfg.threads)
+    _choose_calibration_texts(study, systems, calibration_texts)
+    for pos, (label, item) in enumerate(systems, 1):
+        _run_system(study, baseline, label, item, f"[{pos}/{len(systems)}]")
+    _compare_with_fp32(study)
+    return _results_frame(study)
 
 
 __all__ = ["EvalConfig", "PerQueryResults", "evaluate", "per_query_table"]

@@ -31,6 +31,7 @@ Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Mapping[str, float]]
 
 METRIC_FAMILIES: Tuple[str, ...] = ("nDCG", "P", "R", "F1", "MRR", "MAP")
+DEFAULT_KS: Tuple[int, ...] = (1, 3, 5, 10, 100)
 _TREC_NAMES = {"nDCG": "ndcg_cut_{k}", "P": "P_{k}", "R": "recall_{k}", "MAP": "map_cut_{k}"}
 
 
@@ -48,7 +49,7 @@ def trec_order(docs: Mapping[str, float]) -> List[Tuple[str, float]]:
     return sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
 
 
-def metric_columns(ks: Sequence[int] = (1, 3, 5, 10, 100)) -> List[str]:
+def metric_columns(ks: Sequence[int] = DEFAULT_KS) -> List[str]:
     """Column names produced by :func:`evaluate_run`, e.g. ``nDCG@10``, ``P@5``, ``R@100``, ``MRR@10``.
 
     Parameters
@@ -59,10 +60,11 @@ def metric_columns(ks: Sequence[int] = (1, 3, 5, 10, 100)) -> List[str]:
     -------
     list of str
     """
-    return [f"{fam}@{k}" for fam in METRIC_FAMILIES for k in _check_ks(ks)]
+    return [f"{fam}@{k}" for fam in METRIC_FAMILIES for k in check_ks(ks)]
 
 
-def _check_ks(ks: Sequence[int]) -> List[int]:
+def check_ks(ks: Sequence[int]) -> List[int]:
+    """Metric cutoffs: distinct positive ints, ascending."""
     out = sorted({int(k) for k in ks})
     if not out or out[0] < 1:
         raise ValueError("ks must be positive integers")
@@ -165,7 +167,7 @@ def _evaluate_pytrec(qrels: Qrels, run: Run, ks: List[int], relevance_level: int
     return df
 
 
-def evaluate_run(qrels: Qrels, run: Run, ks: Sequence[int] = (1, 3, 5, 10, 100), *, relevance_level: int = 1,
+def evaluate_run(qrels: Qrels, run: Run, ks: Sequence[int] = DEFAULT_KS, *, relevance_level: int = 1,
                  missing: str = "zero", backend: str = "numpy") -> pd.DataFrame:
     """Per-query metrics of a run.
 
@@ -192,7 +194,7 @@ def evaluate_run(qrels: Qrels, run: Run, ks: Sequence[int] = (1, 3, 5, 10, 100),
     """
     if int(relevance_level) < 1:
         raise ValueError("relevance_level must be >= 1")
-    ks_ = _check_ks(ks)
+    ks_ = check_ks(ks)
     qids = _query_ids(qrels, run, missing)
     if backend == "numpy":
         return _evaluate_numpy(qrels, run, ks_, int(relevance_level), qids)
