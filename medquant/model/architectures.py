@@ -4,9 +4,10 @@ C core's layout, and that names the linear layers ("sites") of a layer.
 The C core runs one layout: word / position / token-type embeddings and their LayerNorm, then per layer four linear
 sites (``SITE_SUFFIXES``: the fused Q/K/V projection, the attention output, the FFN input, the FFN output) and two
 LayerNorms. An :class:`Architecture` says where those tensors live in a checkpoint and which config keys describe
-them. BERT (with its BioBERT / ClinicalBERT / PubMedBERT / MiniLM checkpoints) is the one entry of
-``ARCHITECTURES`` today; another family (e.g. ELECTRA: other prefixes; RoBERTa: other prefixes and a position
-offset the core would have to offer) is a subclass added to that tuple.
+them: config.json is read into a :class:`BertConfig` and parameter names are mapped onto the canonical (BERT)
+names that the layout functions here use. BERT (with its BioBERT / ClinicalBERT / PubMedBERT / MiniLM checkpoints)
+is the one entry of ``ARCHITECTURES`` today; another family (e.g. ELECTRA: other prefixes; RoBERTa: other prefixes
+and a position offset the core would have to offer) is one :class:`Architecture` subclass added to that tuple.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ CORE_CONFIG_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 14, "num_hidden
 
 @dataclass(frozen=True)
 class BertConfig:
-    """The shape of an encoder in the core's terms (``to_core``) and as a Hugging Face config.json (``to_hf``)."""
+    """The shape of an encoder in the core's terms (``to_core``) and as a Hugging Face config.json (``to_hf``);
+    ``family`` names its entry of ``ARCHITECTURES``."""
 
     vocab_size: int
     hidden_size: int
@@ -88,6 +90,7 @@ class BertConfig:
     type_vocab_size: int
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    family: str = "bert"
 
     def to_core(self) -> Dict:
         d = {key: getattr(self, key) for key in CORE_CONFIG_LIMITS}
@@ -96,7 +99,7 @@ class BertConfig:
 
     def to_hf(self) -> Dict:
         d = self.to_core()
-        d.update(BERT.hf_config)
+        d.update(architecture_of(self).hf_config)
         d["pad_token_id"] = self.pad_token_id
         return d
 
@@ -105,21 +108,89 @@ class BertConfig:
         return site_names(self.num_hidden_layers)
 
 
+# ---------------------------------------------------------------------------------------------------- core layout
+#: The Hugging Face modules fused into the qkv site, in order.
+QKV_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value")
+
+
+def expected_shapes(cfg: BertConfig) -> Dict[str, tuple]:
+    """Every parameter the core needs, by its (canonical, BERT) name, with its shape, in checkpoint order."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = {
+        WORD_EMBEDDINGS: (cfg.vocab_size, H),
+        POSITION_EMBEDDINGS: (cfg.max_position_embeddings, H),
+        TOKEN_TYPE_EMBEDDINGS: (cfg.type_vocab_size, H),
+        EMBEDDING_LAYER_NORM + ".weight": (H,),
+        EMBEDDING_LAYER_NORM + ".bias": (H,),
+    }
+    # per layer: Q, K, V, attention output, its LayerNorm, FFN in, FFN out, its LayerNorm
+    layer = [*((q, (H, H)) for q in QKV_PARTS), (SITE_SUFFIXES[1], (H, H)), (LAYER_NORMS[0], (H,)),
+             (SITE_SUFFIXES[2], (I, H)), (SITE_SUFFIXES[3], (H, I)), (LAYER_NORMS[1], (H,))]
+    for i in range(cfg.num_hidden_layers):
+        p = f"{LAYER_PREFIX}{i}."
+        for name, shape in layer:
+            shapes[p + name + ".weight"] = shape
+            shapes[p + name + ".bias"] = shape[:1]
+    return shapes
+
+
+def float_tensors(params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, np.ndarray]:
+    """The parameters outside the linear sites (embeddings, LayerNorms)."""
+    names = [WORD_EMBEDDINGS, POSITION_EMBEDDINGS, TOKEN_TYPE_EMBEDDINGS, EMBEDDING_LAYER_NORM + ".weight",
+             EMBEDDING_LAYER_NORM + ".bias"]
+    names += [f"{LAYER_PREFIX}{i}.{ln}.{t}" for i in range(cfg.num_hidden_layers) for ln in LAYER_NORMS
+              for t in ("weight", "bias")]
+    return {n: params[n] for n in names}
+
+
+def fp32_sites(params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Per-site fp32 (weight [N, K], bias [N]); Q, K, V fused into one [3H, H] projection."""
+    sites = {}
+    for i in range(cfg.num_hidden_layers):
+        qkv = [f"{LAYER_PREFIX}{i}.{n}" for n in QKV_PARTS]
+        sites[site_name(i, 0)] = (
+            np.ascontiguousarray(np.concatenate([params[n + ".weight"] for n in qkv], axis=0)),
+            np.ascontiguousarray(np.concatenate([params[n + ".bias"] for n in qkv], axis=0)),
+        )
+        for s in range(1, len(SITE_SUFFIXES)):
+            name = site_name(i, s)
+            sites[name] = (params[name + ".weight"], params[name + ".bias"])
+    return sites
+
+
+def load_float_tensors(core, storage: Mapping[str, np.ndarray], cfg: BertConfig) -> None:
+    """Hand the embeddings and LayerNorms of a storage to a ``_core.Encoder``."""
+    if WORD_EMBEDDING_SCALES in storage:
+        core.set_word_embeddings(storage[WORD_EMBEDDINGS], storage[WORD_EMBEDDING_SCALES])
+    else:
+        core.set_word_embeddings(storage[WORD_EMBEDDINGS])
+    core.set_position_type_embeddings(storage[POSITION_EMBEDDINGS], storage[TOKEN_TYPE_EMBEDDINGS])
+    core.set_layernorm(-1, 0, storage[EMBEDDING_LAYER_NORM + ".weight"], storage[EMBEDDING_LAYER_NORM + ".bias"])
+    for i in range(cfg.num_hidden_layers):
+        for which, ln in enumerate(LAYER_NORMS):
+            p = f"{LAYER_PREFIX}{i}.{ln}"
+            core.set_layernorm(i, which, storage[p + ".weight"], storage[p + ".bias"])
+
+
 # ---------------------------------------------------------------------------------------------------- families
 class Architecture:
-    """A checkpoint family whose tensors map onto the core's layout. Subclass and add to ``ARCHITECTURES``."""
+    """A checkpoint family: how its config.json and parameter names map onto the core's (BERT-named) layout.
 
+    A new family is a subclass added to ``ARCHITECTURES``: its ``model_types``, the state-dict prefixes and name
+    renames that give the canonical names above, its config checks, and the keys written back to config.json.
+    """
+
+    #: ``BertConfig.family`` of this family
+    name = ""
     #: config.json ``model_type`` values and ``architectures`` name prefixes of this family
     model_types: Tuple[str, ...] = ()
     arch_prefixes: Tuple[str, ...] = ()
     #: prefixes stripped from state-dict keys (task heads, sentence-transformers wrappers)
     state_prefixes: Tuple[str, ...] = ()
-    #: old parameter-name endings renamed on load (TF-converted LayerNorm gamma/beta)
+    #: parameter-name endings renamed on load to the canonical ones
     renames: Tuple[Tuple[str, str], ...] = ()
     #: keys written to config.json besides the core's
     hf_config: Dict = {}
-    #: the Hugging Face modules fused into the qkv site, in order
-    qkv_parts = ("attention.self.query", "attention.self.key", "attention.self.value")
 
     def matches(self, raw: Mapping) -> bool:
         archs = raw.get("architectures") or []
@@ -129,81 +200,49 @@ class Architecture:
     def check_config(self, raw: Mapping) -> None:
         """Raise ValueError for config.json settings of this family that the core does not implement."""
 
-    def strip_prefix(self, key: str) -> str:
+    def read_config(self, raw: Mapping) -> BertConfig:
+        """The core's config from a config.json of this family (ValueError where it does not fit the core)."""
+        self.check_config(raw)
+        fields = {}
+        for key in CORE_CONFIG_LIMITS:
+            v = raw.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"config.json: {key} must be a positive integer, got {v!r}")
+            fields[key] = v
+        eps = raw.get("layer_norm_eps", 1e-12)
+        if not isinstance(eps, (int, float)) or not (0 < eps < 1):
+            raise ValueError(f"config.json: layer_norm_eps must be in (0, 1), got {eps!r}")
+        if fields["hidden_size"] % fields["num_attention_heads"]:
+            raise ValueError(
+                f"config.json: hidden_size {fields['hidden_size']} is not divisible by num_attention_heads "
+                f"{fields['num_attention_heads']}"
+            )
+        for key, lim in CORE_CONFIG_LIMITS.items():
+            if fields[key] > lim:
+                raise ValueError(f"config.json: {key}={fields[key]} exceeds the supported maximum {lim}")
+        return BertConfig(**fields, layer_norm_eps=float(eps), pad_token_id=int(raw.get("pad_token_id") or 0),
+                          family=self.name)
+
+    def canonical_name(self, key: str) -> str:
+        """A state-dict key as the core's layout names it: family prefix stripped, renames applied."""
         for prefix in self.state_prefixes:
             if key.startswith(prefix):
-                return key[len(prefix):]
-        return key
-
-    def rename(self, key: str) -> str:
+                key = key[len(prefix):]
+                break
         for old, new in self.renames:
             if key.endswith(old):
                 return key[: -len(old)] + new
         return key
 
-    def expected_shapes(self, cfg: BertConfig) -> Dict[str, tuple]:
-        """Every parameter the core needs, by checkpoint name, with its shape."""
-        H, I = cfg.hidden_size, cfg.intermediate_size
-        shapes = {
-            WORD_EMBEDDINGS: (cfg.vocab_size, H),
-            POSITION_EMBEDDINGS: (cfg.max_position_embeddings, H),
-            TOKEN_TYPE_EMBEDDINGS: (cfg.type_vocab_size, H),
-            EMBEDDING_LAYER_NORM + ".weight": (H,),
-            EMBEDDING_LAYER_NORM + ".bias": (H,),
-        }
-        # checkpoint order: Q, K, V, attention output, its LayerNorm, FFN in, FFN out, its LayerNorm
-        layer = [*((q, (H, H)) for q in self.qkv_parts), (SITE_SUFFIXES[1], (H, H)), (LAYER_NORMS[0], (H,)),
-                 (SITE_SUFFIXES[2], (I, H)), (SITE_SUFFIXES[3], (H, I)), (LAYER_NORMS[1], (H,))]
-        for i in range(cfg.num_hidden_layers):
-            p = f"{LAYER_PREFIX}{i}."
-            for name, shape in layer:
-                shapes[p + name + ".weight"] = shape
-                shapes[p + name + ".bias"] = shape[:1]
-        return shapes
-
-    def float_tensors(self, params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, np.ndarray]:
-        """The parameters outside the linear sites (embeddings, LayerNorms), by core storage name."""
-        names = [WORD_EMBEDDINGS, POSITION_EMBEDDINGS, TOKEN_TYPE_EMBEDDINGS, EMBEDDING_LAYER_NORM + ".weight",
-                 EMBEDDING_LAYER_NORM + ".bias"]
-        names += [f"{LAYER_PREFIX}{i}.{ln}.{t}" for i in range(cfg.num_hidden_layers) for ln in LAYER_NORMS
-                  for t in ("weight", "bias")]
-        return {n: params[n] for n in names}
-
-    def fp32_sites(self, params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-        """Per-site fp32 (weight [N, K], bias [N]); Q, K, V fused into one [3H, H] projection."""
-        sites = {}
-        for i in range(cfg.num_hidden_layers):
-            p = f"{LAYER_PREFIX}{i}."
-            qkv = [p + n for n in self.qkv_parts]
-            sites[site_name(i, 0)] = (
-                np.ascontiguousarray(np.concatenate([params[n + ".weight"] for n in qkv], axis=0)),
-                np.ascontiguousarray(np.concatenate([params[n + ".bias"] for n in qkv], axis=0)),
-            )
-            for s in range(1, len(SITE_SUFFIXES)):
-                name = site_name(i, s)
-                sites[name] = (params[name + ".weight"], params[name + ".bias"])
-        return sites
-
-    def load_float_tensors(self, core, storage: Mapping[str, np.ndarray], cfg: BertConfig) -> None:
-        """Hand the embeddings and LayerNorms of ``storage`` to a ``_core.Encoder``."""
-        if WORD_EMBEDDING_SCALES in storage:
-            core.set_word_embeddings(storage[WORD_EMBEDDINGS], storage[WORD_EMBEDDING_SCALES])
-        else:
-            core.set_word_embeddings(storage[WORD_EMBEDDINGS])
-        core.set_position_type_embeddings(storage[POSITION_EMBEDDINGS], storage[TOKEN_TYPE_EMBEDDINGS])
-        core.set_layernorm(-1, 0, storage[EMBEDDING_LAYER_NORM + ".weight"], storage[EMBEDDING_LAYER_NORM + ".bias"])
-        for i in range(cfg.num_hidden_layers):
-            for which, ln in enumerate(LAYER_NORMS):
-                p = f"{LAYER_PREFIX}{i}.{ln}"
-                core.set_layernorm(i, which, storage[p + ".weight"], storage[p + ".bias"])
-
 
 class BertArchitecture(Architecture):
-    """BertModel and the checkpoints that share its layout."""
+    """BertModel and the checkpoints that share its layout (BioBERT, ClinicalBERT, PubMedBERT, MiniLM)."""
 
+    name = "bert"
     model_types = ("bert",)
     arch_prefixes = ("Bert",)
     state_prefixes = ("bert.", "model.", "0.auto_model.")
+    # old TF-converted checkpoints name LayerNorm parameters gamma/beta
     renames = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
     hf_config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu",
                  "position_embedding_type": "absolute"}
@@ -218,9 +257,8 @@ class BertArchitecture(Architecture):
             raise ValueError("decoder / cross-attention BERT variants are not supported")
 
 
-BERT = BertArchitecture()
 #: Every family medquant loads; ``architecture_for`` picks the first that matches a config.json.
-ARCHITECTURES: Tuple[Architecture, ...] = (BERT,)
+ARCHITECTURES: Tuple[Architecture, ...] = (BertArchitecture(),)
 SUPPORTED = "BERT-architecture encoders (BertModel, BioBERT, ClinicalBERT, PubMedBERT, MiniLM sentence models)"
 
 
@@ -234,13 +272,14 @@ def architecture_for(raw: Mapping) -> Architecture:
                      f"medquant runs {SUPPORTED}")
 
 
-def fp32_sites(params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """Per-site fp32 (weight, bias) of a loaded checkpoint's parameters (see :meth:`Architecture.fp32_sites`)."""
-    return BERT.fp32_sites(params, cfg)
+def architecture_of(cfg: BertConfig) -> Architecture:
+    """The family a config was read as."""
+    return next(a for a in ARCHITECTURES if a.name == cfg.family)
 
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "BERT", "BertArchitecture", "BertConfig", "CORE_CONFIG_LIMITS", "LAYER_NORMS",
-    "SITE_ALIASES", "SITE_SUFFIXES", "architecture_for", "fp32_sites", "parse_site", "resolve_alias", "site_layer",
-    "site_module", "site_name", "site_names",
+    "ARCHITECTURES", "Architecture", "BertArchitecture", "BertConfig", "CORE_CONFIG_LIMITS", "LAYER_NORMS",
+    "QKV_PARTS", "SITE_ALIASES", "SITE_SUFFIXES", "architecture_for", "architecture_of", "expected_shapes",
+    "float_tensors", "fp32_sites", "load_float_tensors", "parse_site", "resolve_alias", "site_layer", "site_module",
+    "site_name", "site_names",
 ]

@@ -14,7 +14,7 @@ from typing import Dict
 
 import numpy as np
 
-from .architectures import BERT, CORE_CONFIG_LIMITS, Architecture, BertConfig, architecture_for
+from .architectures import BertConfig, architecture_for, architecture_of, expected_shapes
 
 #: Models that resolve by name without a network: name -> (python module shipping the files, pip package).
 NAMED_MODELS = {
@@ -70,30 +70,12 @@ def _read_json(path: Path, what: str) -> Dict:
 
 
 def load_config(model_dir: Path) -> BertConfig:
-    """config.json checked against what the core runs (see :mod:`medquant.model.architectures`)."""
+    """config.json read by its family's :class:`~medquant.model.architectures.Architecture`."""
     raw = _read_json(Path(model_dir) / "config.json", "config.json")
     try:
-        architecture_for(raw).check_config(raw)
+        return architecture_for(raw).read_config(raw)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    fields = {}
-    for key in CORE_CONFIG_LIMITS:
-        v = raw.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise CheckpointError(f"config.json: {key} must be a positive integer, got {v!r}")
-        fields[key] = v
-    eps = raw.get("layer_norm_eps", 1e-12)
-    if not isinstance(eps, (int, float)) or not (0 < eps < 1):
-        raise CheckpointError(f"config.json: layer_norm_eps must be in (0, 1), got {eps!r}")
-    if fields["hidden_size"] % fields["num_attention_heads"]:
-        raise CheckpointError(
-            f"config.json: hidden_size {fields['hidden_size']} is not divisible by num_attention_heads "
-            f"{fields['num_attention_heads']}"
-        )
-    for key, lim in CORE_CONFIG_LIMITS.items():
-        if fields[key] > lim:
-            raise CheckpointError(f"config.json: {key}={fields[key]} exceeds the supported maximum {lim}")
-    return BertConfig(**fields, layer_norm_eps=float(eps), pad_token_id=int(raw.get("pad_token_id") or 0))
 
 
 def default_max_length(model_dir: Path, config: BertConfig) -> int:
@@ -152,10 +134,6 @@ def load_tokenizer(model_dir: Path):
 # ---------------------------------------------------------------------------------------------------- weights
 
 
-def _strip_prefix(state: Dict[str, np.ndarray], arch: Architecture) -> Dict[str, np.ndarray]:
-    return {arch.strip_prefix(k): v for k, v in state.items()}
-
-
 def read_safetensors(path: Path):
     """(tensors as numpy, metadata) from a safetensors file, with clear errors for truncated/corrupt files."""
     from safetensors import safe_open
@@ -173,14 +151,13 @@ def read_safetensors(path: Path):
     return tensors, meta
 
 
-def load_state_dict(model_dir: Path, allow_pickle: bool = False, arch: Architecture = BERT):
-    """The checkpoint's tensors as numpy arrays (names without the family's prefix, e.g. 'bert.') and the
-    safetensors metadata."""
+def load_state_dict(model_dir: Path, allow_pickle: bool = False):
+    """The checkpoint's tensors as numpy arrays (names as in the file) and the safetensors metadata."""
     model_dir = Path(model_dir)
     st = model_dir / "model.safetensors"
     if st.exists():
         tensors, meta = read_safetensors(st)
-        return _strip_prefix(tensors, arch), meta
+        return tensors, meta
     binf = model_dir / "pytorch_model.bin"
     if binf.exists():
         if not allow_pickle:
@@ -202,16 +179,18 @@ def load_state_dict(model_dir: Path, allow_pickle: bool = False, arch: Architect
         for k, v in sd.items():
             if hasattr(v, "detach"):
                 out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.detach().numpy()
-        return _strip_prefix(out, arch), {}
+        return out, {}
     raise CheckpointError(f"no weights in {model_dir}: need model.safetensors (or pytorch_model.bin with allow_pickle=True)")
 
 
-def fp32_params(state: Dict[str, np.ndarray], cfg: BertConfig, arch: Architecture = BERT) -> Dict[str, np.ndarray]:
-    """Checks names, shapes and finiteness; returns C-contiguous float32 copies of the encoder's parameters."""
-    fixed = {arch.rename(k): v for k, v in state.items()}
+def fp32_params(state: Dict[str, np.ndarray], cfg: BertConfig) -> Dict[str, np.ndarray]:
+    """Maps names onto the core's layout (see :mod:`~medquant.model.architectures`), checks names, shapes and
+    finiteness; returns C-contiguous float32 copies of the encoder's parameters."""
+    arch = architecture_of(cfg)
+    fixed = {arch.canonical_name(k): v for k, v in state.items()}
     params = {}
     missing = []
-    for name, shape in arch.expected_shapes(cfg).items():
+    for name, shape in expected_shapes(cfg).items():
         if name not in fixed:
             missing.append(name)
             continue

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._native import _core
 from ..quant.schemes import KIND_CODES, MODE_CODES, QuantScheme
-from .architectures import BERT, BertConfig, parse_site
+from .architectures import BertConfig, float_tensors, fp32_sites, load_float_tensors, parse_site
 from .checkpoint import CheckpointError
 
 FORMAT = "medquant-quantized-v1"
@@ -31,9 +31,9 @@ SiteSpecs = Dict[str, Dict]
 def float_storage(params: Mapping[str, np.ndarray], cfg: BertConfig, scheme: QuantScheme,
                   act_mul: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[Storage, SiteSpecs]:
     """fp32 / bf16 storage of fp32 parameters; ``act_mul`` (SmoothQuant factors) divides into the weights."""
-    storage = BERT.float_tensors(params, cfg)
+    storage = float_tensors(params, cfg)
     sites = {}
-    for name, (w, b) in BERT.fp32_sites(params, cfg).items():
+    for name, (w, b) in fp32_sites(params, cfg).items():
         kind = scheme.site_kind(name)
         if kind not in ("fp32", "bf16"):
             raise ValueError(f"float_storage got a non-float site kind {kind}")
@@ -54,7 +54,7 @@ def smooth_weight(w: np.ndarray, act_mul: np.ndarray) -> np.ndarray:
 def build_core(cfg: BertConfig, storage: Storage, sites: SiteSpecs, n_threads: int):
     """A finalized ``_core.Encoder`` holding ``storage``."""
     core = _core.Encoder(cfg.to_core(), int(n_threads), _core.Observer)
-    BERT.load_float_tensors(core, storage, cfg)
+    load_float_tensors(core, storage, cfg)
     for name in cfg.site_names:
         spec, (layer, s) = sites[name], parse_site(name)
         kw = dict(w_scales=storage.get(name + ".weight_scale"), bias=storage.get(name + ".bias"),

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._native import _core
 from ..model import limits
-from ..model.architectures import BERT, WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, BertConfig
+from ..model.architectures import WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, BertConfig, fp32_sites
 from ..model.storage import float_storage, smooth_weight
 from .calibration import Calibration, qparams
 from .schemes import QuantScheme, get_scheme
@@ -85,11 +85,11 @@ def _smoothquant_calibration(encoder: "Encoder", scheme: QuantScheme, int8_sites
 def smoothquant_factors(params: Mapping[str, np.ndarray], cfg: BertConfig, calib: Calibration, sites,
                         alpha: float) -> Dict[str, np.ndarray]:
     """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha); activations are multiplied by 1/s, weights by s."""
-    fp32_sites = BERT.fp32_sites(params, cfg)
+    sites_fp32 = fp32_sites(params, cfg)
     out = {}
     for n in sites:
         ax = calib.column_absmax(n).astype(np.float64)
-        wx = np.abs(fp32_sites[n][0]).max(axis=0).astype(np.float64)
+        wx = np.abs(sites_fp32[n][0]).max(axis=0).astype(np.float64)
         s = np.power(np.maximum(ax, 1e-5), alpha) / np.power(np.maximum(wx, 1e-5), 1.0 - alpha)
         s = np.clip(s, 1e-4, 1e4)
         out[n] = (1.0 / s).astype(np.float32)
@@ -105,7 +105,7 @@ def quantized_storage(params: Mapping[str, np.ndarray], cfg: BertConfig, scheme:
         storage[WORD_EMBEDDINGS] = q
         storage[WORD_EMBEDDING_SCALES] = s
     sites = {}
-    for name, (w, b) in BERT.fp32_sites(params, cfg).items():
+    for name, (w, b) in fp32_sites(params, cfg).items():
         storage[name + ".bias"] = b
         sites[name] = _quantize_site(storage, name, w, scheme, act_mul.get(name), calibration)
     return storage, sites
