@@ -24,7 +24,7 @@ FULL_STUDY = ("medquant compare --full --schemes all --index-kinds int8,binary -
 
 def _parser() -> argparse.ArgumentParser:
     from . import PRESETS
-    from .eval.evaluate import INDEX_SCORINGS
+    from .eval.retrieval import INDEX_SCORINGS
     from .model.checkpoint import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="medquant", description=__doc__.split("\n\n")[0])
@@ -200,8 +200,9 @@ def _compare(parser, args) -> int:
     import pandas as pd
 
     from . import runtime_info
-    from .eval.evaluate import INDEX_KINDS, EvalConfig, evaluate, per_query_table
+    from .eval.evaluate import EvalConfig, evaluate, per_query_table
     from .eval.metrics import DEFAULT_KS, metric_columns
+    from .eval.retrieval import INDEX_KINDS
 
     schemes = _parse_schemes(parser, args.schemes)
     _check_counts(parser, (("--limit", args.limit), ("--batch-size", args.batch_size), ("--threads", args.threads),

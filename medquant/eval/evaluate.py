@@ -36,13 +36,13 @@ from ..model.limits import positive_int
 from ..quant.calibration import sample_calibration_texts
 from ..quant.quantize import calibrate_for
 from ..quant.schemes import QuantScheme, get_scheme
-from .datasets import RetrievalDataset, load_beir, medquad_retrieval, split_corpus
+from .datasets import RetrievalDataset, check_passage_window, load_beir, medquad_retrieval, split_corpus
 from .metrics import DEFAULT_KS, check_ks, evaluate_run, metric_columns, summarize
-from .retrieval import quantize_index, run_from_search, search, search_passages
+from .retrieval import (
+    INDEX_KINDS, check_index_kind, check_index_scoring, quantize_index, run_from_search, search, search_passages,
+)
 from .stats import paired_comparison
 
-INDEX_KINDS = ("int8", "binary")
-INDEX_SCORINGS = ("codes", "asymmetric")
 
 
 @dataclass
@@ -133,16 +133,14 @@ class EvalConfig:
             self.index_kinds = (self.index_kinds,)
         self.index_kinds = tuple(self.index_kinds)
         for kind in self.index_kinds:
-            if kind not in INDEX_KINDS:
-                raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
-        if self.index_scoring not in INDEX_SCORINGS:
-            raise ValueError(f"index_scoring must be one of {', '.join(INDEX_SCORINGS)}, got {self.index_scoring!r}")
+            check_index_kind(kind)
+        check_index_scoring(self.index_scoring)
         if self.rescore_multiplier is not None:
             if int(self.rescore_multiplier) < 0:
                 raise ValueError("rescore_multiplier must be >= 1 (or 0 / None for no rescoring)")
             self.rescore_multiplier = int(self.rescore_multiplier) or None
-        if self.passages and not (0 < int(self.stride) <= int(self.max_words)):
-            raise ValueError("passages need 0 < stride <= max_words")
+        if self.passages:
+            check_passage_window(int(self.max_words), int(self.stride))
         if self.threads is not None:
             positive_int(self.threads, "threads")
 
