@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from .._native import _core
-from ..quant.schemes import KIND_CODES, MODE_CODES, QuantScheme
+from ..quant.schemes import MODE_CODES, SITE_KINDS, QuantScheme
 from .architectures import BertConfig, float_tensors, fp32_sites, load_float_tensors, parse_site
 from .checkpoint import CheckpointError
 
@@ -35,7 +35,7 @@ def float_storage(params: Mapping[str, np.ndarray], cfg: BertConfig, scheme: Qua
     sites = {}
     for name, (w, b) in fp32_sites(params, cfg).items():
         kind = scheme.site_kind(name)
-        if kind not in ("fp32", "bf16"):
+        if not SITE_KINDS[kind].is_float:
             raise ValueError(f"float_storage got a non-float site kind {kind}")
         if act_mul is not None and name in act_mul:
             w = smooth_weight(w, act_mul[name])
@@ -57,20 +57,10 @@ def build_core(cfg: BertConfig, storage: Storage, sites: SiteSpecs, n_threads: i
     load_float_tensors(core, storage, cfg)
     for name in cfg.site_names:
         spec, (layer, s) = sites[name], parse_site(name)
-        kw = dict(w_scales=storage.get(name + ".weight_scale"), bias=storage.get(name + ".bias"),
-                  act_mul=storage.get(name + ".act_mul"))
-        if spec["kind"] == "int8":
-            kw.update(
-                act_mode=MODE_CODES[spec["act_mode"]],
-                act_symmetric=bool(spec["act_symmetric"]),
-                act_scale=float(spec.get("act_scale", 1.0)),
-                act_zero_point=int(spec.get("act_zero_point", 0)),
-            )
-        if spec["kind"] in ("int8", "w8"):
-            kw["w_per_channel"] = bool(spec["w_per_channel"])
-        if spec["kind"] == "w4":
-            kw["group_size"] = int(spec["group_size"])
-        core.set_linear(layer, s, KIND_CODES[spec["kind"]], storage[name + ".weight"], **kw)
+        kind = SITE_KINDS[spec["kind"]]
+        core.set_linear(layer, s, kind.code, storage[name + ".weight"], w_scales=storage.get(name + ".weight_scale"),
+                        bias=storage.get(name + ".bias"), act_mul=storage.get(name + ".act_mul"),
+                        **kind.core_args(spec))
     core.finalize()
     return core
 
@@ -117,9 +107,9 @@ def read_quantized(meta: Mapping, state: Mapping[str, np.ndarray], cfg: BertConf
     if not isinstance(sites, dict) or sorted(sites) != sorted(expected):
         raise CheckpointError("quantized checkpoint sites do not match config.json")
     for n, spec in sites.items():
-        if not isinstance(spec, dict) or spec.get("kind") not in KIND_CODES:
+        if not isinstance(spec, dict) or spec.get("kind") not in SITE_KINDS:
             raise CheckpointError(f"quantized checkpoint: bad site spec for {n}: {spec!r}")
-        if spec["kind"] == "int8" and spec.get("act_mode") not in MODE_CODES:
+        if SITE_KINDS[spec["kind"]].quantized_input and spec.get("act_mode") not in MODE_CODES:
             raise CheckpointError(f"quantized checkpoint: bad activation mode for {n}")
     storage = {k: np.ascontiguousarray(v) for k, v in state.items()}
     for k, v in storage.items():

@@ -14,7 +14,7 @@ from ..model import limits
 from ..model.architectures import WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, BertConfig, fp32_sites
 from ..model.storage import float_storage, smooth_weight
 from .calibration import Calibration, qparams
-from .schemes import QuantScheme, get_scheme
+from .schemes import SITE_KINDS, QuantScheme, get_scheme
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.encoder import Encoder
@@ -43,7 +43,7 @@ def quantize(encoder: "Encoder", scheme, calibration_texts: Optional[Sequence[st
         raise ValueError("quantize() starts from fp32 weights; this encoder was loaded quantized. Load the fp32 "
                          "checkpoint and quantize that.")
     names = encoder.site_names
-    int8_sites = scheme.int8_sites(names)
+    int8_sites = scheme.quantized_input_sites(names)
     if calibration_texts is not None:
         calibration_texts = limits.texts(calibration_texts)
     need_calib = scheme.needs_calibration_for(names)
@@ -113,34 +113,27 @@ def quantized_storage(params: Mapping[str, np.ndarray], cfg: BertConfig, scheme:
 
 def _quantize_site(storage: Dict[str, np.ndarray], name: str, w: np.ndarray, scheme: QuantScheme,
                    mul: Optional[np.ndarray], calibration: Optional[Calibration]) -> Dict:
-    """Store one site's weight as its kind under ``scheme`` wants it; return the site's spec."""
-    kind = scheme.site_kind(name)
-    spec: Dict = {"kind": kind}
-    if kind in ("fp32", "bf16"):
+    """Store one site's weight as its kind (see ``SITE_KINDS``) under ``scheme`` wants it; return the site's spec."""
+    kind = SITE_KINDS[scheme.site_kind(name)]
+    spec: Dict = {"kind": kind.name}
+    if kind.is_float:
         storage[name + ".weight"] = w
-    elif kind in ("int8", "w8"):
-        per_channel = scheme.weight_granularity == "per-channel"
-        if mul is not None:
-            w = smooth_weight(w, mul)
-            storage[name + ".act_mul"] = mul
-        q, s = _core.quantize_weight_s8(w, per_channel)
-        storage[name + ".weight"] = q
-        storage[name + ".weight_scale"] = s
-        spec["w_per_channel"] = per_channel
-        if kind == "int8":
-            spec["act_mode"] = scheme.mode
-            spec["act_symmetric"] = bool(scheme.act_symmetric)
-            if scheme.mode == "static":
-                lo, hi = calibration.range(name, scheme.calibration, scheme.act_symmetric, scheme.percentile)
-                scale, zp = qparams(lo, hi, scheme.act_symmetric)
-                spec["act_scale"] = float(scale)
-                spec["act_zero_point"] = int(zp)
-                spec["act_range"] = [lo, hi]
-    elif kind == "w4":
-        q, s = _core.quantize_weight_s4(w, int(scheme.group_size))
-        storage[name + ".weight"] = q
-        storage[name + ".weight_scale"] = s
-        spec["group_size"] = int(scheme.group_size)
+        return spec
+    if mul is not None:
+        w = smooth_weight(w, mul)
+        storage[name + ".act_mul"] = mul
+    tensors, weight_spec = kind.quantize_weight(w, scheme)
+    storage.update({f"{name}.{suffix}": t for suffix, t in tensors.items()})
+    spec.update(weight_spec)
+    if kind.quantized_input:
+        spec["act_mode"] = scheme.mode
+        spec["act_symmetric"] = bool(scheme.act_symmetric)
+        if scheme.mode == "static":
+            lo, hi = calibration.range(name, scheme.calibration, scheme.act_symmetric, scheme.percentile)
+            scale, zp = qparams(lo, hi, scheme.act_symmetric)
+            spec["act_scale"] = float(scale)
+            spec["act_zero_point"] = int(zp)
+            spec["act_range"] = [lo, hi]
     return spec
 
 
