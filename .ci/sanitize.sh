@@ -47,6 +47,9 @@ mkdir -p "$SRC/medquant" "$LOGS"
 echo "== sanitize: copying sources to $SRC"
 cp -r "$ROOT/csrc" "$ROOT/tests" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$SRC/"
 cp "$ROOT"/medquant/*.py "$SRC/medquant/"
+for pkg in "$ROOT"/medquant/*/; do  # the subpackages (model/, quant/, eval/), without the built extension
+    [[ -f "$pkg/__init__.py" ]] && mkdir -p "$SRC/medquant/$(basename "$pkg")" && cp "$pkg"*.py "$SRC/medquant/$(basename "$pkg")/"
+done
 [[ -d "$ROOT/fuzz" ]] && cp -r "$ROOT/fuzz" "$SRC/"
 [[ -f "$ROOT/README.md" ]] && cp "$ROOT/README.md" "$SRC/"
 find "$SRC" -name "__pycache__" -prune -exec rm -rf {} +
@@ -67,7 +70,7 @@ for lib in "$ASAN_LIB" "$UBSAN_LIB"; do
     [[ -f "$lib" ]] || { echo "sanitize: runtime $lib not found (gcc with libasan/libubsan needed)" >&2; exit 1; }
 done
 
-# data the tests read relative to the checkout (medquant.datasets looks next to the repo, not next to the copy)
+# data the tests read relative to the checkout (medquant.eval.datasets looks next to the repo, not next to the copy)
 if [[ -z "${MEDQUANT_DATA:-}" && -d "$ROOT/../shared/data/medquad" ]]; then
     export MEDQUANT_DATA="$(cd "$ROOT/../shared/data/medquad" && pwd)"
 fi

@@ -34,7 +34,7 @@ def log(msg: str) -> None:
 
 
 def sample_texts(sizes) -> dict:
-    from medquant.datasets import load_medquad
+    from medquant.eval.datasets import load_medquad
 
     df = load_medquad()
     answers = [a for a in df["answer"].drop_duplicates().tolist() if a.strip()]
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     import onnxruntime
     import torch
     import transformers
-    from medquant.checkpoint import resolve_model_path
+    from medquant.model.checkpoint import DEFAULT_MODEL, resolve_model_path
 
     sizes_used = {k: getattr(sizes, k) for k in ("n_corpus", "n_queries", "n_calib", "n_calib_base")}
     stamp = {"version": STAMP_VERSION, "sizes": sizes_used, "seed": SEED, "torch": torch.__version__,
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
     np.save(wd / "fixed_ids.npy", ids)
 
-    minilm_hf = resolve_model_path("all-MiniLM-L6-v2")
+    minilm_hf = resolve_model_path(DEFAULT_MODEL)
     base_hf = wd / "bert-base" / "hf"
     base_hf.mkdir(parents=True)
     log("writing the BERT-base-sized random checkpoint")

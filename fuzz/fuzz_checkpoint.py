@@ -30,7 +30,7 @@ import tokenizers  # noqa: E402,F401
 
 with atheris.instrument_imports(include=["medquant"]):
     import medquant
-    from medquant.checkpoint import CheckpointError
+    from medquant.model.checkpoint import CheckpointError
 
 from tiny_bert import synthetic_vocab, write_tiny_bert  # noqa: E402
 

@@ -27,8 +27,10 @@ def peak_mib() -> float:
 
 
 def main():
+    from medquant.model.checkpoint import DEFAULT_MODEL
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="all-MiniLM-L6-v2")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default="/tmp/medquad_answers.npy")
@@ -36,7 +38,7 @@ def main():
     args = ap.parse_args()
 
     import medquant
-    from medquant.datasets import load_medquad
+    from medquant.eval.datasets import load_medquad
 
     answers = load_medquad()["answer"].astype(str).tolist()
     enc = medquant.Encoder.from_pretrained(args.model)

@@ -7,11 +7,11 @@ healthcare retrieval quality.
     emb = q.encode(texts)
 """
 from ._native import LIBDNNL_PATH, _core
-from .calibration import Calibration
-from .checkpoint import DEFAULT_MODEL, CheckpointError
-from .encoder import Encoder
-from .evaluate import EvalConfig, evaluate
-from .schemes import PRESETS, QuantScheme, get_scheme
+from .eval.evaluate import EvalConfig, evaluate
+from .model.checkpoint import DEFAULT_MODEL, CheckpointError
+from .model.encoder import Encoder
+from .quant.calibration import Calibration
+from .quant.schemes import PRESETS, QuantScheme, get_scheme
 
 __version__ = "0.1.0"
 

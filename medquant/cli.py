@@ -24,6 +24,8 @@ FULL_STUDY = ("medquant compare --full --schemes all --index-kinds int8,binary -
 
 def _parser() -> argparse.ArgumentParser:
     from . import PRESETS
+    from .eval.retrieval import INDEX_SCORINGS
+    from .model.checkpoint import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="medquant", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", metavar="{compare,info,quantize}")
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Encode a collection with fp32 and every scheme, compare retrieval quality with "
                                    "fp32 (paired bootstrap CI and randomization test), measure throughput and bytes, "
                                    "and write results.csv, results.json, per_query.csv and two PNG plots.")
-    c.add_argument("--model", default="all-MiniLM-L6-v2", help="model name or directory (default %(default)s)")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory (default %(default)s)")
     c.add_argument("--dataset", default="medquad", help="'medquad' or a BEIR-layout directory (default %(default)s)")
     c.add_argument("--split", default=None,
                    help="MedQuAD: dev (default), test or all; BEIR: the qrels file (default test)")
@@ -59,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     c.add_argument("--index-kinds", default="int8,binary",
                    help="quantized corpus indexes of the fp32 embeddings: int8, binary, comma-separated, or none")
-    c.add_argument("--index-scoring", choices=("codes", "asymmetric"), default="codes",
+    c.add_argument("--index-scoring", choices=INDEX_SCORINGS, default="codes",
                    help="score quantized queries against codes (default) or float queries against the "
                         "dequantized corpus")
     c.add_argument("--rescore-multiplier", type=int, default=4,
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Quantize a model with a preset and save it with save_pretrained. Static "
                                    "schemes are calibrated on a seeded sample of MedQuAD (or BEIR) queries and "
                                    "corpus texts.")
-    q.add_argument("--model", default="all-MiniLM-L6-v2", help="fp32 model name or directory")
+    q.add_argument("--model", default=DEFAULT_MODEL, help="fp32 model name or directory")
     q.add_argument("--scheme", required=True, help=f"preset: {presets}")
     q.add_argument("--calibration-size", type=int, default=256, help="calibration texts (default 256)")
     q.add_argument("--dataset", default="medquad", help="calibration source: 'medquad' or a BEIR directory")
@@ -104,7 +106,7 @@ def _parse_schemes(parser: argparse.ArgumentParser, text: str) -> List[str]:
 
 
 def _load_dataset(parser: argparse.ArgumentParser, args):
-    from .datasets import load_beir, medquad_retrieval
+    from .eval.datasets import load_beir, medquad_retrieval
 
     if args.dataset.lower() == "medquad":
         split = args.split or "dev"
@@ -124,6 +126,18 @@ def _load_dataset(parser: argparse.ArgumentParser, args):
         except (FileNotFoundError, ValueError, KeyError) as e:
             parser.error(f"cannot load BEIR dataset {path}: {e}")
     return ds
+
+
+def _check_counts(parser: argparse.ArgumentParser, counts) -> None:
+    """Options that count something (given as (flag, value); None: not given) must be positive ints."""
+    from .model.limits import positive_int
+
+    for name, value in counts:
+        if value is not None:
+            try:
+                positive_int(value, name)
+            except ValueError as e:
+                parser.error(str(e))
 
 
 def _sample(ds, limit: int, corpus_factor: int, seed: int):
@@ -167,7 +181,7 @@ def _json_safe(obj):
 def _save_plots(df, out: Path, metric: str) -> List[Path]:
     from matplotlib.figure import Figure
 
-    from .plots import plot_quality_vs_size, plot_quality_vs_throughput
+    from .eval.plots import plot_quality_vs_size, plot_quality_vs_throughput
 
     paths = []
     fig = Figure(figsize=(6.4, 4.6), layout="constrained")
@@ -186,23 +200,22 @@ def _compare(parser, args) -> int:
     import pandas as pd
 
     from . import runtime_info
-    from .evaluate import EvalConfig, evaluate, per_query_table
-    from .metrics import metric_columns
+    from .eval.evaluate import EvalConfig, evaluate, per_query_table
+    from .eval.metrics import DEFAULT_KS, metric_columns
+    from .eval.retrieval import INDEX_KINDS
 
     schemes = _parse_schemes(parser, args.schemes)
-    for name, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--threads", args.threads),
-                    ("--calibration-size", args.calibration_size), ("--n-boot", args.n_boot),
-                    ("--corpus-factor", args.corpus_factor)):
-        if v is not None and v < 1:
-            parser.error(f"{name} must be >= 1")
+    _check_counts(parser, (("--limit", args.limit), ("--batch-size", args.batch_size), ("--threads", args.threads),
+                           ("--calibration-size", args.calibration_size), ("--n-boot", args.n_boot),
+                           ("--corpus-factor", args.corpus_factor)))
     kinds = [] if args.index_kinds.strip().lower() in ("", "none") else \
         [s.strip() for s in args.index_kinds.split(",") if s.strip()]
-    bad = [s for s in kinds if s not in ("int8", "binary")]
+    bad = [s for s in kinds if s not in INDEX_KINDS]
     if bad:
-        parser.error(f"unknown index kind(s) {', '.join(bad)}; use int8, binary or none")
+        parser.error(f"unknown index kind(s) {', '.join(bad)}; use {', '.join(INDEX_KINDS)} or none")
     if args.rescore_multiplier < 0:
         parser.error("--rescore-multiplier must be >= 0")
-    if args.metric not in metric_columns((1, 3, 5, 10, 100)):
+    if args.metric not in metric_columns(DEFAULT_KS):
         parser.error(f"--metric {args.metric!r} is not computed; e.g. nDCG@10, MRR@10, R@100")
     try:
         cfg = EvalConfig(batch_size=args.batch_size, max_length=args.max_length, calibration_size=args.calibration_size,
@@ -213,7 +226,7 @@ def _compare(parser, args) -> int:
         parser.error(str(e))
     if args.metric not in cfg.main_metrics:
         cfg = EvalConfig(**{**cfg.to_dict(), "main_metrics": tuple(cfg.main_metrics) + (args.metric,)})
-    from .checkpoint import CheckpointError, resolve_model_path
+    from .model.checkpoint import CheckpointError, resolve_model_path
 
     try:
         resolve_model_path(args.model)
@@ -277,13 +290,12 @@ def _info(args) -> int:
 
 def _quantize(parser, args) -> int:
     from . import Encoder, PRESETS
-    from .checkpoint import CheckpointError
-    from .evaluate import _sample_calibration_texts
+    from .model.checkpoint import CheckpointError
+    from .quant.calibration import sample_calibration_texts
 
     if args.scheme not in PRESETS:
         parser.error(f"unknown scheme {args.scheme!r}; presets: {', '.join(PRESETS)}")
-    if args.calibration_size < 1:
-        parser.error("--calibration-size must be >= 1")
+    _check_counts(parser, (("--calibration-size", args.calibration_size),))
     scheme = PRESETS[args.scheme]
     try:
         enc = Encoder.from_pretrained(args.model, n_threads=args.threads)
@@ -292,7 +304,7 @@ def _quantize(parser, args) -> int:
     calib = None
     if scheme.needs_calibration:
         ds = _load_dataset(parser, args)
-        calib = _sample_calibration_texts(list(ds.queries.values()), list(ds.corpus.values()),
+        calib = sample_calibration_texts(list(ds.queries.values()), list(ds.corpus.values()),
                                           args.calibration_size, args.seed)
         print(f"calibrating on {len(calib)} texts from {ds.name}", file=sys.stderr)
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import medquant
-from medquant.checkpoint import resolve_model_path
+from medquant.model.checkpoint import resolve_model_path
 
 
 IN_CI = os.environ.get("MEDQUANT_CI") == "1"
@@ -30,7 +30,7 @@ def require(module: str):
 
 def pytest_sessionstart(session):
     if IN_CI:
-        from medquant.datasets import data_root
+        from medquant.eval.datasets import data_root
 
         data_root()  # raises FileNotFoundError naming where MedQuAD was looked for
 
@@ -47,7 +47,7 @@ def minilm(minilm_dir):
 
 @pytest.fixture(scope="session")
 def medquad():
-    from medquant.datasets import load_medquad
+    from medquant.eval.datasets import load_medquad
 
     return load_medquad()
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import medquant
-from medquant.checkpoint import resolve_model_path
-from medquant.schemes import PRESETS
+from medquant.model.checkpoint import resolve_model_path
+from medquant.quant.schemes import PRESETS
 
 REF_DIR = Path(__file__).parent / "data" / "embeddings"
 N_THREADS = 2

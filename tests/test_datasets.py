@@ -1,4 +1,4 @@
-"""medquant.datasets: MedQuAD parsing and retrieval splits, BEIR and TREC loaders, passage splitting."""
+"""medquant.eval.datasets: MedQuAD parsing and retrieval splits, BEIR and TREC loaders, passage splitting."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import IN_CI
-from medquant import datasets
-from medquant.datasets import (
+from medquant.eval import datasets
+from medquant.eval.datasets import (
     RetrievalDataset, load_beir, load_medquad, load_trec_qrels, medquad_retrieval, split_corpus, split_passages,
 )
 

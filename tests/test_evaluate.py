@@ -7,9 +7,9 @@ import pytest
 
 import medquant
 from kernels import SUPPORT
-from medquant.datasets import medquad_retrieval
-from medquant.evaluate import EvalConfig, PerQueryResults, per_query_table
-from medquant.metrics import summarize
+from medquant.eval.datasets import medquad_retrieval
+from medquant.eval.evaluate import EvalConfig, PerQueryResults, per_query_table
+from medquant.eval.metrics import summarize
 
 # 200 dev queries, a corpus of 400 answers (their ~210 relevant answers + random dev distractors), 128 tokens:
 # about 6 s per encoder on 2 cores.

@@ -1,4 +1,4 @@
-"""medquant.metrics against pytrec_eval (trec_eval) on random and hand-built runs."""
+"""medquant.eval.metrics against pytrec_eval (trec_eval) on random and hand-built runs."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from conftest import require
 
 pytrec_eval = require("pytrec_eval")
 
-from medquant.metrics import evaluate_run, metric_columns, summarize, trec_order  # noqa: E402
+from medquant.eval.metrics import evaluate_run, metric_columns, summarize, trec_order  # noqa: E402
 
 KS = (1, 2, 3, 5, 10, 20, 100)
 

@@ -1,10 +1,10 @@
-"""medquant.retrieval: blocked exact search, passage max-pooling and quantized indexes."""
+"""medquant.eval.retrieval: blocked exact search, passage max-pooling and quantized indexes."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from medquant.retrieval import (
+from medquant.eval.retrieval import (
     l2_normalize, quantize_index, read_trec_run, run_from_search, search, search_passages, write_trec_run,
 )
 

@@ -1,4 +1,4 @@
-"""medquant.stats: paired bootstrap CI and randomization / t tests."""
+"""medquant.eval.stats: paired bootstrap CI and randomization / t tests."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medquant.stats import (
+from medquant.eval.stats import (
     PairedComparison, compare_runs, paired_comparison, randomization_pvalue, t_sf_two_sided, ttest_pvalue,
 )
 

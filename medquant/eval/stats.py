@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from ..model.limits import positive_int
+
 ArrayLike = Union[pd.Series, np.ndarray, Sequence[float]]
 
 _CHUNK_ELEMS = 1 << 22  # resampling matrices are processed in chunks of about 4M entries
@@ -250,8 +252,7 @@ def paired_comparison(a: ArrayLike, b: ArrayLike, n_boot: int = 10000, seed: int
     x, y = _paired_arrays(a, b)
     if test not in ("randomization", "ttest"):
         raise ValueError("test must be 'randomization' or 'ttest'")
-    if n_boot < 1:
-        raise ValueError("n_boot must be >= 1")
+    positive_int(n_boot, "n_boot")
     if not 0.0 < confidence < 1.0:
         raise ValueError("confidence must be in (0, 1)")
     d = y - x
@@ -277,7 +278,7 @@ def compare_runs(per_query_a: pd.DataFrame, per_query_b: pd.DataFrame, metrics: 
     Parameters
     ----------
     per_query_a, per_query_b : pandas.DataFrame
-        :func:`medquant.metrics.evaluate_run` outputs over the same query ids.
+        :func:`medquant.eval.metrics.evaluate_run` outputs over the same query ids.
     metrics : sequence of str, optional
         Columns to compare (default: every ``<metric>@<k>`` column present in both).
     **kwargs

@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from .schemes import SITE_SUFFIXES
+from ..model.architectures import SITE_SUFFIXES
 
 _MODEL_COLOR = "#1f77b4"
 _INDEX_COLOR = "#ff7f0e"

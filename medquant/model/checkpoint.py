@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
+
+from .architectures import BertConfig, architecture_for, architecture_of, expected_shapes
 
 #: Models that resolve by name without a network: name -> (python module shipping the files, pip package).
 NAMED_MODELS = {
@@ -25,54 +26,6 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing files, is corrupt, or is not a supported BERT encoder."""
-
-
-@dataclass(frozen=True)
-class BertConfig:
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-
-    def to_core(self) -> Dict:
-        """The C core's configuration (its own names, mq_bert_config)."""
-        return {
-            "vocab_size": self.vocab_size,
-            "hidden": self.hidden_size,
-            "n_layers": self.num_hidden_layers,
-            "n_heads": self.num_attention_heads,
-            "intermediate": self.intermediate_size,
-            "max_position": self.max_position_embeddings,
-            "type_vocab": self.type_vocab_size,
-            "ln_eps": self.layer_norm_eps,
-        }
-
-    def to_hf(self) -> Dict:
-        d = {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "type_vocab_size": self.type_vocab_size,
-            "layer_norm_eps": self.layer_norm_eps,
-        }
-        d.update(
-            {
-                "architectures": ["BertModel"],
-                "model_type": "bert",
-                "hidden_act": "gelu",
-                "position_embedding_type": "absolute",
-                "pad_token_id": self.pad_token_id,
-            }
-        )
-        return d
 
 
 def resolve_model_path(name_or_path) -> Path:
@@ -117,46 +70,12 @@ def _read_json(path: Path, what: str) -> Dict:
 
 
 def load_config(model_dir: Path) -> BertConfig:
+    """config.json read by its family's :class:`~medquant.model.architectures.Architecture`."""
     raw = _read_json(Path(model_dir) / "config.json", "config.json")
-    model_type = raw.get("model_type")
-    archs = raw.get("architectures") or []
-    bert_like = model_type == "bert" or any(str(a).startswith("Bert") for a in archs)
-    if not bert_like:
-        arch = ", ".join(map(str, archs)) or "unknown"
-        raise CheckpointError(
-            f"unsupported architecture: model_type={model_type!r}, architectures=[{arch}]; medquant runs "
-            "BERT-architecture encoders (BertModel, BioBERT, ClinicalBERT, PubMedBERT, MiniLM sentence models)"
-        )
-    if raw.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"unsupported position_embedding_type {raw['position_embedding_type']!r} (only absolute)")
-    act = raw.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"unsupported hidden_act {act!r}: the C core implements BERT's erf GELU ('gelu')")
-    if raw.get("is_decoder") or raw.get("add_cross_attention"):
-        raise CheckpointError("decoder / cross-attention BERT variants are not supported")
-    fields = {}
-    for key in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-        "max_position_embeddings", "type_vocab_size",
-    ):
-        v = raw.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise CheckpointError(f"config.json: {key} must be a positive integer, got {v!r}")
-        fields[key] = v
-    eps = raw.get("layer_norm_eps", 1e-12)
-    if not isinstance(eps, (int, float)) or not (0 < eps < 1):
-        raise CheckpointError(f"config.json: layer_norm_eps must be in (0, 1), got {eps!r}")
-    if fields["hidden_size"] % fields["num_attention_heads"]:
-        raise CheckpointError(
-            f"config.json: hidden_size {fields['hidden_size']} is not divisible by num_attention_heads "
-            f"{fields['num_attention_heads']}"
-        )
-    limits = {"vocab_size": 1 << 22, "hidden_size": 1 << 14, "num_hidden_layers": 256, "num_attention_heads": 1024,
-              "intermediate_size": 1 << 16, "max_position_embeddings": 1 << 14, "type_vocab_size": 1 << 10}
-    for key, lim in limits.items():
-        if fields[key] > lim:
-            raise CheckpointError(f"config.json: {key}={fields[key]} exceeds the supported maximum {lim}")
-    return BertConfig(**fields, layer_norm_eps=float(eps), pad_token_id=int(raw.get("pad_token_id") or 0))
+    try:
+        return architecture_for(raw).read_config(raw)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def default_max_length(model_dir: Path, config: BertConfig) -> int:
@@ -215,17 +134,6 @@ def load_tokenizer(model_dir: Path):
 # ---------------------------------------------------------------------------------------------------- weights
 
 
-def _strip_prefix(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("bert.", "model.", "0.auto_model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-                break
-        out[k] = v
-    return out
-
-
 def read_safetensors(path: Path):
     """(tensors as numpy, metadata) from a safetensors file, with clear errors for truncated/corrupt files."""
     from safetensors import safe_open
@@ -244,12 +152,12 @@ def read_safetensors(path: Path):
 
 
 def load_state_dict(model_dir: Path, allow_pickle: bool = False):
-    """The checkpoint's tensors as numpy arrays (names without a 'bert.' prefix) and the safetensors metadata."""
+    """The checkpoint's tensors as numpy arrays (names as in the file) and the safetensors metadata."""
     model_dir = Path(model_dir)
     st = model_dir / "model.safetensors"
     if st.exists():
         tensors, meta = read_safetensors(st)
-        return _strip_prefix(tensors), meta
+        return tensors, meta
     binf = model_dir / "pytorch_model.bin"
     if binf.exists():
         if not allow_pickle:
@@ -271,45 +179,15 @@ def load_state_dict(model_dir: Path, allow_pickle: bool = False):
         for k, v in sd.items():
             if hasattr(v, "detach"):
                 out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.detach().numpy()
-        return _strip_prefix(out), {}
+        return out, {}
     raise CheckpointError(f"no weights in {model_dir}: need model.safetensors (or pytorch_model.bin with allow_pickle=True)")
 
 
-def expected_shapes(cfg: BertConfig) -> Dict[str, tuple]:
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    shapes = {
-        "embeddings.word_embeddings.weight": (cfg.vocab_size, H),
-        "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, H),
-        "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, H),
-        "embeddings.LayerNorm.weight": (H,),
-        "embeddings.LayerNorm.bias": (H,),
-    }
-    for i in range(cfg.num_hidden_layers):
-        p = f"encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            shapes[p + name + ".weight"] = (H, H)
-            shapes[p + name + ".bias"] = (H,)
-        shapes[p + "attention.output.LayerNorm.weight"] = (H,)
-        shapes[p + "attention.output.LayerNorm.bias"] = (H,)
-        shapes[p + "intermediate.dense.weight"] = (I, H)
-        shapes[p + "intermediate.dense.bias"] = (I,)
-        shapes[p + "output.dense.weight"] = (H, I)
-        shapes[p + "output.dense.bias"] = (H,)
-        shapes[p + "output.LayerNorm.weight"] = (H,)
-        shapes[p + "output.LayerNorm.bias"] = (H,)
-    return shapes
-
-
 def fp32_params(state: Dict[str, np.ndarray], cfg: BertConfig) -> Dict[str, np.ndarray]:
-    """Checks names, shapes and finiteness; returns C-contiguous float32 copies of the encoder's parameters."""
-    # old TF-converted checkpoints name LayerNorm parameters gamma/beta
-    fixed = {}
-    for k, v in state.items():
-        if k.endswith("LayerNorm.gamma"):
-            k = k[: -len("gamma")] + "weight"
-        elif k.endswith("LayerNorm.beta"):
-            k = k[: -len("beta")] + "bias"
-        fixed[k] = v
+    """Maps names onto the core's layout (see :mod:`~medquant.model.architectures`), checks names, shapes and
+    finiteness; returns C-contiguous float32 copies of the encoder's parameters."""
+    arch = architecture_of(cfg)
+    fixed = {arch.canonical_name(k): v for k, v in state.items()}
     params = {}
     missing = []
     for name, shape in expected_shapes(cfg).items():

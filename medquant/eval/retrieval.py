@@ -1,7 +1,7 @@
 """Exact dense retrieval (blocked top-k), passage max-pooling, and quantized (int8 / binary) embedding indexes.
 
 Ranking convention everywhere: higher score first, ties broken by the lower corpus index. (Evaluation with
-:mod:`medquant.metrics` re-sorts each query's run the way trec_eval does - score descending, then document id
+:mod:`medquant.eval.metrics` re-sorts each query's run the way trec_eval does - score descending, then document id
 descending - unless the run is built with ``run_from_search(..., preserve_order=True)``.)
 """
 from __future__ import annotations
@@ -19,6 +19,21 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+#: Kinds of quantized index and how queries are scored against one (see :func:`quantize_index`).
+INDEX_KINDS = ("int8", "binary")
+INDEX_SCORINGS = ("codes", "asymmetric")
+
+
+def check_index_kind(kind: str) -> None:
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+
+
+def check_index_scoring(scoring: str) -> None:
+    if scoring not in INDEX_SCORINGS:
+        raise ValueError(f"index scoring must be one of {', '.join(INDEX_SCORINGS)}, got {scoring!r}")
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm, as C-contiguous float32 (zero rows stay zero).
 
@@ -223,7 +238,7 @@ def search_passages(query_emb: np.ndarray, passage_emb: np.ndarray, passage_doc_
     query_emb : array-like, shape (nq, d)
     passage_emb : array-like, shape (npass, d)
     passage_doc_index : array-like of int, shape (npass,)
-        Document index of each passage (e.g. from :func:`medquant.datasets.split_corpus`); any order.
+        Document index of each passage (e.g. from :func:`medquant.eval.datasets.split_corpus`); any order.
     k : int
         Documents per query (clipped to the number of documents that have a passage).
     n_docs : int, optional
@@ -451,18 +466,17 @@ class QuantizedIndex:
             int64 ``[nq, k]``; ties broken by lower index.
         """
         mode = scoring or self.scoring
+        check_index_scoring(mode)
         if mode == "codes":
             qcodes = self.quantize_queries(query_emb)
             score_fn = self._score_fn(qcodes)
             hamming = self.kind == "binary"
-        elif mode == "asymmetric":
+        else:  # asymmetric
             qf0 = _as_matrix(query_emb, self.normalize)
             if qf0.shape[1] != self.dim:
                 raise ValueError(f"dimension mismatch: queries {qf0.shape[1]}, index {self.dim}")
             score_fn = self._asymmetric_score_fn(qf0)
             hamming = False
-        else:
-            raise ValueError(f"scoring must be 'codes' or 'asymmetric', not {mode!r}")
         nq, n = _as_len(query_emb), len(self)
         qbs = query_block_size or (64 if hamming else 1024)
         bs = min(block_size, 1024) if hamming else block_size
@@ -529,8 +543,8 @@ def quantize_index(emb: np.ndarray, kind: str = "int8", *, ranges: Optional[np.n
     -------
     QuantizedIndex
     """
-    if scoring not in ("codes", "asymmetric"):
-        raise ValueError(f"scoring must be 'codes' or 'asymmetric', not {scoring!r}")
+    check_index_scoring(scoring)
+    check_index_kind(kind)
     x = _as_matrix(emb, normalize)
     n, d = x.shape
     if kind == "int8":
@@ -548,9 +562,7 @@ def quantize_index(emb: np.ndarray, kind: str = "int8", *, ranges: Optional[np.n
         lo = lo.astype(np.float32)
         return QuantizedIndex("int8", _int8_codes(x, lo, step), d, lower=lo, step=step, normalize=normalize,
                               scoring=scoring)
-    if kind == "binary":
-        return QuantizedIndex("binary", np.packbits(x > 0, axis=1), d, normalize=normalize, scoring=scoring)
-    raise ValueError(f"kind must be 'int8' or 'binary', not {kind!r}")
+    return QuantizedIndex("binary", np.packbits(x > 0, axis=1), d, normalize=normalize, scoring=scoring)
 
 
 # ---------------------------------------------------------------------------------------------------- run files
@@ -595,6 +607,7 @@ def read_trec_run(path: PathLike) -> Dict[str, Dict[str, float]]:
 
 
 __all__ = [
+    "INDEX_KINDS", "INDEX_SCORINGS", "check_index_kind", "check_index_scoring",
     "QuantizedIndex", "l2_normalize", "quantize_index", "read_trec_run", "run_from_search", "search",
     "search_passages", "write_trec_run",
 ]

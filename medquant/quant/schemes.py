@@ -6,7 +6,9 @@ C core (csrc/linear.c); everything else is rejected with an error rather than si
 
 Site names follow the Hugging Face module names (the Q/K/V projections are fused into one ``qkv`` site):
 ``encoder.layer.{i}.attention.self.qkv``, ``encoder.layer.{i}.attention.output.dense``,
-``encoder.layer.{i}.intermediate.dense``, ``encoder.layer.{i}.output.dense``.
+``encoder.layer.{i}.intermediate.dense``, ``encoder.layer.{i}.output.dense`` (owned by
+:mod:`medquant.model.architectures`). Whether a scheme needs calibration is decided here and nowhere else
+(:attr:`QuantScheme.needs_calibration`, :meth:`QuantScheme.needs_calibration_for`).
 """
 from __future__ import annotations
 
@@ -14,42 +16,78 @@ import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from ._native import _core
+import numpy as np
 
-SITE_SUFFIXES = (
-    "attention.self.qkv",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
-_ALIASES = {"attention.self.query": 0, "attention.self.key": 0, "attention.self.value": 0}
+from .._native import _core
+from ..model.architectures import resolve_alias
+from .calibration import CALIBRATION_METHODS
 
-WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
-ACT_DTYPES = ("fp32", "bf16", "int8")
 MODES = ("dynamic", "dynamic-token", "static")
+MODE_CODES = {"dynamic": _core.ACT_DYNAMIC, "dynamic-token": _core.ACT_DYNAMIC_TOKEN, "static": _core.ACT_STATIC}
 GRANULARITIES = ("per-channel", "per-tensor")
-CALIBRATION_METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
 EMBEDDINGS = ("fp32", "int8")
 
 
-def site_name(layer: int, site: int) -> str:
-    return f"encoder.layer.{layer}.{SITE_SUFFIXES[site]}"
+# ---------------------------------------------------------------------------------------------------- site kinds
+@dataclass(frozen=True)
+class SiteKind:
+    """One precision a site can run in: the (weights, activations) pair that selects it, its code in the C core,
+    how its weight is stored (``quantize_weight(w, scheme) -> (tensors by suffix, spec entries)``; None: the fp32
+    weight as is) and which spec entries the core's ``set_linear`` reads (``core_args(spec)``).
+    ``quantized_input``: its input activations are quantized (mode, scale, zero point in the spec)."""
+
+    name: str
+    weights: str
+    activations: str
+    code: int
+    quantize_weight: Optional[Callable[[np.ndarray, "QuantScheme"], Tuple[Dict[str, np.ndarray], Dict]]] = None
+    core_args: Callable[[Dict], Dict] = lambda spec: {}
+    quantized_input: bool = False
+
+    @property
+    def is_float(self) -> bool:
+        return self.quantize_weight is None
 
 
-def site_names(n_layers: int):
-    return [site_name(layer, s) for layer in range(n_layers) for s in range(len(SITE_SUFFIXES))]
+def _s8_weight(w: np.ndarray, scheme: "QuantScheme"):
+    per_channel = scheme.weight_granularity == "per-channel"
+    q, s = _core.quantize_weight_s8(w, per_channel)
+    return {"weight": q, "weight_scale": s}, {"w_per_channel": per_channel}
+
+
+def _s4_weight(w: np.ndarray, scheme: "QuantScheme"):
+    q, s = _core.quantize_weight_s4(w, int(scheme.group_size))
+    return {"weight": q, "weight_scale": s}, {"group_size": int(scheme.group_size)}
+
+
+def _w8_args(spec: Dict) -> Dict:
+    return {"w_per_channel": bool(spec["w_per_channel"])}
+
+
+def _int8_args(spec: Dict) -> Dict:
+    return dict(act_mode=MODE_CODES[spec["act_mode"]], act_symmetric=bool(spec["act_symmetric"]),
+                act_scale=float(spec.get("act_scale", 1.0)), act_zero_point=int(spec.get("act_zero_point", 0)),
+                **_w8_args(spec))
+
+
+#: Every precision a site can run in; a new precision kind (one the core implements) is one entry here.
+SITE_KINDS: Dict[str, SiteKind] = {k.name: k for k in (
+    SiteKind("fp32", "fp32", "fp32", _core.LINEAR_F32),
+    SiteKind("bf16", "bf16", "bf16", _core.LINEAR_BF16),
+    SiteKind("int8", "int8", "int8", _core.LINEAR_INT8, _s8_weight, _int8_args, quantized_input=True),
+    SiteKind("w8", "int8", "fp32", _core.LINEAR_W8, _s8_weight, _w8_args),
+    SiteKind("w4", "int4", "fp32", _core.LINEAR_W4, _s4_weight, lambda spec: {"group_size": int(spec["group_size"])}),
+)}
+KIND_CODES = {name: k.code for name, k in SITE_KINDS.items()}
+WEIGHT_DTYPES = tuple(dict.fromkeys(k.weights for k in SITE_KINDS.values()))
+ACT_DTYPES = tuple(dict.fromkeys(k.activations for k in SITE_KINDS.values()))
+_KIND_OF_PAIR = {(k.weights, k.activations): k.name for k in SITE_KINDS.values()}
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    for p in patterns:
-        for alias, site in _ALIASES.items():
-            if p.endswith(alias):
-                p = p[: -len(alias)] + SITE_SUFFIXES[site]
-        if fnmatch.fnmatchcase(name, p):
-            return True
-    return False
+    return any(fnmatch.fnmatchcase(name, resolve_alias(p)) for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -103,7 +141,7 @@ class QuantScheme:
         one_of(self.calibration, CALIBRATION_METHODS, "calibration")
         one_of(self.embeddings, EMBEDDINGS, "embeddings")
         pair = (self.weights, self.activations)
-        supported = {("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("int8", "fp32"), ("int4", "fp32")}
+        supported = set(_KIND_OF_PAIR)
         if pair not in supported:
             raise ValueError(
                 f"unsupported combination weights={self.weights} activations={self.activations}; supported: "
@@ -138,7 +176,21 @@ class QuantScheme:
 
     @property
     def needs_calibration(self) -> bool:
+        """Static int8 activations or SmoothQuant: quantizing needs calibration statistics."""
         return self.activations == "int8" and (self.mode == "static" or self.smoothquant_alpha is not None)
+
+    @property
+    def needs_calibration_texts(self) -> bool:
+        """SmoothQuant measures its ranges after smoothing, so it needs the texts, not only a calibration."""
+        return self.smoothquant_alpha is not None
+
+    def quantized_input_sites(self, site_names: Iterable[str]) -> List[str]:
+        """The sites (of a model with these site names) whose input activations this scheme quantizes (int8)."""
+        return [n for n in site_names if SITE_KINDS[self.site_kind(n)].quantized_input]
+
+    def needs_calibration_for(self, site_names: Iterable[str]) -> bool:
+        """Whether quantizing a model with these sites needs calibration (some site quantizes its input)."""
+        return self.needs_calibration and bool(self.quantized_input_sites(site_names))
 
     def site_kind(self, name: str) -> str:
         """The precision of one site: fp32, bf16, int8, w8 or w4."""
@@ -146,13 +198,7 @@ class QuantScheme:
             return "fp32"
         if _matches(name, self.keep_bf16):
             return "bf16"
-        if self.activations == "int8":
-            return "int8"
-        if self.weights == "int8":
-            return "w8"
-        if self.weights == "int4":
-            return "w4"
-        return self.weights  # fp32 / bf16
+        return _KIND_OF_PAIR[(self.weights, self.activations)]
 
     def replace(self, **changes) -> "QuantScheme":
         return dataclasses.replace(self, **changes)
@@ -219,12 +265,3 @@ def get_scheme(scheme) -> QuantScheme:
         raise ValueError(f"unknown quantization scheme {scheme!r}; presets: {', '.join(PRESETS)}")
     raise TypeError(f"scheme must be a preset name, a dict or a QuantScheme, got {type(scheme).__name__}")
 
-
-KIND_CODES = {
-    "fp32": _core.LINEAR_F32,
-    "bf16": _core.LINEAR_BF16,
-    "int8": _core.LINEAR_INT8,
-    "w8": _core.LINEAR_W8,
-    "w4": _core.LINEAR_W4,
-}
-MODE_CODES = {"dynamic": _core.ACT_DYNAMIC, "dynamic-token": _core.ACT_DYNAMIC_TOKEN, "static": _core.ACT_STATIC}

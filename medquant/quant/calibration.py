@@ -7,26 +7,34 @@ chosen from it by name (minmax, moving-average, percentile, entropy, mse); the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from ._native import _core
-from .schemes import CALIBRATION_METHODS, SITE_SUFFIXES
+from .._native import _core
+from ..model.architectures import SITE_SUFFIXES, site_layer, site_module
 
-_RANGE_CODES = {
-    "minmax": _core.RANGE_MINMAX,
-    "moving-average": _core.RANGE_MOVING_AVERAGE,
-    "percentile": _core.RANGE_PERCENTILE,
-    "entropy": _core.RANGE_ENTROPY,
-    "mse": _core.RANGE_MSE,
-}
+#: Calibration range methods by name -> the core's code: the observer's own table (csrc/observer.c), where every range
+#: choice (minmax, moving average, percentile, entropy, MSE, symmetric or not) runs. A new method is an entry there.
+RANGE_METHODS = dict(_core.RANGE_METHODS)
+CALIBRATION_METHODS = tuple(RANGE_METHODS)
 
 
 def qparams(lo: float, hi: float, symmetric: bool) -> Tuple[float, int]:
     """(scale, zero_point) of the u8 activation grid for [lo, hi] (symmetric: zero point 128)."""
     return _core.qparams(float(lo), float(hi), bool(symmetric))
+
+
+def sample_calibration_texts(queries: Sequence[str], corpus: Sequence[str], n: int, seed: int) -> List[str]:
+    """Half queries, half corpus texts (seeded, without replacement); a short pool is filled from the other."""
+    rng = np.random.default_rng([int(seed), 0xCA11B])
+    nq = min(len(queries), n // 2)
+    nc = min(len(corpus), n - nq)
+    nq = min(len(queries), n - nc)
+    qi = rng.choice(len(queries), size=nq, replace=False) if nq else []
+    ci = rng.choice(len(corpus), size=nc, replace=False) if nc else []
+    return [queries[i] for i in qi] + [corpus[i] for i in ci]
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Calibration:
         if obs.count() == 0:
             raise ValueError(f"site {site} observed no values")
         param = float(percentile if percentile is not None else self.percentile) if method == "percentile" else 0.0
-        lo, hi = obs.compute_range(_RANGE_CODES[method], param, bool(symmetric), 256)
+        lo, hi = obs.compute_range(RANGE_METHODS[method], param, bool(symmetric), 256)
         return float(lo), float(hi)
 
     def ranges(self, method: Optional[str] = None, symmetric: bool = False,
@@ -80,12 +88,11 @@ class Calibration:
             col = obs.column_absmax()
             lo, hi = self.range(s, method, symmetric)
             scale, zp = qparams(lo, hi, symmetric)
-            layer = int(s.split(".")[2])
             rows.append(
                 {
                     "site": s,
-                    "layer": layer,
-                    "module": s.split(".", 3)[3],
+                    "layer": site_layer(s),
+                    "module": site_module(s),
                     "n_values": int(obs.count()),
                     "min": mn,
                     "max": mx,

@@ -22,16 +22,66 @@ trec_eval conventions mirrored here (checked against pytrec_eval-terrier):
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Mapping[str, float]]
+DEFAULT_KS: Tuple[int, ...] = (1, 3, 5, 10, 100)
 
-METRIC_FAMILIES: Tuple[str, ...] = ("nDCG", "P", "R", "F1", "MRR", "MAP")
-_TREC_NAMES = {"nDCG": "ndcg_cut_{k}", "P": "P_{k}", "R": "recall_{k}", "MAP": "map_cut_{k}"}
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric family, computed at every cutoff ``k``.
+
+    compute(r, k, cols): the per-query column at cutoff k with numpy, from the ranked statistics ``r`` (see
+    ``_ranked_stats``) and the columns computed before it. trec: the pytrec_eval measure giving the same value
+    (``{k}`` for the cutoff); from_trec(measures, recip_rank_at_k, k, row): the value from pytrec_eval results
+    otherwise.
+    """
+
+    family: str
+    compute: Callable[[SimpleNamespace, int, Dict[str, np.ndarray]], np.ndarray]
+    trec: Optional[str] = None
+    from_trec: Optional[Callable[[Mapping[str, float], Mapping[str, float], int, Dict[str, float]], float]] = None
+
+    def trec_value(self, measures: Mapping[str, float], rr: Mapping[str, float], k: int,
+                   row: Dict[str, float]) -> float:
+        if self.trec is not None:
+            return measures.get(self.trec.format(k=k), 0.0)
+        return self.from_trec(measures, rr, k, row)
+
+
+def _ndcg(r, k, cols):
+    j = k - 1
+    return np.where(r.idcg[:, j] > 0, r.dcg[:, j] / np.where(r.idcg[:, j] > 0, r.idcg[:, j], 1.0), 0.0)
+
+
+def _f1(p, r):
+    return np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1.0), 0.0)
+
+
+def _f1_from_trec(measures, rr, k, row):
+    p, r = row[f"P@{k}"], row[f"R@{k}"]
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+#: Every metric family, in column order; a new retrieval metric is one entry here. F1 reads P and R, listed before it.
+METRICS: Tuple[Metric, ...] = (
+    Metric("nDCG", _ndcg, trec="ndcg_cut_{k}"),
+    Metric("P", lambda r, k, cols: r.hits[:, k - 1] / k, trec="P_{k}"),
+    Metric("R", lambda r, k, cols: np.where(r.has_rel, r.hits[:, k - 1] / r.safe_rel, 0.0), trec="recall_{k}"),
+    Metric("F1", lambda r, k, cols: _f1(cols[f"P@{k}"], cols[f"R@{k}"]), from_trec=_f1_from_trec),
+    Metric("MRR", lambda r, k, cols: np.where(r.first <= k, 1.0 / r.first, 0.0),
+           from_trec=lambda measures, rr, k, row: rr.get("recip_rank", 0.0)),
+    Metric("MAP", lambda r, k, cols: np.where(r.has_rel, r.ap_terms[:, k - 1] / r.safe_rel, 0.0),
+           trec="map_cut_{k}"),
+)
+METRIC_FAMILIES: Tuple[str, ...] = tuple(m.family for m in METRICS)
 
 
 def trec_order(docs: Mapping[str, float]) -> List[Tuple[str, float]]:
@@ -48,7 +98,7 @@ def trec_order(docs: Mapping[str, float]) -> List[Tuple[str, float]]:
     return sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
 
 
-def metric_columns(ks: Sequence[int] = (1, 3, 5, 10, 100)) -> List[str]:
+def metric_columns(ks: Sequence[int] = DEFAULT_KS) -> List[str]:
     """Column names produced by :func:`evaluate_run`, e.g. ``nDCG@10``, ``P@5``, ``R@100``, ``MRR@10``.
 
     Parameters
@@ -59,10 +109,11 @@ def metric_columns(ks: Sequence[int] = (1, 3, 5, 10, 100)) -> List[str]:
     -------
     list of str
     """
-    return [f"{fam}@{k}" for fam in METRIC_FAMILIES for k in _check_ks(ks)]
+    return [f"{fam}@{k}" for fam in METRIC_FAMILIES for k in check_ks(ks)]
 
 
-def _check_ks(ks: Sequence[int]) -> List[int]:
+def check_ks(ks: Sequence[int]) -> List[int]:
+    """Metric cutoffs: distinct positive ints, ascending."""
     out = sorted({int(k) for k in ks})
     if not out or out[0] < 1:
         raise ValueError("ks must be positive integers")
@@ -78,8 +129,9 @@ def _query_ids(qrels: Qrels, run: Run, missing: str) -> List[str]:
     return judged
 
 
-def _evaluate_numpy(qrels: Qrels, run: Run, ks: List[int], relevance_level: int, qids: List[str]) -> pd.DataFrame:
-    nq, kmax = len(qids), max(ks)
+def _ranked_stats(qrels: Qrels, run: Run, kmax: int, relevance_level: int, qids: List[str]) -> SimpleNamespace:
+    """Per query, cumulated over ranks 1..kmax: DCG, ideal DCG, relevant hits, AP terms; first relevant rank."""
+    nq = len(qids)
     gains = np.zeros((nq, kmax), dtype=np.float64)
     rel = np.zeros((nq, kmax), dtype=bool)
     ideal = np.zeros((nq, kmax), dtype=np.float64)
@@ -101,33 +153,26 @@ def _evaluate_numpy(qrels: Qrels, run: Run, ks: List[int], relevance_level: int,
         rel[i, :g.size] = g >= relevance_level
     ranks = np.arange(1, kmax + 1, dtype=np.float64)
     disc = 1.0 / np.log2(ranks + 1.0)
-    dcg = np.cumsum(gains * disc, axis=1)
-    idcg = np.cumsum(ideal * disc, axis=1)
     hits = np.cumsum(rel, axis=1).astype(np.float64)
-    ap_terms = np.cumsum(np.where(rel, hits / ranks, 0.0), axis=1)
-    any_rel = rel.any(axis=1)
-    first = np.where(any_rel, rel.argmax(axis=1) + 1, kmax + 1)
     has_rel = num_rel > 0
-    safe_rel = np.where(has_rel, num_rel, 1.0)
+    return SimpleNamespace(
+        dcg=np.cumsum(gains * disc, axis=1), idcg=np.cumsum(ideal * disc, axis=1), hits=hits,
+        ap_terms=np.cumsum(np.where(rel, hits / ranks, 0.0), axis=1),
+        first=np.where(rel.any(axis=1), rel.argmax(axis=1) + 1, kmax + 1),
+        has_rel=has_rel, safe_rel=np.where(has_rel, num_rel, 1.0), num_rel=num_rel, num_ret=num_ret,
+    )
+
+
+def _evaluate_numpy(qrels: Qrels, run: Run, ks: List[int], relevance_level: int, qids: List[str]) -> pd.DataFrame:
+    r = _ranked_stats(qrels, run, max(ks), relevance_level, qids)
     cols: Dict[str, np.ndarray] = {}
     with np.errstate(divide="ignore", invalid="ignore"):
-        for k in ks:
-            j = k - 1
-            cols[f"nDCG@{k}"] = np.where(idcg[:, j] > 0, dcg[:, j] / np.where(idcg[:, j] > 0, idcg[:, j], 1.0), 0.0)
-        for k in ks:
-            cols[f"P@{k}"] = hits[:, k - 1] / k
-        for k in ks:
-            cols[f"R@{k}"] = np.where(has_rel, hits[:, k - 1] / safe_rel, 0.0)
-        for k in ks:
-            p, r = cols[f"P@{k}"], cols[f"R@{k}"]
-            cols[f"F1@{k}"] = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1.0), 0.0)
-        for k in ks:
-            cols[f"MRR@{k}"] = np.where(first <= k, 1.0 / first, 0.0)
-        for k in ks:
-            cols[f"MAP@{k}"] = np.where(has_rel, ap_terms[:, k - 1] / safe_rel, 0.0)
+        for metric in METRICS:
+            for k in ks:
+                cols[f"{metric.family}@{k}"] = metric.compute(r, k, cols)
     df = pd.DataFrame(cols, index=pd.Index(qids, name="qid"))
-    df["num_rel"] = num_rel.astype(np.int64)
-    df["num_ret"] = num_ret
+    df["num_rel"] = r.num_rel.astype(np.int64)
+    df["num_ret"] = r.num_ret
     return df
 
 
@@ -137,7 +182,7 @@ def _evaluate_pytrec(qrels: Qrels, run: Run, ks: List[int], relevance_level: int
     qset = set(qids)
     q_in = {q: {d: int(g) for d, g in qrels[q].items()} for q in qids}
     r_in = {q: {d: float(s) for d, s in run[q].items()} for q in qids if q in run}
-    measures = {_TREC_NAMES[f].format(k=k) for f in ("nDCG", "P", "R", "MAP") for k in ks}
+    measures = {m.trec.format(k=k) for m in METRICS if m.trec is not None for k in ks}
     res = pytrec_eval.RelevanceEvaluator(q_in, measures, relevance_level=int(relevance_level)).evaluate(r_in)
     rr_eval = pytrec_eval.RelevanceEvaluator(q_in, {"recip_rank"}, relevance_level=int(relevance_level))
     rr: Dict[int, Dict[str, Dict[str, float]]] = {}
@@ -148,15 +193,9 @@ def _evaluate_pytrec(qrels: Qrels, run: Run, ks: List[int], relevance_level: int
     for q in qids:
         row: Dict[str, float] = {}
         m = res.get(q, {})
-        for fam in ("nDCG", "P", "R", "F1", "MRR", "MAP"):
+        for metric in METRICS:
             for k in ks:
-                if fam == "F1":
-                    p, r = m.get(f"P_{k}", 0.0), m.get(f"recall_{k}", 0.0)
-                    row[f"F1@{k}"] = 2 * p * r / (p + r) if p + r > 0 else 0.0
-                elif fam == "MRR":
-                    row[f"MRR@{k}"] = rr[k].get(q, {}).get("recip_rank", 0.0)
-                else:
-                    row[f"{fam}@{k}"] = m.get(_TREC_NAMES[fam].format(k=k), 0.0)
+                row[f"{metric.family}@{k}"] = metric.trec_value(m, rr[k].get(q, {}), k, row)
         rows.append(row)
     df = pd.DataFrame(rows, index=pd.Index(qids, name="qid"), columns=metric_columns(ks))
     df["num_rel"] = [sum(1 for g in qrels[q].values() if g >= relevance_level) for q in qids]
@@ -165,7 +204,7 @@ def _evaluate_pytrec(qrels: Qrels, run: Run, ks: List[int], relevance_level: int
     return df
 
 
-def evaluate_run(qrels: Qrels, run: Run, ks: Sequence[int] = (1, 3, 5, 10, 100), *, relevance_level: int = 1,
+def evaluate_run(qrels: Qrels, run: Run, ks: Sequence[int] = DEFAULT_KS, *, relevance_level: int = 1,
                  missing: str = "zero", backend: str = "numpy") -> pd.DataFrame:
     """Per-query metrics of a run.
 
@@ -192,7 +231,7 @@ def evaluate_run(qrels: Qrels, run: Run, ks: Sequence[int] = (1, 3, 5, 10, 100),
     """
     if int(relevance_level) < 1:
         raise ValueError("relevance_level must be >= 1")
-    ks_ = _check_ks(ks)
+    ks_ = check_ks(ks)
     qids = _query_ids(qrels, run, missing)
     if backend == "numpy":
         return _evaluate_numpy(qrels, run, ks_, int(relevance_level), qids)
@@ -221,4 +260,4 @@ def summarize(df: pd.DataFrame) -> pd.Series:
     return out
 
 
-__all__ = ["METRIC_FAMILIES", "evaluate_run", "metric_columns", "summarize", "trec_order"]
+__all__ = ["DEFAULT_KS", "METRICS", "METRIC_FAMILIES", "Metric", "check_ks", "evaluate_run", "metric_columns", "summarize", "trec_order"]

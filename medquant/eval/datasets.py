@@ -112,7 +112,7 @@ def data_root() -> Path:
         if not p.is_dir():
             raise FileNotFoundError(f"MEDQUANT_DATA={env!r} is not a directory")
         return p
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # medquant/eval/datasets.py -> the repository
     candidates = [repo.parent / "shared" / "data" / "medquad", Path.cwd() / "shared" / "data" / "medquad"]
     for c in candidates:
         if c.is_dir():
@@ -607,6 +607,14 @@ def load_trec_qrels(path: PathLike) -> Dict[str, Dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------------- passages
+def check_passage_window(max_words: int, stride: int) -> None:
+    """A passage window: ``max_words > 0`` and ``0 < stride <= max_words`` (ValueError otherwise)."""
+    if max_words <= 0:
+        raise ValueError("max_words must be > 0")
+    if not 0 < stride <= max_words:
+        raise ValueError("stride must satisfy 0 < stride <= max_words")
+
+
 def split_passages(text: str, max_words: int = 160, stride: int = 120) -> List[str]:
     """Split a text into overlapping windows of whitespace-separated words.
 
@@ -628,10 +636,7 @@ def split_passages(text: str, max_words: int = 160, stride: int = 120) -> List[s
     list[str]
         Passages, words joined by single spaces.
     """
-    if max_words <= 0:
-        raise ValueError("max_words must be > 0")
-    if not 0 < stride <= max_words:
-        raise ValueError("stride must satisfy 0 < stride <= max_words")
+    check_passage_window(max_words, stride)
     words = text.split()
     n = len(words)
     if n <= max_words:
@@ -659,7 +664,7 @@ def split_corpus(corpus: Mapping[str, str], max_words: int = 160, stride: int = 
         All passages, document by document.
     doc_index : numpy.ndarray
         int64 ``[len(passages)]``: index (in corpus order) of each passage's document; input to
-        :func:`medquant.retrieval.search_passages`.
+        :func:`medquant.eval.retrieval.search_passages`.
     """
     passages: List[str] = []
     index: List[int] = []
@@ -671,6 +676,7 @@ def split_corpus(corpus: Mapping[str, str], max_words: int = 160, stride: int = 
 
 
 __all__ = [
+    "check_passage_window",
     "MEDQUAD_ANSWERED_COUNTS", "MEDQUAD_SUBSETS", "RetrievalDataset", "data_root", "load_beir", "load_medquad",
     "load_trec_qrels", "medquad_retrieval", "medquad_split_documents", "normalize_text", "split_corpus",
     "split_passages",

@@ -1,0 +1,620 @@
+"""``medquant.eval.evaluate``: what a quantization scheme costs in retrieval quality, and what it buys in speed and bytes.
+
+One call encodes a retrieval collection with an fp32 baseline and with every requested scheme, searches it,
+scores the runs with trec_eval semantics and compares each system with fp32 query by query::
+
+    import medquant
+    from medquant.eval.datasets import medquad_retrieval
+
+    ds = medquad_retrieval("dev", limit=200)
+    df = medquant.evaluate(["int8-dynamic", "int8-static-asym"], ds)       # + an fp32 baseline, always
+    df[["scheme", "nDCG@10", "nDCG@10_delta", "nDCG@10_ci_low", "nDCG@10_ci_high", "corpus_texts_per_s"]]
+    df.attrs["per_query"]["int8-dynamic"]                                  # per-query metrics of one system
+
+Besides the model schemes, the fp32 corpus embeddings are also stored as a quantized *index* (int8 codes, packed
+sign bits) and searched with and without float rescoring of a candidate list; those rows are named
+``fp32+index-int8``, ``fp32+index-binary+rescore4`` and so on. They quantize the stored vectors, not the model,
+so their encode throughput and model size are those of fp32 and only ``index_bytes`` changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+
+from ..model.checkpoint import DEFAULT_MODEL
+from ..model.encoder import Encoder
+from ..model.limits import positive_int
+from ..quant.calibration import sample_calibration_texts
+from ..quant.quantize import calibrate_for
+from ..quant.schemes import QuantScheme, get_scheme
+from .datasets import RetrievalDataset, check_passage_window, load_beir, medquad_retrieval, split_corpus
+from .metrics import DEFAULT_KS, check_ks, evaluate_run, metric_columns, summarize
+from .retrieval import (
+    INDEX_KINDS, check_index_kind, check_index_scoring, quantize_index, run_from_search, search, search_passages,
+)
+from .stats import paired_comparison
+
+
+
+@dataclass
+class EvalConfig:
+    """Settings of :func:`evaluate`.
+
+    Attributes
+    ----------
+    ks : tuple of int
+        Metric cutoffs (``nDCG@k``, ``P@k``, ``R@k``, ``F1@k``, ``MRR@k``, ``MAP@k`` for each).
+    k : int
+        Documents retrieved per query (>= ``max(ks)``).
+    batch_size : int
+        Texts per forward pass.
+    max_length : int, optional
+        Token truncation length (default: the model's, 256 for all-MiniLM-L6-v2).
+    calibration_size : int
+        Texts used to calibrate static int8 schemes (and SmoothQuant). Unless :func:`evaluate` is given
+        ``calibration_texts``, they are drawn with ``seed`` from the *evaluated collection itself*: half from its
+        queries, half from its corpus texts (passages in passage mode). No relevance judgement is used, but
+        calibration does see unlabelled text of the evaluation split, including some evaluation queries; to keep
+        calibration and evaluation text disjoint, pass ``calibration_texts`` drawn from another split (e.g. the
+        MedQuAD test split when reporting on dev).
+    n_boot : int
+        Bootstrap resamples (and sign-flip permutations) of the paired comparison with fp32.
+    confidence : float
+        Confidence level of the delta intervals.
+    seed : int
+        Seeds the calibration sample and the bootstrap / permutation test.
+    main_metrics : tuple of str
+        Metrics compared with fp32 (``<metric>_delta``, ``_ci_low``, ``_ci_high``, ``_p`` columns).
+    passages : bool
+        Split documents into overlapping word windows (``max_words`` / ``stride``), embed every passage and score
+        a document by its best passage (max-pooling). Index rows then search the top ``8 * k`` passages of the
+        quantized index and keep each document's best one (exact for the documents returned; a row can hold fewer
+        than ``k`` documents if those passages cover fewer).
+    max_words, stride : int
+        Passage window and step, in whitespace words.
+    index_kinds : tuple of str
+        Quantized indexes of the fp32 corpus embeddings to evaluate: ``"int8"``, ``"binary"`` (empty: none).
+    index_scoring : {"codes", "asymmetric"}
+        ``"codes"``: the query is quantized like the corpus and scored in the quantized domain (int8 code dot
+        product, binary Hamming), as sentence-transformers does; ``"asymmetric"``: the float query is scored
+        against the dequantized corpus. See :func:`medquant.eval.retrieval.quantize_index`.
+    rescore_multiplier : int, optional
+        If set (> 0), every index kind also gets a row whose top ``k * rescore_multiplier`` candidates are
+        re-ranked with the float corpus embeddings.
+    threads : int, optional
+        oneDNN threads of every encoder (default: as loaded).
+    warmup : bool
+        Encode a handful of texts before timing each encoder.
+    measure_disk : bool
+        Write each model with ``save_pretrained`` to a temporary directory to measure its size on disk.
+    """
+
+    ks: Tuple[int, ...] = DEFAULT_KS
+    k: int = 100
+    batch_size: int = 32
+    max_length: Optional[int] = None
+    calibration_size: int = 256
+    n_boot: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
+    main_metrics: Tuple[str, ...] = ("nDCG@10", "MRR@10", "R@100")
+    passages: bool = False
+    max_words: int = 160
+    stride: int = 120
+    index_kinds: Tuple[str, ...] = INDEX_KINDS
+    index_scoring: str = "codes"
+    rescore_multiplier: Optional[int] = 4
+    threads: Optional[int] = None
+    warmup: bool = True
+    measure_disk: bool = True
+
+    def __post_init__(self):
+        self.ks = tuple(check_ks(self.ks))
+        if int(self.k) < self.ks[-1]:
+            raise ValueError(f"k (results per query, {self.k}) must be >= max(ks) ({self.ks[-1]})")
+        self.k = int(self.k)
+        for name in ("batch_size", "calibration_size", "n_boot"):
+            positive_int(getattr(self, name), name)
+        self.main_metrics = tuple(self.main_metrics)
+        known = set(metric_columns(self.ks))
+        bad = [m for m in self.main_metrics if m not in known]
+        if bad:
+            raise ValueError(f"main_metrics {bad} are not computed for ks={self.ks} (e.g. nDCG@10, MRR@10, R@100)")
+        if isinstance(self.index_kinds, str):
+            self.index_kinds = (self.index_kinds,)
+        self.index_kinds = tuple(self.index_kinds)
+        for kind in self.index_kinds:
+            check_index_kind(kind)
+        check_index_scoring(self.index_scoring)
+        if self.rescore_multiplier is not None:
+            if int(self.rescore_multiplier) < 0:
+                raise ValueError("rescore_multiplier must be >= 1 (or 0 / None for no rescoring)")
+            self.rescore_multiplier = int(self.rescore_multiplier) or None
+        if self.passages:
+            check_passage_window(int(self.max_words), int(self.stride))
+        if self.threads is not None:
+            positive_int(self.threads, "threads")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key, value in d.items():
+            if isinstance(value, tuple):
+                d[key] = list(value)
+        return d
+
+
+class PerQueryResults(dict):
+    """``{system: per-query metrics DataFrame}`` as stored in ``results.attrs["per_query"]``.
+
+    A plain dict apart from two things that keep it cheap inside ``DataFrame.attrs``: pandas' deep copies of
+    ``attrs`` share it instead of copying every table, and equality is identity. ``metadata`` holds the dataset's
+    per-query metadata (e.g. MedQuAD ``source`` / ``qtype``) or None.
+    """
+
+    metadata: Optional[pd.DataFrame] = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    __hash__ = object.__hash__
+
+
+def per_query_table(results: Union[pd.DataFrame, Mapping[str, pd.DataFrame]]) -> pd.DataFrame:
+    """All systems' per-query metrics in one long table (columns ``scheme``, ``qid``, metadata, metrics)."""
+    pq = results.attrs["per_query"] if isinstance(results, pd.DataFrame) else results
+    frames = []
+    for name, df in pq.items():
+        f = df.reset_index()
+        f.insert(0, "scheme", name)
+        frames.append(f)
+    if not frames:
+        return pd.DataFrame(columns=["scheme", "qid"])
+    out = pd.concat(frames, ignore_index=True)
+    meta = getattr(pq, "metadata", None)
+    if meta is not None and len(meta):
+        cols = [c for c in ("source", "qtype") if c in meta.columns]
+        if cols:
+            m = meta[cols].copy()
+            m.index = m.index.astype(str)
+            out = out.join(m, on="qid")
+            out = out[["scheme", "qid"] + cols + [c for c in out.columns if c not in ("scheme", "qid", *cols)]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(f"[medquant] {msg}", file=sys.stderr, flush=True)
+
+
+def _resolve_dataset(dataset) -> RetrievalDataset:
+    if isinstance(dataset, RetrievalDataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        s = str(dataset)
+        if s in ("medquad", "medquad-dev"):
+            return medquad_retrieval("dev")
+        if s == "medquad-test":
+            return medquad_retrieval("test")
+        if Path(s).is_dir():
+            return load_beir(s)
+        raise ValueError(f"unknown dataset {s!r}: pass a RetrievalDataset, 'medquad', or a BEIR directory")
+    raise TypeError(f"dataset must be a RetrievalDataset, got {type(dataset).__name__}")
+
+
+def _as_items(encoder_or_schemes, schemes) -> List[Union[Encoder, QuantScheme]]:
+    items: List = []
+    for group in (encoder_or_schemes, schemes):
+        if group is None:
+            continue
+        if isinstance(group, (Encoder, str, QuantScheme, dict)):
+            group = [group]
+        for it in group:
+            if isinstance(it, Encoder):
+                items.append(it)
+            else:
+                items.append(get_scheme(it))  # raises on unknown names
+    return items
+
+
+def _unique(label: str, taken: set) -> str:
+    if label not in taken:
+        return label
+    i = 2
+    while f"{label}#{i}" in taken:
+        i += 1
+    return f"{label}#{i}"
+
+
+def _token_count(enc: Encoder, texts: Sequence[str], max_length: Optional[int], chunk: int = 2048) -> int:
+    n = 0
+    for s in range(0, len(texts), chunk):
+        _, mask, _ = enc.tokenize(texts[s: s + chunk], max_length=max_length)
+        n += int(mask.sum())
+    return n
+
+
+def _disk_bytes(enc: Encoder) -> int:
+    with tempfile.TemporaryDirectory(prefix="medquant-size-") as d:
+        out = enc.save_pretrained(d)
+        return int((Path(out) / "model.safetensors").stat().st_size)
+
+
+def _pool_passages(scores: np.ndarray, pidx: np.ndarray, doc_index: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Document ranking from a passage ranking: each document at the rank of its best passage.
+
+    Exact for the documents it returns (a document's score is the score of its first passage in the ranking);
+    a row holds fewer than ``k`` documents (padded with -inf / -1) if the passage list covers fewer.
+    """
+    nq = scores.shape[0]
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    docs = doc_index[pidx]
+    for r in range(nq):
+        _, first = np.unique(docs[r], return_index=True)
+        first = np.sort(first)[:k]
+        out_s[r, : first.size] = scores[r, first]
+        out_i[r, : first.size] = docs[r, first]
+    return out_s, out_i
+
+
+def _top_overlap(a: np.ndarray, b: np.ndarray, n: int = 10) -> float:
+    """Mean fraction of the top-n of ``b`` that is also in the top-n of ``a`` (row by row)."""
+    a, b = a[:, :n], b[:, :n]
+    if a.size == 0:
+        return float("nan")
+    hits = [np.intersect1d(x[x >= 0], y[y >= 0]).size / max(1, min(n, (x >= 0).sum())) for x, y in zip(a, b)]
+    return float(np.mean(hits))
+
+
+# ---------------------------------------------------------------------------------------------------- the study
+@dataclass
+class _Study:
+    """What :func:`evaluate` works on (inputs resolved once) and what it has produced so far."""
+
+    cfg: EvalConfig
+    ds: RetrievalDataset
+    qrels: Dict[str, Mapping[str, int]]
+    qids: List[str]
+    doc_ids: List[str]
+    query_texts: List[str]
+    corpus_texts: List[str]
+    doc_index: Optional[np.ndarray]
+    k: int
+    progress: bool
+    show_progress_bar: Optional[bool]
+    calibration_texts: Optional[List[str]] = None
+    calib_info: Dict[str, Any] = field(default_factory=lambda: {"n_texts": 0, "source": None})
+    calibrations: Dict[float, Tuple[Any, float]] = field(default_factory=dict)
+    token_counts: Dict[int, int] = field(default_factory=dict)
+    per_query: PerQueryResults = field(default_factory=PerQueryResults)
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    base_idx: Optional[np.ndarray] = None
+    base_c: Optional[np.ndarray] = None
+
+
+def _resolve_study(ds: RetrievalDataset, cfg: EvalConfig, show_progress_bar: Optional[bool]) -> _Study:
+    """The dataset's judged queries and the texts to encode (passages in passage mode)."""
+    qrels = {q: j for q, j in ds.qrels.items() if q in ds.queries and len(j) > 0}
+    if not ds.corpus:
+        raise ValueError(f"dataset {ds.name!r} has an empty corpus")
+    if not qrels:
+        raise ValueError(f"dataset {ds.name!r} has no judged queries")
+    qids = list(ds.queries)
+    if cfg.passages:
+        corpus_texts, doc_index = split_corpus(ds.corpus, max_words=cfg.max_words, stride=cfg.stride)
+    else:
+        corpus_texts, doc_index = list(ds.corpus.values()), None
+    study = _Study(cfg=cfg, ds=ds, qrels=qrels, qids=qids, doc_ids=ds.doc_ids,
+                   query_texts=[ds.queries[q] for q in qids], corpus_texts=corpus_texts, doc_index=doc_index,
+                   k=min(cfg.k, len(ds.doc_ids)), progress=bool(show_progress_bar),
+                   show_progress_bar=show_progress_bar)
+    study.per_query.metadata = ds.metadata
+    return study
+
+
+def _baseline(items: List[Union[Encoder, QuantScheme]], model: str, study: _Study) -> Encoder:
+    """The fp32 encoder: one in ``items``, else the reference of a quantized one, else ``model`` loaded."""
+    encoders = [it for it in items if isinstance(it, Encoder)]
+    baseline = next((it for it in encoders if it.is_fp32), None)
+    if baseline is None:
+        baseline = next((it.reference for it in encoders if it.reference is not None and it.reference.is_fp32), None)
+    if baseline is None:
+        _log(study.progress, f"loading {model} (fp32)")
+        baseline = Encoder.from_pretrained(model, n_threads=study.cfg.threads)
+        for it in encoders:
+            if it.config != baseline.config:
+                raise ValueError(f"encoder {it!r} is not a quantized {model}: pass its fp32 encoder too")
+    return baseline
+
+
+def _systems(items, baseline: Encoder, threads: Optional[int]) -> List[Tuple[str, Any]]:
+    """(label, encoder or scheme) per system, fp32 first, duplicates dropped, labels made unique."""
+    systems: List[Tuple[str, Any]] = [("fp32", baseline)]
+    taken = {"fp32"}
+    seen_schemes = set()
+    for it in items:
+        if it is baseline:
+            continue
+        if isinstance(it, QuantScheme):
+            if it.name == "fp32" and it == get_scheme("fp32"):
+                continue
+            key = it.to_json()
+            if key in seen_schemes:
+                continue
+            seen_schemes.add(key)
+            label = _unique(it.name, taken)
+        else:
+            label = _unique(it.scheme.name, taken)
+        taken.add(label)
+        systems.append((label, it))
+    if threads is not None:
+        for _, it in systems:
+            if isinstance(it, Encoder) and it.n_threads != int(threads):
+                it.set_threads(int(threads))
+    return systems
+
+
+def _choose_calibration_texts(study: _Study, systems, calibration_texts: Optional[Sequence[str]]) -> None:
+    """Calibration texts when some scheme needs calibration: the given ones, else a seeded sample."""
+    if not any(isinstance(it, QuantScheme) and it.needs_calibration for _, it in systems):
+        return
+    cfg, ds = study.cfg, study.ds
+    if calibration_texts is None:
+        study.calibration_texts = sample_calibration_texts(study.query_texts, study.corpus_texts,
+                                                           cfg.calibration_size, cfg.seed)
+        study.calib_info = {"n_texts": len(study.calibration_texts), "seed": cfg.seed,
+                            "source": f"seeded sample of {ds.name} queries and corpus "
+                                      f"{'passages' if cfg.passages else 'texts'} (same split as evaluated)"}
+    else:
+        study.calibration_texts = list(calibration_texts)
+        study.calib_info = {"n_texts": len(study.calibration_texts), "source": "given"}
+
+
+def _quantized(study: _Study, baseline: Encoder, scheme: QuantScheme, label: str, pos: str
+               ) -> Tuple[Encoder, float, float]:
+    """(encoder, calibration seconds, quantize seconds) of a scheme; one calibration per momentum is shared."""
+    cfg, calib_s = study.cfg, 0.0
+    if not scheme.needs_calibration_for(baseline.site_names):
+        t0 = time.perf_counter()
+        enc = baseline.quantize(scheme)
+        return enc, calib_s, time.perf_counter() - t0
+    key = float(scheme.momentum)
+    if key not in study.calibrations:
+        _log(study.progress, f"{pos} {label}: calibrating on {len(study.calibration_texts)} texts")
+        t0 = time.perf_counter()
+        cal = calibrate_for(baseline, scheme, study.calibration_texts, cfg.batch_size, cfg.max_length,
+                            study.show_progress_bar)
+        study.calibrations[key] = (cal, time.perf_counter() - t0)
+    cal, calib_s = study.calibrations[key]
+    t0 = time.perf_counter()
+    enc = baseline.quantize(scheme, calibration=cal, batch_size=cfg.batch_size,
+                            show_progress_bar=study.show_progress_bar,
+                            calibration_texts=study.calibration_texts if scheme.needs_calibration_texts else None)
+    return enc, calib_s, time.perf_counter() - t0
+
+
+def _corpus_tokens(study: _Study, enc: Encoder) -> int:
+    key = id(enc.tokenizer)
+    if key not in study.token_counts:
+        study.token_counts[key] = _token_count(enc, study.corpus_texts, study.cfg.max_length)
+    return study.token_counts[key]
+
+
+def _encode_and_search(study: _Study, enc: Encoder) -> Dict[str, Any]:
+    """Corpus and query embeddings of one encoder, its search results, and its timing and byte columns."""
+    cfg, corpus_texts, query_texts = study.cfg, study.corpus_texts, study.query_texts
+    kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, show_progress_bar=study.show_progress_bar)
+    if cfg.warmup:
+        enc.encode(corpus_texts[: min(4, len(corpus_texts))] + query_texts[:4], batch_size=cfg.batch_size,
+                   max_length=cfg.max_length, show_progress_bar=False)
+    t0 = time.perf_counter()
+    c_emb = enc.encode(corpus_texts, **kw)
+    t_corpus = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    q_emb = enc.encode(query_texts, **kw)
+    t_queries = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if cfg.passages:
+        scores, idx = search_passages(q_emb, c_emb, study.doc_index, k=study.k, n_docs=len(study.doc_ids))
+    else:
+        scores, idx = search(q_emb, c_emb, k=study.k)
+    t_search = time.perf_counter() - t0
+    n_tok = _corpus_tokens(study, enc)
+    return {
+        "c_emb": c_emb, "q_emb": q_emb, "idx": idx, "scores": scores,
+        "row": {
+            "corpus_texts_per_s": len(corpus_texts) / t_corpus if t_corpus > 0 else float("nan"),
+            "corpus_tokens_per_s": n_tok / t_corpus if t_corpus > 0 else float("nan"),
+            "query_texts_per_s": len(query_texts) / t_queries if t_queries > 0 else float("nan"),
+            "encode_corpus_s": t_corpus, "encode_queries_s": t_queries, "search_s": t_search,
+            "model_bytes": enc.size_bytes(),
+            "model_disk_bytes": _disk_bytes(enc) if cfg.measure_disk else np.nan,
+            "index_bytes": int(c_emb.nbytes), "rescore_bytes": 0,
+        },
+    }
+
+
+def _add_row(study: _Study, label: str, info: Dict[str, Any], scores: np.ndarray, idx: np.ndarray) -> None:
+    """Score one system's ranking and append its result row (per-query metrics go to ``study.per_query``)."""
+    run = run_from_search(np.where(idx >= 0, scores, -np.inf), np.maximum(idx, 0), study.qids, study.doc_ids,
+                          preserve_order=True)
+    pq = evaluate_run(study.qrels, run, study.cfg.ks)
+    study.per_query[label] = pq
+    row = {"scheme": label}
+    row.update(info)
+    row.update({"n_queries": len(pq), "n_docs": len(study.doc_ids), "n_passages": len(study.corpus_texts)})
+    row.update(summarize(pq).drop("n_queries").to_dict())
+    row["overlap@10"] = _top_overlap(study.base_idx, idx) if study.base_idx is not None else 1.0
+    study.rows.append(row)
+
+
+def _index_rows(study: _Study, res: Dict[str, Any], base_info: Dict[str, Any], pos: str) -> None:
+    """Rows of the quantized indexes of the fp32 corpus embeddings (with and without rescoring)."""
+    cfg, k = study.cfg, study.k
+    for kind in cfg.index_kinds:
+        t0 = time.perf_counter()
+        index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring)
+        build_s = time.perf_counter() - t0
+        for mult in (None, cfg.rescore_multiplier) if cfg.rescore_multiplier else (None,):
+            name = f"fp32+index-{kind}" + ("" if cfg.index_scoring == "codes" else "-asym")
+            name += f"+rescore{mult}" if mult else ""
+            _log(study.progress, f"{pos} {name}: searching")
+            kq = k if not cfg.passages else min(len(study.corpus_texts), k * 8)
+            t0 = time.perf_counter()
+            s, i = index.search(res["q_emb"], k=kq, rescore_multiplier=mult,
+                                float_corpus=res["c_emb"] if mult else None)
+            if cfg.passages:
+                s, i = _pool_passages(np.asarray(s, dtype=np.float32), i, study.doc_index, k)
+            t_search = time.perf_counter() - t0
+            row_info = dict(base_info)
+            row_info.update({"index": kind, "index_scoring": cfg.index_scoring, "rescore": int(mult or 0),
+                             "search_s": t_search, "quantize_s": build_s, "emb_cosine": np.nan,
+                             "index_bytes": int(index.nbytes),
+                             "rescore_bytes": int(res["c_emb"].nbytes) if mult else 0})
+            _add_row(study, name, row_info, np.asarray(s, dtype=np.float32), i)
+
+
+def _run_system(study: _Study, baseline: Encoder, label: str, item, pos: str) -> None:
+    """Quantize (schemes), encode, search and score one system; fp32 also gets its index rows."""
+    calib_s = quant_s = 0.0
+    enc = item
+    if isinstance(item, QuantScheme):
+        enc, calib_s, quant_s = _quantized(study, baseline, item, label, pos)
+    _log(study.progress, f"{pos} {label}: encoding {len(study.corpus_texts)} corpus texts and "
+                         f"{len(study.query_texts)} queries")
+    res = _encode_and_search(study, enc)
+    info = {"model": str(enc.name), "model_scheme": enc.scheme.name, "index": "float32", "index_scoring": "",
+            "rescore": 0}
+    info.update(res["row"])
+    info.update({"calibration_s": calib_s, "quantize_s": quant_s})
+    if study.base_c is None:
+        info["emb_cosine"] = 1.0
+    else:
+        info["emb_cosine"] = float(np.mean(np.sum(study.base_c * res["c_emb"], axis=1)))
+    _add_row(study, label, info, res["scores"], res["idx"])
+    if label == "fp32":
+        study.base_idx, study.base_c = res["idx"], res["c_emb"]
+        _index_rows(study, res, info, pos)
+
+
+def _compare_with_fp32(study: _Study) -> None:
+    """Paired comparison of every row's main metrics with fp32 (delta, CI, p)."""
+    cfg = study.cfg
+    base_pq = study.per_query["fp32"]
+    for row in study.rows:
+        pq = study.per_query[row["scheme"]]
+        for m in cfg.main_metrics:
+            c = paired_comparison(base_pq[m], pq[m], n_boot=cfg.n_boot, seed=cfg.seed, confidence=cfg.confidence)
+            row[f"{m}_delta"] = c.delta
+            row[f"{m}_ci_low"] = c.ci_low
+            row[f"{m}_ci_high"] = c.ci_high
+            row[f"{m}_p"] = c.p_value
+
+
+_HEAD_COLUMNS = ["scheme", "model", "model_scheme", "index", "index_scoring", "rescore", "n_queries", "n_docs",
+                 "n_passages"]
+_TAIL_COLUMNS = ["overlap@10", "emb_cosine", "corpus_texts_per_s", "corpus_tokens_per_s", "query_texts_per_s",
+                 "encode_corpus_s", "encode_queries_s", "search_s", "calibration_s", "quantize_s", "model_bytes",
+                 "model_disk_bytes", "index_bytes", "rescore_bytes"]
+
+
+def _results_frame(study: _Study) -> pd.DataFrame:
+    """The rows as a DataFrame in the documented column order, with its attrs."""
+    cfg = study.cfg
+    df = pd.DataFrame(study.rows)
+    metrics = [c for c in metric_columns(cfg.ks) if c in df.columns]
+    deltas = [f"{m}_{s}" for m in cfg.main_metrics for s in ("delta", "ci_low", "ci_high", "p")]
+    df = df[_HEAD_COLUMNS + metrics + deltas + _TAIL_COLUMNS]
+    df.attrs["per_query"] = study.per_query
+    df.attrs["config"] = cfg.to_dict()
+    df.attrs["dataset"] = study.ds.describe()
+    df.attrs["calibration"] = study.calib_info
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODEL, schemes=None,
+             config: Optional[EvalConfig] = None, calibration_texts: Optional[Sequence[str]] = None,
+             show_progress_bar: Optional[bool] = None, **overrides) -> pd.DataFrame:
+    """Compare quantization schemes on a retrieval collection: quality (with a paired test against fp32), encode
+    throughput, model bytes and index bytes - one row per system.
+
+    Parameters
+    ----------
+    encoder_or_schemes : Encoder, scheme name, QuantScheme, or a list of them
+        Systems to evaluate. Encoders are used as given; scheme names (presets such as ``"int8-dynamic"``),
+        dicts and :class:`QuantScheme` objects are quantized from the fp32 baseline. An fp32 baseline is always
+        evaluated: an fp32 encoder in the list is reused, otherwise the ``reference`` of a given quantized encoder,
+        otherwise ``model`` is loaded.
+    dataset : RetrievalDataset, "medquad" or a BEIR directory
+        The collection (``"medquad"`` is the full MedQuAD dev split).
+    model : str
+        Model loaded for the fp32 baseline when none is given.
+    schemes : list, optional
+        More schemes (same forms as ``encoder_or_schemes``).
+    config : EvalConfig, optional
+        Settings; keyword ``overrides`` replace single fields (``evaluate(..., n_boot=500, passages=True)``).
+    calibration_texts : sequence of str, optional
+        Texts for static-int8 / SmoothQuant calibration (default: a seeded sample of the collection's queries and
+        corpus, see :class:`EvalConfig`). One calibration pass of the fp32 model is shared by every static scheme.
+    show_progress_bar : bool, optional
+        tqdm bars for encoding and calibration plus one progress line per system on stderr (default: bars only
+        for long inputs, no progress lines).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per system, fp32 first, then its index variants, then the other schemes. Columns:
+
+        * ``scheme`` (system name, e.g. ``int8-dynamic`` or ``fp32+index-binary+rescore4``), ``model``,
+          ``model_scheme``, ``index`` (``float32``, ``int8``, ``binary``), ``index_scoring``, ``rescore``
+          (candidate multiplier, 0 = none), ``n_queries``, ``n_docs``, ``n_passages``;
+        * every metric of :func:`medquant.eval.metrics.evaluate_run` (mean over judged queries);
+        * for each of ``config.main_metrics``: ``<m>_delta`` (system - fp32), ``<m>_ci_low`` / ``<m>_ci_high``
+          (paired percentile bootstrap over queries) and ``<m>_p`` (two-sided paired randomization test);
+        * ``overlap@10`` (fraction of fp32's top-10 retrieved in the system's top-10), ``emb_cosine`` (mean cosine
+          of the system's and fp32's corpus embeddings; NaN for index rows);
+        * ``corpus_texts_per_s``, ``corpus_tokens_per_s``, ``query_texts_per_s`` (encode throughput, timed
+          around :meth:`Encoder.encode` - tokenization included - after a warm-up; tokens are the non-padding
+          tokens after truncation; index rows repeat fp32's. Wall-clock: measure on an otherwise idle machine), ``encode_corpus_s``,
+          ``encode_queries_s``, ``search_s`` (all queries), ``calibration_s``, ``quantize_s``;
+        * ``model_bytes`` (:meth:`Encoder.size_bytes`, in memory), ``model_disk_bytes`` (``model.safetensors``
+          written by :meth:`Encoder.save_pretrained`), ``index_bytes`` (stored corpus vectors: float32 matrix or
+          quantized codes), ``rescore_bytes`` (float32 vectors read at rescoring, 0 without; they may live on
+          disk).
+
+        ``attrs``: ``per_query`` (:class:`PerQueryResults`, system -> per-query metrics indexed by query id),
+        ``config``, ``dataset`` (:meth:`RetrievalDataset.describe`), ``calibration`` (how texts were chosen).
+    """
+    cfg = dataclasses.replace(config, **overrides) if config is not None else EvalConfig(**overrides)
+    if dataset is None:
+        raise TypeError("evaluate() needs a dataset")
+    ds = _resolve_dataset(dataset)
+    items = _as_items(encoder_or_schemes, schemes)
+    study = _resolve_study(ds, cfg, show_progress_bar)
+    baseline = _baseline(items, model, study)
+    systems = _systems(items, baseline, cfg.threads)
+    _choose_calibration_texts(study, systems, calibration_texts)
+    for pos, (label, item) in enumerate(systems, 1):
+        _run_system(study, baseline, label, item, f"[{pos}/{len(systems)}]")
+    _compare_with_fp32(study)
+    return _results_frame(study)
+
+
+__all__ = ["EvalConfig", "PerQueryResults", "evaluate", "per_query_table"]

@@ -1,0 +1,140 @@
+"""Quantizing an fp32 encoder under a scheme: calibration when the scheme needs it, SmoothQuant factors, and the
+quantized storage (int8 / int4 weights with their scales, activation scales and zero points per site).
+
+``Encoder.quantize`` calls :func:`quantize`; the encoder it returns holds the storage built here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .._native import _core
+from ..model import limits
+from ..model.architectures import WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, BertConfig, fp32_sites
+from ..model.storage import float_storage, smooth_weight
+from .calibration import Calibration, qparams
+from .schemes import SITE_KINDS, QuantScheme, get_scheme
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model.encoder import Encoder
+
+
+def calibrate_for(encoder: "Encoder", scheme: QuantScheme, texts: Sequence[str], batch_size: int = 32,
+                  max_length: Optional[int] = None, show_progress_bar: Optional[bool] = None) -> Calibration:
+    """``encoder.calibrate`` with the scheme's range method, momentum and percentile."""
+    return encoder.calibrate(texts, method=scheme.calibration, batch_size=batch_size, max_length=max_length,
+                             momentum=scheme.momentum, percentile=scheme.percentile,
+                             show_progress_bar=show_progress_bar)
+
+
+def quantize(encoder: "Encoder", scheme, calibration_texts: Optional[Sequence[str]] = None,
+             calibration: Optional[Calibration] = None, batch_size: int = 32,
+             show_progress_bar: Optional[bool] = None) -> "Encoder":
+    """A new Encoder quantized under ``scheme`` (a preset name, dict or QuantScheme); ``encoder`` is untouched.
+
+    Static int8 schemes need calibration: pass ``calibration_texts`` (a few hundred representative texts) or a
+    ``calibration`` from :meth:`Encoder.calibrate`. SmoothQuant needs ``calibration_texts`` (its ranges are measured
+    after smoothing).
+    """
+    scheme = get_scheme(scheme)
+    params = encoder.fp32_params
+    if params is None:
+        raise ValueError("quantize() starts from fp32 weights; this encoder was loaded quantized. Load the fp32 "
+                         "checkpoint and quantize that.")
+    names = encoder.site_names
+    int8_sites = scheme.quantized_input_sites(names)
+    if calibration_texts is not None:
+        calibration_texts = limits.texts(calibration_texts)
+    need_calib = scheme.needs_calibration_for(names)
+    if need_calib and calibration is None and calibration_texts is None:
+        raise ValueError(f"scheme {scheme.name!r} needs calibration: pass calibration_texts=[...] or "
+                         "calibration=encoder.calibrate(texts)")
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError("calibration must be a medquant Calibration (from Encoder.calibrate)")
+    if calibration is not None and calibration.sites != names:
+        raise ValueError("calibration was gathered on a model with different sites")
+
+    act_mul: Dict[str, np.ndarray] = {}
+    if scheme.needs_calibration_texts and int8_sites:
+        calibration, act_mul = _smoothquant_calibration(encoder, scheme, int8_sites, calibration, calibration_texts,
+                                                        batch_size, show_progress_bar)
+    elif need_calib and calibration is None:
+        calibration = calibrate_for(encoder, scheme, calibration_texts, batch_size,
+                                    show_progress_bar=show_progress_bar)
+    storage, sites = quantized_storage(params, encoder.config, scheme, act_mul, calibration)
+    return encoder.with_storage(storage, sites, scheme, fp32=params, reference=encoder)
+
+
+def _smoothquant_calibration(encoder: "Encoder", scheme: QuantScheme, int8_sites, calibration, calibration_texts,
+                             batch_size, show_progress_bar) -> Tuple[Calibration, Dict[str, np.ndarray]]:
+    """SmoothQuant factors from a calibration of the fp32 encoder, then the ranges of the smoothed activations."""
+    if calibration_texts is None:
+        raise ValueError("SmoothQuant needs calibration_texts: ranges are measured after smoothing")
+    base = calibration or calibrate_for(encoder, scheme, calibration_texts, batch_size,
+                                        show_progress_bar=show_progress_bar)
+    act_mul = smoothquant_factors(encoder.fp32_params, encoder.config, base, int8_sites, scheme.smoothquant_alpha)
+    # ranges of the smoothed activations: calibrate an fp32 encoder that applies the smoothing
+    fp32 = get_scheme("fp32")
+    smoothed = encoder.with_storage(*float_storage(encoder.fp32_params, encoder.config, fp32, act_mul), fp32)
+    calibration = calibrate_for(smoothed, scheme, calibration_texts, batch_size, show_progress_bar=show_progress_bar)
+    calibration.act_mul = act_mul
+    return calibration, act_mul
+
+
+def smoothquant_factors(params: Mapping[str, np.ndarray], cfg: BertConfig, calib: Calibration, sites,
+                        alpha: float) -> Dict[str, np.ndarray]:
+    """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha); activations are multiplied by 1/s, weights by s."""
+    sites_fp32 = fp32_sites(params, cfg)
+    out = {}
+    for n in sites:
+        ax = calib.column_absmax(n).astype(np.float64)
+        wx = np.abs(sites_fp32[n][0]).max(axis=0).astype(np.float64)
+        s = np.power(np.maximum(ax, 1e-5), alpha) / np.power(np.maximum(wx, 1e-5), 1.0 - alpha)
+        s = np.clip(s, 1e-4, 1e4)
+        out[n] = (1.0 / s).astype(np.float32)
+    return out
+
+
+def quantized_storage(params: Mapping[str, np.ndarray], cfg: BertConfig, scheme: QuantScheme,
+                      act_mul: Mapping[str, np.ndarray], calibration: Optional[Calibration]):
+    """(storage, site specs) of fp32 parameters quantized under ``scheme``."""
+    storage, _ = float_storage(params, cfg, get_scheme("fp32"))
+    if scheme.embeddings == "int8":
+        q, s = _core.quantize_rows_s8(params[WORD_EMBEDDINGS])
+        storage[WORD_EMBEDDINGS] = q
+        storage[WORD_EMBEDDING_SCALES] = s
+    sites = {}
+    for name, (w, b) in fp32_sites(params, cfg).items():
+        storage[name + ".bias"] = b
+        sites[name] = _quantize_site(storage, name, w, scheme, act_mul.get(name), calibration)
+    return storage, sites
+
+
+def _quantize_site(storage: Dict[str, np.ndarray], name: str, w: np.ndarray, scheme: QuantScheme,
+                   mul: Optional[np.ndarray], calibration: Optional[Calibration]) -> Dict:
+    """Store one site's weight as its kind (see ``SITE_KINDS``) under ``scheme`` wants it; return the site's spec."""
+    kind = SITE_KINDS[scheme.site_kind(name)]
+    spec: Dict = {"kind": kind.name}
+    if kind.is_float:
+        storage[name + ".weight"] = w
+        return spec
+    if mul is not None:
+        w = smooth_weight(w, mul)
+        storage[name + ".act_mul"] = mul
+    tensors, weight_spec = kind.quantize_weight(w, scheme)
+    storage.update({f"{name}.{suffix}": t for suffix, t in tensors.items()})
+    spec.update(weight_spec)
+    if kind.quantized_input:
+        spec["act_mode"] = scheme.mode
+        spec["act_symmetric"] = bool(scheme.act_symmetric)
+        if scheme.mode == "static":
+            lo, hi = calibration.range(name, scheme.calibration, scheme.act_symmetric, scheme.percentile)
+            scale, zp = qparams(lo, hi, scheme.act_symmetric)
+            spec["act_scale"] = float(scale)
+            spec["act_zero_point"] = int(zp)
+            spec["act_range"] = [lo, hi]
+    return spec
+
+
+__all__ = ["calibrate_for", "quantize", "quantized_storage", "smoothquant_factors"]
