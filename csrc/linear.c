@@ -647,13 +647,20 @@ static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, con
     return MQ_OK;
 }
 
-mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const float *residual,
-                            void *y) {
+/* What both forwards do first: check the arguments, apply this layer's thread count to the calling thread (cheap: an
+   OpenMP ICV) and get the primitive for M rows. */
+static mq_status begin_forward(mq_linear *l, mq_linear_scratch *s, const void *x, int64_t M, const float *residual,
+                               void *y, void **entry) {
     if (!l || !s || !x || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
     if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
-    mq_engine_enter(l->eng); /* this layer's thread count for the calling thread (cheap: an OpenMP ICV) */
+    mq_engine_enter(l->eng);
+    return mq_prim_cache_get(&l->prims, l, mq_bucket_rows(M), entry);
+}
+
+mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const float *residual,
+                            void *y) {
     void *entry = NULL;
-    MQ_TRY(mq_prim_cache_get(&l->prims, l, mq_bucket_rows(M), &entry));
+    MQ_TRY(begin_forward(l, s, x, M, residual, y, &entry));
     const void *src = NULL;
     MQ_TRY(l->kind->input(l, s, x, M, &src));
     return execute(l, s, entry, src, residual, y);
@@ -671,13 +678,10 @@ mq_status mq_linear_effective_input(const mq_linear *l, mq_linear_scratch *s, co
 
 mq_status mq_linear_forward_u8(mq_linear *l, mq_linear_scratch *s, const uint8_t *xq, int64_t M, const float *residual,
                                void *y) {
-    if (!l || !s || !xq || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
-    if (!mq_linear_static_input(l, NULL, NULL))
+    if (l && !mq_linear_static_input(l, NULL, NULL))
         return mq_set_error(MQ_ERR_ARG, "linear: a pre-quantized input needs a static int8 layer without act_mul");
-    if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
-    mq_engine_enter(l->eng);
     void *entry = NULL;
-    MQ_TRY(mq_prim_cache_get(&l->prims, l, mq_bucket_rows(M), &entry));
+    MQ_TRY(begin_forward(l, s, xq, M, residual, y, &entry));
     const void *src = xq;
     if (l->emulated) MQ_TRY(centered_f32(l, s, xq, M, &src));
     return execute(l, s, entry, src, residual, y);

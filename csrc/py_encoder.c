@@ -236,8 +236,8 @@ static int make_arrays(EncoderObject *self, forward_arrays *f, PyArrayObject *id
     if (!(f->ids = PyArray_NewCopy(ids_in, NPY_CORDER))) return 0;
     if (tt_in && !(f->tt = PyArray_NewCopy(tt_in, NPY_CORDER))) return 0;
     if (!(f->lengths = PyArray_SimpleNew(1, db, NPY_INT32))) return 0;
-    const int32_t *len = PyArray_DATA((PyArrayObject *)f->lengths);
-    mq_status st = mq_lengths_from_mask(PyArray_DATA(mask), B, S, (int32_t *)len);
+    int32_t *len = PyArray_DATA((PyArrayObject *)f->lengths);
+    mq_status st = mq_lengths_from_mask(PyArray_DATA(mask), B, S, len);
     if (st != MQ_OK) return mq_py_raise(st), 0;
     npy_intp dh[3] = {B, S, c->hidden}, dp[2] = {B, c->hidden};
     if (want_hidden && !(f->hidden = PyArray_SimpleNew(3, dh, NPY_FLOAT32))) return 0;
