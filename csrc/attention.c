@@ -81,23 +81,51 @@ void mq_attention_reset(mq_attention *a) {
     if (a) mq_prim_cache_clear(&a->prims);
 }
 
+/* A thread's buffers, in one list for sizing and releasing. */
+#define MQ_ATTN_BUFFERS(th) {&(th)->scores, &(th)->mask, &(th)->ctx, &(th)->scratch, &(th)->q, &(th)->kt}
+
+void mq_attention_release_scratch(mq_attention *a) {
+    for (int t = 0; t < MQ_ATTN_MAX_THREADS; t++) {
+        mq_buffer *bufs[] = MQ_ATTN_BUFFERS(&a->threads[t]);
+        for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) mq_buffer_release(bufs[i]);
+    }
+}
+
+size_t mq_attention_scratch_bytes(const mq_attention *a) {
+    size_t n = 0;
+    for (int t = 0; t < MQ_ATTN_MAX_THREADS; t++) {
+        mq_attn_thread *th = (mq_attn_thread *)&a->threads[t];
+        mq_buffer *bufs[] = MQ_ATTN_BUFFERS(th);
+        for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) n += bufs[i]->bytes;
+    }
+    return n;
+}
+
 void mq_attention_destroy(mq_attention *a) {
     if (!a) return;
     mq_prim_cache_release(&a->prims);
-    for (int t = 0; t < MQ_ATTN_MAX_THREADS; t++) {
-        mq_buffer_release(&a->threads[t].scores);
-        mq_buffer_release(&a->threads[t].mask);
-        mq_buffer_release(&a->threads[t].ctx);
-        mq_buffer_release(&a->threads[t].scratch);
-        mq_buffer_release(&a->threads[t].q);
-        mq_buffer_release(&a->threads[t].kt);
+    mq_attention_release_scratch(a);
+    for (int t = 0; t < MQ_ATTN_MAX_THREADS; t++)
         if (a->threads[t].stream) dnnl_stream_destroy(a->threads[t].stream);
-    }
     free(a);
 }
 
 /* The padded length a sequence of len tokens runs at. */
 static int64_t bucket_len(int64_t len) { return (len + MQ_ATTN_BUCKET - 1) / MQ_ATTN_BUCKET * MQ_ATTN_BUCKET; }
+
+/* Threads mq_attention_forward runs sequences on. */
+static int forward_threads(const mq_attention *a, int64_t batch) {
+    int nthr = mq_engine_threads(a->eng);
+    if (nthr > MQ_ATTN_MAX_THREADS) nthr = MQ_ATTN_MAX_THREADS;
+    return batch < 2 || nthr < 2 ? 1 : (batch < nthr ? (int)batch : nthr);
+}
+
+size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch) {
+    const double L = (double)bucket_len(max_len), H = (double)a->n_heads * (double)a->head_dim;
+    const double per_thread = ((double)a->n_heads * L * L + L + 3.0 * L * H) * sizeof(float);
+    const double total = per_thread * forward_threads(a, batch);
+    return total >= (double)SIZE_MAX ? SIZE_MAX : (size_t)total;
+}
 
 static mq_status md3(dnnl_memory_desc_t *md, int64_t d0, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2) {
     dnnl_dims_t dims = {d0, d1, d2}, strides = {s0, s1, s2};
@@ -266,9 +294,8 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
         void *entry = NULL;
         MQ_TRY(mq_prim_cache_get(&a->prims, a, bucket_len(lengths[b]), &entry));
     }
-    int nthr = mq_engine_threads(a->eng);
-    if (nthr > MQ_ATTN_MAX_THREADS) nthr = MQ_ATTN_MAX_THREADS;
-    if (batch < 2 || nthr < 2) {
+    const int nthr = forward_threads(a, batch);
+    if (nthr < 2) {
         /* one sequence: let oneDNN parallelise inside each primitive */
         for (int64_t b = 0; b < batch; b++) MQ_TRY(one_sequence(a, 0, qkv, &out, offsets[b], lengths[b]));
     } else {

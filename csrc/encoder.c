@@ -39,7 +39,11 @@ struct mq_encoder {
     /* workspace, reused across calls */
     mq_linear_scratch scratch;
     mq_buffer x, qkv, ctx, tmp, ffn, deq, offsets;
+    size_t max_bytes, keep_bytes; /* mq_encoder_set_memory_limits */
 };
+
+/* The encoder's own workspace buffers, in one list for sizing and releasing. */
+#define MQ_ENCODER_BUFFERS(e) {&(e)->x, &(e)->qkv, &(e)->ctx, &(e)->tmp, &(e)->ffn, &(e)->deq, &(e)->offsets}
 
 static mq_status check_config(const mq_bert_config *c) {
     if (!c) return mq_set_error(MQ_ERR_ARG, "config is NULL");
@@ -73,6 +77,7 @@ mq_status mq_encoder_create(mq_encoder **out, const mq_bert_config *cfg, int n_t
     mq_encoder *e = calloc(1, sizeof *e);
     if (!e) return mq_set_error(MQ_ERR_NOMEM, "encoder: out of memory");
     e->cfg = *cfg;
+    e->keep_bytes = SIZE_MAX;
     if (pthread_mutex_init(&e->lock, NULL) != 0) { free(e); return mq_set_error(MQ_ERR_STATE, "encoder: cannot create lock"); }
     mq_status st = mq_engine_create(&e->eng, n_threads);
     if (st == MQ_OK) {
@@ -89,8 +94,25 @@ mq_status mq_encoder_create(mq_encoder **out, const mq_bert_config *cfg, int n_t
     return MQ_OK;
 }
 
+static void release_workspace(mq_encoder *e) {
+    mq_buffer *bufs[] = MQ_ENCODER_BUFFERS(e);
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) mq_buffer_release(bufs[i]);
+    mq_linear_scratch_release(&e->scratch);
+    if (e->attn) mq_attention_release_scratch(e->attn);
+    if (e->ln) mq_layernorm_release_scratch(e->ln);
+}
+
+static size_t workspace_bytes(const mq_encoder *e) {
+    mq_encoder *m = (mq_encoder *)e; /* the list macro takes addresses; nothing is written */
+    mq_buffer *bufs[] = MQ_ENCODER_BUFFERS(m);
+    size_t n = mq_linear_scratch_bytes(&e->scratch) + mq_attention_scratch_bytes(e->attn) + mq_layernorm_scratch_bytes(e->ln);
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) n += bufs[i]->bytes;
+    return n;
+}
+
 void mq_encoder_destroy(mq_encoder *e) {
     if (!e) return;
+    release_workspace(e); /* before the attention and LayerNorm that hold part of it */
     if (e->layers) {
         for (int64_t l = 0; l < e->cfg.n_layers; l++) {
             for (int s = 0; s < MQ_SITES_PER_LAYER; s++) mq_linear_destroy(e->layers[l].site[s]);
@@ -103,9 +125,6 @@ void mq_encoder_destroy(mq_encoder *e) {
     mq_embeddings_destroy(e->emb);
     mq_free(e->emb_gamma);
     mq_free(e->emb_beta);
-    mq_linear_scratch_release(&e->scratch);
-    mq_buffer bufs[7] = {e->x, e->qkv, e->ctx, e->tmp, e->ffn, e->deq, e->offsets};
-    for (int i = 0; i < 7; i++) mq_buffer_release(&bufs[i]);
     mq_engine_destroy(e->eng);
     pthread_mutex_destroy(&e->lock);
     free(e);
@@ -299,6 +318,65 @@ static mq_status check_inputs(const mq_encoder *e, const mq_forward_args *a) {
     return MQ_OK;
 }
 
+/* ------------------------------------------------------------------ memory */
+
+/* a + b, a * b saturating at SIZE_MAX (the sizes are compared with a bound, never allocated, when they saturate) */
+static size_t sat_add(size_t a, size_t b) { return a > SIZE_MAX - b ? SIZE_MAX : a + b; }
+static size_t sat_mul(size_t a, size_t b) { size_t n; return mq_size_mul(a, b, &n) ? n : SIZE_MAX; }
+static size_t sat_mul3(size_t a, size_t b, size_t c) { return sat_mul(sat_mul(a, b), c); }
+
+size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
+    const size_t H = (size_t)e->cfg.hidden, I = (size_t)e->cfg.intermediate, K = H > I ? H : I, f = sizeof(float);
+    const size_t T = (size_t)c->tokens, B = (size_t)c->batch;
+    const size_t Tb = (size_t)mq_bucket_rows(c->tokens), rows = Tb + MQ_ATTN_BUCKET;
+    /* reserve_pass: x, ctx, tmp [rows, H], qkv [rows, 3H], ffn [rows, I], offsets */
+    size_t n = sat_add(sat_mul3(rows, 6 * H + I, f), sat_mul(B, sizeof(int64_t)));
+    /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, dequantized weights */
+    n = sat_add(n, sat_mul3(Tb, K, 1 + f));
+    n = sat_add(n, sat_add(sat_mul(Tb, f), sat_mul3(H, 3 * H > I ? 3 * H : I, f))); /* a site's weights: H x N or N x H */
+    n = sat_add(n, sat_mul(2 * Tb, f)); /* LayerNorm statistics */
+    n = sat_add(n, mq_attention_scratch_need(e->attn, c->seq, c->batch));
+    n = sat_add(n, e->scratch.scratchpad.bytes);
+    if (c->hook) n = sat_add(n, sat_mul3(T, 2 * K, f));             /* effective inputs, dequantized u8 inputs */
+    if (c->hidden_out) n = sat_add(n, sat_mul3(B * (size_t)c->seq, H, f));
+    if (c->taps) n = sat_add(n, sat_mul3(sat_mul(T, (size_t)e->cfg.n_layers), 6 * H + I, f));
+    return sat_add(n, sat_mul(B, H * f)); /* pooled */
+}
+
+mq_status mq_encoder_check_call(const mq_encoder *e, const mq_call_shape *c) {
+    if (!e || !c) return mq_set_error(MQ_ERR_ARG, "encoder: NULL argument");
+    if (c->batch <= 0 || c->seq <= 0 || c->tokens <= 0 || c->tokens > c->batch * c->seq)
+        return mq_set_error(MQ_ERR_ARG, "encoder: bad call shape (batch %lld, seq %lld, tokens %lld)", (long long)c->batch,
+                            (long long)c->seq, (long long)c->tokens);
+    const size_t need = mq_encoder_call_bytes(e, c);
+    if (e->max_bytes && need > e->max_bytes)
+        return mq_set_error(MQ_ERR_NOMEM,
+                            "a forward over %lld sequences of up to %lld tokens (%lld tokens) needs %.1f MiB, above this "
+                            "encoder's memory limit of %.1f MiB: use smaller batches or shorter max_length, or raise the "
+                            "limit (Encoder.set_memory_limit)",
+                            (long long)c->batch, (long long)c->seq, (long long)c->tokens, (double)need / 1048576.0,
+                            (double)e->max_bytes / 1048576.0);
+    return MQ_OK;
+}
+
+mq_status mq_encoder_set_memory_limits(mq_encoder *e, size_t max_bytes, size_t keep_bytes) {
+    if (!e) return mq_set_error(MQ_ERR_ARG, "encoder is NULL");
+    pthread_mutex_lock(&e->lock);
+    e->max_bytes = max_bytes;
+    e->keep_bytes = keep_bytes;
+    if (workspace_bytes(e) > keep_bytes) release_workspace(e);
+    pthread_mutex_unlock(&e->lock);
+    return MQ_OK;
+}
+
+size_t mq_encoder_workspace_bytes(mq_encoder *e) {
+    if (!e) return 0;
+    pthread_mutex_lock(&e->lock);
+    size_t n = workspace_bytes(e);
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
 /* ------------------------------------------------------------------ forward */
 
 /* One forward's state: the arguments, the packed token count and the sequences' row offsets. */
@@ -344,6 +422,8 @@ static mq_status attention_block(mq_encoder *e, const mq_pass *p, int64_t l) {
     const mq_forward_args *a = p->a;
     MQ_TRY(show_input(e, p, l, MQ_SITE_QKV, x));
     MQ_TRY(mq_linear_forward(L->site[MQ_SITE_QKV], &e->scratch, x, T, NULL, qkv));
+    /* the last sequence's masked keys read the rows after T (attention.h): finite, whatever the buffers held */
+    memset(qkv + T * 3 * H, 0, (size_t)MQ_ATTN_BUCKET * 3 * (size_t)H * sizeof(float));
     MQ_TRY(show(p, l, MQ_SITE_QKV, MQ_SITE_OUTPUT, qkv, 3 * H));
     if (L->ctx_q.on) {
         uint8_t *cq = (uint8_t *)ctx;
@@ -407,10 +487,15 @@ static void copy_hidden(const mq_encoder *e, const mq_pass *p, float *hidden) {
     }
 }
 
+
 static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
     const int64_t H = e->cfg.hidden;
     mq_pass p;
     MQ_TRY(check_inputs(e, a));
+    int64_t tokens = 0;
+    for (int64_t b = 0; b < a->batch; b++) tokens += a->lengths[b];
+    const mq_call_shape shape = {a->batch, a->seq, tokens, a->hidden != NULL, 0, a->hook.fn != NULL};
+    MQ_TRY(mq_encoder_check_call(e, &shape));
     MQ_TRY(reserve_pass(e, a, &p));
     mq_engine_enter(e->eng);
     mq_embeddings_forward(e->emb, a->ids, a->type_ids, a->lengths, a->batch, a->seq, p.off, e->tmp.ptr);
@@ -432,6 +517,7 @@ mq_status mq_encoder_forward(mq_encoder *e, const mq_forward_args *a) {
     if (!e) return mq_set_error(MQ_ERR_ARG, "encoder is NULL");
     pthread_mutex_lock(&e->lock);
     mq_status st = e->finalized ? forward_locked(e, a) : mq_set_error(MQ_ERR_STATE, "encoder is not finalized");
+    if (workspace_bytes(e) > e->keep_bytes) release_workspace(e);
     pthread_mutex_unlock(&e->lock);
     return st;
 }

@@ -92,4 +92,27 @@ typedef struct {
 
 mq_status mq_encoder_forward(mq_encoder *enc, const mq_forward_args *args);
 
+/* ------------------------------------------------------------------ memory
+ * What a forward call allocates follows from its shape and the config alone, so it is computed before anything is
+ * allocated and compared with the encoder's bound; and a workspace grown by one outsized call is given back. */
+typedef struct {
+    int64_t batch, seq; /* sequences, padded length */
+    int64_t tokens;     /* real tokens (the sum of the lengths) */
+    int hidden_out;     /* the caller allocates the last hidden state [batch, seq, hidden] */
+    int taps;           /* the caller allocates a copy of every site's output [tokens, out_features] */
+    int hook;           /* a site hook is passed (the inputs it is shown may need their own buffers) */
+} mq_call_shape;
+
+/* Bytes a forward of this shape allocates: the workspace (an upper bound; oneDNN's scratchpads are counted as the
+   encoder holds them now, they are built once per shape and small) plus the caller's outputs (pooled, hidden, taps).
+   SIZE_MAX if it does not fit in size_t. */
+size_t mq_encoder_call_bytes(const mq_encoder *enc, const mq_call_shape *shape);
+/* MQ_ERR_NOMEM, with the sizes in the message, when mq_encoder_call_bytes exceeds the bound; MQ_OK otherwise. */
+mq_status mq_encoder_check_call(const mq_encoder *enc, const mq_call_shape *shape);
+/* max_bytes: the bound on a call's bytes (0: none, the default). keep_bytes: after a forward, a workspace holding
+   more than this is released, the next call allocates again (SIZE_MAX, the default: always kept). */
+mq_status mq_encoder_set_memory_limits(mq_encoder *enc, size_t max_bytes, size_t keep_bytes);
+/* Bytes the workspace holds now (between calls: what the last call left). */
+size_t mq_encoder_workspace_bytes(mq_encoder *enc);
+
 #endif

@@ -2,6 +2,7 @@
 #include "engine.h"
 
 #include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 struct mq_engine {
@@ -41,13 +42,27 @@ dnnl_stream_t mq_engine_stream(const mq_engine *eng) { return eng->stream; }
 int mq_engine_threads(const mq_engine *eng) { return eng->n_threads; }
 
 mq_status mq_engine_set_threads(mq_engine *eng, int n_threads) {
-    int avail = omp_get_num_procs();
-    if (n_threads > 4096) return mq_set_error(MQ_ERR_ARG, "engine: n_threads %d is not sensible", n_threads);
-    eng->n_threads = n_threads > 0 ? n_threads : (avail > 0 ? avail : 1);
+    const int avail = omp_get_num_procs() > 0 ? omp_get_num_procs() : 1;
+    if (n_threads > avail)
+        return mq_set_error(MQ_ERR_ARG, "n_threads %d exceeds the %d CPUs this process can run on", n_threads, avail);
+    eng->n_threads = n_threads > 0 ? n_threads : avail;
     return MQ_OK;
 }
 
 void mq_engine_enter(const mq_engine *eng) { omp_set_num_threads(eng->n_threads); }
+
+static void release_pool_before_fork(void) { (void)omp_pause_resource_all(omp_pause_soft); }
+
+static pthread_once_t fork_safe_once = PTHREAD_ONCE_INIT;
+static int fork_safe_status; /* pthread_atfork's result, written once under fork_safe_once */
+
+static void register_fork_handler(void) { fork_safe_status = pthread_atfork(release_pool_before_fork, NULL, NULL); }
+
+mq_status mq_threads_fork_safe(void) {
+    if (pthread_once(&fork_safe_once, register_fork_handler) != 0 || fork_safe_status != 0)
+        return mq_set_error(MQ_ERR_STATE, "cannot register the fork handler of the OpenMP runtime");
+    return MQ_OK;
+}
 
 int mq_engine_int8_exact(const mq_engine *eng) { return eng->int8_exact; }
 void mq_engine_set_int8_exact(mq_engine *eng, int exact) { eng->int8_exact = exact ? 1 : 0; }

@@ -6,7 +6,8 @@
 
 typedef struct mq_engine mq_engine;
 
-/* n_threads <= 0 means "all available" (omp_get_max_threads() at creation). */
+/* n_threads <= 0 means "all available": the CPUs this process may run on (omp_get_num_procs()). More threads than
+   that is refused (MQ_ERR_ARG): they only add contention, and when creating them fails GNU OpenMP ends the process. */
 mq_status mq_engine_create(mq_engine **out, int n_threads);
 void mq_engine_destroy(mq_engine *eng);
 
@@ -16,6 +17,14 @@ int mq_engine_threads(const mq_engine *eng);
 mq_status mq_engine_set_threads(mq_engine *eng, int n_threads);
 /* Applies the engine's thread count to the calling thread (OpenMP ICVs are per thread). */
 void mq_engine_enter(const mq_engine *eng);
+
+/* Makes fork() safe for the OpenMP runtime, once per process (later calls do nothing). GNU OpenMP keeps a pool of
+   worker threads per thread that ran a parallel region; a child process inherits the forking thread's pool but not
+   its threads, so the child's first parallel region from that thread waits for them forever. This registers a
+   pthread_atfork handler that, just before any fork, releases the forking thread's pool (omp_pause_resource_all):
+   the child, and the parent's next parallel region, start fresh threads. Process-wide by nature: the pool belongs
+   to the OpenMP runtime, not to an engine. */
+mq_status mq_threads_fork_safe(void);
 
 /* Whether oneDNN's int8 matmul computes u8 x s8 products exactly on this CPU: 1 yes, 0 no (kernels without VNNI/AMX
    add pairs of products in saturating 16-bit arithmetic), -1 not measured yet. linear.c measures it on the first int8

@@ -88,6 +88,9 @@ void mq_layernorm_reset(mq_layernorm *ln) {
     if (ln) mq_prim_cache_clear(&ln->prims);
 }
 
+size_t mq_layernorm_scratch_bytes(const mq_layernorm *ln) { return ln->stats.bytes; }
+void mq_layernorm_release_scratch(mq_layernorm *ln) { mq_buffer_release(&ln->stats); }
+
 void mq_layernorm_destroy(mq_layernorm *ln) {
     if (!ln) return;
     mq_prim_cache_release(&ln->prims);

@@ -238,6 +238,11 @@ static int make_arrays(EncoderObject *self, forward_arrays *f, PyArrayObject *id
     if (!(f->lengths = PyArray_SimpleNew(1, db, NPY_INT32))) return 0;
     int32_t *len = PyArray_DATA((PyArrayObject *)f->lengths);
     mq_status st = mq_lengths_from_mask(PyArray_DATA(mask), B, S, len);
+    int64_t tokens = 0;
+    for (npy_intp b = 0; st == MQ_OK && b < B; b++) tokens += len[b];
+    /* the bound covers the outputs allocated here too: check it before allocating them */
+    const mq_call_shape shape = {B, S, tokens, want_hidden, want_taps, f->observers != NULL || want_taps};
+    if (st == MQ_OK) st = mq_encoder_check_call(self->enc, &shape);
     if (st != MQ_OK) return mq_py_raise(st), 0;
     npy_intp dh[3] = {B, S, c->hidden}, dp[2] = {B, c->hidden};
     if (want_hidden && !(f->hidden = PyArray_SimpleNew(3, dh, NPY_FLOAT32))) return 0;
@@ -302,8 +307,8 @@ static PyObject *Encoder_set_threads(EncoderObject *self, PyObject *arg) {
     if (!enc_cfg(self)) return NULL;
     long v = PyLong_AsLong(arg);
     if (v == -1 && PyErr_Occurred()) return NULL;
-    if (v < 0 || v > 4096) return PyErr_Format(PyExc_ValueError, "n_threads %ld outside [0, 4096] (0: all available)", v);
-    int n = (int)v;
+    if (v < 0 || v > INT_MAX) return PyErr_Format(PyExc_ValueError, "n_threads %ld must be >= 0 (0: all available)", v);
+    int n = (int)v; /* the core refuses more threads than CPUs */
     mq_status st;
     Py_BEGIN_ALLOW_THREADS
     st = mq_encoder_set_threads(self->enc, n);
@@ -320,6 +325,37 @@ static PyObject *Encoder_threads(EncoderObject *self, PyObject *Py_UNUSED(ignore
 static PyObject *Encoder_nbytes(EncoderObject *self, PyObject *Py_UNUSED(ignored)) {
     if (!enc_cfg(self)) return NULL;
     return PyLong_FromSize_t(mq_encoder_nbytes(self->enc));
+}
+
+static PyObject *Encoder_set_memory_limits(EncoderObject *self, PyObject *args) {
+    unsigned long long max_bytes, keep_bytes;
+    if (!enc_cfg(self) || !PyArg_ParseTuple(args, "KK", &max_bytes, &keep_bytes)) return NULL;
+    if (max_bytes > SIZE_MAX || keep_bytes > SIZE_MAX) return PyErr_Format(PyExc_OverflowError, "limit exceeds size_t");
+    mq_status st = mq_encoder_set_memory_limits(self->enc, (size_t)max_bytes, (size_t)keep_bytes);
+    if (st != MQ_OK) return mq_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Encoder_call_bytes(EncoderObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"batch", "seq", "tokens", "hidden", "taps", "hook", NULL};
+    mq_call_shape c = {0};
+    long long batch, seq, tokens;
+    if (!enc_cfg(self) || !PyArg_ParseTupleAndKeywords(args, kw, "LLL|ppp", kwlist, &batch, &seq, &tokens, &c.hidden_out,
+                                                       &c.taps, &c.hook))
+        return NULL;
+    if (batch <= 0 || seq <= 0 || tokens <= 0 || tokens > batch * seq || batch > INT64_MAX / seq)
+        return PyErr_Format(PyExc_ValueError, "bad call shape (batch %lld, seq %lld, tokens %lld)", batch, seq, tokens);
+    c.batch = batch, c.seq = seq, c.tokens = tokens;
+    return PyLong_FromSize_t(mq_encoder_call_bytes(self->enc, &c));
+}
+
+static PyObject *Encoder_workspace_bytes(EncoderObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!enc_cfg(self)) return NULL;
+    size_t n;
+    Py_BEGIN_ALLOW_THREADS /* waits for a forward running in another thread */
+    n = mq_encoder_workspace_bytes(self->enc);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSize_t(n);
 }
 
 static PyObject *Encoder_site_impl(EncoderObject *self, PyObject *args) {
@@ -341,6 +377,11 @@ static PyMethodDef Encoder_methods[] = {
     {"threads", (PyCFunction)Encoder_threads, METH_NOARGS, "thread count"},
     {"nbytes", (PyCFunction)Encoder_nbytes, METH_NOARGS, "bytes held by the parameters"},
     {"site_impl", (PyCFunction)Encoder_site_impl, METH_VARARGS, "oneDNN implementation of a site's matmul"},
+    {"set_memory_limits", (PyCFunction)Encoder_set_memory_limits, METH_VARARGS,
+     "(max_bytes, keep_bytes): bound on a forward call's bytes (0: none); workspace kept after a call"},
+    {"call_bytes", (PyCFunction)(void (*)(void))Encoder_call_bytes, METH_VARARGS | METH_KEYWORDS,
+     "call_bytes(batch, seq, tokens, hidden=False, taps=False, hook=False) -> bytes a forward of that shape allocates"},
+    {"workspace_bytes", (PyCFunction)Encoder_workspace_bytes, METH_NOARGS, "bytes the workspace holds now"},
     {NULL, NULL, 0, NULL}};
 
 static PyType_Slot Encoder_slots[] = {

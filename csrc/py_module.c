@@ -179,6 +179,7 @@ static PyObject *add_type(PyObject *m, PyType_Spec *spec, const char *name) {
 
 static int module_exec(PyObject *m) {
     import_array1(-1);
+    if (mq_threads_fork_safe() != MQ_OK) return mq_py_raise(MQ_ERR_STATE), -1;
     PyObject *ot = add_type(m, &mq_py_observer_spec, "Observer");
     if (!ot) return -1;
     Py_INCREF(ot);

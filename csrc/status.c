@@ -54,14 +54,17 @@ int mq_size_mul3(size_t a, size_t b, size_t c, size_t *out) {
     return mq_size_mul(a, b, &ab) && mq_size_mul(ab, c, out);
 }
 
+void *mq_alloc_uninit(size_t bytes) {
+    if (bytes == 0) bytes = 64;
+    if (bytes > SIZE_MAX - 63) return NULL;
+    return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+}
+
 void *mq_alloc(size_t count, size_t elem_size) {
     size_t bytes;
     if (!mq_size_mul(count, elem_size, &bytes)) return NULL;
-    if (bytes == 0) bytes = 64;
-    if (bytes > SIZE_MAX - 63) return NULL;
-    bytes = (bytes + 63) & ~(size_t)63;
-    void *p = aligned_alloc(64, bytes);
-    if (p) memset(p, 0, bytes);
+    void *p = mq_alloc_uninit(bytes);
+    if (p) memset(p, 0, bytes ? bytes : 1);
     return p;
 }
 

@@ -50,6 +50,8 @@ int mq_size_mul3(size_t a, size_t b, size_t c, size_t *out);
 
 /* Allocation helpers: 64-byte aligned, zero-filled; NULL on overflow or failure. Free with mq_free. */
 void *mq_alloc(size_t count, size_t elem_size);
+/* 64-byte aligned, NOT zeroed (for buffers written before they are read); NULL on failure. Free with mq_free. */
+void *mq_alloc_uninit(size_t bytes);
 void mq_free(void *p);
 
 #endif

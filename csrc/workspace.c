@@ -6,7 +6,7 @@ mq_status mq_buffer_reserve(mq_buffer *b, size_t count, size_t elem_size) {
     if (!mq_size_mul(count, elem_size, &need))
         return mq_set_error(MQ_ERR_NOMEM, "workspace: size overflow (%zu x %zu)", count, elem_size);
     if (need <= b->bytes && b->ptr) return MQ_OK;
-    void *p = mq_alloc(need, 1);
+    void *p = mq_alloc_uninit(need);
     if (!p) return mq_set_error(MQ_ERR_NOMEM, "workspace: cannot allocate %zu bytes", need);
     mq_free(b->ptr);
     b->ptr = p;
@@ -27,6 +27,11 @@ void mq_linear_scratch_release(mq_linear_scratch *s) {
     mq_buffer_release(&s->row_scale);
     mq_buffer_release(&s->w_deq);
     mq_buffer_release(&s->scratchpad);
+}
+
+size_t mq_linear_scratch_bytes(const mq_linear_scratch *s) {
+    return s->act_q.bytes + s->act_lp.bytes + s->act_in.bytes + s->row_scale.bytes + s->w_deq.bytes +
+           s->scratchpad.bytes;
 }
 
 int64_t mq_bucket_rows(int64_t m) {

@@ -9,7 +9,8 @@ typedef struct {
     size_t bytes;
 } mq_buffer;
 
-/* Ensures b holds at least count * elem_size bytes (zero-filled when grown); keeps the old buffer on failure. */
+/* Ensures b holds at least count * elem_size bytes; keeps the old buffer on failure. A grown buffer is NOT zeroed
+   (its contents are undefined): every user writes what it reads, so untouched pages cost no memory. */
 mq_status mq_buffer_reserve(mq_buffer *b, size_t count, size_t elem_size);
 void mq_buffer_release(mq_buffer *b);
 
@@ -25,6 +26,8 @@ typedef struct {
 } mq_linear_scratch;
 
 void mq_linear_scratch_release(mq_linear_scratch *s);
+/* Bytes the scratch buffers hold. */
+size_t mq_linear_scratch_bytes(const mq_linear_scratch *s);
 
 /* Rows a primitive is built for when a call has m rows: <= 25% padding, few distinct shapes. */
 int64_t mq_bucket_rows(int64_t m);

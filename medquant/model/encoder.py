@@ -4,7 +4,6 @@ error report and saving are delegated to :mod:`medquant.quant.quantize`, :mod:`m
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +17,7 @@ from ..quant.calibration import Calibration
 from ..quant.schemes import QuantScheme, get_scheme
 from . import limits, storage as _storage
 from .architectures import WORD_EMBEDDING_SCALES, BertConfig, parse_site
+from .tokenization import TruncatingTokenizers
 from .checkpoint import (
     DEFAULT_MODEL, default_max_length, fp32_params, load_config, load_state_dict, load_tokenizer, resolve_model_path,
 )
@@ -35,9 +35,11 @@ class Encoder:
     def __init__(self, *, config: BertConfig, tokenizer, storage: Dict[str, np.ndarray], sites: Dict[str, Dict],
                  scheme: QuantScheme, max_length: int, model_dir: Optional[Path], name: str,
                  fp32: Optional[Dict[str, np.ndarray]] = None, reference: Optional["Encoder"] = None,
-                 n_threads: Optional[int] = None):
+                 n_threads: Optional[int] = None, memory_limit=None, keep_bytes=None,
+                 tokenizers: Optional[TruncatingTokenizers] = None):
         self.config = config
         self.tokenizer = tokenizer
+        self._tokenizers = tokenizers if tokenizers is not None else TruncatingTokenizers(tokenizer)
         self.max_length = int(max_length)
         self.scheme = scheme
         self.name = name
@@ -46,15 +48,21 @@ class Encoder:
         self._sites = sites
         self._fp32 = fp32
         self.reference = reference
-        self._tok_lock = threading.Lock()
-        self._core = _storage.build_core(config, storage, sites,
-                                         n_threads if n_threads is not None else limits.default_threads())
+        self._core = _storage.build_core(config, storage, sites, limits.threads(n_threads))
+        self.set_memory_limit(memory_limit, keep_bytes)
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *, max_length: Optional[int] = None,
-                        n_threads: Optional[int] = None, allow_pickle: bool = False) -> "Encoder":
-        """Load a Hugging Face BERT directory, a medquant quantized directory, or a packaged model by name."""
+                        n_threads: Optional[int] = None, allow_pickle: bool = False, memory_limit=None,
+                        keep_bytes=None) -> "Encoder":
+        """Load a Hugging Face BERT directory, a medquant quantized directory, or a packaged model by name.
+
+        n_threads: oneDNN threads (default ``$MEDQUANT_NUM_THREADS`` or every CPU this process may use).
+        memory_limit, keep_bytes: see :meth:`set_memory_limit`.
+        """
+        n_threads = limits.threads(n_threads)
+        memory_limit = limits.memory_limit(memory_limit)
         model_dir = resolve_model_path(name_or_path)
         cfg = load_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
@@ -69,14 +77,17 @@ class Encoder:
             scheme = get_scheme("fp32")
             tensors, sites = _storage.float_storage(params, cfg, scheme)
         return cls(config=cfg, tokenizer=tokenizer, storage=tensors, sites=sites, scheme=scheme, max_length=ml,
-                   model_dir=model_dir, name=str(name_or_path), fp32=params, n_threads=n_threads)
+                   model_dir=model_dir, name=str(name_or_path), fp32=params, n_threads=n_threads,
+                   memory_limit=memory_limit, keep_bytes=keep_bytes)
 
     def with_storage(self, storage: Dict[str, np.ndarray], sites: Dict[str, Dict], scheme: QuantScheme, *,
                      fp32: Optional[Dict[str, np.ndarray]] = None, reference: Optional["Encoder"] = None) -> "Encoder":
-        """A new encoder of the same model (config, tokenizer, max_length, threads) holding other tensors."""
+        """A new encoder of the same model (config, tokenizer, max_length, threads, memory limits) holding other
+        tensors."""
         return Encoder(config=self.config, tokenizer=self.tokenizer, storage=storage, sites=sites, scheme=scheme,
                        max_length=self.max_length, model_dir=self.model_dir, name=self.name, fp32=fp32,
-                       reference=reference, n_threads=self.n_threads)
+                       reference=reference, n_threads=self.n_threads, memory_limit=self.memory_limit,
+                       keep_bytes=self._keep_bytes, tokenizers=self._tokenizers)
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -95,8 +106,41 @@ class Encoder:
         return self._core.threads()
 
     def set_threads(self, n_threads: int) -> None:
-        """Threads used by oneDNN for this encoder's forward passes."""
-        self._core.set_threads(limits.positive_int(n_threads, "n_threads"))
+        """Threads used by oneDNN for this encoder's forward passes (capped, with a warning, to the CPUs this
+        process may run on)."""
+        self._core.set_threads(limits.threads(n_threads))
+
+    @property
+    def memory_limit(self) -> int:
+        """Bytes one call into the C core may allocate (workspace and outputs); see :meth:`set_memory_limit`."""
+        return self._memory_limit
+
+    def set_memory_limit(self, max_bytes=None, keep_bytes=None) -> None:
+        """Bound what one call into the C core may allocate, and what its workspace keeps between calls.
+
+        max_bytes: an int or a string such as ``"2GiB"``; default ``$MEDQUANT_MEMORY_LIMIT``, else a quarter of
+        the RAM, at most 2 GiB. The bytes of a call follow from its shape and the config; they are computed before
+        anything is allocated. :meth:`encode`, :meth:`calibrate` and the other batched methods split a batch that
+        would not fit; :meth:`forward` raises ``MemoryError``. ``MemoryError`` also when one sequence of
+        ``max_length`` tokens does not fit (a config whose sizes multiply out of bounds).
+        keep_bytes: after a call, a workspace larger than this is released (default 512 MiB, at most max_bytes),
+        so one outsized call does not keep its memory until the encoder is deleted.
+        """
+        limit = limits.memory_limit(max_bytes)
+        keep = limits.keep_bytes(keep_bytes, limit)
+        one = self._core.call_bytes(1, self.max_length, self.max_length)
+        if one > limit:
+            raise MemoryError(
+                f"{self.name}: one sequence of max_length={self.max_length} tokens needs {one / 2**20:.1f} MiB "
+                f"(hidden {self.config.hidden_size}, intermediate {self.config.intermediate_size}, "
+                f"{self.config.num_attention_heads} heads), above the memory limit of {limit / 2**20:.1f} MiB; "
+                "raise it with memory_limit= / $MEDQUANT_MEMORY_LIMIT or lower max_length")
+        self._core.set_memory_limits(limit, keep)
+        self._memory_limit, self._keep_bytes = limit, keep
+
+    def workspace_bytes(self) -> int:
+        """Bytes the C core's workspace holds between calls (released after a call above ``keep_bytes``)."""
+        return int(self._core.workspace_bytes())
 
     @property
     def hidden_size(self) -> int:
@@ -133,12 +177,7 @@ class Encoder:
                                                                             self.config.max_position_embeddings)
 
     def _encode_tokens(self, texts: List[str], max_length: int):
-        with self._tok_lock:
-            self.tokenizer.enable_truncation(max_length)
-            try:
-                return self.tokenizer.encode_batch(texts)
-            finally:
-                self.tokenizer.no_truncation()
+        return self._tokenizers.encode_batch(texts, max_length)
 
     @staticmethod
     def _pad(ids_list, types_list):
@@ -154,16 +193,19 @@ class Encoder:
 
     def batches(self, texts: Sequence[str], batch_size: int = 32, max_length: Optional[int] = None, *,
                 by_length: bool = True, show_progress_bar: Optional[bool] = False, auto_progress: int = 32,
-                desc: str = "") -> Iterator[Batch]:
+                desc: str = "", hook: bool = False, taps: bool = False) -> Iterator[Batch]:
         """(positions in ``texts``, input ids, attention mask, token type ids) per batch of tokenized texts.
 
         by_length: batch the texts longest first, so little padding is computed (else in input order).
+        A batch whose call would exceed :attr:`memory_limit` is split (results do not depend on the batching).
+        hook, taps: the batches will run with observers / with per-site output copies (which need more memory).
         show_progress_bar: a tqdm bar; None: one when there are at least ``auto_progress`` batches.
         """
         texts = limits.texts(texts)
-        batch_size = limits.positive_int(batch_size, "batch_size")
+        batch_size = limits.batch_size(batch_size)
         encs = self._encode_tokens(texts, self._max_length(max_length))
-        order = np.argsort([-len(e.ids) for e in encs], kind="stable") if by_length else np.arange(len(encs))
+        lengths = np.array([len(e.ids) for e in encs], np.int64)
+        order = np.argsort(-lengths, kind="stable") if by_length else np.arange(len(encs))
         starts = range(0, len(texts), batch_size)
         if show_progress_bar is None:
             show_progress_bar = len(starts) >= auto_progress
@@ -172,8 +214,22 @@ class Encoder:
 
             starts = tqdm(starts, desc=desc, unit="batch")
         for s in starts:
-            idx = order[s: s + batch_size]
-            yield (idx, *self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx]))
+            for idx in self._fit_memory(order[s: s + batch_size], lengths, hook=hook or taps, taps=taps):
+                yield (idx, *self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx]))
+
+    def _fit_memory(self, idx: np.ndarray, lengths: np.ndarray, hook: bool, taps: bool) -> Iterator[np.ndarray]:
+        """``idx`` as one batch, or split in halves until each part fits the memory limit."""
+        lens = lengths[idx]
+        need = self._core.call_bytes(len(idx), int(lens.max()), int(lens.sum()), hook=hook, taps=taps)
+        if need <= self._memory_limit:
+            yield idx
+        elif len(idx) == 1:  # set_memory_limit made sure one max_length sequence fits: only a hook can get here
+            raise MemoryError(f"one sequence of {int(lens[0])} tokens does not fit the memory limit of "
+                              f"{self._memory_limit / 2**20:.1f} MiB with per-site observers or copies")
+        else:
+            half = len(idx) // 2
+            yield from self._fit_memory(idx[:half], lengths, hook, taps)
+            yield from self._fit_memory(idx[half:], lengths, hook, taps)
 
     @staticmethod
     def _as_int32(a, name: str, shape=None) -> np.ndarray:
@@ -247,7 +303,7 @@ class Encoder:
         sites = self.site_names
         observers = [_core.Observer(nbins, momentum) for _ in sites]
         for _, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
-                                             auto_progress=8, desc="calibrate"):
+                                             auto_progress=8, desc="calibrate", hook=True):
             self._core.forward(ids, mask, tt, hidden=False, observers=observers)
         return Calibration(sites=sites, observers=observers, n_texts=len(texts), method=method, percentile=percentile)
 

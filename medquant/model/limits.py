@@ -1,5 +1,5 @@
 """Run-setting and input limits, each checked here and only here: token lengths, thread counts, batch sizes and
-other counts, and the texts handed to an encoder.
+other counts, memory bounds, and the texts handed to an encoder.
 
 The encoder, :class:`medquant.eval.evaluate.EvalConfig` and the command line all call these, so one setting gets
 one rule and one message wherever it is given.
@@ -7,6 +7,7 @@ one rule and one message wherever it is given.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List
 
 import numpy as np
@@ -43,15 +44,109 @@ def texts(value) -> List[str]:
     return value
 
 
-def default_threads() -> int:
-    """``$MEDQUANT_NUM_THREADS``, else the CPUs this process may run on."""
-    env = os.environ.get("MEDQUANT_NUM_THREADS")
-    if env:
-        return int(env)
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover
         return os.cpu_count() or 1
 
 
-__all__ = ["default_threads", "max_length", "positive_int", "texts"]
+def threads(value, name: str = "n_threads") -> int:
+    """A thread count: None for ``$MEDQUANT_NUM_THREADS`` or else every available CPU; an int >= 1 otherwise.
+
+    More threads than the CPUs this process may run on are capped to that number, with a warning: they only add
+    contention, and when the OpenMP runtime cannot create them it ends the process.
+    """
+    if value is None:
+        env = os.environ.get("MEDQUANT_NUM_THREADS", "").strip()
+        if not env:
+            return available_cpus()
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"MEDQUANT_NUM_THREADS must be a positive int, got {env!r}") from None
+        name = "MEDQUANT_NUM_THREADS"
+    value = positive_int(value, name)
+    cpus = available_cpus()
+    if value > cpus:
+        warnings.warn(f"{name}={value} is more than the {cpus} CPUs this process can run on; using {cpus}",
+                      RuntimeWarning, stacklevel=3)
+        value = cpus
+    return value
+
+
+def default_threads() -> int:
+    """``$MEDQUANT_NUM_THREADS``, else the CPUs this process may run on."""
+    return threads(None)
+
+
+MAX_BATCH_SIZE = 1 << 16
+
+
+def batch_size(value, name: str = "batch_size") -> int:
+    """Texts per call into the C core: an int in [1, MAX_BATCH_SIZE] (the memory limit may split a batch further)."""
+    value = positive_int(value, name)
+    if value > MAX_BATCH_SIZE:
+        raise ValueError(f"{name} must be at most {MAX_BATCH_SIZE}, got {value}")
+    return value
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+MIN_MEMORY_LIMIT = 1 << 20
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 if unknown)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover
+        return 0
+
+
+def memory_bytes(value, name: str) -> int:
+    """A byte count: an int, or a string such as ``"512MiB"`` / ``"4G"`` (binary units), at least 1 MiB."""
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        num = text.rstrip("KMGTIB")
+        unit = text[len(num):]
+        try:
+            if unit not in _UNITS:
+                raise ValueError
+            value = float(num) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"{name} must be a byte count such as 536870912, '512MiB' or '4G', got {value!r}") from None
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or a string such as '4G', got {type(value).__name__}")
+    if value < MIN_MEMORY_LIMIT or value >= 1 << 63:
+        raise ValueError(f"{name} must be in [1 MiB, 2**63) bytes, got {value}")
+    return int(value)
+
+
+def memory_limit(value=None) -> int:
+    """Bytes one forward call may allocate (workspace and outputs): ``value`` if given, else
+    ``$MEDQUANT_MEMORY_LIMIT``, else a quarter of the machine's RAM, at most 2 GiB."""
+    if value is None:
+        env = os.environ.get("MEDQUANT_MEMORY_LIMIT", "").strip()
+        if env:
+            return memory_bytes(env, "MEDQUANT_MEMORY_LIMIT")
+        ram = physical_memory()
+        return max(MIN_MEMORY_LIMIT, min(2 << 30, ram // 4)) if ram else 2 << 30
+    return memory_bytes(value, "memory_limit")
+
+
+DEFAULT_KEEP_BYTES = 512 << 20
+
+
+def keep_bytes(value, limit: int) -> int:
+    """Workspace kept between calls (the rest is released after an outsized call): ``value``, else 512 MiB, at most
+    ``limit``."""
+    return min(limit, DEFAULT_KEEP_BYTES if value is None else memory_bytes(value, "keep_bytes"))
+
+
+__all__ = ["MAX_BATCH_SIZE", "available_cpus", "batch_size", "default_threads", "keep_bytes", "max_length",
+           "memory_bytes", "memory_limit", "physical_memory", "positive_int", "texts", "threads"]

@@ -32,7 +32,7 @@ def quant_report(encoder: "Encoder", texts: Sequence[str], reference: Optional["
     sig = np.zeros(len(names))
     err = np.zeros(len(names))
     cos = []
-    for _, ids, mask, tt in encoder.batches(texts, batch_size, max_length, by_length=False):
+    for _, ids, mask, tt in encoder.batches(texts, batch_size, max_length, by_length=False, taps=True):
         pr, tr = ref.forward_taps(ids, mask, tt)
         pq, tq = encoder.forward_taps(ids, mask, tt)
         for i, (a, b) in enumerate(zip(tr, tq)):

@@ -1,0 +1,55 @@
+"""Tokenizers that are never changed after they are made, so any number of threads and encoders can share them.
+
+A `tokenizers.Tokenizer` keeps truncation as mutable state. Switching it on and off around each call (as medquant
+once did) lets two threads that share the object undo each other: one thread's texts come back cut at the other's
+``max_length``, or not cut at all. :class:`TruncatingTokenizers` instead keeps one copy of the source tokenizer per
+``max_length``, configured once when it is made and only read afterwards; an encoder and the encoders derived from it
+(``quantize``) share one of these objects.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import List
+
+
+class TruncatingTokenizers:
+    """Per-``max_length`` copies of one tokenizer (truncation set once, padding off), made on first use.
+
+    The source's state is captured when this object is made: later changes to the source tokenizer do not reach the
+    copies. ``capacity`` bounds how many lengths are kept (least recently used dropped first).
+    """
+
+    def __init__(self, tokenizer, capacity: int = 8):
+        from tokenizers import Tokenizer
+
+        self.source = tokenizer
+        self._json = tokenizer.to_str()
+        self._from_str = Tokenizer.from_str
+        self._capacity = int(capacity)
+        self._by_length: "OrderedDict[int, object]" = OrderedDict()
+        self._lock = threading.Lock()  # guards the dict only; tokenizing runs outside it
+
+    def for_length(self, max_length: int):
+        """The copy that truncates to ``max_length`` tokens (special tokens included)."""
+        with self._lock:
+            tok = self._by_length.get(max_length)
+            if tok is not None:
+                self._by_length.move_to_end(max_length)
+                return tok
+        tok = self._from_str(self._json)  # made outside the lock: a few ms for a BERT vocabulary
+        tok.no_padding()
+        tok.enable_truncation(max_length)
+        with self._lock:
+            tok = self._by_length.setdefault(max_length, tok)
+            self._by_length.move_to_end(max_length)
+            while len(self._by_length) > self._capacity:
+                self._by_length.popitem(last=False)
+        return tok
+
+    def encode_batch(self, texts: List[str], max_length: int):
+        """``tokenizers`` encodings of ``texts``, each truncated to ``max_length`` tokens."""
+        return self.for_length(max_length).encode_batch(texts)
+
+
+__all__ = ["TruncatingTokenizers"]
