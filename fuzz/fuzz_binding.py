@@ -14,6 +14,7 @@ harness); the search over the C core is structured-random.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _build_encoders():
     rng = np.random.default_rng(0)
     encs = []
     for kind in ("f32", "bf16", "int8-dyn", "int8-tok", "int8-static", "w8", "w4"):
-        e = _core.Encoder(CFG, 1 + len(encs) % 2, _core.Observer)
+        e = _core.Encoder(CFG, 1 + len(encs) % min(2, len(os.sched_getaffinity(0))), _core.Observer)  # 1 or 2 threads, never more than CPUs
         emb = rng.standard_normal((VOCAB, H)).astype(np.float32)
         if kind.startswith("int8"):
             e.set_word_embeddings(*_core.quantize_rows_s8(emb))

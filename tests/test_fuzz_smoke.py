@@ -23,7 +23,7 @@ SECONDS = int(os.environ.get("MEDQUANT_FUZZ_SECONDS", "30"))
 SEED = int(os.environ.get("MEDQUANT_FUZZ_SEED", "1"))
 
 
-@pytest.mark.parametrize("harness", ["fuzz_binding.py", "fuzz_checkpoint.py"])
+@pytest.mark.parametrize("harness", ["fuzz_binding.py", "fuzz_checkpoint.py", "fuzz_config_memory.py"])
 def test_fuzz_harness_finds_nothing(harness, tmp_path):
     cmd = [sys.executable, str(ROOT / "fuzz" / harness), f"-max_total_time={SECONDS}", f"-seed={SEED}",
            "-timeout=60", "-rss_limit_mb=12288", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"]
