@@ -112,4 +112,11 @@ def regular_file(path, what: str, error=ValueError, max_bytes: int = 0) -> os.st
     return st
 
 
-__all__ += ["finite_float", "flag", "positive_int_or_none", "regular_file"]
+def seed(value, name: str = "seed") -> int:
+    """A random seed: an int >= 0 (what numpy.random.default_rng accepts), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+__all__ += ["finite_float", "flag", "positive_int_or_none", "regular_file", "seed"]
