@@ -511,15 +511,18 @@ def _find(path: Path, name: str) -> Path:
 
 
 def _iter_lines(path: Path) -> Iterator[Tuple[int, str]]:
-    """(line number, line) of a text file (gzip if ``.gz``); undecodable or truncated files are DatasetErrors naming
-    the file and the line reached."""
+    """(line number, line) of a UTF-8 text file (gzip if ``.gz``); undecodable lines and truncated files are
+    DatasetErrors naming the file and the line. Lines are decoded one by one, so the line number is exact."""
+    regular_file(path, "dataset file", DatasetError)  # a FIFO or device would block the reader forever
     lineno = 0
     try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({exc})") from None
                 yield lineno, line
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}:{lineno + 1}: not valid UTF-8 ({exc})") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DatasetError(f"{path}: corrupt or truncated gzip file after line {lineno} ({exc})") from None
 
