@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
-import io
 import json
 import os
 import re
@@ -495,13 +494,6 @@ def medquad_retrieval(split: str = "dev", seed: int = 13, dev_fraction: float = 
 
 
 # ---------------------------------------------------------------------------------------------------- BEIR / TREC
-def _open_text(path: Path) -> io.TextIOBase:
-    regular_file(path, "dataset file", DatasetError)  # a FIFO or device would block the reader forever
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
 def _find(path: Path, name: str) -> Path:
     for cand in (path / name, path / (name + ".gz")):
         if os.path.lexists(cand):
