@@ -39,7 +39,9 @@ PyArrayObject *mq_py_array(PyObject *obj, int type, int ndim, const npy_intp *di
             return NULL;
         }
     if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned (use numpy.ascontiguousarray)", name);
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be C-contiguous and aligned: pass numpy.require(a, requirements='CA') or a.copy() "
+                     "(numpy.ascontiguousarray returns a misaligned array unchanged)", name);
         return NULL;
     }
     return a;

@@ -140,6 +140,19 @@ def _check_counts(parser: argparse.ArgumentParser, counts) -> None:
                 parser.error(str(e))
 
 
+def _check_seed_and_out(parser: argparse.ArgumentParser, args) -> None:
+    """--seed must be a non-negative int (numpy's generators refuse others); --out must not be an existing file."""
+    from .model.limits import seed
+
+    try:
+        seed(args.seed, "--seed")
+    except ValueError as e:
+        parser.error(str(e))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a directory")
+
+
 def _sample(ds, limit: int, corpus_factor: int, seed: int):
     """``limit`` queries (seeded) and a corpus of ``corpus_factor * limit`` documents, named after the sample."""
     name = ds.name
@@ -228,10 +241,16 @@ def _compare(parser, args) -> int:
         cfg = EvalConfig(**{**cfg.to_dict(), "main_metrics": tuple(cfg.main_metrics) + (args.metric,)})
     from .model.checkpoint import CheckpointError, resolve_model_path
 
+    _check_seed_and_out(parser, args)
     try:
-        resolve_model_path(args.model)
-    except CheckpointError as e:
-        parser.error(str(e))
+        model_dir = resolve_model_path(args.model)
+        if args.max_length is not None:  # the model's range, checked before any work is done
+            from .model.checkpoint import load_config
+            from .model.limits import max_length
+
+            max_length(args.max_length, load_config(model_dir).max_position_embeddings)
+    except (CheckpointError, ValueError) as e:
+        parser.error(f"--max-length: {e}" if not isinstance(e, CheckpointError) else str(e))
     quick = args.limit is None and not args.full and args.dataset.lower() == "medquad"
     if args.full and args.limit is not None:
         parser.error("--full and --limit exclude each other")
@@ -295,7 +314,9 @@ def _quantize(parser, args) -> int:
 
     if args.scheme not in PRESETS:
         parser.error(f"unknown scheme {args.scheme!r}; presets: {', '.join(PRESETS)}")
-    _check_counts(parser, (("--calibration-size", args.calibration_size),))
+    _check_counts(parser, (("--calibration-size", args.calibration_size), ("--batch-size", args.batch_size),
+                           ("--threads", args.threads)))
+    _check_seed_and_out(parser, args)
     scheme = PRESETS[args.scheme]
     try:
         enc = Encoder.from_pretrained(args.model, n_threads=args.threads)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
-import io
 import json
 import os
 import re
@@ -39,7 +38,13 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from ..model.limits import regular_file
+
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class DatasetError(ValueError):
+    """A dataset file is malformed; the message names the file and, where there is one, the line."""
 
 #: Subset directory -> short source name used in ids and the ``source`` column.
 MEDQUAD_SUBSETS: Dict[str, str] = {
@@ -214,6 +219,7 @@ def _load_medquad_cached(root: str, include_unanswered: bool) -> pd.DataFrame:
     for subset in subsets:
         source = _source_name(subset)
         for path in sorted((base / subset).glob("*.xml")):
+            regular_file(path, "MedQuAD file", DatasetError)  # a FIFO named *.xml would block the parser
             try:
                 rows.extend(_parse_medquad_file(path, subset, source, include_unanswered))
             except ET.ParseError as exc:  # pragma: no cover - the shipped files all parse
@@ -488,39 +494,100 @@ def medquad_retrieval(split: str = "dev", seed: int = 13, dev_fraction: float = 
 
 
 # ---------------------------------------------------------------------------------------------------- BEIR / TREC
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
 def _find(path: Path, name: str) -> Path:
     for cand in (path / name, path / (name + ".gz")):
-        if cand.exists():
+        if os.path.lexists(cand):
+            regular_file(cand, "dataset file", DatasetError)
             return cand
     raise FileNotFoundError(f"{path / name} not found")
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict]:
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+def _iter_lines(path: Path) -> Iterator[Tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (gzip if ``.gz``); undecodable lines and truncated files are
+    DatasetErrors naming the file and the line. Lines are decoded one by one, so the line number is exact."""
+    regular_file(path, "dataset file", DatasetError)  # a FIFO or device would block the reader forever
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({exc})") from None
+                yield lineno, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DatasetError(f"{path}: corrupt or truncated gzip file after line {lineno} ({exc})") from None
 
 
-def _grade(value: str, where: str) -> int:
+def _iter_jsonl(path: Path) -> Iterator[Tuple[int, dict]]:
+    for lineno, line in _iter_lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
+        yield lineno, rec
+
+
+def _record_id(rec: dict, where: str) -> str:
+    """A record's ``_id``: a non-empty string, or an integer (converted with ``str``, so ``5`` and the ``5`` of a
+    qrels file are one id). Anything else (float, bool, null, list) is a DatasetError."""
+    if "_id" not in rec:
+        raise DatasetError(f"{where}: record has no '_id' field")
+    v = rec["_id"]
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise DatasetError(f"{where}: '_id' must be a string (or an integer), got {type(v).__name__} {v!r}")
+    v = str(v)
+    if not v.strip():
+        raise DatasetError(f"{where}: '_id' is empty")
+    if v != v.strip() or any(c in v for c in "\t\n\r"):
+        raise DatasetError(f"{where}: '_id' {v!r} has surrounding or embedded whitespace, which a qrels TSV "
+                           "cannot match")
+    return v
+
+
+def _record_text(rec: dict, field: str, where: str, required: bool) -> str:
+    """A string field of a record: required ``text`` must be present and a string (may be empty); an optional
+    ``title`` may be missing or null (no title) and a number is converted with ``str``; other types are errors."""
+    if field not in rec or rec[field] is None:
+        if required:
+            raise DatasetError(f"{where}: record has no '{field}' string")
+        return ""
+    v = rec[field]
+    if isinstance(v, str):
+        return v
+    if not required and not isinstance(v, bool) and isinstance(v, (int, float)):
+        return str(v)
+    raise DatasetError(f"{where}: '{field}' must be a string, got {type(v).__name__}")
+
+
+def _grade(value: str, where: str, allow_negative: bool = True) -> int:
+    """An integer relevance grade (``"2"`` or ``"2.0"``); NaN, infinities, fractions, grades beyond a 32-bit int
+    (what trec_eval reads) and, unless ``allow_negative``, negative grades are DatasetErrors."""
     try:
         f = float(value)
     except ValueError:
-        raise ValueError(f"{where}: relevance grade {value!r} is not a number") from None
+        raise DatasetError(f"{where}: relevance grade {value!r} is not a number") from None
+    if not np.isfinite(f):
+        raise DatasetError(f"{where}: relevance grade {value!r} is not finite")
     if f != int(f):
-        raise ValueError(f"{where}: relevance grade {value!r} is not an integer")
-    return int(f)
+        raise DatasetError(f"{where}: relevance grade {value!r} is not an integer")
+    g = int(f)
+    if not -(2**31) <= g < 2**31:
+        raise DatasetError(f"{where}: relevance grade {value!r} is out of range for a 32-bit integer")
+    if g < 0 and not allow_negative:
+        raise DatasetError(f"{where}: relevance grade {value!r} is negative (BEIR grades are >= 0; use 0 for "
+                           "judged non-relevant)")
+    return g
+
+
+def _examples(items: List[str], n: int = 3) -> str:
+    shown = ", ".join(repr(x) for x in items[:n])
+    return shown + (", ..." if len(items) > n else "")
 
 
 def load_beir(path: PathLike, split: str = "test", title_sep: str = " ") -> RetrievalDataset:
@@ -542,40 +609,88 @@ def load_beir(path: PathLike, split: str = "test", title_sep: str = " ") -> Retr
     RetrievalDataset
         As in BEIR, only queries that appear in the split's qrels are kept (in ``queries.jsonl`` order).
         Grades are kept as given (integers); grade-0 rows stay in the qrels as judged non-relevant.
+
+    Raises
+    ------
+    DatasetError
+        (a ValueError) naming the file and line of: a line that is not a JSON object; a record without ``_id``
+        or ``text``; an ``_id`` that is not a string or integer (integers become strings, so ``"_id": 5`` matches
+        ``5`` in the qrels), empty, or repeated; a ``text`` that is not a string; a ``title`` that is not a
+        string, number or null (numbers become strings); a qrels grade that is not a finite, non-negative
+        integer. Files that are not regular files (FIFOs, devices, directories) are refused before opening.
+
+    Warns
+    -----
+    UserWarning
+        * qrels queries missing from ``queries.jsonl``: they are dropped (with their judgements), as BEIR does.
+        * qrels documents missing from ``corpus.jsonl``: their judgements are *kept*, as in pytrec_eval / trec_eval
+          (and BEIR's evaluation): relevant ones count in ``num_rel`` (the recall / MAP / nDCG denominators) but
+          can never be retrieved, so they cap recall below 1. Fix the corpus or the qrels if that is not intended.
     """
+    if not isinstance(split, str) or not split or os.sep in split or "/" in split:
+        raise ValueError(f"split must be the name of a qrels file in qrels/ (e.g. 'test'), got {split!r}")
+    if not isinstance(title_sep, str):
+        raise TypeError(f"title_sep must be a string, got {type(title_sep).__name__}")
     base = Path(path)
+    if not base.is_dir():
+        raise FileNotFoundError(f"BEIR dataset directory {base} not found (or not a directory)")
     corpus: Dict[str, str] = {}
-    for rec in _iter_jsonl(_find(base, "corpus.jsonl")):
-        did = str(rec["_id"])
-        title = (rec.get("title") or "").strip()
-        text = rec.get("text") or ""
+    seen: Dict[str, int] = {}
+    corpus_path = _find(base, "corpus.jsonl")
+    for lineno, rec in _iter_jsonl(corpus_path):
+        where = f"{corpus_path}:{lineno}"
+        did = _record_id(rec, where)
+        if did in seen:
+            raise DatasetError(f"{where}: document id {did!r} repeats line {seen[did]}")
+        seen[did] = lineno
+        title = _record_text(rec, "title", where, required=False).strip()
+        text = _record_text(rec, "text", where, required=True)
         corpus[did] = f"{title}{title_sep}{text}" if title else text
     qrels_path = base / "qrels" / f"{split}.tsv"
-    if not qrels_path.exists():
+    if not os.path.lexists(qrels_path):
         raise FileNotFoundError(f"{qrels_path} not found")
     qrels: Dict[str, Dict[str, int]] = {}
-    with open(qrels_path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3:
-                parts = line.split()
-            if not parts or not line.strip():
-                continue
-            if lineno == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue
-            if len(parts) < 3:
-                raise ValueError(f"{qrels_path}:{lineno}: expected 'query-id corpus-id score'")
-            qid, did, score = parts[0].strip(), parts[1].strip(), parts[2].strip()
-            qrels.setdefault(qid, {})[did] = _grade(score, f"{qrels_path}:{lineno}")
-    all_queries = {str(rec["_id"]): str(rec.get("text") or "") for rec in _iter_jsonl(_find(base, "queries.jsonl"))}
+    for lineno, line in _iter_lines(qrels_path):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) < 3:
+            parts = line.split()
+        if not parts or not line.strip():
+            continue
+        if lineno == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(parts) < 3:
+            raise DatasetError(f"{qrels_path}:{lineno}: expected 'query-id corpus-id score'")
+        qid, did, score = parts[0].strip(), parts[1].strip(), parts[2].strip()
+        if not qid or not did:
+            raise DatasetError(f"{qrels_path}:{lineno}: empty query-id or corpus-id")
+        qrels.setdefault(qid, {})[did] = _grade(score, f"{qrels_path}:{lineno}", allow_negative=False)
+    all_queries: Dict[str, str] = {}
+    queries_path = _find(base, "queries.jsonl")
+    seen = {}
+    for lineno, rec in _iter_jsonl(queries_path):
+        where = f"{queries_path}:{lineno}"
+        qid = _record_id(rec, where)
+        if qid in seen:
+            raise DatasetError(f"{where}: query id {qid!r} repeats line {seen[qid]}")
+        seen[qid] = lineno
+        all_queries[qid] = _record_text(rec, "text", where, required=True)
     queries = {q: t for q, t in all_queries.items() if q in qrels}
     missing = [q for q in qrels if q not in all_queries]
     if missing:
-        warnings.warn(f"{len(missing)} qrels queries have no text in queries.jsonl and are dropped "
-                      f"(e.g. {missing[0]!r})", stacklevel=2)
+        n_judged = sum(len(qrels[q]) for q in missing)
+        warnings.warn(f"{qrels_path}: {len(missing)} queries ({n_judged} judgements) have no text in "
+                      f"{queries_path.name} and are dropped (e.g. {_examples(missing)})", stacklevel=2)
         for q in missing:
             del qrels[q]
     qrels = {q: qrels[q] for q in queries}
+    unknown = [(q, d) for q, judged in qrels.items() for d in judged if d not in corpus]
+    if unknown:
+        docs = list(dict.fromkeys(d for _, d in unknown))
+        n_rel = sum(1 for q, d in unknown if qrels[q][d] > 0)
+        warnings.warn(f"{qrels_path}: {len(unknown)} judgements ({n_rel} relevant) of "
+                      f"{len(set(q for q, _ in unknown))} queries name {len(docs)} documents not in "
+                      f"{corpus_path.name} (e.g. {_examples(docs)}); they are kept, as pytrec_eval does: relevant "
+                      "ones count in recall/MAP/nDCG denominators but can never be retrieved", stacklevel=2)
     return RetrievalDataset(name=f"{base.name}-{split}", corpus=corpus, queries=queries, qrels=qrels)
 
 
@@ -589,20 +704,21 @@ def load_trec_qrels(path: PathLike) -> Dict[str, Dict[str, int]]:
     Returns
     -------
     dict[str, dict[str, int]]
-        Graded judgements as given, including 0 (judged non-relevant) and negative grades; blank lines and
-        lines starting with ``#`` are skipped; a repeated (qid, docid) keeps the last grade.
+        Graded judgements as given, including 0 (judged non-relevant) and negative grades (trec_eval reads
+        them as non-relevant); blank lines and lines starting with ``#`` are skipped; a repeated (qid, docid)
+        keeps the last grade. A malformed line, or a grade that is not a finite 32-bit integer, is a
+        :class:`DatasetError` naming the file and line.
     """
     qrels: Dict[str, Dict[str, int]] = {}
     p = Path(path)
-    with _open_text(p) as fh:
-        for lineno, line in enumerate(fh, 1):
-            s = line.strip()
-            if not s or s.startswith("#"):
-                continue
-            parts = s.split()
-            if len(parts) != 4:
-                raise ValueError(f"{p}:{lineno}: expected 4 fields 'qid iter docid grade', got {len(parts)}")
-            qrels.setdefault(parts[0], {})[parts[2]] = _grade(parts[3], f"{p}:{lineno}")
+    for lineno, line in _iter_lines(p):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        parts = s.split()
+        if len(parts) != 4:
+            raise DatasetError(f"{p}:{lineno}: expected 4 fields 'qid iter docid grade', got {len(parts)}")
+        qrels.setdefault(parts[0], {})[parts[2]] = _grade(parts[3], f"{p}:{lineno}")
     return qrels
 
 
@@ -676,7 +792,7 @@ def split_corpus(corpus: Mapping[str, str], max_words: int = 160, stride: int = 
 
 
 __all__ = [
-    "check_passage_window",
+    "DatasetError", "check_passage_window",
     "MEDQUAD_ANSWERED_COUNTS", "MEDQUAD_SUBSETS", "RetrievalDataset", "data_root", "load_beir", "load_medquad",
     "load_trec_qrels", "medquad_retrieval", "medquad_split_documents", "normalize_text", "split_corpus",
     "split_passages",

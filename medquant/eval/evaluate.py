@@ -32,7 +32,8 @@ import pandas as pd
 
 from ..model.checkpoint import DEFAULT_MODEL
 from ..model.encoder import Encoder
-from ..model.limits import positive_int
+from ..model.limits import finite_float, flag, positive_int, positive_int_or_none
+from ..model.limits import seed as check_seed
 from ..quant.calibration import sample_calibration_texts
 from ..quant.quantize import calibrate_for
 from ..quant.schemes import QuantScheme, get_scheme
@@ -119,11 +120,18 @@ class EvalConfig:
 
     def __post_init__(self):
         self.ks = tuple(check_ks(self.ks))
-        if int(self.k) < self.ks[-1]:
+        self.k = positive_int(self.k, "k")
+        if self.k < self.ks[-1]:
             raise ValueError(f"k (results per query, {self.k}) must be >= max(ks) ({self.ks[-1]})")
-        self.k = int(self.k)
-        for name in ("batch_size", "calibration_size", "n_boot"):
-            positive_int(getattr(self, name), name)
+        for name in ("batch_size", "calibration_size", "n_boot", "max_words", "stride"):
+            setattr(self, name, positive_int(getattr(self, name), name))
+        self.max_length = positive_int_or_none(self.max_length, "max_length")  # the model's range: at load
+        self.confidence = finite_float(self.confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True)
+        self.seed = check_seed(self.seed)
+        for name in ("passages", "warmup", "measure_disk"):
+            setattr(self, name, flag(getattr(self, name), name))
+        if isinstance(self.main_metrics, str):
+            self.main_metrics = (self.main_metrics,)
         self.main_metrics = tuple(self.main_metrics)
         known = set(metric_columns(self.ks))
         bad = [m for m in self.main_metrics if m not in known]
@@ -136,11 +144,17 @@ class EvalConfig:
             check_index_kind(kind)
         check_index_scoring(self.index_scoring)
         if self.rescore_multiplier is not None:
-            if int(self.rescore_multiplier) < 0:
-                raise ValueError("rescore_multiplier must be >= 1 (or 0 / None for no rescoring)")
-            self.rescore_multiplier = int(self.rescore_multiplier) or None
+            if isinstance(self.rescore_multiplier, (int, np.integer)) and not isinstance(self.rescore_multiplier, bool) \
+                    and self.rescore_multiplier == 0:
+                self.rescore_multiplier = None
+            else:
+                try:
+                    self.rescore_multiplier = positive_int(self.rescore_multiplier, "rescore_multiplier")
+                except ValueError:
+                    raise ValueError(f"rescore_multiplier must be an int >= 1 (or 0 / None for no rescoring), got "
+                                     f"{self.rescore_multiplier!r}") from None
         if self.passages:
-            check_passage_window(int(self.max_words), int(self.stride))
+            check_passage_window(self.max_words, self.stride)
         if self.threads is not None:
             positive_int(self.threads, "threads")
 

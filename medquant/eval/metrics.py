@@ -113,10 +113,15 @@ def metric_columns(ks: Sequence[int] = DEFAULT_KS) -> List[str]:
 
 
 def check_ks(ks: Sequence[int]) -> List[int]:
-    """Metric cutoffs: distinct positive ints, ascending."""
-    out = sorted({int(k) for k in ks})
-    if not out or out[0] < 1:
-        raise ValueError("ks must be positive integers")
+    """Metric cutoffs: distinct positive ints, ascending. A fraction, a bool, a string or a single int (instead of
+    a sequence) is refused rather than rounded or guessed."""
+    from ..model.limits import positive_int
+
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"ks must be a sequence of positive ints such as (1, 10, 100), got {ks!r}")
+    out = sorted({positive_int(k, "every cutoff in ks") for k in ks})
+    if not out:
+        raise ValueError("ks is empty: give at least one cutoff, e.g. (10,)")
     return out
 
 
@@ -229,8 +234,9 @@ def evaluate_run(qrels: Qrels, run: Run, ks: Sequence[int] = DEFAULT_KS, *, rele
         Indexed by query id (``qid``), in qrels order; columns ``nDCG@k``, ``P@k``, ``R@k``, ``F1@k``,
         ``MRR@k``, ``MAP@k`` for every ``k`` (ascending), then ``num_rel`` and ``num_ret``.
     """
-    if int(relevance_level) < 1:
-        raise ValueError("relevance_level must be >= 1")
+    from ..model.limits import positive_int
+
+    relevance_level = positive_int(relevance_level, "relevance_level")
     ks_ = check_ks(ks)
     qids = _query_ids(qrels, run, missing)
     if backend == "numpy":

@@ -12,6 +12,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..model.limits import positive_int, positive_int_or_none, regular_file
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 _HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")
@@ -34,6 +36,26 @@ def check_index_scoring(scoring: str) -> None:
         raise ValueError(f"index scoring must be one of {', '.join(INDEX_SCORINGS)}, got {scoring!r}")
 
 
+def _float_matrix(x, name: str) -> np.ndarray:
+    """``x`` as a 2-D float32 array (a converted copy where needed: any byte order, alignment or strides); real
+    numbers only, and every value finite (a NaN or infinite embedding would make every score it touches
+    meaningless and the ranking arbitrary)."""
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a 2-D array of floats, got {type(x).__name__} numpy cannot convert: {e}") from None
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D embedding matrix, got shape {a.shape}")
+    a = np.asarray(a, dtype=np.float32)
+    if a.size and not np.isfinite(a).all():
+        bad = np.unique(np.nonzero(~np.isfinite(a))[0])
+        raise ValueError(f"{name} has NaN or infinite values in {bad.size} rows (e.g. row {int(bad[0])}); "
+                         "embeddings must be finite")
+    return a
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm, as C-contiguous float32 (zero rows stay zero).
 
@@ -48,21 +70,17 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     numpy.ndarray
         float32, shape (n, d).
     """
-    a = np.asarray(x, dtype=np.float32)
-    if a.ndim != 2:
-        raise ValueError(f"expected a 2-D embedding matrix, got shape {a.shape}")
+    a = _float_matrix(x, "embeddings")
     norms = np.linalg.norm(a, axis=1, keepdims=True)
     norms[norms < eps] = 1.0
     return np.ascontiguousarray(a / norms, dtype=np.float32)
 
 
-def _as_matrix(x: np.ndarray, normalize: bool) -> np.ndarray:
+def _as_matrix(x: np.ndarray, normalize: bool, name: str = "embeddings") -> np.ndarray:
+    a = _float_matrix(x, name)
     if normalize:
-        return l2_normalize(x)
-    a = np.ascontiguousarray(x, dtype=np.float32)
-    if a.ndim != 2:
-        raise ValueError(f"expected a 2-D embedding matrix, got shape {a.shape}")
-    return a
+        return l2_normalize(a)
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _select_topk(scores: np.ndarray, index: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -104,12 +122,11 @@ def _sort_topk(scores: np.ndarray, index: np.ndarray) -> Tuple[np.ndarray, np.nd
 def _blocked_topk(n_queries: int, n_corpus: int, k: int, score_block: Callable[[slice, slice], np.ndarray],
                   block_size: int, query_block_size: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
     """Generic exact top-k over corpus blocks; ``score_block(q_slice, c_slice)`` returns a score matrix."""
-    if block_size <= 0:
-        raise ValueError("block_size must be > 0")
-    k = min(int(k), n_corpus)
+    block_size = positive_int(block_size, "block_size")
+    k = min(positive_int(k, "k"), n_corpus)
     if k <= 0 or n_queries == 0:
         return np.zeros((n_queries, max(k, 0)), dtype=np.float32), np.zeros((n_queries, max(k, 0)), dtype=np.int64)
-    qb = n_queries if not query_block_size else int(query_block_size)
+    qb = n_queries if query_block_size is None else positive_int(query_block_size, "query_block_size")
     out_s: List[np.ndarray] = []
     out_i: List[np.ndarray] = []
     for q0 in range(0, n_queries, qb):
@@ -168,8 +185,11 @@ def search(query_emb: np.ndarray, corpus_emb: np.ndarray, k: int = 100, block_si
         int64 corpus row indices ``[nq, k]`` (object array of ids if ``corpus_ids`` is given); equal scores
         are ordered by lower row index.
     """
-    q = _as_matrix(query_emb, normalize)
-    c = _as_matrix(corpus_emb, normalize)
+    k = positive_int(k, "k")
+    block_size = positive_int(block_size, "block_size")
+    query_block_size = positive_int_or_none(query_block_size, "query_block_size")
+    q = _as_matrix(query_emb, normalize, "query_emb")
+    c = _as_matrix(corpus_emb, normalize, "corpus_emb")
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"dimension mismatch: queries {q.shape[1]}, corpus {c.shape[1]}")
     if corpus_ids is not None and len(corpus_ids) != c.shape[0]:
@@ -210,6 +230,12 @@ def run_from_search(scores: np.ndarray, indices: np.ndarray, query_ids: Sequence
     if len(query_ids) != scores.shape[0]:
         raise ValueError("query_ids must have one id per row")
     ids = np.asarray(list(corpus_ids), dtype=object) if corpus_ids is not None else None
+    if ids is not None and indices.size:
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integer row indices when corpus_ids is given, got dtype {indices.dtype}")
+        if indices.min() < 0 or indices.max() >= len(ids):
+            raise ValueError(f"indices must be in [0, {len(ids)}) (rows of corpus_ids), got values in "
+                             f"[{indices.min()}, {indices.max()}]")
     run: Dict[str, Dict[str, float]] = {}
     k = scores.shape[1]
     for r, qid in enumerate(query_ids):
@@ -255,9 +281,17 @@ def search_passages(query_emb: np.ndarray, passage_emb: np.ndarray, passage_doc_
     doc_indices : numpy.ndarray
         int64 ``[nq, k]``; ties broken by lower document index.
     """
-    q = _as_matrix(query_emb, normalize)
-    p = _as_matrix(passage_emb, normalize)
-    doc = np.asarray(passage_doc_index, dtype=np.int64)
+    k = positive_int(k, "k")
+    block_size = positive_int(block_size, "block_size")
+    query_block_size = positive_int(query_block_size, "query_block_size")
+    if n_docs is not None and (isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 0):
+        raise ValueError(f"n_docs must be a non-negative int, got {n_docs!r}")
+    q = _as_matrix(query_emb, normalize, "query_emb")
+    p = _as_matrix(passage_emb, normalize, "passage_emb")
+    doc = np.asarray(passage_doc_index)
+    if doc.size and doc.dtype.kind not in "iu":
+        raise TypeError(f"passage_doc_index must hold integer document indices, got dtype {doc.dtype}")
+    doc = doc.astype(np.int64)
     if doc.shape != (p.shape[0],):
         raise ValueError("passage_doc_index must have one entry per passage")
     if q.shape[1] != p.shape[1]:
@@ -364,7 +398,7 @@ class QuantizedIndex:
         numpy.ndarray
             int8 ``[nq, d]`` (values outside the calibration range are clipped) or packed uint8 bits.
         """
-        x = _as_matrix(query_emb, self.normalize)
+        x = _as_matrix(query_emb, self.normalize, "query_emb")
         if x.shape[1] != self.dim:
             raise ValueError(f"dimension mismatch: queries {x.shape[1]}, index {self.dim}")
         if self.kind == "int8":
@@ -467,12 +501,16 @@ class QuantizedIndex:
         """
         mode = scoring or self.scoring
         check_index_scoring(mode)
+        k = positive_int(k, "k")
+        block_size = positive_int(block_size, "block_size")
+        query_block_size = positive_int_or_none(query_block_size, "query_block_size")
+        rescore_multiplier = positive_int_or_none(rescore_multiplier, "rescore_multiplier")
         if mode == "codes":
             qcodes = self.quantize_queries(query_emb)
             score_fn = self._score_fn(qcodes)
             hamming = self.kind == "binary"
         else:  # asymmetric
-            qf0 = _as_matrix(query_emb, self.normalize)
+            qf0 = _as_matrix(query_emb, self.normalize, "query_emb")
             if qf0.shape[1] != self.dim:
                 raise ValueError(f"dimension mismatch: queries {qf0.shape[1]}, index {self.dim}")
             score_fn = self._asymmetric_score_fn(qf0)
@@ -486,7 +524,7 @@ class QuantizedIndex:
             raise ValueError("rescoring needs float_corpus (the float32 corpus embeddings)")
         if int(rescore_multiplier) < 1:
             raise ValueError("rescore_multiplier must be >= 1")
-        fc = _as_matrix(float_corpus, self.normalize)
+        fc = _as_matrix(float_corpus, self.normalize, "float_corpus")
         if fc.shape != (n, self.dim):
             raise ValueError(f"float_corpus must have shape {(n, self.dim)}, got {fc.shape}")
         kk = min(int(k), n)
@@ -545,14 +583,17 @@ def quantize_index(emb: np.ndarray, kind: str = "int8", *, ranges: Optional[np.n
     """
     check_index_scoring(scoring)
     check_index_kind(kind)
-    x = _as_matrix(emb, normalize)
+    x = _as_matrix(emb, normalize, "emb")
     n, d = x.shape
     if kind == "int8":
         if ranges is not None:
-            r = np.asarray(ranges, dtype=np.float32)
+            r = _float_matrix(ranges, "ranges")
             if r.shape != (2, d):
                 raise ValueError(f"ranges must have shape (2, {d})")
             lo, hi = r[0], r[1]
+            if (lo > hi).any():
+                raise ValueError(f"ranges must hold [min, max] per dimension; min > max in "
+                                 f"{int((lo > hi).sum())} dimensions (e.g. dimension {int(np.argmax(lo > hi))})")
         else:
             if n == 0:
                 raise ValueError("cannot calibrate int8 ranges on an empty corpus")
@@ -576,6 +617,14 @@ def write_trec_run(run: Dict[str, Dict[str, float]], path: PathLike, tag: str = 
     tag : str
         Run tag (no whitespace).
     """
+    if not isinstance(tag, str) or not tag or any(c.isspace() for c in tag):
+        raise ValueError(f"tag must be a non-empty string without whitespace (it is one field of the run file), "
+                         f"got {tag!r}")
+    for qid, docs in run.items():
+        for name in (qid, *docs):
+            if not str(name) or any(c.isspace() for c in str(name)):
+                raise ValueError(f"query and document ids are fields of the run file and cannot be empty or hold "
+                                 f"whitespace, got {str(name)!r}")
     with open(path, "w", encoding="utf-8") as fh:
         for qid, docs in run.items():
             ranked = sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
@@ -595,14 +644,25 @@ def read_trec_run(path: PathLike) -> Dict[str, Dict[str, float]]:
     dict[str, dict[str, float]]
     """
     run: Dict[str, Dict[str, float]] = {}
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise ValueError(f"{path}:{lineno}: expected 6 fields 'qid Q0 docid rank score tag'")
-            run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+    regular_file(path, "run file")  # a FIFO or device would block the reader forever
+    lineno = 0
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 6:
+                    raise ValueError(f"{path}:{lineno}: expected 6 fields 'qid Q0 docid rank score tag'")
+                try:
+                    score = float(parts[4])
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: score {parts[4]!r} is not a number") from None
+                if not np.isfinite(score):
+                    raise ValueError(f"{path}:{lineno}: score {parts[4]!r} is not finite")
+                run.setdefault(parts[0], {})[parts[2]] = score
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno + 1}: not valid UTF-8 ({e})") from None
     return run
 
 

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from ..model.limits import positive_int
+from ..model.limits import finite_float, positive_int, positive_int_or_none
+from ..model.limits import seed as check_seed
 
 ArrayLike = Union[pd.Series, np.ndarray, Sequence[float]]
 
@@ -253,8 +254,9 @@ def paired_comparison(a: ArrayLike, b: ArrayLike, n_boot: int = 10000, seed: int
     if test not in ("randomization", "ttest"):
         raise ValueError("test must be 'randomization' or 'ttest'")
     positive_int(n_boot, "n_boot")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError("confidence must be in (0, 1)")
+    positive_int_or_none(n_perm, "n_perm")
+    seed = check_seed(seed)
+    finite_float(confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True)
     d = y - x
     mean_a, mean_b = float(x.mean()), float(y.mean())
     delta = float(d.mean())

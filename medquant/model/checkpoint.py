@@ -14,7 +14,14 @@ from typing import Dict
 
 import numpy as np
 
+from . import limits
 from .architectures import BertConfig, architecture_for, architecture_of, expected_shapes
+
+#: Size caps checked before a file is read: a config-like JSON file is a few KiB; tokenizer.json / vocab.txt of the
+#: largest vocabularies the core accepts (architectures.CORE_CONFIG_LIMITS["vocab_size"], 4M entries) stay below
+#: 1 GiB. Anything larger is not a model file.
+MAX_CONFIG_BYTES = 16 << 20
+MAX_TOKENIZER_BYTES = 1 << 30
 
 #: Models that resolve by name without a network: name -> (python module shipping the files, pip package).
 NAMED_MODELS = {
@@ -56,12 +63,32 @@ def resolve_model_path(name_or_path) -> Path:
     )
 
 
+def model_file(path: Path, what: str, max_bytes: int = 0) -> Path:
+    """``path`` if it is a regular file (at most ``max_bytes`` when > 0), else CheckpointError: a FIFO, device, socket
+    or directory named like a model file would block the reader forever (see :func:`limits.regular_file`)."""
+    try:
+        limits.regular_file(path, what, CheckpointError, max_bytes)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    return Path(path)
+
+
+def _is_present(path: Path) -> bool:
+    """Something exists at ``path`` (even a FIFO or a broken link): it is then a model file to check, not absent."""
+    return os.path.lexists(path)
+
+
 def _read_json(path: Path, what: str) -> Dict:
+    model_file(path, what, MAX_CONFIG_BYTES)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{what} not found: {path}") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} {path} is nested too deeply to be a model file") from None
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -83,51 +110,104 @@ def default_max_length(model_dir: Path, config: BertConfig) -> int:
     else the tokenizer's model_max_length, else max_position_embeddings."""
     cap = config.max_position_embeddings
     st_cfg = Path(model_dir) / "sentence_bert_config.json"
-    if st_cfg.exists():
+    if _is_present(st_cfg):
         v = _read_json(st_cfg, "sentence_bert_config.json").get("max_seq_length")
         if isinstance(v, int) and v > 0:
             return min(v, cap)
     tok_cfg = Path(model_dir) / "tokenizer_config.json"
-    if tok_cfg.exists():
+    if _is_present(tok_cfg):
         v = _read_json(tok_cfg, "tokenizer_config.json").get("model_max_length")
         if isinstance(v, int) and 0 < v <= cap:
             return v
     return cap
 
 
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic surfaced by pyo3 (``pyo3_runtime.PanicException``): it derives from BaseException, not
+    Exception, so ``except Exception`` lets it through."""
+    return type(exc).__name__ == "PanicException"
+
+
+def tokenizer_call(fn, *args, what: str = "the tokenizer", **kwargs):
+    """``fn(*args, **kwargs)`` for a call into the `tokenizers` library (load, encode_batch, ...), with a Rust panic
+    (``pyo3_runtime.PanicException``, which a hostile tokenizer.json can trigger) turned into CheckpointError naming
+    ``what``. Ordinary exceptions, KeyboardInterrupt and SystemExit pass through unchanged."""
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except Exception:
+        raise
+    except BaseException as e:
+        if not _is_panic(e):
+            raise
+        raise CheckpointError(f"{what} crashed inside the tokenizers library (Rust panic: {e}); the tokenizer "
+                              "file is inconsistent - replace it with the model's original tokenizer.json / "
+                              "vocab.txt") from None
+
+
+#: Texts a freshly loaded tokenizer must encode (single sequences, truncated as the encoder does): a tokenizer
+#: whose post-processor or normalizer panics on every input is refused at load instead of at the first encode.
+_PROBE_TEXTS = ["what causes glaucoma?", "", "Ünïcödé 中文 123 [MASK] !!"]
+
+
 def load_tokenizer(model_dir: Path):
-    """A Hugging Face `tokenizers` tokenizer from tokenizer.json, or a WordPiece tokenizer from vocab.txt."""
+    """A Hugging Face `tokenizers` tokenizer from tokenizer.json, or a WordPiece tokenizer from vocab.txt.
+
+    Files must be regular files (a FIFO or device would block). The tokenizer is probed with a few texts, and a
+    Rust panic, at load or in the probe, is a CheckpointError naming the file."""
     from tokenizers import Tokenizer
     from tokenizers.implementations import BertWordPieceTokenizer
 
     model_dir = Path(model_dir)
     tj = model_dir / "tokenizer.json"
-    if tj.exists():
+    if _is_present(tj):
+        model_file(tj, "tokenizer.json", MAX_TOKENIZER_BYTES)
+        source = str(tj)
         try:
-            tok = Tokenizer.from_file(str(tj))
+            tok = tokenizer_call(Tokenizer.from_file, str(tj), what=source)
+        except CheckpointError:
+            raise
         except Exception as e:  # tokenizers raises its own Exception type
             raise CheckpointError(f"tokenizer.json is corrupt: {e}") from None
     else:
         vocab = model_dir / "vocab.txt"
-        if not vocab.exists():
+        if not _is_present(vocab):
             raise CheckpointError(f"no tokenizer in {model_dir}: need tokenizer.json or vocab.txt")
+        model_file(vocab, "vocab.txt", MAX_TOKENIZER_BYTES)
+        source = str(vocab)
         try:
             raw = vocab.read_bytes()
-            raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CheckpointError(f"vocab.txt is not valid UTF-8 ({e})") from None
+        if "\0" in text:
+            raise CheckpointError(f"vocab.txt {vocab} contains NUL bytes: it is a binary file, not a vocabulary")
+        if not text.strip():
+            raise CheckpointError(f"vocab.txt {vocab} is empty")
         lower = True
         tc = model_dir / "tokenizer_config.json"
-        if tc.exists():
+        if _is_present(tc):
             lower = bool(_read_json(tc, "tokenizer_config.json").get("do_lower_case", True))
         try:
-            tok = BertWordPieceTokenizer(str(vocab), lowercase=lower)
+            tok = tokenizer_call(BertWordPieceTokenizer, str(vocab), lowercase=lower, what=source)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"vocab.txt could not be loaded: {e}") from None
         if tok.get_vocab_size() == 0:
             raise CheckpointError("vocab.txt is empty")
-    tok.no_padding()
-    tok.no_truncation()
+    try:
+        tok.no_padding()
+        tok.no_truncation()
+        tokenizer_call(tok.enable_truncation, 16, what=source)
+        tokenizer_call(tok.encode_batch, _PROBE_TEXTS, what=source)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{source} does not work as a tokenizer: {e}") from None
+    finally:
+        tok.no_truncation()
     return tok
 
 
@@ -138,6 +218,7 @@ def read_safetensors(path: Path):
     """(tensors as numpy, metadata) from a safetensors file, with clear errors for truncated/corrupt files."""
     from safetensors import safe_open
 
+    model_file(path, Path(path).name)
     try:
         tensors = {}
         with safe_open(str(path), framework="numpy") as f:
@@ -155,16 +236,17 @@ def load_state_dict(model_dir: Path, allow_pickle: bool = False):
     """The checkpoint's tensors as numpy arrays (names as in the file) and the safetensors metadata."""
     model_dir = Path(model_dir)
     st = model_dir / "model.safetensors"
-    if st.exists():
+    if _is_present(st):
         tensors, meta = read_safetensors(st)
         return tensors, meta
     binf = model_dir / "pytorch_model.bin"
-    if binf.exists():
+    if _is_present(binf):
         if not allow_pickle:
             raise CheckpointError(
                 f"{binf} is a pickle, which can execute code when loaded; medquant reads it only with "
                 "allow_pickle=True (and torch installed), or convert it to model.safetensors"
             )
+        model_file(binf, "pytorch_model.bin")
         try:
             import torch
         except ImportError:

@@ -233,7 +233,14 @@ class Encoder:
 
     @staticmethod
     def _as_int32(a, name: str, shape=None) -> np.ndarray:
-        arr = np.asarray(a)
+        """``a`` as a C-contiguous, aligned, native-endian int32 array for the core: a converted copy whenever ``a``
+        is not already exactly that (misaligned views into a buffer, strided or Fortran-ordered arrays, big-endian
+        '>i4', other integer dtypes); the caller's array is never modified."""
+        try:
+            arr = np.asarray(a)
+        except (TypeError, ValueError) as e:  # ragged nested lists, objects numpy cannot hold
+            raise TypeError(f"{name} must be a 2-D array of token ids [batch, seq] (e.g. from Encoder.tokenize), "
+                            f"got {type(a).__name__} numpy cannot convert: {e}") from None
         if arr.dtype.kind not in "iub":
             raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
         if arr.ndim != 2:
@@ -242,7 +249,12 @@ class Encoder:
             raise ValueError(f"{name} has shape {arr.shape}, expected {shape} (like input_ids)")
         if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
             raise ValueError(f"{name} has values outside the int32 range")
-        return np.ascontiguousarray(arr, dtype=np.int32)  # a converted copy; the caller's array is never modified
+        # np.require copies unless the array is already int32, C-contiguous and aligned ('CA');
+        # np.ascontiguousarray alone would hand back a misaligned array unchanged
+        out = np.require(arr, dtype=np.int32, requirements="CA")
+        if not out.dtype.isnative:  # pragma: no cover - np.int32 is native; kept as a guard for the core
+            out = out.astype(out.dtype.newbyteorder("="))
+        return out
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
         """Last hidden state [batch, seq, hidden] (float32) for right-padded inputs; padding positions are zero."""
@@ -262,8 +274,11 @@ class Encoder:
         padding is computed; each batch is one call into the C core (all layers, GIL released).
         """
         texts = limits.texts(texts)
-        if pooling not in _POOLING:
+        batch_size = limits.batch_size(batch_size)
+        if not isinstance(pooling, str) or pooling not in _POOLING:
             raise ValueError(f"pooling must be one of {', '.join(_POOLING)}, got {pooling!r}")
+        normalize = limits.flag(normalize, "normalize")
+        self._max_length(max_length)
         out = np.empty((len(texts), self.config.hidden_size), np.float32)
         for idx, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
                                                desc=f"encode [{self.scheme.name}]"):
@@ -280,26 +295,71 @@ class Encoder:
 
     def encode_to(self, texts: Iterable[str], out, chunk_size: int = 2048, **encode_kwargs) -> int:
         """Stream texts (any iterable, e.g. a generator) into ``out`` (an array-like of shape [n, hidden], such as a
-        numpy memmap) chunk by chunk, so memory stays bounded by one chunk. Returns the number of texts encoded."""
+        numpy memmap) chunk by chunk, so memory stays bounded by one chunk. Returns the number of texts encoded.
+
+        ``out`` must be a writable 2-D float array-like with ``hidden_size`` columns. If the texts outrun its rows,
+        the rows it has are filled (row ``i`` holds text ``i``) and a ValueError says how many were written."""
+        if isinstance(texts, (str, bytes)) or texts is None:
+            raise TypeError("texts must be an iterable of strings, not a single string or None (wrap it: [text])")
+        chunk_size = limits.positive_int(chunk_size, "chunk_size")
+        rows = self._check_out(out)
         n = 0
         chunk: List[str] = []
+
+        def flush(chunk: List[str]) -> int:
+            room = rows - n
+            fits = chunk[:room]
+            if fits:
+                out[n: n + len(fits)] = self.encode(fits, **encode_kwargs)
+            if len(chunk) > room:
+                raise ValueError(f"out has {rows} rows but more texts were given: rows 0..{rows - 1} hold the "
+                                 f"first {rows} texts, the rest were not encoded (allocate out with one row per "
+                                 f"text)")
+            return len(fits)
+
         for t in texts:
             chunk.append(t)
             if len(chunk) == chunk_size:
-                out[n: n + len(chunk)] = self.encode(chunk, **encode_kwargs)
-                n += len(chunk)
+                n += flush(chunk)
                 chunk = []
         if chunk:
-            out[n: n + len(chunk)] = self.encode(chunk, **encode_kwargs)
-            n += len(chunk)
+            n += flush(chunk)
         return n
+
+    def _check_out(self, out) -> int:
+        """The number of rows of ``out``, a writable 2-D float array-like with hidden_size columns."""
+        shape = getattr(out, "shape", None)
+        if shape is None or not hasattr(out, "__setitem__"):
+            raise TypeError(f"out must be a writable array-like with a shape, such as np.empty((n, "
+                            f"{self.hidden_size}), np.float32) or a numpy memmap; got {type(out).__name__}")
+        shape = tuple(shape)
+        if len(shape) != 2 or shape[1] != self.hidden_size:
+            raise ValueError(f"out must have shape (n, {self.hidden_size}) (one row of hidden_size floats per "
+                             f"text), got {shape}")
+        dtype = getattr(out, "dtype", None)
+        if dtype is not None and np.dtype(dtype).kind != "f":
+            raise TypeError(f"out must hold floats (embeddings would be cast to {np.dtype(dtype)}), got dtype "
+                            f"{np.dtype(dtype)}")
+        flags = getattr(out, "flags", None)
+        if flags is not None and not getattr(flags, "writeable", True):
+            raise ValueError("out is read-only (e.g. a memmap opened with mode='r'); open it with mode='r+' or 'w+'")
+        return int(shape[0])
 
     # ------------------------------------------------------------------------------------------ calibration
     def calibrate(self, texts: Sequence[str], method: str = "minmax", batch_size: int = 32,
                   max_length: Optional[int] = None, nbins: int = 2048, momentum: float = 0.9,
                   percentile: float = 99.99, show_progress_bar: Optional[bool] = None) -> Calibration:
         """Observe every linear layer's input over ``texts`` (C observers) and return the statistics."""
+        from ..quant.calibration import CALIBRATION_METHODS
+
         texts = limits.texts(texts)
+        if not isinstance(method, str) or method not in CALIBRATION_METHODS:
+            raise ValueError(f"method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+        batch_size = limits.batch_size(batch_size)
+        nbins = limits.positive_int(nbins, "nbins")
+        momentum = limits.finite_float(momentum, "momentum", 0.0, 1.0, high_open=True)
+        percentile = limits.finite_float(percentile, "percentile", 0.0, 100.0, low_open=True)
+        self._max_length(max_length)
         sites = self.site_names
         observers = [_core.Observer(nbins, momentum) for _ in sites]
         for _, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
@@ -312,12 +372,15 @@ class Encoder:
                  calibration: Optional[Calibration] = None, batch_size: int = 32,
                  show_progress_bar: Optional[bool] = None) -> "Encoder":
         """A new Encoder quantized under ``scheme`` (see :func:`medquant.quant.quantize.quantize`)."""
+        batch_size = limits.batch_size(batch_size)
         return _quantize.quantize(self, scheme, calibration_texts=calibration_texts, calibration=calibration,
                                   batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def quant_report(self, texts: Sequence[str], reference: Optional["Encoder"] = None, batch_size: int = 16,
                      max_length: Optional[int] = None) -> pd.DataFrame:
         """Per-site error against an fp32 reference (see :func:`medquant.quant.report.quant_report`)."""
+        batch_size = limits.batch_size(batch_size)
+        self._max_length(max_length)
         return _report.quant_report(self, texts, reference=reference, batch_size=batch_size, max_length=max_length)
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:

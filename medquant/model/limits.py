@@ -148,5 +148,67 @@ def keep_bytes(value, limit: int) -> int:
     return min(limit, DEFAULT_KEEP_BYTES if value is None else memory_bytes(value, "keep_bytes"))
 
 
-__all__ = ["MAX_BATCH_SIZE", "available_cpus", "batch_size", "default_threads", "keep_bytes", "max_length",
-           "memory_bytes", "memory_limit", "physical_memory", "positive_int", "texts", "threads"]
+def positive_int_or_none(value, name: str):
+    """None, or ``value`` as an int >= 1 (see :func:`positive_int`)."""
+    return None if value is None else positive_int(value, name)
+
+
+def finite_float(value, name: str, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number in the interval [low, high] (an end is excluded when
+    ``low_open`` / ``high_open``), else TypeError / ValueError naming ``name`` and the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    lo_ok = v > low if low_open else v >= low
+    hi_ok = v < high if high_open else v <= high
+    if not (np.isfinite(v) and lo_ok and hi_ok):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return v
+
+
+def flag(value, name: str) -> bool:
+    """A boolean switch: True/False (numpy bools and the ints 0/1 too); anything else is a TypeError, so that e.g.
+    ``normalize="no"`` is not read as True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def regular_file(path, what: str, error=ValueError, max_bytes: int = 0) -> os.stat_result:
+    """Refuse, before anything opens it, a path that is not a regular file (a FIFO, socket, device such as
+    /dev/zero or a directory would block a reader forever or feed it endless data) and, when ``max_bytes`` > 0, a
+    file larger than that. Raises ``error`` (FileNotFoundError when the path does not exist) naming ``what`` and
+    the path; returns the file's ``os.stat`` result."""
+    import stat as _stat
+
+    try:
+        st = os.stat(path)  # follows symlinks: a link to a regular file is fine
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    if not _stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if _stat.S_ISFIFO(st.st_mode)
+                else "a socket" if _stat.S_ISSOCK(st.st_mode)
+                else "a device" if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise error(f"{what} {path} is {kind}; medquant reads it only from a regular file (copy the data to a file)")
+    if max_bytes and st.st_size > max_bytes:
+        raise error(f"{what} {path} is {st.st_size} bytes, more than the {max_bytes} bytes such a file can "
+                    f"reasonably hold; refusing to read it")
+    return st
+
+
+def seed(value, name: str = "seed") -> int:
+    """A random seed: an int >= 0 (what numpy.random.default_rng accepts), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+__all__ = ["MAX_BATCH_SIZE", "available_cpus", "batch_size", "default_threads", "finite_float", "flag", "keep_bytes",
+           "max_length", "memory_bytes", "memory_limit", "physical_memory", "positive_int", "positive_int_or_none",
+           "regular_file", "seed", "texts", "threads"]

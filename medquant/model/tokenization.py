@@ -12,6 +12,8 @@ import threading
 from collections import OrderedDict
 from typing import List
 
+from .checkpoint import tokenizer_call
+
 
 class TruncatingTokenizers:
     """Per-``max_length`` copies of one tokenizer (truncation set once, padding off), made on first use.
@@ -37,7 +39,7 @@ class TruncatingTokenizers:
             if tok is not None:
                 self._by_length.move_to_end(max_length)
                 return tok
-        tok = self._from_str(self._json)  # made outside the lock: a few ms for a BERT vocabulary
+        tok = tokenizer_call(self._from_str, self._json)  # made outside the lock: a few ms for a BERT vocabulary
         tok.no_padding()
         tok.enable_truncation(max_length)
         with self._lock:
@@ -48,8 +50,9 @@ class TruncatingTokenizers:
         return tok
 
     def encode_batch(self, texts: List[str], max_length: int):
-        """``tokenizers`` encodings of ``texts``, each truncated to ``max_length`` tokens."""
-        return self.for_length(max_length).encode_batch(texts)
+        """``tokenizers`` encodings of ``texts``, each truncated to ``max_length`` tokens (a Rust panic inside the
+        library becomes CheckpointError)."""
+        return tokenizer_call(self.for_length(max_length).encode_batch, texts)
 
 
 __all__ = ["TruncatingTokenizers"]

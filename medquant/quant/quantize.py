@@ -38,6 +38,7 @@ def quantize(encoder: "Encoder", scheme, calibration_texts: Optional[Sequence[st
     after smoothing).
     """
     scheme = get_scheme(scheme)
+    batch_size = limits.batch_size(batch_size)
     params = encoder.fp32_params
     if params is None:
         raise ValueError("quantize() starts from fp32 weights; this encoder was loaded quantized. Load the fp32 "

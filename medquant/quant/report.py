@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from ..model import limits
 from ..model.architectures import site_layer, site_module
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,6 +24,8 @@ def quant_report(encoder: "Encoder", texts: Sequence[str], reference: Optional["
     Where a static int8 layer's input is quantized by its producer (intermediate.dense writes output.dense's
     u8 input), that producer's output is reported as the consumer sees it: dequantized from u8.
     """
+    texts = limits.texts(texts)
+    batch_size = limits.batch_size(batch_size)
     ref = reference or encoder.reference
     if ref is None:
         raise ValueError("quant_report needs an fp32 reference: pass reference=Encoder.from_pretrained(...)")
