@@ -28,6 +28,11 @@ PyArrayObject *mq_py_array(PyObject *obj, int type, int ndim, const npy_intp *di
         Py_XDECREF(want);
         return NULL;
     }
+    if (PyArray_ISBYTESWAPPED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be in the machine's byte order, got %S: pass a.astype(a.dtype.newbyteorder('='))",
+                     name, (PyObject *)PyArray_DESCR(a));
+        return NULL;
+    }
     if (PyArray_NDIM(a) != ndim) {
         PyErr_Format(PyExc_ValueError, "%s must be %d-dimensional, got %d dimensions", name, ndim, PyArray_NDIM(a));
         return NULL;

@@ -746,3 +746,17 @@ def test_cli_out_must_not_be_a_file(tmp_path, capsys):
             main(argv + ["--out", str(f)])
         assert ei.value.code == 2 and "exists and is not a directory" in capsys.readouterr().err
     assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("dtype", [">i4", ">f4"])
+def test_binding_refuses_byte_swapped_arrays(minilm, dtype):
+    """A big-endian array has the right dtype number but the wrong bytes: the binding refuses it (the Python API
+    converts first, see test above)."""
+    from medquant import _core
+
+    if dtype == ">i4":
+        with pytest.raises(ValueError, match="byte order"):
+            minilm._core.forward(np.array([[101, 2054, 102]], dtype), np.ones((1, 3), np.int32))
+    else:
+        with pytest.raises(ValueError, match="byte order"):
+            _core.Linear(_core.LINEAR_F32, np.ones((4, 4), dtype))

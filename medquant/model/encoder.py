@@ -201,8 +201,9 @@ class Encoder:
         hook, taps: the batches will run with observers / with per-site output copies (which need more memory).
         show_progress_bar: a tqdm bar; None: one when there are at least ``auto_progress`` batches.
         """
-        texts = limits.texts(texts)
+        texts = limits.texts(texts)  # checked and tokenized now, not at the first next()
         batch_size = limits.batch_size(batch_size)
+        auto_progress = limits.positive_int(auto_progress, "auto_progress")
         encs = self._encode_tokens(texts, self._max_length(max_length))
         lengths = np.array([len(e.ids) for e in encs], np.int64)
         order = np.argsort(-lengths, kind="stable") if by_length else np.arange(len(encs))
@@ -213,9 +214,13 @@ class Encoder:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=desc, unit="batch")
-        for s in starts:
-            for idx in self._fit_memory(order[s: s + batch_size], lengths, hook=hook or taps, taps=taps):
-                yield (idx, *self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx]))
+
+        def padded() -> Iterator[Batch]:
+            for s in starts:
+                for idx in self._fit_memory(order[s: s + batch_size], lengths, hook=hook or taps, taps=taps):
+                    yield (idx, *self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx]))
+
+        return padded()
 
     def _fit_memory(self, idx: np.ndarray, lengths: np.ndarray, hook: bool, taps: bool) -> Iterator[np.ndarray]:
         """``idx`` as one batch, or split in halves until each part fits the memory limit."""
