@@ -13,6 +13,7 @@ call_bytes estimate below what the workspace actually holds.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import atheris
@@ -24,6 +25,9 @@ with atheris.instrument_imports(include=["medquant"]):
 MEMORY_LIMIT = 96 << 20
 PARAM_CAP = 24 << 20
 SLACK = 48 << 20  # allocator and oneDNN JIT / primitive overheads, NumPy inputs
+# under AddressSanitizer (.ci/sanitize.sh) freed memory sits in a quarantine and shadow memory grows with use: peak
+# RSS says nothing there, the other oracles still hold
+CHECK_RSS = not os.environ.get("MEDQUANT_SANITIZED")
 EXPECTED = (ValueError, MemoryError)
 
 
@@ -101,7 +105,7 @@ def TestOneInput(data: bytes) -> None:
         held = enc.workspace_bytes()
         assert held <= keep, f"workspace holds {held} bytes after a call, keep size {keep}"
     grew = peak_rss() - before
-    assert grew <= MEMORY_LIMIT + param_bytes(c) + SLACK, f"peak RSS grew by {grew >> 20} MiB for config {c}"
+    assert not CHECK_RSS or grew <= MEMORY_LIMIT + param_bytes(c) + SLACK, f"peak RSS grew by {grew >> 20} MiB for config {c}"
 
 
 def main():
