@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -75,28 +77,122 @@ def is_quantized(meta: Mapping) -> bool:
     return meta.get("format") == FORMAT
 
 
-def write(out: Path, *, config: BertConfig, tokenizer, scheme: QuantScheme, storage: Storage, sites: SiteSpecs,
-          fp32: Optional[Storage], model_dir: Optional[Path]) -> Path:
-    """Write a model directory: fp32 as a Hugging Face checkpoint, anything else in ``FORMAT``; tokenizer files."""
+MARKER = "medquant.json"
+
+
+def _marker(directory: Path) -> Optional[Dict]:
+    """The contents of a directory's medquant save marker, or None."""
+    try:
+        with open(directory / MARKER, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("saved_by") == "medquant" else None
+
+
+def is_medquant_save(directory: Path) -> bool:
+    """Whether a directory holds a medquant save and nothing else, so replacing it loses nothing of anyone's:
+    its marker lists every file in it (or, for saves written before the marker, model.safetensors is in
+    ``FORMAT`` and the other files are ones medquant writes)."""
+    directory = Path(directory)
+    try:
+        present = {p.name for p in directory.iterdir()}
+    except OSError:
+        return False
+    marker = _marker(directory)
+    if marker is not None:
+        files = marker.get("files")
+        return isinstance(files, list) and present <= set(map(str, files)) | {MARKER}
+    if not present <= {"model.safetensors", "config.json", *TOKENIZER_FILES}:
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(directory / "model.safetensors"), framework="numpy") as f:
+            return is_quantized(f.metadata() or {})
+    except Exception:  # not readable: not recognisably ours
+        return False
+
+
+def _same_or_nested(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _write_files(d: Path, *, config: BertConfig, tokenizer, scheme: QuantScheme, storage: Storage,
+                 sites: SiteSpecs, fp32: Optional[Storage], model_dir: Optional[Path]) -> None:
     from safetensors.numpy import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if scheme.name == "fp32" and fp32 is not None and all(v["kind"] == "fp32" for v in sites.values()):
-        save_file(dict(fp32), str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(dict(fp32), str(d / "model.safetensors"), metadata={"format": "pt"})
+        fmt = "huggingface"
     else:
         meta = {"format": FORMAT, "scheme": scheme.to_json(), "sites": json.dumps(sites, sort_keys=True)}
-        save_file({k: np.ascontiguousarray(v) for k, v in storage.items()}, str(out / "model.safetensors"),
+        save_file({k: np.ascontiguousarray(v) for k, v in storage.items()}, str(d / "model.safetensors"),
                   metadata=meta)
-    with open(out / "config.json", "w", encoding="utf-8") as f:
+        fmt = FORMAT
+    with open(d / "config.json", "w", encoding="utf-8") as f:
         json.dump(config.to_hf(), f, indent=2)
     if model_dir is not None:
         for fn in TOKENIZER_FILES:
             src = Path(model_dir) / fn
-            if src.exists() and src.resolve() != (out / fn).resolve():
-                shutil.copyfile(src, out / fn)
-    if not (out / "tokenizer.json").exists() and not (out / "vocab.txt").exists():
-        tokenizer.save(str(out / "tokenizer.json"))
+            if src.is_file():
+                shutil.copyfile(src, d / fn)
+    if not (d / "tokenizer.json").exists() and not (d / "vocab.txt").exists():
+        tokenizer.save(str(d / "tokenizer.json"))
+    from .. import __version__
+
+    files = sorted(p.name for p in d.iterdir())
+    with open(d / MARKER, "w", encoding="utf-8") as f:  # last: a directory with a marker is a complete save
+        json.dump({"saved_by": "medquant", "version": __version__, "format": fmt, "scheme": scheme.name,
+                   "files": files}, f, indent=2)
+
+
+def write(out: Path, *, config: BertConfig, tokenizer, scheme: QuantScheme, storage: Storage, sites: SiteSpecs,
+          fp32: Optional[Storage], model_dir: Optional[Path], overwrite: bool = False) -> Path:
+    """Write a model directory: fp32 as a Hugging Face checkpoint, anything else in ``FORMAT``; tokenizer files
+    from ``model_dir``; a ``MARKER`` file listing what was written.
+
+    The files are written to a fresh directory next to ``out`` and renamed into place, so ``out`` ends up holding
+    exactly this save (no stale files of what was there) and a failure part-way leaves ``out`` as it was. ``out``
+    may be missing, an empty directory, or a previous medquant save (``is_medquant_save``); anything else is
+    refused (FileExistsError) unless ``overwrite=True``, which replaces the directory and everything in it. The
+    source directory ``model_dir`` (or one inside it, or one containing it) is never written (ValueError), even
+    with ``overwrite=True``.
+    """
+    out = Path(out).expanduser()
+    target = out.resolve()  # through symlinks and relative parts: the directory that would really be replaced
+    if model_dir is not None and _same_or_nested(target, Path(model_dir).expanduser().resolve()):
+        raise ValueError(f"refusing to save into {out}: it is (or contains, or lies inside) the directory the model "
+                         f"was loaded from ({model_dir}); save to another directory")
+    exists = target.exists()
+    if exists and not target.is_dir():
+        raise FileExistsError(f"cannot save to {out}: it exists and is not a directory")
+    empty = exists and not any(target.iterdir())
+    if exists and not empty and not overwrite and not is_medquant_save(target):
+        raise FileExistsError(f"refusing to save into {out}: it is not empty and does not hold a medquant save "
+                              f"(pass overwrite=True to replace the directory and everything in it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    tmp = target.parent / f".{target.name}.medquant-tmp-{tag}"
+    tmp.mkdir()
+    try:
+        _write_files(tmp, config=config, tokenizer=tokenizer, scheme=scheme, storage=storage, sites=sites, fp32=fp32,
+                     model_dir=model_dir)
+        if exists:
+            shutil.copymode(target, tmp)
+            old = target.parent / f".{target.name}.medquant-old-{tag}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -267,5 +363,5 @@ def read_quantized(meta: Mapping, state: Mapping[str, np.ndarray], cfg: BertConf
     return scheme, sites, storage
 
 
-__all__ = ["FORMAT", "TOKENIZER_FILES", "build_core", "expected_tensors", "float_storage", "is_quantized",
-           "read_quantized", "smooth_weight", "validate_quantized", "write"]
+__all__ = ["FORMAT", "MARKER", "TOKENIZER_FILES", "build_core", "expected_tensors", "float_storage", "is_medquant_save",
+           "is_quantized", "read_quantized", "smooth_weight", "validate_quantized", "write"]
