@@ -498,3 +498,13 @@ def test_cli_quantize_refuses_foreign_out_and_overwrites_on_request(tiny, tmp_pa
     assert medquant.Encoder.from_pretrained(out).scheme.name == "int8-dynamic"
     with pytest.raises(SystemExit):
         main([*args[:-1], str(tiny.model_dir), "--overwrite"])
+
+
+@pytest.mark.parametrize("value", [[5], ["encoder.layer.0.*", None], "encoder.layer.0.*", {"a": 1}])
+def test_keep_patterns_must_be_lists_of_strings(saves, value):
+    """Found by fuzz_checkpoint.py: ``keep_bf16: [5]`` in a saved scheme raised AttributeError from site_kind."""
+    with pytest.raises(TypeError, match="keep_bf16"):
+        QuantScheme(weights="int8", activations="int8", keep_bf16=value)
+    state, meta, cfg = checkpoint(saves["mixed"][0])
+    scheme = {**json.loads(meta["scheme"]), "keep_bf16": value}
+    rejects({**meta, "scheme": json.dumps(scheme)}, state, cfg, "keep_bf16")

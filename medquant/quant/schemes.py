@@ -154,8 +154,11 @@ class QuantScheme:
     keep_bf16: Tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
-        object.__setattr__(self, "keep_bf16", tuple(self.keep_bf16))
+        for key in ("keep_fp32", "keep_bf16"):
+            patterns = getattr(self, key)
+            if not isinstance(patterns, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"{key} must be a list of site names or glob patterns (strings), got {patterns!r}")
+            object.__setattr__(self, key, tuple(patterns))
         self.validate()
 
     # ------------------------------------------------------------------ validation
