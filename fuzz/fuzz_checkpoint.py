@@ -371,7 +371,9 @@ OTHER_DTYPES = [np.float16, np.float64, np.float32, np.int8, np.uint8, np.int16,
 def mutate_quantized(fdp, tensors: dict, meta: dict):
     """Invalidating edits of a quantized save (removal, dtype, shape, non-finite / non-positive values, bad
     activation parameters, missing or changed metadata): each leaves the checkpoint invalid or unchanged in what
-    it computes."""
+    it computes, also in sequence: a retyped / reshaped tensor never gets the seed's dtype / shape back (bool ->
+    float32 would make scales 1.0), scales are only ever made non-positive, and no removed tensor is re-added."""
+    seed = tensors
     tensors, meta = dict(tensors), dict(meta)
     sites = json.loads(meta["sites"])
     scheme = json.loads(meta["scheme"])
@@ -384,10 +386,13 @@ def mutate_quantized(fdp, tensors: dict, meta: dict):
         if r == 0:
             tensors.pop(name, None)
         elif r == 1 and t is not None:
-            tensors[name] = t.astype(fdp.PickValueInList(OTHER_DTYPES))
+            dtype = fdp.PickValueInList(OTHER_DTYPES)
+            if np.dtype(dtype) != seed[name].dtype:
+                tensors[name] = t.astype(dtype)
         elif r == 2 and t is not None:
             shape = tuple(fdp.ConsumeIntInRange(0, 40) for _ in range(fdp.ConsumeIntInRange(0, 3)))
-            tensors[name] = np.resize(t, shape)
+            if shape != seed[name].shape:
+                tensors[name] = np.resize(t, shape)
         elif r == 3 and t is not None and t.dtype.kind == "f" and t.size:
             t = t.copy()
             t.reshape(-1)[fdp.ConsumeIntInRange(0, t.size - 1)] = fdp.PickValueInList([np.nan, np.inf, -np.inf])
@@ -400,7 +405,7 @@ def mutate_quantized(fdp, tensors: dict, meta: dict):
                 if fdp.ConsumeBool():
                     t.reshape(-1)[fdp.ConsumeIntInRange(0, t.size - 1)] = fdp.PickValueInList(BAD_SCALES)
                 else:
-                    t = -t if fdp.ConsumeBool() else np.zeros_like(t)
+                    t = -np.abs(t) if fdp.ConsumeBool() else np.zeros_like(t)
                 tensors[name] = t
         elif r in (5, 6):
             site = fdp.PickValueInList(sorted(sites))
@@ -440,7 +445,7 @@ def mutate_quantized(fdp, tensors: dict, meta: dict):
             if t is not None:
                 extra = fdp.PickValueInList([name + ".x", name.rsplit(".", 1)[0] + ".act_mul", "pooler.dense.weight",
                                              name.replace("weight", "weight_scale")])
-                if extra not in tensors:
+                if extra not in tensors and extra not in seed:
                     tensors[extra] = np.ones(t.shape[-1:], np.float32)
     return tensors, meta
 
