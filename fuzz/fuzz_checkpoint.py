@@ -8,6 +8,13 @@ and calls ``medquant.Encoder.from_pretrained`` on it; when that succeeds it enco
 must either work (finite embeddings of the right shape) or raise one of the EXPECTED exception types; a crash,
 a hang, or any other exception is a finding.
 
+A second target (a quarter of the inputs, ``quantized_integrity``) checks that quantized checkpoints are validated
+completely: it starts from a tiny model saved under one of several schemes (``QSEEDS``), removes tensors or
+metadata fields, or gives tensors another dtype or shape, or scales / SmoothQuant factors / activation parameters
+invalid values (negative, zero, denormal, NaN, out-of-range zero points). Loading must then raise CheckpointError,
+or succeed and encode like the unmodified save (cosine > 0.99; e.g. when the mutation only renamed the scheme): a
+silent load that computes something else, or any other exception, is a finding.
+
     python fuzz/fuzz_checkpoint.py -max_total_time=300 [-seed=N] [corpus_dir]      (libFuzzer flags)
 """
 from __future__ import annotations
@@ -76,8 +83,39 @@ def _make_seeds(root: Path):
     return files, tok_json
 
 
+# ------------------------------------------------------------------------------------------------ quantized seeds
+QTEXTS = ["what causes glaucoma?", "symptoms of heart disease", "how many people are affected by diabetes"]
+
+
+def _make_quantized_seeds(root: Path, fp32: Path):
+    """{name: (files, tensors, metadata, embeddings of QTEXTS)} of the tiny model saved under several schemes."""
+    from medquant.quant.schemes import get_scheme
+
+    enc = medquant.Encoder.from_pretrained(fp32, n_threads=1)
+    schemes = {name: get_scheme(name) for name in (
+        "int8-static-asym", "int8-static-sym", "int8-static-per-tensor", "int8-dynamic", "int8-dynamic-token",
+        "int8-smoothquant", "w8-weight-only", "bf16")}
+    schemes["w4"] = get_scheme("w4-weight-only").replace(name="w4", group_size=8)
+    schemes["mixed"] = get_scheme("int8-smoothquant").replace(
+        name="mixed", keep_fp32=("encoder.layer.0.output.dense",), keep_bf16=("encoder.layer.0.attention.self.qkv",))
+    out = {}
+    for name, scheme in schemes.items():
+        q = enc.quantize(scheme, calibration_texts=QTEXTS * 3)
+        d = q.save_pretrained(root / name)
+        files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+        tensors, meta = safetensors.numpy.load(files["model.safetensors"]), _st_metadata(files["model.safetensors"])
+        out[name] = (files, tensors, meta, q.encode(QTEXTS))
+    return out
+
+
+def _st_metadata(blob: bytes) -> dict:
+    n = struct.unpack("<Q", blob[:8])[0]
+    return dict(json.loads(blob[8: 8 + n]).get("__metadata__") or {})
+
+
 ROOT = Path(tempfile.mkdtemp(prefix="mq_fuzz_ckpt_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 SEEDS, TOKENIZER_JSON = _make_seeds(ROOT / "seeds")
+QSEEDS = _make_quantized_seeds(ROOT / "qseeds", ROOT / "seeds" / "fp32")
 WORK = ROOT / "work"
 
 
@@ -323,8 +361,124 @@ def build_dir(fdp) -> Path:
     return d
 
 
+# ------------------------------------------------------------------------------------------------ quantized target
+BAD_SCALES = [0.0, -0.0, -1.0, -1e-3, 1e-45, -1e-45, np.nan, np.inf, -np.inf]
+BAD_ACT_SCALES = [0.0, -0.0, -0.02, 1e-50, 1e39, float("nan"), float("inf"), -float("inf"), "0.02", True, None, [0.02]]
+BAD_ZERO_POINTS = [-1, 256, 300, -129, 2**31, 2**40, 1.5, 64.0, "3", True, False, None, [0]]
+OTHER_DTYPES = [np.float16, np.float64, np.float32, np.int8, np.uint8, np.int16, np.int32, np.int64, np.bool_]
+
+
+def mutate_quantized(fdp, tensors: dict, meta: dict):
+    """Invalidating edits of a quantized save (removal, dtype, shape, non-finite / non-positive values, bad
+    activation parameters, missing or changed metadata): each leaves the checkpoint invalid or unchanged in what
+    it computes, also in sequence: a retyped / reshaped tensor never gets the seed's dtype / shape back (bool ->
+    float32 would make scales 1.0), scales are only ever made non-positive, and no removed tensor is re-added."""
+    seed = tensors
+    tensors, meta = dict(tensors), dict(meta)
+    sites = json.loads(meta["sites"])
+    scheme = json.loads(meta["scheme"])
+    names = sorted(tensors)
+    scales = [n for n in names if n.endswith(("_scale", ".act_mul"))]
+    for _ in range(fdp.ConsumeIntInRange(1, 3)):
+        r = fdp.ConsumeIntInRange(0, 9)
+        name = fdp.PickValueInList(names)
+        t = tensors.get(name)
+        if r == 0:
+            tensors.pop(name, None)
+        elif r == 1 and t is not None:
+            dtype = fdp.PickValueInList(OTHER_DTYPES)
+            if np.dtype(dtype) != seed[name].dtype:
+                tensors[name] = t.astype(dtype)
+        elif r == 2 and t is not None:
+            shape = tuple(fdp.ConsumeIntInRange(0, 40) for _ in range(fdp.ConsumeIntInRange(0, 3)))
+            if shape != seed[name].shape:
+                tensors[name] = np.resize(t, shape)
+        elif r == 3 and t is not None and t.dtype.kind == "f" and t.size:
+            t = t.copy()
+            t.reshape(-1)[fdp.ConsumeIntInRange(0, t.size - 1)] = fdp.PickValueInList([np.nan, np.inf, -np.inf])
+            tensors[name] = t
+        elif r == 4 and scales:
+            name = fdp.PickValueInList(scales)
+            t = tensors.get(name)
+            if t is not None and t.dtype.kind == "f" and t.size:
+                t = t.copy()
+                if fdp.ConsumeBool():
+                    t.reshape(-1)[fdp.ConsumeIntInRange(0, t.size - 1)] = fdp.PickValueInList(BAD_SCALES)
+                else:
+                    t = -np.abs(t) if fdp.ConsumeBool() else np.zeros_like(t)
+                tensors[name] = t
+        elif r in (5, 6):
+            site = fdp.PickValueInList(sorted(sites))
+            spec = dict(sites[site])
+            field = fdp.PickValueInList(SITE_FIELDS + ["colour"])
+            if fdp.ConsumeIntInRange(0, 3) == 0:
+                spec.pop(field, None)
+            elif field == "act_scale":
+                spec[field] = fdp.PickValueInList(BAD_ACT_SCALES)
+            elif field == "act_zero_point":
+                zp = fdp.PickValueInList(BAD_ZERO_POINTS)
+                if spec.get("act_symmetric") is True and fdp.ConsumeBool():
+                    zp = fdp.ConsumeIntInRange(0, 255)  # symmetric: anything but 128 is wrong
+                spec[field] = zp
+            elif field in ("kind", "act_mode") and fdp.ConsumeBool():
+                spec[field] = fdp.PickValueInList(SITE_VALUES)
+            else:
+                spec[field] = json_value(fdp)
+            sites[site] = spec
+            meta["sites"] = json.dumps(sites)
+        elif r == 7:
+            field = fdp.PickValueInList(SCHEME_FIELDS)
+            if fdp.ConsumeBool():
+                scheme.pop(field, None)
+            else:
+                scheme[field] = json_value(fdp) if fdp.ConsumeIntInRange(0, 3) else fdp.PickValueInList(
+                    SITE_VALUES + ["per-tensor", "per-channel", "fp32", "int8"])
+            meta["scheme"] = json.dumps(scheme, allow_nan=True)
+        elif r == 8:
+            key = fdp.PickValueInList(["scheme", "sites", "format"])
+            if fdp.ConsumeBool():
+                meta.pop(key, None)
+            else:
+                meta[key] = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 20))
+        else:
+            t = tensors.get(name)
+            if t is not None:
+                extra = fdp.PickValueInList([name + ".x", name.rsplit(".", 1)[0] + ".act_mul", "pooler.dense.weight",
+                                             name.replace("weight", "weight_scale")])
+                if extra not in tensors and extra not in seed:
+                    tensors[extra] = np.ones(t.shape[-1:], np.float32)
+    return tensors, meta
+
+
+def quantized_integrity(fdp) -> None:
+    name = fdp.PickValueInList(sorted(QSEEDS))
+    files, tensors, meta, reference = QSEEDS[name]
+    tensors, meta = mutate_quantized(fdp, tensors, meta)
+    try:
+        blob = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta or None)
+    except Exception:  # safetensors refused the mutated tensors (e.g. an empty dict): nothing to load
+        return
+    d = WORK
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    for fn, data in {**files, "model.safetensors": blob}.items():
+        (d / fn).write_bytes(data)
+    try:
+        enc = medquant.Encoder.from_pretrained(d, n_threads=1)
+    except CheckpointError:
+        return
+    emb = enc.encode(QTEXTS)
+    cos = np.sum(emb * reference, axis=1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
+    assert np.isfinite(cos).all() and cos.min() > 0.99, (
+        f"a mutated {name} checkpoint loaded silently and computes something else (cosine {cos.min():.3f})")
+
+
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
+    if fdp.ConsumeIntInRange(0, 3) == 0:
+        quantized_integrity(fdp)
+        return
     try:
         d = build_dir(fdp)
     except Exception:  # the mutator could not produce a file (e.g. safetensors refused to save): skip
@@ -359,7 +513,8 @@ def TestOneInput(data: bytes) -> None:
 
 def main():
     atheris.Setup(sys.argv, atheris.instrument_func(TestOneInput))
-    for fn in (build_dir, mutate_header, mutate_tensors, mutate_quant_meta, mutate_dict, json_value, raw_bytes):
+    for fn in (build_dir, mutate_header, mutate_tensors, mutate_quant_meta, mutate_dict, json_value, raw_bytes,
+               mutate_quantized, quantized_integrity):
         globals()[fn.__name__] = atheris.instrument_func(fn)
     try:
         atheris.Fuzz()

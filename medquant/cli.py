@@ -87,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=13)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--threads", type=int, default=None)
-    q.add_argument("--out", required=True, help="output model directory")
+    q.add_argument("--out", required=True, help="output model directory (new, empty, or a previous medquant save)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds other files (everything in it is removed)")
     return p
 
 
@@ -332,7 +334,10 @@ def _quantize(parser, args) -> int:
         q = enc.quantize(scheme, calibration_texts=calib, batch_size=args.batch_size, show_progress_bar=True)
     except ValueError as e:  # e.g. --model is already a quantized directory
         parser.error(str(e))
-    out = q.save_pretrained(args.out)
+    try:
+        out = q.save_pretrained(args.out, overwrite=args.overwrite)
+    except (OSError, ValueError) as e:  # --out holds other files, or is the model's own directory
+        parser.error(str(e))
     size = (Path(out) / "model.safetensors").stat().st_size
     print(f"saved {args.scheme} {args.model} to {out} (model.safetensors {size / 2**20:.1f} MiB, "
           f"{q.size_bytes() / 2**20:.1f} MiB in memory)")

@@ -142,6 +142,18 @@ def expected_shapes(cfg: BertConfig) -> Dict[str, tuple]:
     return shapes
 
 
+def site_shapes(cfg: BertConfig) -> Dict[str, Tuple[int, int]]:
+    """(N outputs, K inputs) of every site's weight, from ``expected_shapes`` (Q, K, V stacked into qkv)."""
+    shapes = expected_shapes(cfg)
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        parts = [shapes[f"{LAYER_PREFIX}{i}.{q}.weight"] for q in QKV_PARTS]
+        out[site_name(i, 0)] = (sum(n for n, _ in parts), parts[0][1])
+        for s in range(1, len(SITE_SUFFIXES)):
+            out[site_name(i, s)] = shapes[site_name(i, s) + ".weight"]
+    return out
+
+
 def float_tensors(params: Mapping[str, np.ndarray], cfg: BertConfig) -> Dict[str, np.ndarray]:
     """The parameters outside the linear sites (embeddings, LayerNorms)."""
     names = [WORD_EMBEDDINGS, POSITION_EMBEDDINGS, TOKEN_TYPE_EMBEDDINGS, EMBEDDING_LAYER_NORM + ".weight",
@@ -289,5 +301,5 @@ __all__ = [
     "ARCHITECTURES", "Architecture", "BertArchitecture", "BertConfig", "CORE_CONFIG_LIMITS", "LAYER_NORMS",
     "QKV_PARTS", "SITE_ALIASES", "SITE_SUFFIXES", "architecture_for", "architecture_of", "expected_shapes",
     "float_tensors", "fp32_sites", "load_float_tensors", "parse_site", "resolve_alias", "site_layer", "site_module",
-    "site_name", "site_names",
+    "site_name", "site_names", "site_shapes",
 ]

@@ -388,11 +388,17 @@ class Encoder:
         self._max_length(max_length)
         return _report.quant_report(self, texts, reference=reference, batch_size=batch_size, max_length=max_length)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+    def save_pretrained(self, directory: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
         """Write the encoder as a model directory that :meth:`from_pretrained` (and, for fp32, Hugging Face) loads.
 
         fp32: a standard Hugging Face BERT checkpoint. Quantized: model.safetensors with int8/int4 weights, scales,
-        zero points and the scheme as metadata (loading needs no calibration data). Tokenizer files are copied.
+        zero points and the scheme as metadata (loading needs no calibration data). Tokenizer files are copied, and
+        a ``medquant.json`` marker lists the files. The directory is written next to ``directory`` and renamed into
+        place: afterwards it holds exactly this save, and a failure leaves it as it was. ``directory`` may be new,
+        empty, or a previous medquant save; another non-empty directory is refused (FileExistsError) unless
+        ``overwrite=True`` (which replaces it with everything in it). The directory this encoder was loaded from
+        is never written (ValueError).
         """
         return _storage.write(Path(directory), config=self.config, tokenizer=self.tokenizer, scheme=self.scheme,
-                              storage=self._storage, sites=self._sites, fp32=self._fp32, model_dir=self.model_dir)
+                              storage=self._storage, sites=self._sites, fp32=self._fp32, model_dir=self.model_dir,
+                              overwrite=overwrite)

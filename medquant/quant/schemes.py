@@ -36,7 +36,10 @@ class SiteKind:
     """One precision a site can run in: the (weights, activations) pair that selects it, its code in the C core,
     how its weight is stored (``quantize_weight(w, scheme) -> (tensors by suffix, spec entries)``; None: the fp32
     weight as is) and which spec entries the core's ``set_linear`` reads (``core_args(spec)``).
-    ``quantized_input``: its input activations are quantized (mode, scale, zero point in the spec)."""
+    ``quantized_input``: its input activations are quantized (mode, scale, zero point in the spec).
+    ``weight_spec(scheme)``: the spec entries its stored weight depends on (what ``quantize_weight`` records);
+    ``weight_layout(spec, N, K)``: the tensors its weight is stored as, by suffix, as (dtype, shape) for a site
+    with N outputs and K inputs (what ``quantize_weight`` writes; loading checks a checkpoint against it)."""
 
     name: str
     weights: str
@@ -45,21 +48,45 @@ class SiteKind:
     quantize_weight: Optional[Callable[[np.ndarray, "QuantScheme"], Tuple[Dict[str, np.ndarray], Dict]]] = None
     core_args: Callable[[Dict], Dict] = lambda spec: {}
     quantized_input: bool = False
+    weight_spec: Callable[["QuantScheme"], Dict] = lambda scheme: {}
+    weight_layout: Callable[[Dict, int, int], Dict[str, Tuple[np.dtype, Tuple[int, ...]]]] = \
+        lambda spec, n, k: {"weight": (np.dtype(np.float32), (n, k))}
 
     @property
     def is_float(self) -> bool:
         return self.quantize_weight is None
 
 
+def _s8_spec(scheme: "QuantScheme") -> Dict:
+    return {"w_per_channel": scheme.weight_granularity == "per-channel"}
+
+
 def _s8_weight(w: np.ndarray, scheme: "QuantScheme"):
-    per_channel = scheme.weight_granularity == "per-channel"
-    q, s = _core.quantize_weight_s8(w, per_channel)
-    return {"weight": q, "weight_scale": s}, {"w_per_channel": per_channel}
+    spec = _s8_spec(scheme)
+    q, s = _core.quantize_weight_s8(w, spec["w_per_channel"])
+    return {"weight": q, "weight_scale": s}, spec
+
+
+def _s8_layout(spec: Dict, n: int, k: int) -> Dict:
+    """int8 [N, K]; one scale per output channel, or one for the tensor."""
+    return {"weight": (np.dtype(np.int8), (n, k)),
+            "weight_scale": (np.dtype(np.float32), (n if spec["w_per_channel"] else 1,))}
+
+
+def _s4_spec(scheme: "QuantScheme") -> Dict:
+    return {"group_size": int(scheme.group_size)}
 
 
 def _s4_weight(w: np.ndarray, scheme: "QuantScheme"):
-    q, s = _core.quantize_weight_s4(w, int(scheme.group_size))
-    return {"weight": q, "weight_scale": s}, {"group_size": int(scheme.group_size)}
+    spec = _s4_spec(scheme)
+    q, s = _core.quantize_weight_s4(w, spec["group_size"])
+    return {"weight": q, "weight_scale": s}, spec
+
+
+def _s4_layout(spec: Dict, n: int, k: int) -> Dict:
+    """Two int4 values per byte [N, K/2]; one scale per group of ``group_size`` inputs, row-major [N * K/group]."""
+    return {"weight": (np.dtype(np.uint8), (n, k // 2)),
+            "weight_scale": (np.dtype(np.float32), (n * (k // spec["group_size"]),))}
 
 
 def _w8_args(spec: Dict) -> Dict:
@@ -76,9 +103,12 @@ def _int8_args(spec: Dict) -> Dict:
 SITE_KINDS: Dict[str, SiteKind] = {k.name: k for k in (
     SiteKind("fp32", "fp32", "fp32", _core.LINEAR_F32),
     SiteKind("bf16", "bf16", "bf16", _core.LINEAR_BF16),
-    SiteKind("int8", "int8", "int8", _core.LINEAR_INT8, _s8_weight, _int8_args, quantized_input=True),
-    SiteKind("w8", "int8", "fp32", _core.LINEAR_W8, _s8_weight, _w8_args),
-    SiteKind("w4", "int4", "fp32", _core.LINEAR_W4, _s4_weight, lambda spec: {"group_size": int(spec["group_size"])}),
+    SiteKind("int8", "int8", "int8", _core.LINEAR_INT8, _s8_weight, _int8_args, quantized_input=True,
+             weight_spec=_s8_spec, weight_layout=_s8_layout),
+    SiteKind("w8", "int8", "fp32", _core.LINEAR_W8, _s8_weight, _w8_args, weight_spec=_s8_spec,
+             weight_layout=_s8_layout),
+    SiteKind("w4", "int4", "fp32", _core.LINEAR_W4, _s4_weight, lambda spec: {"group_size": int(spec["group_size"])},
+             weight_spec=_s4_spec, weight_layout=_s4_layout),
 )}
 KIND_CODES = {name: k.code for name, k in SITE_KINDS.items()}
 WEIGHT_DTYPES = tuple(dict.fromkeys(k.weights for k in SITE_KINDS.values()))
@@ -124,8 +154,11 @@ class QuantScheme:
     keep_bf16: Tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
-        object.__setattr__(self, "keep_bf16", tuple(self.keep_bf16))
+        for key in ("keep_fp32", "keep_bf16"):
+            patterns = getattr(self, key)
+            if not isinstance(patterns, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"{key} must be a list of site names or glob patterns (strings), got {patterns!r}")
+            object.__setattr__(self, key, tuple(patterns))
         self.validate()
 
     # ------------------------------------------------------------------ validation
