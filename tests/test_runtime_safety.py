@@ -56,7 +56,7 @@ def two_thread_encoder():
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
-def test_children_encode_after_parent_used_threads(two_thread_encoder, method):
+def test_forked_and_spawned_children_encode_after_parent_used_threads(two_thread_encoder, method):
     global _FORKED_ENCODER
     expected = two_thread_encoder.encode(TEXTS)  # the parent's OpenMP pool now exists
     _FORKED_ENCODER = two_thread_encoder
