@@ -96,3 +96,23 @@ def write_random_bert(directory: Path, tokenizer_dir: Path, *, hidden=768, layer
 @pytest.fixture(scope="session")
 def random_base_dir(tmp_path_factory, minilm_dir) -> Path:
     return write_random_bert(tmp_path_factory.mktemp("bert_base_random"), minilm_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- tiny models
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random BERT (tests/tiny_bert.py) with a synthetic WordPiece vocabulary, one per test module."""
+    from tiny_bert import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    # one oneDNN thread: the CI machine has 2 shared cores, and OpenMP teams spin badly when oversubscribed
+    return medquant.Encoder.from_pretrained(tiny_dir, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny):
+    return tiny.quantize("int8-dynamic")

@@ -22,26 +22,11 @@ SANITIZED = bool(os.environ.get("MEDQUANT_SANITIZED"))  # set by .ci/sanitize.sh
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    # one oneDNN thread: the CI machine has 2 shared cores, and OpenMP teams spin badly when oversubscribed
-    return medquant.Encoder.from_pretrained(tiny_dir, n_threads=1)
-
-
+# tiny_dir, tiny, tiny_int8: tests/conftest.py
 @pytest.fixture(scope="module")
 def tiny2(tiny_dir):
     """Two oneDNN threads: exercises the OpenMP paths (per-thread attention over sequences)."""
     return medquant.Encoder.from_pretrained(tiny_dir, n_threads=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_int8(tiny):
-    return tiny.quantize("int8-dynamic")
 
 
 @pytest.fixture(scope="module")

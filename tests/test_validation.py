@@ -36,21 +36,7 @@ TEXTS = ["what causes glaucoma?", "heart disease", "blood pressure and diabetes 
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_bert(tmp_path_factory.mktemp("tiny_valid"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return medquant.Encoder.from_pretrained(tiny_dir, n_threads=1)
-
-
-@pytest.fixture(scope="module")
-def tiny_int8(tiny):
-    return tiny.quantize("int8-dynamic")
-
-
+# tiny_dir, tiny, tiny_int8: tests/conftest.py
 @pytest.fixture(scope="module")
 def minilm_tokenizer_json(minilm_dir):
     return json.loads((minilm_dir / "tokenizer.json").read_text(encoding="utf-8"))

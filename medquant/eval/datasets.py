@@ -533,6 +533,19 @@ def _iter_jsonl(path: Path) -> Iterator[Tuple[int, dict]]:
         yield lineno, rec
 
 
+def _records(path: Path, kind: str) -> Iterator[Tuple[str, str, dict]]:
+    """(where, id, record) per JSONL record of ``path``, ``where`` being ``path:line``; a repeated id is a
+    DatasetError naming both lines (``kind``: "document" or "query")."""
+    seen: Dict[str, int] = {}
+    for lineno, rec in _iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        rid = _record_id(rec, where)
+        if rid in seen:
+            raise DatasetError(f"{where}: {kind} id {rid!r} repeats line {seen[rid]}")
+        seen[rid] = lineno
+        yield where, rid, rec
+
+
 def _record_id(rec: dict, where: str) -> str:
     """A record's ``_id``: a non-empty string, or an integer (converted with ``str``, so ``5`` and the ``5`` of a
     qrels file are one id). Anything else (float, bool, null, list) is a DatasetError."""
@@ -635,14 +648,8 @@ def load_beir(path: PathLike, split: str = "test", title_sep: str = " ") -> Retr
     if not base.is_dir():
         raise FileNotFoundError(f"BEIR dataset directory {base} not found (or not a directory)")
     corpus: Dict[str, str] = {}
-    seen: Dict[str, int] = {}
-    corpus_path = _find(base, "corpus.jsonl")
-    for lineno, rec in _iter_jsonl(corpus_path):
-        where = f"{corpus_path}:{lineno}"
-        did = _record_id(rec, where)
-        if did in seen:
-            raise DatasetError(f"{where}: document id {did!r} repeats line {seen[did]}")
-        seen[did] = lineno
+    corpus_path, queries_path = _find(base, "corpus.jsonl"), _find(base, "queries.jsonl")
+    for where, did, rec in _records(corpus_path, "document"):
         title = _record_text(rec, "title", where, required=False).strip()
         text = _record_text(rec, "text", where, required=True)
         corpus[did] = f"{title}{title_sep}{text}" if title else text
@@ -665,14 +672,7 @@ def load_beir(path: PathLike, split: str = "test", title_sep: str = " ") -> Retr
             raise DatasetError(f"{qrels_path}:{lineno}: empty query-id or corpus-id")
         qrels.setdefault(qid, {})[did] = _grade(score, f"{qrels_path}:{lineno}", allow_negative=False)
     all_queries: Dict[str, str] = {}
-    queries_path = _find(base, "queries.jsonl")
-    seen = {}
-    for lineno, rec in _iter_jsonl(queries_path):
-        where = f"{queries_path}:{lineno}"
-        qid = _record_id(rec, where)
-        if qid in seen:
-            raise DatasetError(f"{where}: query id {qid!r} repeats line {seen[qid]}")
-        seen[qid] = lineno
+    for where, qid, rec in _records(queries_path, "query"):
         all_queries[qid] = _record_text(rec, "text", where, required=True)
     queries = {q: t for q, t in all_queries.items() if q in qrels}
     missing = [q for q in qrels if q not in all_queries]
