@@ -91,11 +91,10 @@ void mq_attention_release_scratch(mq_attention *a) {
     }
 }
 
-size_t mq_attention_scratch_bytes(const mq_attention *a) {
+size_t mq_attention_scratch_bytes(mq_attention *a) {
     size_t n = 0;
     for (int t = 0; t < MQ_ATTN_MAX_THREADS; t++) {
-        mq_attn_thread *th = (mq_attn_thread *)&a->threads[t];
-        mq_buffer *bufs[] = MQ_ATTN_BUFFERS(th);
+        mq_buffer *bufs[] = MQ_ATTN_BUFFERS(&a->threads[t]);
         for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) n += bufs[i]->bytes;
     }
     return n;

@@ -27,7 +27,7 @@ void mq_attention_reset(mq_attention *a);
 /* Bytes of per-thread scratch a forward over `batch` sequences of at most `max_len` tokens allocates (an upper bound,
    without oneDNN's scratchpads), the bytes held now, and releasing them (the next forward allocates again). */
 size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch);
-size_t mq_attention_scratch_bytes(const mq_attention *a);
+size_t mq_attention_scratch_bytes(mq_attention *a);
 void mq_attention_release_scratch(mq_attention *a);
 
 /* Writes the context to ctx [T, H] (f32), or, when ctx_q is non-NULL, quantized to u8 into ctx_q [T, H] with

@@ -102,9 +102,8 @@ static void release_workspace(mq_encoder *e) {
     if (e->ln) mq_layernorm_release_scratch(e->ln);
 }
 
-static size_t workspace_bytes(const mq_encoder *e) {
-    mq_encoder *m = (mq_encoder *)e; /* the list macro takes addresses; nothing is written */
-    mq_buffer *bufs[] = MQ_ENCODER_BUFFERS(m);
+static size_t workspace_bytes(mq_encoder *e) {
+    mq_buffer *bufs[] = MQ_ENCODER_BUFFERS(e);
     size_t n = mq_linear_scratch_bytes(&e->scratch) + mq_attention_scratch_bytes(e->attn) + mq_layernorm_scratch_bytes(e->ln);
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) n += bufs[i]->bytes;
     return n;
@@ -345,7 +344,7 @@ size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
 
 mq_status mq_encoder_check_call(const mq_encoder *e, const mq_call_shape *c) {
     if (!e || !c) return mq_set_error(MQ_ERR_ARG, "encoder: NULL argument");
-    if (c->batch <= 0 || c->seq <= 0 || c->tokens <= 0 || c->tokens > c->batch * c->seq)
+    if (c->batch <= 0 || c->seq <= 0 || c->tokens <= 0 || c->batch > INT64_MAX / c->seq || c->tokens > c->batch * c->seq)
         return mq_set_error(MQ_ERR_ARG, "encoder: bad call shape (batch %lld, seq %lld, tokens %lld)", (long long)c->batch,
                             (long long)c->seq, (long long)c->tokens);
     const size_t need = mq_encoder_call_bytes(e, c);
@@ -486,7 +485,6 @@ static void copy_hidden(const mq_encoder *e, const mq_pass *p, float *hidden) {
         memset(dst + n * H, 0, (size_t)(S - n) * (size_t)H * sizeof(float));
     }
 }
-
 
 static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
     const int64_t H = e->cfg.hidden;
