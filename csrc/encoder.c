@@ -40,6 +40,7 @@ struct mq_encoder {
     mq_linear_scratch scratch;
     mq_buffer x, qkv, ctx, tmp, ffn, deq, offsets;
     size_t max_bytes, keep_bytes; /* mq_encoder_set_memory_limits */
+    mq_encoder *prev_live, *next_live; /* the list of live encoders (see "fork" below), under live_lock */
 };
 
 /* The encoder's own workspace buffers, in one list for sizing and releasing. */
@@ -70,6 +71,51 @@ static mq_status check_config(const mq_bert_config *c) {
     return MQ_OK;
 }
 
+/* ------------------------------------------------------------------ fork
+ * A fork() while another thread runs a forward would give the child that encoder's lock held by a thread the child
+ * does not have, and the child's first call would wait forever. So every live encoder is on one process-wide list,
+ * and around fork() (pthread_atfork) the forking thread takes the list's lock and then every encoder's lock: the
+ * fork waits for the calls in flight to end, and parent and child each release the locks afterwards. (Process-wide
+ * by nature, like fork itself; nothing else reads the list.) */
+static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
+static mq_encoder *live_head;
+static pthread_once_t live_once = PTHREAD_ONCE_INIT;
+static int live_atfork_status;
+
+static void lock_all_before_fork(void) {
+    pthread_mutex_lock(&live_lock);
+    for (mq_encoder *e = live_head; e; e = e->next_live) pthread_mutex_lock(&e->lock);
+}
+
+static void unlock_all_after_fork(void) {
+    for (mq_encoder *e = live_head; e; e = e->next_live) pthread_mutex_unlock(&e->lock);
+    pthread_mutex_unlock(&live_lock);
+}
+
+static void register_fork_handlers(void) {
+    live_atfork_status = pthread_atfork(lock_all_before_fork, unlock_all_after_fork, unlock_all_after_fork);
+}
+
+static mq_status add_live(mq_encoder *e) {
+    if (pthread_once(&live_once, register_fork_handlers) != 0 || live_atfork_status != 0)
+        return mq_set_error(MQ_ERR_STATE, "encoder: cannot register its fork handlers");
+    pthread_mutex_lock(&live_lock);
+    e->next_live = live_head;
+    if (live_head) live_head->prev_live = e;
+    live_head = e;
+    pthread_mutex_unlock(&live_lock);
+    return MQ_OK;
+}
+
+static void remove_live(mq_encoder *e) {
+    pthread_mutex_lock(&live_lock);
+    if (e->prev_live) e->prev_live->next_live = e->next_live;
+    else if (live_head == e) live_head = e->next_live;
+    if (e->next_live) e->next_live->prev_live = e->prev_live;
+    e->prev_live = e->next_live = NULL;
+    pthread_mutex_unlock(&live_lock);
+}
+
 mq_status mq_encoder_create(mq_encoder **out, const mq_bert_config *cfg, int n_threads) {
     if (!out) return mq_set_error(MQ_ERR_ARG, "encoder: out is NULL");
     *out = NULL;
@@ -79,7 +125,9 @@ mq_status mq_encoder_create(mq_encoder **out, const mq_bert_config *cfg, int n_t
     e->cfg = *cfg;
     e->keep_bytes = SIZE_MAX;
     if (pthread_mutex_init(&e->lock, NULL) != 0) { free(e); return mq_set_error(MQ_ERR_STATE, "encoder: cannot create lock"); }
-    mq_status st = mq_engine_create(&e->eng, n_threads);
+    mq_status st = add_live(e);
+    if (st != MQ_OK) { pthread_mutex_destroy(&e->lock); free(e); return st; }
+    st = mq_engine_create(&e->eng, n_threads);
     if (st == MQ_OK) {
         e->layers = calloc((size_t)cfg->n_layers, sizeof *e->layers);
         if (!e->layers) st = mq_set_error(MQ_ERR_NOMEM, "encoder: out of memory");
@@ -125,6 +173,7 @@ void mq_encoder_destroy(mq_encoder *e) {
     mq_free(e->emb_gamma);
     mq_free(e->emb_beta);
     mq_engine_destroy(e->eng);
+    remove_live(e);
     pthread_mutex_destroy(&e->lock);
     free(e);
 }

@@ -14,7 +14,9 @@
  *
  * Parameters are handed over once (copied, or prepacked into the layout oneDNN prefers), then mq_encoder_finalize
  * checks that everything is present. An encoder serialises its own forward calls with a lock, so one encoder can be
- * shared by many threads; different encoders run concurrently.
+ * shared by many threads; different encoders run concurrently. fork() waits for the forward calls in flight to end
+ * (a pthread_atfork handler takes every live encoder's lock), so a child never inherits a lock held by a thread it
+ * does not have; with mq_threads_fork_safe (engine.h) the child's encoders work like the parent's.
  */
 #ifndef MQ_ENCODER_H
 #define MQ_ENCODER_H

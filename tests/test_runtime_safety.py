@@ -89,18 +89,29 @@ FORK_SCRIPT = textwrap.dedent("""
             child(1)
         _, st = os.waitpid(pid, 0)
         return st
-    # from the main thread, then from a thread that encoded itself (its own OpenMP pool), while another thread encodes
+    # from the main thread, then from a thread that encoded itself (its own OpenMP pool)
     results = [fork_and_wait()]
     def worker():
         enc.encode(texts)
         results.append(fork_and_wait())
     t = threading.Thread(target=worker); t.start(); t.join()
+    # while other threads encode with the same encoder (its lock and their OpenMP pools busy at the fork)
+    stop = []
+    def spin():
+        while not stop:
+            enc.encode(texts * 4)
+    spinners = [threading.Thread(target=spin) for _ in range(2)]
+    for s in spinners: s.start()
+    for _ in range(6):
+        results.append(fork_and_wait())
+    stop.append(1)
+    for s in spinners: s.join()
     print("statuses", results, flush=True)
     sys.exit(0 if all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in results) else 1)
 """)
 
 
-def test_os_fork_from_threads_and_grandchildren():
+def test_os_fork_from_threads_during_encodes_and_grandchildren():
     p = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
 
@@ -149,7 +160,7 @@ def test_tokenizer_copies_are_bounded_and_reused(tiny_minilm_tok):
     pool = tiny_minilm_tok._tokenizers
     assert pool.for_length(32) is pool.for_length(32)
     for L in range(2, 40):
-        pool.for_length(L)
+        assert pool.for_length(L).truncation["max_length"] == L
     assert len(pool._by_length) <= pool._capacity
 
 

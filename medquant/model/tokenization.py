@@ -8,9 +8,7 @@ once did) lets two threads that share the object undo each other: one thread's t
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from typing import List
+from typing import Dict, List
 
 from .checkpoint import tokenizer_call
 
@@ -19,7 +17,9 @@ class TruncatingTokenizers:
     """Per-``max_length`` copies of one tokenizer (truncation set once, padding off), made on first use.
 
     The source's state is captured when this object is made: later changes to the source tokenizer do not reach the
-    copies. ``capacity`` bounds how many lengths are kept (least recently used dropped first).
+    copies. ``capacity`` bounds how many lengths are kept (past it, the copies are dropped and made again as needed).
+    No lock: each step is one dict operation, atomic under the GIL, so neither a thread nor a fork can leave one
+    held (a lock held by another thread at fork() would stay held in the child forever).
     """
 
     def __init__(self, tokenizer, capacity: int = 8):
@@ -29,25 +29,19 @@ class TruncatingTokenizers:
         self._json = tokenizer.to_str()
         self._from_str = Tokenizer.from_str
         self._capacity = int(capacity)
-        self._by_length: "OrderedDict[int, object]" = OrderedDict()
-        self._lock = threading.Lock()  # guards the dict only; tokenizing runs outside it
+        self._by_length: Dict[int, object] = {}
 
     def for_length(self, max_length: int):
         """The copy that truncates to ``max_length`` tokens (special tokens included)."""
-        with self._lock:
-            tok = self._by_length.get(max_length)
-            if tok is not None:
-                self._by_length.move_to_end(max_length)
-                return tok
-        tok = tokenizer_call(self._from_str, self._json)  # made outside the lock: a few ms for a BERT vocabulary
+        tok = self._by_length.get(max_length)
+        if tok is not None:
+            return tok
+        tok = tokenizer_call(self._from_str, self._json)  # a few ms for a BERT vocabulary
         tok.no_padding()
-        tok.enable_truncation(max_length)
-        with self._lock:
-            tok = self._by_length.setdefault(max_length, tok)
-            self._by_length.move_to_end(max_length)
-            while len(self._by_length) > self._capacity:
-                self._by_length.popitem(last=False)
-        return tok
+        tok.enable_truncation(max_length)  # before anyone else can see it: never changed afterwards
+        if len(self._by_length) >= self._capacity:
+            self._by_length.clear()  # rare (a handful of lengths is usual); copies in use stay valid
+        return self._by_length.setdefault(max_length, tok)
 
     def encode_batch(self, texts: List[str], max_length: int):
         """``tokenizers`` encodings of ``texts``, each truncated to ``max_length`` tokens (a Rust panic inside the
