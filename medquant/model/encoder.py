@@ -197,7 +197,8 @@ class Encoder:
         """(positions in ``texts``, input ids, attention mask, token type ids) per batch of tokenized texts.
 
         by_length: batch the texts longest first, so little padding is computed (else in input order).
-        A batch whose call would exceed :attr:`memory_limit` is split (results do not depend on the batching).
+        A batch whose call would exceed :attr:`memory_limit` is split (fp32, bf16 and static int8 embeddings do
+        not depend on the batching; dynamic int8 takes its activation ranges per call).
         hook, taps: the batches will run with observers / with per-site output copies (which need more memory).
         show_progress_bar: a tqdm bar; None: one when there are at least ``auto_progress`` batches.
         """
