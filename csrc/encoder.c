@@ -4,6 +4,7 @@
 #include "encoder.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,6 +41,8 @@ struct mq_encoder {
     mq_linear_scratch scratch;
     mq_buffer x, qkv, ctx, tmp, ffn, deq, offsets;
     size_t max_bytes, keep_bytes; /* mq_encoder_set_memory_limits */
+    _Atomic size_t scratchpad_seen; /* the oneDNN scratchpad after the last forward: read by mq_encoder_call_bytes
+                                       without the lock, while a forward may be running */
     mq_encoder *prev_live, *next_live; /* the list of live encoders (see "fork" below), under live_lock */
 };
 
@@ -124,6 +127,7 @@ mq_status mq_encoder_create(mq_encoder **out, const mq_bert_config *cfg, int n_t
     if (!e) return mq_set_error(MQ_ERR_NOMEM, "encoder: out of memory");
     e->cfg = *cfg;
     e->keep_bytes = SIZE_MAX;
+    atomic_init(&e->scratchpad_seen, 0);
     if (pthread_mutex_init(&e->lock, NULL) != 0) { free(e); return mq_set_error(MQ_ERR_STATE, "encoder: cannot create lock"); }
     mq_status st = add_live(e);
     if (st != MQ_OK) { pthread_mutex_destroy(&e->lock); free(e); return st; }
@@ -384,7 +388,7 @@ size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     n = sat_add(n, sat_add(sat_mul(Tb, f), sat_mul3(H, 3 * H > I ? 3 * H : I, f))); /* a site's weights: H x N or N x H */
     n = sat_add(n, sat_mul(2 * Tb, f)); /* LayerNorm statistics */
     n = sat_add(n, mq_attention_scratch_need(e->attn, c->seq, c->batch));
-    n = sat_add(n, e->scratch.scratchpad.bytes);
+    n = sat_add(n, atomic_load_explicit(&e->scratchpad_seen, memory_order_relaxed));
     if (c->hook) n = sat_add(n, sat_mul3(T, 2 * K, f));             /* effective inputs, dequantized u8 inputs */
     if (c->hidden_out) n = sat_add(n, sat_mul3(B * (size_t)c->seq, H, f));
     if (c->taps) n = sat_add(n, sat_mul3(sat_mul(T, (size_t)e->cfg.n_layers), 6 * H + I, f));
@@ -508,12 +512,16 @@ static mq_status ffn_block(mq_encoder *e, const mq_pass *p, int64_t l) {
 }
 
 /* Packs the batch: row offsets of the sequences, and every buffer sized for T tokens (bucket padding + attention
-   slack rows). */
+   slack rows), after checking the call against the memory bound. */
 static mq_status reserve_pass(mq_encoder *e, const mq_forward_args *a, mq_pass *p) {
     const int64_t H = e->cfg.hidden, I = e->cfg.intermediate;
+    int64_t T = 0;
+    for (int64_t b = 0; b < a->batch; b++) T += a->lengths[b];
+    const mq_call_shape shape = {a->batch, a->seq, T, a->hidden != NULL, 0, a->hook.fn != NULL};
+    MQ_TRY(mq_encoder_check_call(e, &shape)); /* before anything is allocated */
     MQ_TRY(mq_buffer_reserve(&e->offsets, (size_t)a->batch, sizeof(int64_t)));
-    int64_t *off = e->offsets.ptr, T = 0;
-    for (int64_t b = 0; b < a->batch; b++) { off[b] = T; T += a->lengths[b]; }
+    int64_t *off = e->offsets.ptr;
+    for (int64_t b = 0, t = 0; b < a->batch; t += a->lengths[b++]) off[b] = t;
     const size_t rows = (size_t)mq_bucket_rows(T) + MQ_ATTN_BUCKET;
     MQ_TRY(mq_buffer_reserve(&e->x, rows * (size_t)H, sizeof(float)));
     MQ_TRY(mq_buffer_reserve(&e->qkv, rows * 3 * (size_t)H, sizeof(float)));
@@ -539,10 +547,6 @@ static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
     const int64_t H = e->cfg.hidden;
     mq_pass p;
     MQ_TRY(check_inputs(e, a));
-    int64_t tokens = 0;
-    for (int64_t b = 0; b < a->batch; b++) tokens += a->lengths[b];
-    const mq_call_shape shape = {a->batch, a->seq, tokens, a->hidden != NULL, 0, a->hook.fn != NULL};
-    MQ_TRY(mq_encoder_check_call(e, &shape));
     MQ_TRY(reserve_pass(e, a, &p));
     mq_engine_enter(e->eng);
     mq_embeddings_forward(e->emb, a->ids, a->type_ids, a->lengths, a->batch, a->seq, p.off, e->tmp.ptr);
@@ -564,6 +568,7 @@ mq_status mq_encoder_forward(mq_encoder *e, const mq_forward_args *a) {
     if (!e) return mq_set_error(MQ_ERR_ARG, "encoder is NULL");
     pthread_mutex_lock(&e->lock);
     mq_status st = e->finalized ? forward_locked(e, a) : mq_set_error(MQ_ERR_STATE, "encoder is not finalized");
+    atomic_store_explicit(&e->scratchpad_seen, e->scratch.scratchpad.bytes, memory_order_relaxed);
     if (workspace_bytes(e) > e->keep_bytes) release_workspace(e);
     pthread_mutex_unlock(&e->lock);
     return st;

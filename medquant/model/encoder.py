@@ -257,10 +257,7 @@ class Encoder:
             raise ValueError(f"{name} has values outside the int32 range")
         # np.require copies unless the array is already int32, C-contiguous and aligned ('CA');
         # np.ascontiguousarray alone would hand back a misaligned array unchanged
-        out = np.require(arr, dtype=np.int32, requirements="CA")
-        if not out.dtype.isnative:  # pragma: no cover - np.int32 is native; kept as a guard for the core
-            out = out.astype(out.dtype.newbyteorder("="))
-        return out
+        return np.require(arr, dtype=np.int32, requirements="CA")  # np.int32: native byte order
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
         """Last hidden state [batch, seq, hidden] (float32) for right-padded inputs; padding positions are zero."""

@@ -25,7 +25,6 @@ class TruncatingTokenizers:
     def __init__(self, tokenizer, capacity: int = 8):
         from tokenizers import Tokenizer
 
-        self.source = tokenizer
         self._json = tokenizer.to_str()
         self._from_str = Tokenizer.from_str
         self._capacity = int(capacity)
