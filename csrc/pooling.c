@@ -1,4 +1,4 @@
-/* pooling.c - CLS / mean pooling and L2 normalisation of packed hidden rows (pooling.h). */
+/* pooling.c - the pooling modes and L2 normalisation of packed hidden rows (pooling.h). */
 #include "pooling.h"
 
 #include <math.h>
@@ -6,21 +6,38 @@
 
 #include "qparams.h"
 
+/* p = sum_j w_j x_j over the n rows of src, with w_j = 1 (weighted = 0) or j + 1 */
+static void pool_sum(const float *src, int64_t n, int64_t H, int weighted, float *p) {
+    memset(p, 0, (size_t)H * sizeof(float));
+    for (int64_t j = 0; j < n; j++) {
+        const float w = weighted ? (float)(j + 1) : 1.f;
+        for (int64_t h = 0; h < H; h++) p[h] += w * src[j * H + h];
+    }
+}
+
+static void pool_max(const float *src, int64_t n, int64_t H, float *p) {
+    memcpy(p, src, (size_t)H * sizeof(float));
+    for (int64_t j = 1; j < n; j++)
+        for (int64_t h = 0; h < H; h++) p[h] = fmaxf(p[h], src[j * H + h]);
+}
+
+static void scale_rows(float *p, int64_t H, float s) {
+    for (int64_t h = 0; h < H; h++) p[h] *= s;
+}
+
 static void pool_one(const float *src, int64_t n, int64_t H, int pooling, int normalize, float *p) {
-    if (pooling == MQ_POOL_CLS) {
-        memcpy(p, src, (size_t)H * sizeof(float));
-    } else {
-        memset(p, 0, (size_t)H * sizeof(float));
-        for (int64_t j = 0; j < n; j++)
-            for (int64_t h = 0; h < H; h++) p[h] += src[j * H + h];
-        const float inv_n = 1.f / (float)n;
-        for (int64_t h = 0; h < H; h++) p[h] *= inv_n;
+    switch (pooling) {
+    case MQ_POOL_CLS: memcpy(p, src, (size_t)H * sizeof(float)); break;
+    case MQ_POOL_LAST: memcpy(p, src + (n - 1) * H, (size_t)H * sizeof(float)); break;
+    case MQ_POOL_MAX: pool_max(src, n, H, p); break;
+    case MQ_POOL_MEAN_SQRT_LEN: pool_sum(src, n, H, 0, p); scale_rows(p, H, 1.f / sqrtf((float)n)); break;
+    case MQ_POOL_WEIGHTED_MEAN: pool_sum(src, n, H, 1, p); scale_rows(p, H, 2.f / ((float)n * (float)(n + 1))); break;
+    default: pool_sum(src, n, H, 0, p); scale_rows(p, H, 1.f / (float)n); break; /* MQ_POOL_MEAN */
     }
     if (normalize) {
         double ss = 0.0;
         for (int64_t h = 0; h < H; h++) ss += (double)p[h] * p[h];
-        const float inv = 1.f / (float)fmax(sqrt(ss), 1e-12);
-        for (int64_t h = 0; h < H; h++) p[h] *= inv;
+        scale_rows(p, H, 1.f / (float)fmax(sqrt(ss), 1e-12));
     }
 }
 

@@ -160,6 +160,8 @@ static int add_constants(PyObject *m) {
         {"ACT_DYNAMIC", MQ_ACT_DYNAMIC}, {"ACT_DYNAMIC_TOKEN", MQ_ACT_DYNAMIC_TOKEN}, {"ACT_STATIC", MQ_ACT_STATIC},
         {"EPI_NONE", MQ_EPI_NONE}, {"EPI_GELU", MQ_EPI_GELU}, {"EPI_RESIDUAL", MQ_EPI_RESIDUAL},
         {"POOL_NONE", MQ_POOL_NONE}, {"POOL_CLS", MQ_POOL_CLS}, {"POOL_MEAN", MQ_POOL_MEAN},
+        {"POOL_MAX", MQ_POOL_MAX}, {"POOL_MEAN_SQRT_LEN", MQ_POOL_MEAN_SQRT_LEN},
+        {"POOL_WEIGHTED_MEAN", MQ_POOL_WEIGHTED_MEAN}, {"POOL_LAST", MQ_POOL_LAST},
         {"SITES_PER_LAYER", MQ_SITES_PER_LAYER},
     };
     for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)

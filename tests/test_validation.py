@@ -140,9 +140,15 @@ def test_calibrate_checks_its_settings_before_running(tiny, kwargs, exc, match):
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(normalize="no"), TypeError, "normalize must be True or False"),
-    (dict(normalize=None), TypeError, "normalize"),
+    (dict(normalize_embeddings="yes"), TypeError, "normalize_embeddings"),
+    (dict(normalize=True, normalize_embeddings=False), ValueError, "disagree"),
+    (dict(precision="int4"), ValueError, "precision must be one of"),
+    (dict(output_value="all"), ValueError, "output_value"),
+    (dict(device="cuda"), ValueError, "CPU"),
+    (dict(prompt_name="query"), ValueError, "prompt_name 'query' is not one of"),
+    (dict(prompt="q: ", prompt_name="query"), ValueError, "not both"),
     (dict(normalize=2), TypeError, "normalize"),
-    (dict(pooling="max"), ValueError, "pooling must be one of"),
+    (dict(pooling="sum"), ValueError, "pooling must be one of"),
     (dict(pooling=["mean"]), ValueError, "pooling must be one of"),
     (dict(max_length=0), ValueError, "max_length"),
 ])

@@ -43,6 +43,7 @@ from .retrieval import (
     INDEX_KINDS, check_index_kind, check_index_scoring, quantize_index, run_from_search, search, search_passages,
 )
 from .stats import paired_comparison
+from ..model.sentence import check_pooling
 
 
 
@@ -97,6 +98,11 @@ class EvalConfig:
         Encode a handful of texts before timing each encoder.
     measure_disk : bool
         Write each model with ``save_pretrained`` to a temporary directory to measure its size on disk.
+    pooling : str, optional
+        Pooling of every encoder (default: each model's own, from its sentence-transformers files; see
+        :attr:`medquant.Encoder.sentence_config`). Queries get the model's query prompt and documents its document
+        prompt; vectors are compared by cosine, or by dot product when the model's ``similarity_fn_name`` is
+        "dot" (its own normalisation then applies). The ``embedding`` column reports the effective choice.
     """
 
     ks: Tuple[int, ...] = DEFAULT_KS
@@ -117,6 +123,7 @@ class EvalConfig:
     threads: Optional[int] = None
     warmup: bool = True
     measure_disk: bool = True
+    pooling: Optional[str] = None
 
     def __post_init__(self):
         self.ks = tuple(check_ks(self.ks))
@@ -157,6 +164,8 @@ class EvalConfig:
             check_passage_window(self.max_words, self.stride)
         if self.threads is not None:
             positive_int(self.threads, "threads")
+        if self.pooling is not None:
+            check_pooling(self.pooling)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -430,28 +439,43 @@ def _corpus_tokens(study: _Study, enc: Encoder) -> int:
     return study.token_counts[key]
 
 
+def _embedding_settings(enc: Encoder, pooling: Optional[str]) -> Tuple[Dict[str, Any], str, bool]:
+    """encode keywords for retrieval with ``enc`` (its pooling unless overridden; cosine unless the model scores by
+    dot product), a one-line description of them for the ``embedding`` column, and whether scores are cosines."""
+    sc = enc.sentence_config.override(pooling)
+    dot = sc.similarity == "dot"
+    normalize = sc.normalize if dot else True
+    prompts = ", ".join(f"{k}={sc.prompts[n]!r}" for k, n in (("query", sc.query_prompt_name()),
+                                                             ("document", sc.document_prompt_name())) if n)
+    text = f"{sc.pooling} pooling, {'dot product' if dot else 'cosine'}" + (f", prompts {prompts}" if prompts else "")
+    return {"pooling": sc.pooling, "normalize": normalize}, text, not dot
+
+
 def _encode_and_search(study: _Study, enc: Encoder) -> Dict[str, Any]:
     """Corpus and query embeddings of one encoder, its search results, and its timing and byte columns."""
     cfg, corpus_texts, query_texts = study.cfg, study.corpus_texts, study.query_texts
-    kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, show_progress_bar=study.show_progress_bar)
+    settings, embedding, cosine = _embedding_settings(enc, cfg.pooling)
+    kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, show_progress_bar=study.show_progress_bar,
+              **settings)
     if cfg.warmup:
         enc.encode(corpus_texts[: min(4, len(corpus_texts))] + query_texts[:4], batch_size=cfg.batch_size,
                    max_length=cfg.max_length, show_progress_bar=False)
     t0 = time.perf_counter()
-    c_emb = enc.encode(corpus_texts, **kw)
+    c_emb = enc.encode_document(corpus_texts, **kw)
     t_corpus = time.perf_counter() - t0
     t0 = time.perf_counter()
-    q_emb = enc.encode(query_texts, **kw)
+    q_emb = enc.encode_query(query_texts, **kw)
     t_queries = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cfg.passages:
-        scores, idx = search_passages(q_emb, c_emb, study.doc_index, k=study.k, n_docs=len(study.doc_ids))
+        scores, idx = search_passages(q_emb, c_emb, study.doc_index, k=study.k, n_docs=len(study.doc_ids),
+                                      normalize=cosine)
     else:
-        scores, idx = search(q_emb, c_emb, k=study.k)
+        scores, idx = search(q_emb, c_emb, k=study.k, normalize=cosine)
     t_search = time.perf_counter() - t0
     n_tok = _corpus_tokens(study, enc)
     return {
-        "c_emb": c_emb, "q_emb": q_emb, "idx": idx, "scores": scores,
+        "c_emb": c_emb, "q_emb": q_emb, "idx": idx, "scores": scores, "cosine": cosine,
         "row": {
             "corpus_texts_per_s": len(corpus_texts) / t_corpus if t_corpus > 0 else float("nan"),
             "corpus_tokens_per_s": n_tok / t_corpus if t_corpus > 0 else float("nan"),
@@ -459,7 +483,7 @@ def _encode_and_search(study: _Study, enc: Encoder) -> Dict[str, Any]:
             "encode_corpus_s": t_corpus, "encode_queries_s": t_queries, "search_s": t_search,
             "model_bytes": enc.size_bytes(),
             "model_disk_bytes": _disk_bytes(enc) if cfg.measure_disk else np.nan,
-            "index_bytes": int(c_emb.nbytes), "rescore_bytes": 0,
+            "index_bytes": int(c_emb.nbytes), "rescore_bytes": 0, "embedding": embedding,
         },
     }
 
@@ -483,7 +507,7 @@ def _index_rows(study: _Study, res: Dict[str, Any], base_info: Dict[str, Any], p
     cfg, k = study.cfg, study.k
     for kind in cfg.index_kinds:
         t0 = time.perf_counter()
-        index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring)
+        index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring, normalize=res["cosine"])
         build_s = time.perf_counter() - t0
         for mult in (None, cfg.rescore_multiplier) if cfg.rescore_multiplier else (None,):
             name = f"fp32+index-{kind}" + ("" if cfg.index_scoring == "codes" else "-asym")
@@ -545,7 +569,7 @@ _HEAD_COLUMNS = ["scheme", "model", "model_scheme", "index", "index_scoring", "r
                  "n_passages"]
 _TAIL_COLUMNS = ["overlap@10", "emb_cosine", "corpus_texts_per_s", "corpus_tokens_per_s", "query_texts_per_s",
                  "encode_corpus_s", "encode_queries_s", "search_s", "calibration_s", "quantize_s", "model_bytes",
-                 "model_disk_bytes", "index_bytes", "rescore_bytes"]
+                 "model_disk_bytes", "index_bytes", "rescore_bytes", "embedding"]
 
 
 def _results_frame(study: _Study) -> pd.DataFrame:
@@ -611,7 +635,8 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODE
         * ``model_bytes`` (:meth:`Encoder.size_bytes`, in memory), ``model_disk_bytes`` (``model.safetensors``
           written by :meth:`Encoder.save_pretrained`), ``index_bytes`` (stored corpus vectors: float32 matrix or
           quantized codes), ``rescore_bytes`` (float32 vectors read at rescoring, 0 without; they may live on
-          disk).
+          disk);
+        * ``embedding``: the pooling, similarity and prompts used (the model's own unless ``pooling`` overrides).
 
         ``attrs``: ``per_query`` (:class:`PerQueryResults`, system -> per-query metrics indexed by query id),
         ``config``, ``dataset`` (:meth:`RetrievalDataset.describe`), ``calibration`` (how texts were chosen).

@@ -606,6 +606,46 @@ def quantize_index(emb: np.ndarray, kind: str = "int8", *, ranges: Optional[np.n
     return QuantizedIndex("binary", np.packbits(x > 0, axis=1), d, normalize=normalize, scoring=scoring)
 
 
+EMBEDDING_PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+
+
+def quantize_embeddings(emb, precision: str, *, ranges: Optional[np.ndarray] = None,
+                        calibration_embeddings: Optional[np.ndarray] = None) -> np.ndarray:
+    """Embeddings in sentence-transformers' quantized ``precision`` conventions (what ``encode(precision=...)``
+    returns there, so vectors from either tool can share an index).
+
+    int8 / uint8: per dimension ``lower = min`` and ``step = (max - min) / 255`` over ``ranges`` ([2, d]), else
+    over ``calibration_embeddings``, else over ``emb`` itself; ``code = clip(floor((x - lower) / step), 0, 255)``,
+    minus 128 for int8. binary / ubinary: the sign bits ``x > 0`` packed 8 per byte (:func:`numpy.packbits`),
+    minus 128 as int8 for binary. float32: a float32 copy. (:func:`quantize_index` rounds to nearest instead and
+    keeps its calibration for scoring queries.)
+    """
+    if precision not in EMBEDDING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(EMBEDDING_PRECISIONS)}, got {precision!r}")
+    x = _float_matrix(emb, "embeddings")
+    if precision == "float32":
+        return x.copy()
+    if precision.endswith("binary"):
+        bits = np.packbits(x > 0, axis=-1)
+        return (bits.astype(np.int16) - 128).astype(np.int8) if precision == "binary" else bits
+    if ranges is None:
+        calib = x if calibration_embeddings is None else _float_matrix(calibration_embeddings,
+                                                                       "calibration_embeddings")
+        if calib.shape[1] != x.shape[1]:
+            raise ValueError(f"calibration_embeddings have {calib.shape[1]} dimensions, embeddings {x.shape[1]}")
+        if len(calib) < 2:
+            raise ValueError(f"{precision} ranges cannot be calibrated on {len(calib)} embedding(s): pass ranges= "
+                             "or calibration_embeddings= (or encode more texts at once)")
+        ranges = np.stack([calib.min(axis=0), calib.max(axis=0)])
+    r = _float_matrix(ranges, "ranges")
+    if r.shape != (2, x.shape[1]):
+        raise ValueError(f"ranges must have shape (2, {x.shape[1]}), got {r.shape}")
+    step = (r[1] - r[0]) / np.float32(255)
+    step = np.where(step == 0, np.float32(1), step)
+    q = np.clip(np.floor((x - r[0]) / step), 0, 255)
+    return (q - 128).astype(np.int8) if precision == "int8" else q.astype(np.uint8)
+
+
 # ---------------------------------------------------------------------------------------------------- run files
 def write_trec_run(run: Dict[str, Dict[str, float]], path: PathLike, tag: str = "medquant") -> None:
     """Write a run in TREC format (``qid Q0 docid rank score tag``), each query sorted like trec_eval.
@@ -668,6 +708,6 @@ def read_trec_run(path: PathLike) -> Dict[str, Dict[str, float]]:
 
 __all__ = [
     "INDEX_KINDS", "INDEX_SCORINGS", "check_index_kind", "check_index_scoring",
-    "QuantizedIndex", "l2_normalize", "quantize_index", "read_trec_run", "run_from_search", "search",
+    "EMBEDDING_PRECISIONS", "QuantizedIndex", "l2_normalize", "quantize_embeddings", "quantize_index", "read_trec_run", "run_from_search", "search",
     "search_passages", "write_trec_run",
 ]

@@ -104,11 +104,18 @@ class BertConfig:
         d["ln_eps"] = self.layer_norm_eps
         return d
 
-    def to_hf(self) -> Dict:
+    def to_hf(self, quantized: bool = False) -> Dict:
+        """config.json of a save. Quantized saves name their own model type (:data:`QUANTIZED_MODEL_TYPE`, the
+        family's kept under ``medquant_base_*``) so that Hugging Face and sentence-transformers refuse to load them
+        as the family's float model (which would leave the int8 weights unread and the layers random)."""
         d = {key: getattr(self, key) for key in CORE_CONFIG_LIMITS}
         d["layer_norm_eps"] = self.layer_norm_eps
         d.update(architecture_of(self).hf_config)
         d["pad_token_id"] = self.pad_token_id
+        if quantized:
+            d["medquant_base_model_type"] = d.pop("model_type")
+            d["medquant_base_architectures"] = d.pop("architectures")
+            d = {"model_type": QUANTIZED_MODEL_TYPE, "architectures": [QUANTIZED_ARCHITECTURE], **d}
         return d
 
     @property
@@ -282,8 +289,17 @@ ARCHITECTURES: Tuple[Architecture, ...] = (BertArchitecture(),)
 SUPPORTED = "BERT-architecture encoders (BertModel, BioBERT, ClinicalBERT, PubMedBERT, MiniLM sentence models)"
 
 
+#: config.json model type and architecture of medquant's quantized saves (unknown to Hugging Face on purpose)
+QUANTIZED_MODEL_TYPE = "medquant-quantized"
+QUANTIZED_ARCHITECTURE = "MedquantQuantizedEncoder"
+
+
 def architecture_for(raw: Mapping) -> Architecture:
-    """The family of a config.json, or ValueError naming what it is."""
+    """The family of a config.json (of a quantized save: the family it was made from), or ValueError naming what
+    it is."""
+    if raw.get("model_type") == QUANTIZED_MODEL_TYPE:
+        raw = {**raw, "model_type": raw.get("medquant_base_model_type"),
+               "architectures": raw.get("medquant_base_architectures")}
     for arch in ARCHITECTURES:
         if arch.matches(raw):
             return arch
@@ -298,7 +314,7 @@ def architecture_of(cfg: BertConfig) -> Architecture:
 
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "BertArchitecture", "BertConfig", "CORE_CONFIG_LIMITS", "LAYER_NORMS",
+    "QUANTIZED_ARCHITECTURE", "QUANTIZED_MODEL_TYPE", "ARCHITECTURES", "Architecture", "BertArchitecture", "BertConfig", "CORE_CONFIG_LIMITS", "LAYER_NORMS",
     "QKV_PARTS", "SITE_ALIASES", "SITE_SUFFIXES", "architecture_for", "architecture_of", "expected_shapes",
     "float_tensors", "fp32_sites", "load_float_tensors", "parse_site", "resolve_alias", "site_layer", "site_module",
     "site_name", "site_names", "site_shapes",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -36,7 +37,9 @@ class CheckpointError(ValueError):
 
 
 def resolve_model_path(name_or_path) -> Path:
-    """A directory: as given; a known name (e.g. "all-MiniLM-L6-v2"): the files its pip package ships."""
+    """A directory: as given; a known name (e.g. "all-MiniLM-L6-v2"): the files its pip package ships; another
+    name (e.g. "BAAI/bge-small-en-v1.5"): its snapshot in the local Hugging Face cache if there is one (see
+    :func:`hf_cache_snapshot`). Nothing is ever downloaded."""
     p = Path(os.fspath(name_or_path)).expanduser()
     if p.is_dir():
         return p
@@ -56,11 +59,54 @@ def resolve_model_path(name_or_path) -> Path:
         return path
     if p.exists():
         raise CheckpointError(f"{p} is not a directory (expected a Hugging Face model directory)")
+    cached = hf_cache_snapshot(str(name_or_path))
+    if cached is not None:
+        return cached
     raise CheckpointError(
-        f"no model directory {str(p)!r} and no packaged model by that name; known names: "
+        f"no model directory {str(p)!r}, no packaged model by that name and no snapshot of it in the Hugging Face "
+        f"cache ({hf_cache_dir()}); known names: "
         + ", ".join(sorted({DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}))
         + " (medquant never downloads from a model hub)"
     )
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hf_cache_snapshot(name: str, revision: str = "main") -> Optional[Path]:
+    """The directory of model ``name`` (``org/model``; a bare name also tries ``sentence-transformers/<name>``, as
+    sentence-transformers does) in the local Hugging Face cache, or None when it has none.
+
+    The cache keeps ``models--org--model/snapshots/<commit>/`` and ``refs/<revision>`` naming the commit; without
+    the ref, a single snapshot is taken, several are a CheckpointError (ambiguous)."""
+    if not _REPO_ID.match(name) or ".." in name:
+        return None
+    candidates = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
+    for repo in candidates:
+        root = hf_cache_dir() / ("models--" + repo.replace("/", "--"))
+        snaps = root / "snapshots"
+        if not snaps.is_dir():
+            continue
+        ref = root / "refs" / revision
+        if ref.is_file():
+            commit = ref.read_text(encoding="utf-8", errors="replace").strip()
+            if (snaps / commit).is_dir() and "/" not in commit:
+                return snaps / commit
+        found = sorted(d for d in snaps.iterdir() if d.is_dir())
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise CheckpointError(f"the Hugging Face cache holds {len(found)} snapshots of {repo} and no "
+                                  f"refs/{revision}: pass the snapshot directory itself ({snaps}/<commit>)")
+    return None
 
 
 def model_file(path: Path, what: str, max_bytes: int = 0) -> Path:

@@ -17,12 +17,14 @@ from ..quant.calibration import Calibration
 from ..quant.schemes import QuantScheme, get_scheme
 from . import limits, storage as _storage
 from .architectures import WORD_EMBEDDING_SCALES, BertConfig, parse_site
+from .sentence import SentenceConfig, check_pooling, read_sentence_config
 from .tokenization import TruncatingTokenizers
 from .checkpoint import (
     DEFAULT_MODEL, default_max_length, fp32_params, load_config, load_state_dict, load_tokenizer, resolve_model_path,
 )
 
-_POOLING = {"mean": _core.POOL_MEAN, "cls": _core.POOL_CLS}
+#: sentence-transformers' ``precision`` values of :meth:`Encoder.encode`
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 Batch = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -36,8 +38,9 @@ class Encoder:
                  scheme: QuantScheme, max_length: int, model_dir: Optional[Path], name: str,
                  fp32: Optional[Dict[str, np.ndarray]] = None, reference: Optional["Encoder"] = None,
                  n_threads: Optional[int] = None, memory_limit=None, keep_bytes=None,
-                 tokenizers: Optional[TruncatingTokenizers] = None):
+                 tokenizers: Optional[TruncatingTokenizers] = None, sentence: Optional[SentenceConfig] = None):
         self.config = config
+        self.sentence_config = sentence if sentence is not None else SentenceConfig()
         self.tokenizer = tokenizer
         self._tokenizers = tokenizers if tokenizers is not None else TruncatingTokenizers(tokenizer)
         self.max_length = int(max_length)
@@ -56,7 +59,11 @@ class Encoder:
     def from_pretrained(cls, name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *, max_length: Optional[int] = None,
                         n_threads: Optional[int] = None, allow_pickle: bool = False, memory_limit=None,
                         keep_bytes=None) -> "Encoder":
-        """Load a Hugging Face BERT directory, a medquant quantized directory, or a packaged model by name.
+        """Load a Hugging Face BERT directory, a medquant quantized directory, a packaged model by name, or a model
+        name found in the local Hugging Face cache (never downloaded).
+
+        A sentence-transformers directory's pooling, normalisation, prompts and similarity are read into
+        :attr:`sentence_config` and used by :meth:`encode` (see :mod:`medquant.model.sentence`).
 
         n_threads: oneDNN threads (default ``$MEDQUANT_NUM_THREADS`` or every CPU this process may use).
         memory_limit, keep_bytes: see :meth:`set_memory_limit`.
@@ -66,6 +73,7 @@ class Encoder:
         model_dir = resolve_model_path(name_or_path)
         cfg = load_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
+        sentence = read_sentence_config(model_dir)
         ml = (default_max_length(model_dir, cfg) if max_length is None
               else limits.max_length(max_length, cfg.max_position_embeddings))
         state, meta = load_state_dict(model_dir, allow_pickle=allow_pickle)
@@ -78,7 +86,7 @@ class Encoder:
             tensors, sites = _storage.float_storage(params, cfg, scheme)
         return cls(config=cfg, tokenizer=tokenizer, storage=tensors, sites=sites, scheme=scheme, max_length=ml,
                    model_dir=model_dir, name=str(name_or_path), fp32=params, n_threads=n_threads,
-                   memory_limit=memory_limit, keep_bytes=keep_bytes)
+                   memory_limit=memory_limit, keep_bytes=keep_bytes, sentence=sentence)
 
     def with_storage(self, storage: Dict[str, np.ndarray], sites: Dict[str, Dict], scheme: QuantScheme, *,
                      fp32: Optional[Dict[str, np.ndarray]] = None, reference: Optional["Encoder"] = None) -> "Encoder":
@@ -87,7 +95,7 @@ class Encoder:
         return Encoder(config=self.config, tokenizer=self.tokenizer, storage=storage, sites=sites, scheme=scheme,
                        max_length=self.max_length, model_dir=self.model_dir, name=self.name, fp32=fp32,
                        reference=reference, n_threads=self.n_threads, memory_limit=self.memory_limit,
-                       keep_bytes=self._keep_bytes, tokenizers=self._tokenizers)
+                       keep_bytes=self._keep_bytes, tokenizers=self._tokenizers, sentence=self.sentence_config)
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -163,7 +171,8 @@ class Encoder:
 
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, scheme={self.scheme.name!r}, layers={self.config.num_hidden_layers}, "
-                f"hidden={self.config.hidden_size}, max_length={self.max_length}, threads={self.n_threads})")
+                f"hidden={self.config.hidden_size}, max_length={self.max_length}, threads={self.n_threads}, "
+                f"pooling={self.sentence_config.pooling!r})")
 
     # ------------------------------------------------------------------------------------------ running
     def tokenize(self, texts: Sequence[str], max_length: Optional[int] = None):
@@ -269,30 +278,86 @@ class Encoder:
         hidden, _, _ = self._core.forward(ids, mask, tt, hidden=True)
         return hidden
 
-    def encode(self, texts: Iterable[str], batch_size: int = 32, max_length: Optional[int] = None,
-               pooling: str = "mean", normalize: bool = True, show_progress_bar: Optional[bool] = None) -> np.ndarray:
-        """Sentence embeddings [len(texts), hidden] (float32) in input order.
+    def encode(self, texts: Union[str, Iterable[str]], batch_size: int = 32, max_length: Optional[int] = None,
+               pooling: Optional[str] = None, normalize: Optional[bool] = None,
+               show_progress_bar: Optional[bool] = None, *, prompt_name: Optional[str] = None,
+               prompt: Optional[str] = None, normalize_embeddings: Optional[bool] = None,
+               precision: str = "float32", output_value: str = "sentence_embedding", convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, device: Optional[str] = None):
+        """Sentence embeddings [len(texts), hidden] (float32) in input order; a single string gives one vector.
+
+        Pooling, normalisation, prompts and lower-casing follow the model's own configuration
+        (:attr:`sentence_config`, read from its sentence-transformers files); ``pooling`` (one of
+        :data:`medquant.model.sentence.POOLING_MODES`) and ``normalize`` override it. sentence-transformers'
+        names work as well: ``normalize_embeddings`` (= normalize), ``prompt_name`` / ``prompt`` (prepended to every
+        text; default the model's default prompt), ``precision`` ("float32", or "int8" / "uint8" / "binary" /
+        "ubinary" quantized embeddings, see :func:`medquant.eval.retrieval.quantize_embeddings`),
+        ``output_value="token_embeddings"`` (a list of [tokens, hidden] arrays), ``convert_to_numpy=False`` (a
+        list of vectors), ``convert_to_tensor=True`` (a torch tensor; needs torch), ``device`` (only "cpu").
 
         Texts are tokenized (truncated to max_length, default the model's), sorted by length and batched so little
         padding is computed; each batch is one call into the C core (all layers, GIL released).
         """
-        texts = limits.texts(texts)
+        single = isinstance(texts, str)
+        texts = limits.texts([texts] if single else texts)
         batch_size = limits.batch_size(batch_size)
-        if not isinstance(pooling, str) or pooling not in _POOLING:
-            raise ValueError(f"pooling must be one of {', '.join(_POOLING)}, got {pooling!r}")
-        normalize = limits.flag(normalize, "normalize")
+        cfg = self.sentence_config.override(None if pooling is None else check_pooling(pooling),
+                                            _one_flag(normalize, normalize_embeddings))
+        _check_st_options(precision, output_value, device)
+        inputs = cfg.inputs(texts, cfg.prompt_text(prompt_name, prompt))
         self._max_length(max_length)
-        out = np.empty((len(texts), self.config.hidden_size), np.float32)
-        for idx, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
+        if output_value == "token_embeddings":
+            out = self._token_embeddings(inputs, batch_size, max_length, show_progress_bar)
+            return out[0] if single else out
+        out = np.empty((len(inputs), self.config.hidden_size), np.float32)
+        for idx, ids, mask, tt in self.batches(inputs, batch_size, max_length, show_progress_bar=show_progress_bar,
                                                desc=f"encode [{self.scheme.name}]"):
-            _, pooled, _ = self._core.forward(ids, mask, tt, pooling=_POOLING[pooling], normalize=bool(normalize),
+            _, pooled, _ = self._core.forward(ids, mask, tt, pooling=cfg.pooling_code, normalize=cfg.normalize,
                                               hidden=False)
             out[idx] = pooled
+        if precision != "float32":
+            from ..eval.retrieval import quantize_embeddings
+
+            out = quantize_embeddings(out, precision)
+        return _convert(out, single, convert_to_numpy, convert_to_tensor)
+
+    def _token_embeddings(self, texts: List[str], batch_size: int, max_length: Optional[int],
+                          show_progress_bar: Optional[bool]) -> List[np.ndarray]:
+        """Per text its last hidden state without padding, [tokens, hidden]."""
+        out: List[Optional[np.ndarray]] = [None] * len(texts)
+        for idx, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
+                                               desc=f"encode [{self.scheme.name}]"):
+            hidden, _, _ = self._core.forward(ids, mask, tt, hidden=True)
+            for row, i in enumerate(idx):
+                out[i] = hidden[row, : int(mask[row].sum())].copy()
         return out
 
+    def encode_query(self, texts: Union[str, Iterable[str]], **kwargs):
+        """:meth:`encode` with the model's query prompt (sentence-transformers' ``encode_query``)."""
+        kwargs.setdefault("prompt_name", None if "prompt" in kwargs else self.sentence_config.query_prompt_name())
+        return self.encode(texts, **kwargs)
+
+    def encode_document(self, texts: Union[str, Iterable[str]], **kwargs):
+        """:meth:`encode` with the model's document prompt (document, passage or corpus; sentence-transformers'
+        ``encode_document``)."""
+        kwargs.setdefault("prompt_name", None if "prompt" in kwargs else self.sentence_config.document_prompt_name())
+        return self.encode(texts, **kwargs)
+
+    def encode_queries(self, queries: Sequence[str], batch_size: int = 32, **kwargs) -> np.ndarray:
+        """The BEIR / MTEB model protocol: query embeddings (query prompt). Keywords :meth:`encode` does not take
+        (e.g. an evaluator's ``convert_to_tensor`` or task names) are ignored."""
+        return self.encode_query(list(queries), batch_size=batch_size, **_encode_kwargs(kwargs))
+
+    def encode_corpus(self, corpus, batch_size: int = 32, sep: str = " ", **kwargs) -> np.ndarray:
+        """The BEIR / MTEB model protocol: document embeddings (document prompt) of a corpus given as a list of
+        ``{"title": ..., "text": ...}`` dicts, a dict of lists with those keys, or a list of strings; title and
+        text are joined with ``sep`` (as BEIR's sentence-transformers wrapper does)."""
+        return self.encode_document(corpus_texts(corpus, sep), batch_size=batch_size, **_encode_kwargs(kwargs))
+
     def forward_taps(self, ids: np.ndarray, mask: np.ndarray, token_type_ids: np.ndarray):
-        """(mean-pooled normalized embeddings, per-site output taps) of one padded batch (see quant_report)."""
-        _, pooled, taps = self._core.forward(ids, mask, token_type_ids, pooling=_core.POOL_MEAN, normalize=True,
+        """(pooled normalized embeddings, per-site output taps) of one padded batch (see quant_report)."""
+        _, pooled, taps = self._core.forward(ids, mask, token_type_ids, pooling=self.sentence_config.pooling_code,
+                                             normalize=True,
                                              hidden=False, taps=True)
         return pooled, taps
 
@@ -400,3 +465,68 @@ class Encoder:
         return _storage.write(Path(directory), config=self.config, tokenizer=self.tokenizer, scheme=self.scheme,
                               storage=self._storage, sites=self._sites, fp32=self._fp32, model_dir=self.model_dir,
                               overwrite=overwrite)
+
+
+def _one_flag(normalize, normalize_embeddings) -> Optional[bool]:
+    """normalize and its sentence-transformers name: at most one value (None: the model's)."""
+    vals = {limits.flag(v, n) for v, n in ((normalize, "normalize"), (normalize_embeddings, "normalize_embeddings"))
+            if v is not None}
+    if len(vals) > 1:
+        raise ValueError(f"normalize={normalize} and normalize_embeddings={normalize_embeddings} disagree")
+    return vals.pop() if vals else None
+
+
+def _check_st_options(precision, output_value, device) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if output_value not in ("sentence_embedding", "token_embeddings"):
+        raise ValueError(f"output_value must be 'sentence_embedding' or 'token_embeddings', got {output_value!r}")
+    if output_value == "token_embeddings" and precision != "float32":
+        raise ValueError("precision applies to sentence embeddings, not token_embeddings")
+    if device is not None and str(device) != "cpu":
+        raise ValueError(f"medquant runs on the CPU; device={device!r} is not available")
+
+
+def _convert(out: np.ndarray, single: bool, convert_to_numpy: bool, convert_to_tensor: bool):
+    if convert_to_tensor:
+        try:
+            import torch
+        except ImportError:
+            raise ImportError("convert_to_tensor=True needs torch (pip install torch==2.13.0)") from None
+        t = torch.from_numpy(out)
+        return t[0] if single else t
+    if single:
+        return out[0]
+    return out if limits.flag(convert_to_numpy, "convert_to_numpy") else list(out)
+
+
+#: keywords evaluators pass to encode_queries / encode_corpus that :meth:`Encoder.encode` takes
+_ENCODE_KEYWORDS = {"max_length", "pooling", "normalize", "show_progress_bar", "prompt_name", "prompt",
+                    "normalize_embeddings", "precision", "convert_to_numpy", "convert_to_tensor", "device"}
+
+
+def _encode_kwargs(kwargs) -> Dict:
+    return {k: v for k, v in kwargs.items() if k in _ENCODE_KEYWORDS}
+
+
+def corpus_texts(corpus, sep: str = " ") -> List[str]:
+    """Texts of a BEIR-style corpus: a list of {"title", "text"} dicts, a dict of lists, or a list of strings."""
+    if isinstance(corpus, dict):
+        if "text" not in corpus:
+            raise ValueError("a corpus given as a dict of lists needs a 'text' key")
+        titles = corpus.get("title") or [""] * len(corpus["text"])
+        if len(titles) != len(corpus["text"]):
+            raise ValueError(f"corpus['title'] has {len(titles)} entries, corpus['text'] {len(corpus['text'])}")
+        corpus = [{"title": t, "text": x} for t, x in zip(titles, corpus["text"])]
+    if isinstance(corpus, str):
+        raise TypeError("corpus must be a list of documents, not a single string")
+    out = []
+    for i, doc in enumerate(corpus):
+        if isinstance(doc, str):
+            out.append(doc)
+        elif isinstance(doc, dict) and isinstance(doc.get("text", ""), str) \
+                and isinstance(doc.get("title") or "", str):
+            out.append(((doc.get("title") or "") + sep + doc.get("text", "")).strip())
+        else:
+            raise TypeError(f"corpus[{i}] must be a string or a dict with string 'title'/'text', got {doc!r:.80}")
+    return out

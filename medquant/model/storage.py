@@ -26,10 +26,10 @@ from .architectures import (
     load_float_tensors, parse_site, site_shapes,
 )
 from .checkpoint import CheckpointError
+from .sentence import MODULES_FILE, QUANTIZED_MODULES_FILE, SENTENCE_FILES, copy_sentence_files
 
 FORMAT = "medquant-quantized-v1"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 Storage = Dict[str, np.ndarray]
 SiteSpecs = Dict[str, Dict]
@@ -103,7 +103,8 @@ def is_medquant_save(directory: Path) -> bool:
     if marker is not None:
         files = marker.get("files")
         return isinstance(files, list) and present <= set(map(str, files)) | {MARKER}
-    if not present <= {"model.safetensors", "config.json", *TOKENIZER_FILES}:
+    if not present <= {"model.safetensors", "config.json", *TOKENIZER_FILES, *SENTENCE_FILES, MODULES_FILE,
+                       QUANTIZED_MODULES_FILE}:
         return False
     try:
         from safetensors import safe_open
@@ -131,12 +132,13 @@ def _write_files(d: Path, *, config: BertConfig, tokenizer, scheme: QuantScheme,
                   metadata=meta)
         fmt = FORMAT
     with open(d / "config.json", "w", encoding="utf-8") as f:
-        json.dump(config.to_hf(), f, indent=2)
+        json.dump(config.to_hf(quantized=fmt == FORMAT), f, indent=2)
     if model_dir is not None:
         for fn in TOKENIZER_FILES:
             src = Path(model_dir) / fn
             if src.is_file():
                 shutil.copyfile(src, d / fn)
+        copy_sentence_files(Path(model_dir), d, quantized=fmt == FORMAT)
     if not (d / "tokenizer.json").exists() and not (d / "vocab.txt").exists():
         tokenizer.save(str(d / "tokenizer.json"))
     from .. import __version__
