@@ -144,7 +144,8 @@ def core_encoder_round(rng):
             mask = np.ones((B, S), np.int32)
             mask[0, S // 2 + 1:] = 0
             tt = rng.integers(0, 2, size=(B, S)).astype(np.int32)
-            for pooling in (_core.POOL_NONE, _core.POOL_CLS, _core.POOL_MEAN):
+            for pooling in (_core.POOL_NONE, _core.POOL_CLS, _core.POOL_MEAN, _core.POOL_MAX, _core.POOL_MEAN_SQRT_LEN,
+                            _core.POOL_WEIGHTED_MEAN, _core.POOL_LAST):
                 e.forward(ids, mask, tt, pooling, True, True, obs, True)
             e.forward(ids, mask, None, _core.POOL_MEAN, False, False, None, False)
             bad_ids = ids.copy()

@@ -260,3 +260,20 @@ def test_evaluate_uses_the_models_pooling_and_prompts(tmp_path, minilm_dir):
     res_mean = medquant.evaluate(enc, ds, index_kinds=(), measure_disk=False, warmup=False, n_boot=50, ks=(1, 3),
                                  k=5, pooling="mean", main_metrics=("nDCG@3",))
     assert res_mean.iloc[0]["embedding"].startswith("mean pooling")
+
+
+def test_core_pooling_modes_against_numpy(tiny):
+    """Every pooling mode of the C core (csrc/pooling.h) against numpy on the same hidden states."""
+    from medquant.model.sentence import POOLING_MODES
+
+    ids, mask, tt = tiny.tokenize(TEXTS)
+    for mode, code in POOLING_MODES.items():
+        hidden, pooled, _ = tiny._core.forward(ids, mask, tt, pooling=code, normalize=False, hidden=True)
+        for b, n in enumerate(mask.sum(1)):
+            h = hidden[b, :n].astype(np.float64)
+            w = np.arange(1, n + 1, dtype=np.float64)[:, None]
+            want = {"cls": h[0], "lasttoken": h[-1], "max": h.max(0), "mean": h.mean(0),
+                    "mean_sqrt_len_tokens": h.sum(0) / np.sqrt(n), "weightedmean": (w * h).sum(0) / w.sum()}[mode]
+            np.testing.assert_allclose(pooled[b], want, rtol=1e-5, atol=1e-6, err_msg=mode)
+        _, normed, _ = tiny._core.forward(ids, mask, tt, pooling=code, normalize=True, hidden=False)
+        np.testing.assert_allclose(normed, pooled / np.linalg.norm(pooled, axis=1, keepdims=True), atol=1e-6)
