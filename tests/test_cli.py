@@ -11,6 +11,8 @@ import pytest
 import medquant
 from medquant.cli import main
 
+pytestmark = pytest.mark.filterwarnings("ignore::medquant.eval.runinfo.ThroughputWarning")
+
 FAST = ["--limit", "40", "--corpus-factor", "2", "--max-length", "64", "--n-boot", "200", "--no-progress"]
 
 
