@@ -296,10 +296,13 @@ def _load_models(parser, args, systems: Sequence[tuple]):
     def load(flag: str, path: str):
         try:
             enc = Encoder.from_pretrained(path, n_threads=args.threads)
-            if args.max_length is not None:  # the model's range, checked before any work is done
-                max_length(args.max_length, enc.config.max_position_embeddings)
-        except (TypeError, ValueError) as e:  # CheckpointError is a ValueError
+        except ValueError as e:  # CheckpointError is a ValueError
             parser.error(f"{flag} {path}: {e}")
+        if args.max_length is not None:  # the model's range, checked before any work is done
+            try:
+                max_length(args.max_length, enc.config.max_position_embeddings)
+            except (TypeError, ValueError) as e:
+                parser.error(f"--max-length: {e} ({flag} {path})")
         return enc
 
     baseline = load("--model", args.model)

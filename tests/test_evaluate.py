@@ -297,3 +297,13 @@ def test_different_max_lengths_warn(tiny, tiny_dir, small):
     with pytest.warns(UserWarning, match="truncate at different lengths"):
         df = medquant.evaluate(other, small, model=tiny, **{**TINY_KW, "max_length": None})
     assert df.attrs["run"]["max_length"] == {"fp32": tiny.max_length, "int8-dynamic": 32}
+
+
+def test_items_tuple_forms(tiny):
+    from medquant.eval.evaluate import _as_items
+
+    # a tuple of scheme names is a list of schemes; a pair inside a list is a labelled system
+    assert [(l, s.name) for l, s in _as_items(None, ("int8-dynamic", "bf16"))] == [(None, "int8-dynamic"),
+                                                                                 (None, "bf16")]
+    assert [(l, s.name) for l, s in _as_items([("mine", "bf16")], None)] == [("mine", "bf16")]
+    assert [(l, e) for l, e in _as_items(("mine", tiny), None)] == [("mine", tiny)]

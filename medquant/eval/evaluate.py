@@ -244,7 +244,9 @@ def _as_items(encoder_or_schemes, schemes) -> List[Item]:
     for group in (encoder_or_schemes, schemes):
         if group is None:
             continue
-        if isinstance(group, (Encoder, str, QuantScheme, dict)) or _is_labelled(group):
+        # a top-level (label, system) pair is one system, except two strings: a tuple of scheme names
+        if isinstance(group, (Encoder, str, QuantScheme, dict)) or (_is_labelled(group) and
+                                                                    not isinstance(group[1], str)):
             group = [group]
         for it in group:
             label = None
@@ -652,7 +654,7 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: Union[str, os.Path
         Systems to evaluate. Encoders are used as given; scheme names (presets such as ``"int8-dynamic"``),
         dicts and :class:`QuantScheme` objects are quantized from the fp32 baseline. A system is labelled by its
         scheme name, except an Encoder loaded quantized from a directory: ``<scheme>@<directory name>``; a
-        ``(label, system)`` pair sets the label. An fp32 baseline is always evaluated (label ``fp32``): ``model``
+        ``(label, system)`` pair in the list sets the label (``[("mine", enc), "int8-dynamic"]``). An fp32 baseline is always evaluated (label ``fp32``): ``model``
         if it is an Encoder, else an unlabelled fp32 encoder in the list, else the ``reference`` of an encoder
         quantized in this session, else ``model`` is loaded. A quantized model is never the baseline (ValueError).
     dataset : RetrievalDataset, "medquad" or a BEIR directory
