@@ -30,17 +30,43 @@ FULL_STUDY = ("medquant compare --full --schemes all --index-kinds int8,binary -
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import PRESETS
-    from .eval.retrieval import INDEX_SCORINGS
+    from . import PRESETS, __version__
     from .model.checkpoint import DEFAULT_MODEL
-
-    from . import __version__
 
     p = argparse.ArgumentParser(prog="medquant", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"medquant {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{compare,info,quantize}")
     sub.required = True
     presets = ", ".join(PRESETS)
+    _compare_parser(sub, presets)
+
+    i = sub.add_parser("info", help="print the runtime (oneDNN version, ISA, threads)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it",
+                       description="Quantize a model with a preset and save it with save_pretrained. Static "
+                                   "schemes are calibrated on a seeded sample of queries and corpus texts of "
+                                   "--calibration-split (MedQuAD default: test, because medquant compare evaluates "
+                                   "dev by default; calibrate on dev a model you will evaluate on test) or on "
+                                   "--calibration-file.")
+    q.add_argument("--model", default=DEFAULT_MODEL, help="fp32 model name or directory")
+    q.add_argument("--scheme", required=True, help=f"preset: {presets}")
+    q.add_argument("--calibration-size", type=int, default=256, help="calibration texts (default 256)")
+    q.add_argument("--dataset", default="medquad", help="calibration collection: 'medquad' or a BEIR directory")
+    _calibration_flags(q, "split of --dataset to calibrate on (MedQuAD: dev, test (default) or all; BEIR: a qrels "
+                          "split, required); --split is an alias")
+    q.add_argument("--seed", type=int, default=13)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--out", required=True, help="output model directory (new, empty, or a previous medquant save)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds other files (everything in it is removed)")
+    return p
+
+
+def _compare_parser(sub, presets: str) -> None:
+    from .eval.retrieval import INDEX_SCORINGS
+    from .model.checkpoint import DEFAULT_MODEL
 
     c = sub.add_parser("compare", help="evaluate quantization schemes on a retrieval collection",
                        description="Encode a collection with fp32 and every scheme, compare retrieval quality with "
@@ -88,29 +114,6 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--stride", type=int, default=120, help="passage stride in words (default 120)")
     c.add_argument("--metric", default="nDCG@10", help="metric of the plots (default %(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    i = sub.add_parser("info", help="print the runtime (oneDNN version, ISA, threads)")
-    i.add_argument("--json", action="store_true", help="print JSON")
-
-    q = sub.add_parser("quantize", help="quantize a model and save it",
-                       description="Quantize a model with a preset and save it with save_pretrained. Static "
-                                   "schemes are calibrated on a seeded sample of queries and corpus texts of "
-                                   "--calibration-split (MedQuAD default: test, because medquant compare evaluates "
-                                   "dev by default; calibrate on dev a model you will evaluate on test) or on "
-                                   "--calibration-file.")
-    q.add_argument("--model", default=DEFAULT_MODEL, help="fp32 model name or directory")
-    q.add_argument("--scheme", required=True, help=f"preset: {presets}")
-    q.add_argument("--calibration-size", type=int, default=256, help="calibration texts (default 256)")
-    q.add_argument("--dataset", default="medquad", help="calibration collection: 'medquad' or a BEIR directory")
-    _calibration_flags(q, "split of --dataset to calibrate on (MedQuAD: dev, test (default) or all; BEIR: a qrels "
-                          "split, required); --split is an alias")
-    q.add_argument("--seed", type=int, default=13)
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--threads", type=int, default=None)
-    q.add_argument("--out", required=True, help="output model directory (new, empty, or a previous medquant save)")
-    q.add_argument("--overwrite", action="store_true",
-                   help="replace --out even if it holds other files (everything in it is removed)")
-    return p
 
 
 def _calibration_flags(parser: argparse.ArgumentParser, split_help: str) -> None:
