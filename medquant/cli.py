@@ -3,6 +3,7 @@
     medquant compare --model all-MiniLM-L6-v2 --dataset medquad --schemes fp32,bf16,int8-dynamic --out results/
     medquant info
     medquant quantize --model all-MiniLM-L6-v2 --scheme int8-static-asym --out int8-model/
+    medquant compare --model all-MiniLM-L6-v2 --system int8-model/ --out results-saved/
 """
 from __future__ import annotations
 
@@ -18,30 +19,70 @@ PRESET_HELP = "comma-separated preset names, or 'all'"
 # (README, command 1). --full evaluates the whole split.
 QUICK_LIMIT = 150
 DEFAULT_SCHEMES = "fp32,bf16,int8-dynamic,int8-static-asym"
+CALIBRATION_RULE = ("calibration texts never include evaluated texts: by default MedQuAD dev is calibrated on the "
+                    "test split and test on dev; MedQuAD all and BEIR collections on the texts of the split outside "
+                    "the evaluated --limit sample (none with the whole split: give --calibration-split or "
+                    "--calibration-file)")
+FILE_HELP = ("a file of calibration texts: one text per line, or JSONL (*.jsonl) with a 'text' field per line; "
+             "texts that are also evaluated are dropped, then --calibration-size are sampled (--seed)")
 FULL_STUDY = ("medquant compare --full --schemes all --index-kinds int8,binary --rescore-multiplier 4 "
               "--out results-full")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import PRESETS
-    from .eval.retrieval import INDEX_SCORINGS
+    from . import PRESETS, __version__
     from .model.checkpoint import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="medquant", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"medquant {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{compare,info,quantize}")
     sub.required = True
     presets = ", ".join(PRESETS)
+    _compare_parser(sub, presets)
+
+    i = sub.add_parser("info", help="print the runtime (oneDNN version, ISA, threads)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it",
+                       description="Quantize a model with a preset and save it with save_pretrained. Static "
+                                   "schemes are calibrated on a seeded sample of queries and corpus texts of "
+                                   "--calibration-split (MedQuAD default: test, because medquant compare evaluates "
+                                   "dev by default; calibrate on dev a model you will evaluate on test) or on "
+                                   "--calibration-file.")
+    q.add_argument("--model", default=DEFAULT_MODEL, help="fp32 model name or directory")
+    q.add_argument("--scheme", required=True, help=f"preset: {presets}")
+    q.add_argument("--calibration-size", type=int, default=256, help="calibration texts (default 256)")
+    q.add_argument("--dataset", default="medquad", help="calibration collection: 'medquad' or a BEIR directory")
+    _calibration_flags(q, "split of --dataset to calibrate on (MedQuAD: dev, test (default) or all; BEIR: a qrels "
+                          "split, required); --split is an alias")
+    q.add_argument("--seed", type=int, default=13)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--out", required=True, help="output model directory (new, empty, or a previous medquant save)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds other files (everything in it is removed)")
+    return p
+
+
+def _compare_parser(sub, presets: str) -> None:
+    from .eval.retrieval import INDEX_SCORINGS
+    from .model.checkpoint import DEFAULT_MODEL
 
     c = sub.add_parser("compare", help="evaluate quantization schemes on a retrieval collection",
                        description="Encode a collection with fp32 and every scheme, compare retrieval quality with "
                                    "fp32 (paired bootstrap CI and randomization test), measure throughput and bytes, "
                                    "and write results.csv, results.json, per_query.csv and two PNG plots.")
-    c.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory (default %(default)s)")
+    c.add_argument("--model", default=DEFAULT_MODEL,
+                   help="the fp32 baseline: model name or directory (default %(default)s); a quantized save is "
+                        "refused: compare it with --system")
+    c.add_argument("--system", action="append", default=[], metavar="[LABEL=]DIR",
+                   help="a saved model (e.g. from medquant quantize) evaluated as it is, against the fp32 --model; "
+                        "repeatable; labelled LABEL, else <saved scheme>@<directory name>")
     c.add_argument("--dataset", default="medquad", help="'medquad' or a BEIR-layout directory (default %(default)s)")
     c.add_argument("--split", default=None,
                    help="MedQuAD: dev (default), test or all; BEIR: the qrels file (default test)")
-    c.add_argument("--schemes", default=DEFAULT_SCHEMES,
-                   help=f"{PRESET_HELP} (default %(default)s); presets: {presets}")
+    c.add_argument("--schemes", default=None,
+                   help=f"{PRESET_HELP} (default {DEFAULT_SCHEMES}; with --system: fp32); presets: {presets}")
     c.add_argument("--limit", type=int, default=None,
                    help="keep N queries (seeded) and a corpus of corpus-factor * N documents (their relevant "
                         f"documents plus random distractors); default for MedQuAD: {QUICK_LIMIT}, a quick sample "
@@ -56,8 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed of the --limit sample, the calibration sample and the bootstrap (default 13; the "
                         "MedQuAD dev/test document split is fixed)")
     c.add_argument("--calibration-size", type=int, default=256,
-                   help="calibration texts for static schemes, sampled from the evaluated split's queries and "
-                        "corpus (default 256)")
+                   help="calibration texts for static schemes, half queries and half corpus texts (default 256); "
+                        + CALIBRATION_RULE)
+    _calibration_flags(c, "MedQuAD: dev, test or all; BEIR: a qrels split (its queries and the corpus), minus "
+                          "the evaluated texts")
     c.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     c.add_argument("--index-kinds", default="int8,binary",
                    help="quantized corpus indexes of the fp32 embeddings: int8, binary, comma-separated, or none")
@@ -72,25 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", default="nDCG@10", help="metric of the plots (default %(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    i = sub.add_parser("info", help="print the runtime (oneDNN version, ISA, threads)")
-    i.add_argument("--json", action="store_true", help="print JSON")
 
-    q = sub.add_parser("quantize", help="quantize a model and save it",
-                       description="Quantize a model with a preset and save it with save_pretrained. Static "
-                                   "schemes are calibrated on a seeded sample of MedQuAD (or BEIR) queries and "
-                                   "corpus texts.")
-    q.add_argument("--model", default=DEFAULT_MODEL, help="fp32 model name or directory")
-    q.add_argument("--scheme", required=True, help=f"preset: {presets}")
-    q.add_argument("--calibration-size", type=int, default=256, help="calibration texts (default 256)")
-    q.add_argument("--dataset", default="medquad", help="calibration source: 'medquad' or a BEIR directory")
-    q.add_argument("--split", default=None, help="split of the calibration source (MedQuAD default dev)")
-    q.add_argument("--seed", type=int, default=13)
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--threads", type=int, default=None)
-    q.add_argument("--out", required=True, help="output model directory (new, empty, or a previous medquant save)")
-    q.add_argument("--overwrite", action="store_true",
-                   help="replace --out even if it holds other files (everything in it is removed)")
-    return p
+def _calibration_flags(parser: argparse.ArgumentParser, split_help: str) -> None:
+    g = parser.add_mutually_exclusive_group()
+    names = ("--calibration-split", "--split") if parser.prog.endswith("quantize") else ("--calibration-split",)
+    g.add_argument(*names, dest="calibration_split", default=None, help=split_help)
+    g.add_argument("--calibration-file", default=None, metavar="PATH", help=FILE_HELP)
 
 
 def _parse_schemes(parser: argparse.ArgumentParser, text: str) -> List[str]:
@@ -107,27 +137,30 @@ def _parse_schemes(parser: argparse.ArgumentParser, text: str) -> List[str]:
     return list(dict.fromkeys(names))
 
 
-def _load_dataset(parser: argparse.ArgumentParser, args):
+def _is_medquad(dataset: str) -> bool:
+    return dataset.lower() == "medquad"
+
+
+def _load_dataset(parser: argparse.ArgumentParser, dataset: str, split: Optional[str], flag: str = "--split"):
+    """MedQuAD (split default dev) or a BEIR directory (qrels split default test); bad input -> usage error."""
     from .eval.datasets import load_beir, medquad_retrieval
 
-    if args.dataset.lower() == "medquad":
-        split = args.split or "dev"
+    if _is_medquad(dataset):
+        split = split or "dev"
         if split not in ("dev", "test", "all"):
-            parser.error(f"--split for medquad must be dev, test or all, not {split!r}")
+            parser.error(f"{flag} for medquad must be dev, test or all, not {split!r}")
         try:
-            ds = medquad_retrieval(split)
+            return medquad_retrieval(split)
         except FileNotFoundError as e:
             parser.error(str(e))
-    else:
-        path = Path(args.dataset)
-        if not path.is_dir():
-            parser.error(f"unknown dataset {args.dataset!r}: use 'medquad' or a BEIR-layout directory "
-                         "(corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
-        try:
-            ds = load_beir(path, split=args.split or "test")
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            parser.error(f"cannot load BEIR dataset {path}: {e}")
-    return ds
+    path = Path(dataset)
+    if not path.is_dir():
+        parser.error(f"unknown dataset {dataset!r}: use 'medquad' or a BEIR-layout directory "
+                     "(corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    try:
+        return load_beir(path, split=split or "test")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        parser.error(f"cannot load BEIR dataset {path} ({flag} {split or 'test'}): {e}")
 
 
 def _check_counts(parser: argparse.ArgumentParser, counts) -> None:
@@ -211,15 +244,12 @@ def _save_plots(df, out: Path, metric: str) -> List[Path]:
     return paths
 
 
-def _compare(parser, args) -> int:
-    import pandas as pd
-
-    from . import runtime_info
-    from .eval.evaluate import EvalConfig, evaluate, per_query_table
+def _compare_config(parser, args):
+    """The EvalConfig of the compare options (usage errors for bad values)."""
+    from .eval.evaluate import EvalConfig
     from .eval.metrics import DEFAULT_KS, metric_columns
     from .eval.retrieval import INDEX_KINDS
 
-    schemes = _parse_schemes(parser, args.schemes)
     _check_counts(parser, (("--limit", args.limit), ("--batch-size", args.batch_size), ("--threads", args.threads),
                            ("--calibration-size", args.calibration_size), ("--n-boot", args.n_boot),
                            ("--corpus-factor", args.corpus_factor)))
@@ -241,32 +271,125 @@ def _compare(parser, args) -> int:
         parser.error(str(e))
     if args.metric not in cfg.main_metrics:
         cfg = EvalConfig(**{**cfg.to_dict(), "main_metrics": tuple(cfg.main_metrics) + (args.metric,)})
-    from .model.checkpoint import CheckpointError, resolve_model_path
+    return cfg
 
-    _check_seed_and_out(parser, args)
-    try:
-        model_dir = resolve_model_path(args.model)
+
+def _parse_systems(parser, specs: Sequence[str], schemes: Sequence[str]) -> List[tuple]:
+    """(label or None, directory) per --system: DIR, or LABEL=DIR when the whole argument is not a directory."""
+    out, labels = [], set(schemes) | {"fp32"}
+    for spec in specs:
+        label, path = (None, spec) if Path(spec).is_dir() or "=" not in spec else spec.split("=", 1)
+        if not Path(path).is_dir():
+            parser.error(f"--system {spec}: {path} is not a directory (use DIR or LABEL=DIR)")
+        if label is not None:
+            if not label.strip() or label in labels or label.startswith("fp32+"):
+                parser.error(f"--system {spec}: label {label!r} is empty, reserved or used twice")
+            labels.add(label)
+        out.append((label, path))
+    return out
+
+
+def _load_models(parser, args, systems: Sequence[tuple]):
+    """The fp32 baseline (--model; a quantized save is refused) and the --system encoders as (label, encoder):
+    LABEL, else ``<saved scheme>@<directory name>`` (made unique)."""
+    from . import Encoder
+    from .eval.evaluate import _encoder_label, _unique
+    from .model.limits import max_length
+
+    def load(flag: str, path: str):
+        try:
+            enc = Encoder.from_pretrained(path, n_threads=args.threads)
+        except ValueError as e:  # CheckpointError is a ValueError
+            parser.error(f"{flag} {path}: {e}")
         if args.max_length is not None:  # the model's range, checked before any work is done
-            from .model.checkpoint import load_config
-            from .model.limits import max_length
+            try:
+                max_length(args.max_length, enc.config.max_position_embeddings)
+            except (TypeError, ValueError) as e:
+                parser.error(f"--max-length: {e} ({flag} {path})")
+        return enc
 
-            max_length(args.max_length, load_config(model_dir).max_position_embeddings)
-    except (CheckpointError, ValueError) as e:
-        parser.error(f"--max-length: {e}" if not isinstance(e, CheckpointError) else str(e))
-    quick = args.limit is None and not args.full and args.dataset.lower() == "medquad"
+    baseline = load("--model", args.model)
+    if not baseline.is_fp32:
+        parser.error(f"--model {args.model} is a quantized model ({baseline.scheme.name}); --model is the fp32 "
+                     f"baseline. Compare a saved model as a system: medquant compare --model <its fp32 model> "
+                     f"--system {args.model}")
+    encoders, taken = [], {label for label, _ in systems if label is not None} | {"fp32"}
+    for label, path in systems:
+        enc = load("--system", path)
+        if enc.config != baseline.config:
+            parser.error(f"--system {path} has another architecture than --model {args.model}: give its own fp32 "
+                         "model as --model")
+        if label is None:
+            label = _unique(_encoder_label(enc), taken)
+            taken.add(label)
+        encoders.append((label, enc))
+    return baseline, encoders
+
+
+def _calibration_source(parser, args, full_ds):
+    """Where compare draws calibration texts: --calibration-file, --calibration-split, else None for MedQuAD
+    dev/test (evaluate's default: the other split) and the loaded split's texts outside the sample otherwise."""
+    from .eval.calibration_data import CalibrationSource
+
+    if args.calibration_file:
+        try:
+            return CalibrationSource.from_file(args.calibration_file)
+        except (OSError, ValueError) as e:
+            parser.error(f"--calibration-file: {e}")
+    if args.calibration_split:
+        cal = _load_dataset(parser, args.dataset, args.calibration_split, "--calibration-split")
+        return CalibrationSource.from_dataset(cal, kind="split")
+    if _is_medquad(args.dataset) and (args.split or "dev") in ("dev", "test"):
+        return None
+    return CalibrationSource.from_dataset(full_ds, kind="held-out")
+
+
+def _run_evaluate(parser, args, schemes, ds, baseline, systems, cfg, source):
+    """evaluate(), with the throughput warnings printed as plain lines and calibration problems as usage errors."""
+    import warnings
+
+    from .eval.calibration_data import CalibrationSourceError
+    from .eval.evaluate import evaluate
+    from .eval.runinfo import ThroughputWarning, describe_warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ThroughputWarning)
+            df = evaluate(list(schemes) + list(systems), ds, model=baseline, config=cfg, calibration_source=source,
+                          show_progress_bar=not args.no_progress)
+    except CalibrationSourceError as e:
+        parser.error(f"{e} (--calibration-split, --calibration-file)")
+    if df.attrs["run"]["throughput_warnings"]:
+        print(f"warning: {describe_warnings(df.attrs['run']['throughput_warnings'])}", file=sys.stderr)
+    return df
+
+
+def _compare(parser, args) -> int:
+    import pandas as pd
+
+    from . import runtime_info
+    from .eval.evaluate import per_query_table
+
+    schemes = _parse_schemes(parser, args.schemes or ("fp32" if args.system else DEFAULT_SCHEMES))
+    cfg = _compare_config(parser, args)
+    _check_seed_and_out(parser, args)
+    system_dirs = _parse_systems(parser, args.system, schemes)
+    quick = args.limit is None and not args.full and _is_medquad(args.dataset)
     if args.full and args.limit is not None:
         parser.error("--full and --limit exclude each other")
-    full_ds = _load_dataset(parser, args)
+    baseline, systems = _load_models(parser, args, system_dirs)
+    full_ds = _load_dataset(parser, args.dataset, args.split)
     limit = QUICK_LIMIT if quick else args.limit
     ds = full_ds if limit is None else _sample(full_ds, limit, args.corpus_factor, args.seed)
     if not ds.corpus or not any(len(j) for q, j in ds.qrels.items() if q in ds.queries):
         parser.error(f"dataset {ds.name} has an empty corpus or no judged queries")
+    source = _calibration_source(parser, args, full_ds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
     print(f"medquant compare: {args.model} on {ds.name} ({len(ds.queries)} queries, {len(ds.corpus)} docs), "
-          f"schemes {','.join(schemes)}", file=sys.stderr, flush=True)
-    df = evaluate(schemes, ds, model=args.model, config=cfg, show_progress_bar=progress)
+          f"schemes {','.join(schemes)}" + "".join(f", system {p}" for _, p in system_dirs), file=sys.stderr,
+          flush=True)
+    df = _run_evaluate(parser, args, schemes, ds, baseline, systems, cfg, source)
 
     with pd.option_context("display.width", 200):
         print(_fmt_table(df))
@@ -276,10 +399,13 @@ def _compare(parser, args) -> int:
         "command": "medquant compare",
         "argv": vars(args),
         "model": args.model,
+        "systems": [{"label": label, "directory": str(Path(path).resolve()), "scheme": enc.scheme.name}
+                    for (label, enc), (_, path) in zip(systems, system_dirs)],
         "dataset": df.attrs["dataset"],
         "schemes": schemes,
         "config": df.attrs["config"],
         "calibration": df.attrs["calibration"],
+        "run": df.attrs["run"],
         "runtime_info": runtime_info(),
         "results": df.to_dict(orient="records"),
     }
@@ -309,10 +435,36 @@ def _info(args) -> int:
     return 0
 
 
+def _quantize_calibration(parser, args) -> List[str]:
+    """quantize's calibration texts: --calibration-file, else a seeded sample of --calibration-split (MedQuAD
+    default test, the split compare does not evaluate by default; BEIR: required)."""
+    from .eval.calibration_data import CalibrationSource, held_out_texts
+
+    if args.calibration_file:
+        try:
+            source = CalibrationSource.from_file(args.calibration_file)
+        except (OSError, ValueError) as e:
+            parser.error(f"--calibration-file: {e}")
+    else:
+        if not _is_medquad(args.dataset) and not args.calibration_split:
+            parser.error(f"--dataset {args.dataset}: name the qrels split to calibrate on (--calibration-split, one "
+                         "you will not evaluate on) or give --calibration-file")
+        split = args.calibration_split or "test"
+        source = CalibrationSource.from_dataset(_load_dataset(parser, args.dataset, split, "--calibration-split"),
+                                                kind="split")
+    texts, info = held_out_texts(source, (), args.calibration_size, args.seed)
+    print(f"calibrating on {len(texts)} texts from {info['source']} ({info['n_from_queries']} queries, "
+          f"{info['n_from_documents']} documents; seed {args.seed}; sha256 {info['sha256'][:12]})", file=sys.stderr)
+    if _is_medquad(args.dataset) and not args.calibration_file:
+        evaluate_on = "dev" if split == "test" else "test" if split == "dev" else None
+        print(f"evaluate this model on medquad-{evaluate_on} (texts disjoint from its calibration)" if evaluate_on
+              else "this model was calibrated on texts of every MedQuAD split", file=sys.stderr)
+    return texts
+
+
 def _quantize(parser, args) -> int:
     from . import Encoder, PRESETS
     from .model.checkpoint import CheckpointError
-    from .quant.calibration import sample_calibration_texts
 
     if args.scheme not in PRESETS:
         parser.error(f"unknown scheme {args.scheme!r}; presets: {', '.join(PRESETS)}")
@@ -324,12 +476,7 @@ def _quantize(parser, args) -> int:
         enc = Encoder.from_pretrained(args.model, n_threads=args.threads)
     except CheckpointError as e:
         parser.error(str(e))
-    calib = None
-    if scheme.needs_calibration:
-        ds = _load_dataset(parser, args)
-        calib = sample_calibration_texts(list(ds.queries.values()), list(ds.corpus.values()),
-                                          args.calibration_size, args.seed)
-        print(f"calibrating on {len(calib)} texts from {ds.name}", file=sys.stderr)
+    calib = _quantize_calibration(parser, args) if scheme.needs_calibration else None
     try:
         q = enc.quantize(scheme, calibration_texts=calib, batch_size=args.batch_size, show_progress_bar=True)
     except ValueError as e:  # e.g. --model is already a quantized directory

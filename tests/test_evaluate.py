@@ -11,6 +11,9 @@ from medquant.eval.datasets import medquad_retrieval
 from medquant.eval.evaluate import EvalConfig, PerQueryResults, per_query_table
 from medquant.eval.metrics import summarize
 
+# small samples: their throughput figures are flagged as such (test_run_record checks it); not noise here
+pytestmark = pytest.mark.filterwarnings("ignore::medquant.eval.runinfo.ThroughputWarning")
+
 # 200 dev queries, a corpus of 400 answers (their ~210 relevant answers + random dev distractors), 128 tokens:
 # about 6 s per encoder on 2 cores.
 LIMIT, CORPUS_FACTOR, MAX_LENGTH = 200, 2, 128
@@ -148,3 +151,159 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown quantization scheme"):
         medquant.evaluate(["int3-magic"], medquad_retrieval("dev", limit=5))
     assert EvalConfig(rescore_multiplier=0).rescore_multiplier is None
+
+
+# ---------------------------------------------------------------------------------------------------- systems
+TINY_KW = dict(max_length=64, n_boot=100, index_kinds=(), measure_disk=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return medquad_retrieval("dev", limit=20, corpus_factor=2)
+
+
+@pytest.fixture(scope="module")
+def saved_int8(tiny_int8, tmp_path_factory):
+    """tiny_int8 saved and loaded back: a quantized Encoder with no fp32 reference."""
+    path = tiny_int8.save_pretrained(tmp_path_factory.mktemp("saved") / "tiny-q")
+    return medquant.Encoder.from_pretrained(path, n_threads=1)
+
+
+def test_loaded_quantized_encoder_is_a_labelled_system(tiny, tiny_dir, tiny_int8, saved_int8, small):
+    df = medquant.evaluate([saved_int8, tiny_int8, ("mine", saved_int8)], small, model=tiny_dir, **TINY_KW)
+    # quantized here: its scheme name; loaded from a directory: <scheme>@<directory>; a pair: its label
+    assert list(df["scheme"]) == ["fp32", "int8-dynamic@tiny-q", "int8-dynamic", "mine"]
+    assert list(df["model_scheme"]) == ["fp32", "int8-dynamic", "int8-dynamic", "int8-dynamic"]
+    r = df.set_index("scheme")
+    assert r.loc["fp32", "model_bytes"] == tiny.size_bytes()
+    assert r.loc["int8-dynamic@tiny-q", "model_bytes"] == tiny_int8.size_bytes() < tiny.size_bytes()
+    assert r.loc["int8-dynamic@tiny-q", "nDCG@10"] == r.loc["int8-dynamic", "nDCG@10"]  # the same weights
+    # a loaded quantized encoder alone: the baseline is model=, never the quantized encoder
+    alone = medquant.evaluate(saved_int8, small, model=tiny, **TINY_KW)
+    assert list(alone["scheme"]) == ["fp32", "int8-dynamic@tiny-q"] and alone.loc[0, "model_scheme"] == "fp32"
+
+
+def test_quantized_model_is_never_the_baseline(saved_int8, tiny_int8, small):
+    with pytest.raises(ValueError, match="cannot be the baseline.*system"):
+        medquant.evaluate(["int8-dynamic"], small, model=saved_int8.model_dir, **TINY_KW)
+    with pytest.raises(ValueError, match="cannot be the baseline"):
+        medquant.evaluate([], small, model=tiny_int8, **TINY_KW)
+
+
+@pytest.mark.parametrize("systems, message", [
+    ([("fp32", "int8-dynamic")], "reserved"),
+    ([("fp32+index-int8", "int8-dynamic")], "reserved"),
+    ([("a", "int8-dynamic"), ("a", "bf16")], "given twice"),
+])
+def test_bad_labels(systems, message, tiny, small):
+    with pytest.raises(ValueError, match=message):
+        medquant.evaluate(systems, small, model=tiny, **TINY_KW)
+
+
+def test_another_architecture_is_refused(minilm, saved_int8, small):
+    with pytest.raises(ValueError, match="another architecture"):
+        medquant.evaluate(saved_int8, small, model=minilm, **TINY_KW)
+
+
+# ---------------------------------------------------------------------------------------------------- calibration
+def _keys(texts):
+    from medquant.eval.calibration_data import text_key
+
+    return {text_key(t) for t in texts}
+
+
+@pytest.mark.parametrize("split, other", [("dev", "test"), ("test", "dev")])
+def test_default_calibration_is_disjoint_from_evaluated_texts(split, other, tiny):
+    ds = medquad_retrieval(split, limit=20, corpus_factor=2)
+    df = medquant.evaluate("int8-static-asym", ds, model=tiny, calibration_size=64, **TINY_KW)
+    texts = df.attrs["calibration_texts"]
+    assert len(texts) == 64
+    assert not _keys(texts) & _keys([*ds.queries.values(), *ds.corpus.values()])
+    source = medquad_retrieval(other)
+    assert _keys(texts) <= _keys([*source.queries.values(), *source.corpus.values()])
+    cal = df.attrs["calibration"]
+    assert (cal["source"], cal["kind"], cal["default"], cal["seed"]) == (f"medquad-{other}", "split", True, 0)
+    assert cal["n_texts"] == 64 and cal["n_overlap_evaluated"] == 0
+
+
+def test_passage_mode_calibration_excludes_evaluated_passages(tiny):
+    ds = medquad_retrieval("dev", limit=20, corpus_factor=2)
+    # the evaluated split itself as the source: only its texts outside the sample may be drawn
+    df = medquant.evaluate("int8-static-asym", ds, model=tiny, calibration_source=medquad_retrieval("dev"),
+                           calibration_size=48, passages=True, max_words=32, stride=24, **TINY_KW)
+    from medquant.eval.datasets import split_corpus
+
+    passages, _ = split_corpus(ds.corpus, max_words=32, stride=24)
+    texts = df.attrs["calibration_texts"]
+    assert len(texts) == 48
+    assert not _keys(texts) & _keys([*ds.queries.values(), *ds.corpus.values(), *passages])
+    assert df.attrs["calibration"]["n_excluded_evaluated"] >= 20 + len(passages)
+
+
+def test_collection_without_held_out_text_needs_a_source(tiny, small):
+    from medquant.eval.calibration_data import CalibrationSourceError
+    from medquant.eval.datasets import RetrievalDataset
+
+    own = RetrievalDataset(name="notes", corpus=dict(small.corpus), queries=dict(small.queries),
+                           qrels=dict(small.qrels))
+    with pytest.raises(CalibrationSourceError, match="calibration_source"):
+        medquant.evaluate("int8-static-asym", own, model=tiny, **TINY_KW)
+    with pytest.raises(TypeError, match="not both"):
+        medquant.evaluate("int8-static-asym", own, model=tiny, calibration_texts=["a"], calibration_source="x",
+                          **TINY_KW)
+    # given texts are used as given; those that are evaluated are counted and warned about
+    given = ["heart disease research", "treatment for glaucoma", *list(small.queries.values())[:2]]
+    with pytest.warns(UserWarning, match="2 of the 4 calibration texts given are also evaluated"):
+        df = medquant.evaluate("int8-static-asym", own, model=tiny, calibration_texts=given, **TINY_KW)
+    assert df.attrs["calibration_texts"] == given
+    assert (df.attrs["calibration"]["kind"], df.attrs["calibration"]["n_overlap_evaluated"]) == ("given", 2)
+
+
+def test_read_text_file(tmp_path):
+    from medquant.eval.calibration_data import read_text_file
+    from medquant.eval.datasets import DatasetError
+
+    (tmp_path / "a.txt").write_text("first text\n\n  second text  \n")
+    assert read_text_file(tmp_path / "a.txt") == ["first text", "second text"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"title": "T", "text": "two"}\n')
+    assert read_text_file(tmp_path / "b.jsonl") == ["one", "T two"]
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(DatasetError, match="c.jsonl:2.*'text'"):
+        read_text_file(tmp_path / "c.jsonl")
+    (tmp_path / "d.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_text_file(tmp_path / "d.txt")
+
+
+# ---------------------------------------------------------------------------------------------------- run record
+def test_run_record(tiny, small):
+    from medquant.eval.runinfo import MIN_TIMED_TEXTS, ThroughputWarning
+
+    with pytest.warns(ThroughputWarning, match="query_texts_per_s \\(20 < 100 texts"):
+        df = medquant.evaluate("int8-dynamic", small, model=tiny, **TINY_KW)
+    run = df.attrs["run"]
+    assert run["max_length"] == {"fp32": 64, "int8-dynamic": 64} and list(df["max_length"]) == [64, 64]
+    assert run["threads"] == {"fp32": 1, "int8-dynamic": 1}
+    assert run["medquant_version"] == medquant.__version__ and run["cpu_isa"] == medquant.runtime_info()["cpu_isa"]
+    assert len(run["load_before"]) == 3 and run["cpus_available"] >= 1
+    counted = {(w["scheme"], w["figure"]) for w in run["throughput_warnings"] if f"< {MIN_TIMED_TEXTS} texts" in
+               w["reason"]}
+    # 40 corpus texts and 20 queries: every model figure is below the text floor, whatever the timing
+    assert counted == {(s, f) for s in ("fp32", "int8-dynamic") for f in ("corpus_texts_per_s", "query_texts_per_s")}
+
+
+def test_different_max_lengths_warn(tiny, tiny_dir, small):
+    other = medquant.Encoder.from_pretrained(tiny_dir, n_threads=1, max_length=32).quantize("int8-dynamic")
+    with pytest.warns(UserWarning, match="truncate at different lengths"):
+        df = medquant.evaluate(other, small, model=tiny, **{**TINY_KW, "max_length": None})
+    assert df.attrs["run"]["max_length"] == {"fp32": tiny.max_length, "int8-dynamic": 32}
+
+
+def test_items_tuple_forms(tiny):
+    from medquant.eval.evaluate import _as_items
+
+    # a tuple of scheme names is a list of schemes; a pair inside a list is a labelled system
+    assert [(l, s.name) for l, s in _as_items(None, ("int8-dynamic", "bf16"))] == [(None, "int8-dynamic"),
+                                                                                 (None, "bf16")]
+    assert [(l, s.name) for l, s in _as_items([("mine", "bf16")], None)] == [("mine", "bf16")]
+    assert [(l, e) for l, e in _as_items(("mine", tiny), None)] == [("mine", tiny)]

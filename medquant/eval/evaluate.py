@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -34,9 +35,13 @@ from ..model.checkpoint import DEFAULT_MODEL
 from ..model.encoder import Encoder
 from ..model.limits import finite_float, flag, positive_int, positive_int_or_none
 from ..model.limits import seed as check_seed
-from ..quant.calibration import sample_calibration_texts
+from ..model.limits import texts as check_texts
 from ..quant.quantize import calibrate_for
 from ..quant.schemes import QuantScheme, get_scheme
+from . import runinfo
+from .calibration_data import (
+    CalibrationSourceError, default_source, given_texts_info, held_out_texts, resolve_source,
+)
 from .datasets import RetrievalDataset, check_passage_window, load_beir, medquad_retrieval, split_corpus
 from .metrics import DEFAULT_KS, check_ks, evaluate_run, metric_columns, summarize
 from .retrieval import (
@@ -62,12 +67,10 @@ class EvalConfig:
     max_length : int, optional
         Token truncation length (default: the model's, 256 for all-MiniLM-L6-v2).
     calibration_size : int
-        Texts used to calibrate static int8 schemes (and SmoothQuant). Unless :func:`evaluate` is given
-        ``calibration_texts``, they are drawn with ``seed`` from the *evaluated collection itself*: half from its
-        queries, half from its corpus texts (passages in passage mode). No relevance judgement is used, but
-        calibration does see unlabelled text of the evaluation split, including some evaluation queries; to keep
-        calibration and evaluation text disjoint, pass ``calibration_texts`` drawn from another split (e.g. the
-        MedQuAD test split when reporting on dev).
+        Texts used to calibrate static int8 schemes (and SmoothQuant), drawn with ``seed`` from a held-out source
+        and never from the evaluated texts: by default MedQuAD dev is calibrated on the test split and test on
+        dev; other collections need ``calibration_source`` (see :mod:`medquant.eval.calibration_data`). Texts
+        given as ``calibration_texts`` are used as given (all of them).
     n_boot : int
         Bootstrap resamples (and sign-flip permutations) of the paired comparison with fp32.
     confidence : float
@@ -240,19 +243,41 @@ def _resolve_dataset(dataset) -> RetrievalDataset:
     raise TypeError(f"dataset must be a RetrievalDataset, got {type(dataset).__name__}")
 
 
-def _as_items(encoder_or_schemes, schemes) -> List[Union[Encoder, QuantScheme]]:
-    items: List = []
+Item = Tuple[Optional[str], Union[Encoder, QuantScheme]]
+
+
+def _as_items(encoder_or_schemes, schemes) -> List[Item]:
+    """(label or None, Encoder or QuantScheme) per given system; a system is an Encoder, a scheme (name, dict or
+    QuantScheme) or a ``(label, encoder_or_scheme)`` pair."""
+    items: List[Item] = []
     for group in (encoder_or_schemes, schemes):
         if group is None:
             continue
-        if isinstance(group, (Encoder, str, QuantScheme, dict)):
+        # a top-level (label, system) pair is one system, except two strings: a tuple of scheme names
+        if isinstance(group, (Encoder, str, QuantScheme, dict)) or (_is_labelled(group) and
+                                                                    not isinstance(group[1], str)):
             group = [group]
         for it in group:
-            if isinstance(it, Encoder):
-                items.append(it)
-            else:
-                items.append(get_scheme(it))  # raises on unknown names
+            label = None
+            if _is_labelled(it):
+                label, it = it
+                if not label.strip() or label == "fp32" or label.startswith("fp32+"):
+                    raise ValueError(f"system label {label!r} is empty or reserved ('fp32' names the baseline and "
+                                     "'fp32+...' its index rows)")
+            items.append((label, it if isinstance(it, Encoder) else get_scheme(it)))  # raises on unknown names
     return items
+
+
+def _is_labelled(it) -> bool:
+    return isinstance(it, tuple) and len(it) == 2 and isinstance(it[0], str)
+
+
+def _encoder_label(enc: Encoder) -> str:
+    """An Encoder's default label: its scheme name if it was quantized in this session, else (loaded from a
+    directory) ``<scheme>@<directory name>``, so a saved model is never mistaken for the scheme run here."""
+    if enc.reference is not None or enc.model_dir is None:
+        return enc.scheme.name
+    return f"{enc.scheme.name}@{Path(enc.model_dir).name}"
 
 
 def _unique(label: str, taken: set) -> str:
@@ -351,39 +376,51 @@ def _resolve_study(ds: RetrievalDataset, cfg: EvalConfig, show_progress_bar: Opt
     return study
 
 
-def _baseline(items: List[Union[Encoder, QuantScheme]], model: str, study: _Study) -> Encoder:
-    """The fp32 encoder: one in ``items``, else the reference of a quantized one, else ``model`` loaded."""
-    encoders = [it for it in items if isinstance(it, Encoder)]
-    baseline = next((it for it in encoders if it.is_fp32), None)
+def _baseline(items: List[Item], model: Union[str, os.PathLike, Encoder], study: _Study) -> Encoder:
+    """The fp32 encoder: ``model`` if it is an Encoder, else an unlabelled fp32 encoder in ``items``, else the
+    reference of one quantized here, else ``model`` loaded. A quantized model is never the baseline."""
+    encoders = [(label, it) for label, it in items if isinstance(it, Encoder)]
+    baseline = model if isinstance(model, Encoder) else None
     if baseline is None:
-        baseline = next((it.reference for it in encoders if it.reference is not None and it.reference.is_fp32), None)
+        baseline = next((it for label, it in encoders if label is None and it.is_fp32), None)
+    if baseline is None:
+        baseline = next((it.reference for _, it in encoders if it.reference is not None and it.reference.is_fp32),
+                        None)
     if baseline is None:
         _log(study.progress, f"loading {model} (fp32)")
         baseline = Encoder.from_pretrained(model, n_threads=study.cfg.threads)
-        for it in encoders:
-            if it.config != baseline.config:
-                raise ValueError(f"encoder {it!r} is not a quantized {model}: pass its fp32 encoder too")
+    if not baseline.is_fp32:
+        raise ValueError(f"the fp32 baseline {baseline.name} is a {baseline.scheme.name} model: a quantized model "
+                         f"cannot be the baseline. Evaluate it as a system (evaluate([Encoder.from_pretrained(path)], "
+                         f"..., model=<its fp32 model>), or medquant compare --model <its fp32 model> --system path)")
+    for _, it in encoders:
+        if it.config != baseline.config:
+            raise ValueError(f"encoder {it!r} has another architecture than the fp32 baseline {baseline.name}: "
+                             "compare it with its own fp32 model")
     return baseline
 
 
-def _systems(items, baseline: Encoder, threads: Optional[int]) -> List[Tuple[str, Any]]:
-    """(label, encoder or scheme) per system, fp32 first, duplicates dropped, labels made unique."""
+def _systems(items: List[Item], baseline: Encoder, threads: Optional[int]) -> List[Tuple[str, Any]]:
+    """(label, encoder or scheme) per system, fp32 first, unlabelled duplicates dropped, labels made unique
+    (a label given twice is an error)."""
     systems: List[Tuple[str, Any]] = [("fp32", baseline)]
     taken = {"fp32"}
     seen_schemes = set()
-    for it in items:
+    for label, it in items:
         if it is baseline:
             continue
+        if label is not None and label in taken:
+            raise ValueError(f"system label {label!r} is given twice (or names another system)")
         if isinstance(it, QuantScheme):
-            if it.name == "fp32" and it == get_scheme("fp32"):
+            if label is None and it.name == "fp32" and it == get_scheme("fp32"):
                 continue
             key = it.to_json()
-            if key in seen_schemes:
+            if label is None and key in seen_schemes:
                 continue
             seen_schemes.add(key)
-            label = _unique(it.name, taken)
+            label = label or _unique(it.name, taken)
         else:
-            label = _unique(it.scheme.name, taken)
+            label = label or _unique(_encoder_label(it), taken)
         taken.add(label)
         systems.append((label, it))
     if threads is not None:
@@ -393,20 +430,36 @@ def _systems(items, baseline: Encoder, threads: Optional[int]) -> List[Tuple[str
     return systems
 
 
-def _choose_calibration_texts(study: _Study, systems, calibration_texts: Optional[Sequence[str]]) -> None:
-    """Calibration texts when some scheme needs calibration: the given ones, else a seeded sample."""
+def _evaluated_texts(study: _Study) -> List[str]:
+    """Every text the study encodes or scores: queries, documents and (passage mode) passages."""
+    return study.query_texts + list(study.ds.corpus.values()) + (study.corpus_texts if study.cfg.passages else [])
+
+
+def _choose_calibration_texts(study: _Study, systems, calibration_texts: Optional[Sequence[str]],
+                              calibration_source) -> None:
+    """Calibration texts when some scheme needs calibration: the given ones, else a seeded sample of a held-out
+    source that excludes every evaluated text (see :mod:`medquant.eval.calibration_data`)."""
+    external = [label for label, it in systems if isinstance(it, Encoder) and it.scheme.needs_calibration]
+    if external:  # saved / given calibrated encoders: their calibration texts are not known here
+        study.calib_info["calibrated_elsewhere"] = external
     if not any(isinstance(it, QuantScheme) and it.needs_calibration for _, it in systems):
         return
     cfg, ds = study.cfg, study.ds
-    if calibration_texts is None:
-        study.calibration_texts = sample_calibration_texts(study.query_texts, study.corpus_texts,
-                                                           cfg.calibration_size, cfg.seed)
-        study.calib_info = {"n_texts": len(study.calibration_texts), "seed": cfg.seed,
-                            "source": f"seeded sample of {ds.name} queries and corpus "
-                                      f"{'passages' if cfg.passages else 'texts'} (same split as evaluated)"}
+    if calibration_texts is not None:
+        study.calibration_texts = check_texts(calibration_texts)
+        info = given_texts_info(study.calibration_texts, _evaluated_texts(study))
     else:
-        study.calibration_texts = list(calibration_texts)
-        study.calib_info = {"n_texts": len(study.calibration_texts), "source": "given"}
+        source = resolve_source(calibration_source) if calibration_source is not None else default_source(ds)
+        if source is None:
+            raise CalibrationSourceError(
+                f"a scheme needs calibration and {ds.name!r} has no held-out text medquant knows of (only MedQuAD "
+                "dev/test have one: the other split). Pass calibration_source= (a RetrievalDataset, a dataset name "
+                "or a text file) or calibration_texts= with texts that are not evaluated")
+        window = (cfg.max_words, cfg.stride) if cfg.passages else None
+        study.calibration_texts, info = held_out_texts(source, _evaluated_texts(study), cfg.calibration_size,
+                                                       cfg.seed, window)
+        info["default"] = calibration_source is None
+    study.calib_info.update(info)
 
 
 def _quantized(study: _Study, baseline: Encoder, scheme: QuantScheme, label: str, pos: str
@@ -538,7 +591,7 @@ def _run_system(study: _Study, baseline: Encoder, label: str, item, pos: str) ->
                          f"{len(study.query_texts)} queries")
     res = _encode_and_search(study, enc)
     info = {"model": str(enc.name), "model_scheme": enc.scheme.name, "index": "float32", "index_scoring": "",
-            "rescore": 0}
+            "rescore": 0, "max_length": enc._max_length(study.cfg.max_length), "threads": enc.n_threads}
     info.update(res["row"])
     info.update({"calibration_s": calib_s, "quantize_s": quant_s})
     if study.base_c is None:
@@ -569,7 +622,7 @@ _HEAD_COLUMNS = ["scheme", "model", "model_scheme", "index", "index_scoring", "r
                  "n_passages"]
 _TAIL_COLUMNS = ["overlap@10", "emb_cosine", "corpus_texts_per_s", "corpus_tokens_per_s", "query_texts_per_s",
                  "encode_corpus_s", "encode_queries_s", "search_s", "calibration_s", "quantize_s", "model_bytes",
-                 "model_disk_bytes", "index_bytes", "rescore_bytes", "embedding"]
+                 "model_disk_bytes", "index_bytes", "rescore_bytes", "max_length", "threads", "embedding"]
 
 
 def _results_frame(study: _Study) -> pd.DataFrame:
@@ -583,34 +636,67 @@ def _results_frame(study: _Study) -> pd.DataFrame:
     df.attrs["config"] = cfg.to_dict()
     df.attrs["dataset"] = study.ds.describe()
     df.attrs["calibration"] = study.calib_info
+    df.attrs["calibration_texts"] = study.calibration_texts
     return df
 
 
+def _max_lengths(study: _Study, systems: List[Tuple[str, Any]], baseline: Encoder) -> Dict[str, int]:
+    """Each system's effective truncation length (checked against its model before any work); a warning when
+    they differ, since quality and throughput are then not comparable."""
+    lengths = {label: (it if isinstance(it, Encoder) else baseline)._max_length(study.cfg.max_length)
+               for label, it in systems}
+    if len(set(lengths.values())) > 1:
+        warnings.warn(f"systems truncate at different lengths ({lengths}): their quality and throughput are not "
+                      "comparable; set max_length", UserWarning, stacklevel=3)
+    return lengths
+
+
+def _run_record(study: _Study, load_before, t0: float, max_lengths: Dict[str, int]) -> Dict[str, Any]:
+    """Where and how the run was measured: machine, load before/after, threads and max_length per system, and
+    the throughput figures timed on too small a sample (also warned about as a ThroughputWarning)."""
+    warns = runinfo.throughput_warnings(study.rows, len(study.corpus_texts), len(study.query_texts))
+    if warns:
+        warnings.warn(runinfo.describe_warnings(warns), runinfo.ThroughputWarning, stacklevel=3)
+    model_rows = [r for r in study.rows if r["index"] == "float32"]
+    return {**runinfo.machine_info(), "load_before": load_before, "load_after": runinfo.load_average(),
+            "wall_s": time.perf_counter() - t0, "threads": {r["scheme"]: r["threads"] for r in model_rows},
+            "max_length": max_lengths,
+            "throughput_rule": {"min_texts": runinfo.MIN_TIMED_TEXTS, "min_seconds": runinfo.MIN_TIMED_SECONDS},
+            "throughput_warnings": warns}
+
+
 # ---------------------------------------------------------------------------------------------------- evaluate
-def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODEL, schemes=None,
-             config: Optional[EvalConfig] = None, calibration_texts: Optional[Sequence[str]] = None,
-             show_progress_bar: Optional[bool] = None, **overrides) -> pd.DataFrame:
+def evaluate(encoder_or_schemes=None, dataset=None, *, model: Union[str, os.PathLike, Encoder] = DEFAULT_MODEL,
+             schemes=None, config: Optional[EvalConfig] = None, calibration_texts: Optional[Sequence[str]] = None,
+             calibration_source=None, show_progress_bar: Optional[bool] = None, **overrides) -> pd.DataFrame:
     """Compare quantization schemes on a retrieval collection: quality (with a paired test against fp32), encode
     throughput, model bytes and index bytes - one row per system.
 
     Parameters
     ----------
-    encoder_or_schemes : Encoder, scheme name, QuantScheme, or a list of them
+    encoder_or_schemes : Encoder, scheme name, QuantScheme, (label, system) pair, or a list of them
         Systems to evaluate. Encoders are used as given; scheme names (presets such as ``"int8-dynamic"``),
-        dicts and :class:`QuantScheme` objects are quantized from the fp32 baseline. An fp32 baseline is always
-        evaluated: an fp32 encoder in the list is reused, otherwise the ``reference`` of a given quantized encoder,
-        otherwise ``model`` is loaded.
+        dicts and :class:`QuantScheme` objects are quantized from the fp32 baseline. A system is labelled by its
+        scheme name, except an Encoder loaded quantized from a directory: ``<scheme>@<directory name>``; a
+        ``(label, system)`` pair in the list sets the label (``[("mine", enc), "int8-dynamic"]``). An fp32 baseline is always evaluated (label ``fp32``): ``model``
+        if it is an Encoder, else an unlabelled fp32 encoder in the list, else the ``reference`` of an encoder
+        quantized in this session, else ``model`` is loaded. A quantized model is never the baseline (ValueError).
     dataset : RetrievalDataset, "medquad" or a BEIR directory
         The collection (``"medquad"`` is the full MedQuAD dev split).
-    model : str
-        Model loaded for the fp32 baseline when none is given.
+    model : str, path or Encoder
+        The fp32 baseline (an fp32 Encoder, or a model name / directory loaded when no baseline is given).
     schemes : list, optional
         More schemes (same forms as ``encoder_or_schemes``).
     config : EvalConfig, optional
         Settings; keyword ``overrides`` replace single fields (``evaluate(..., n_boot=500, passages=True)``).
     calibration_texts : sequence of str, optional
-        Texts for static-int8 / SmoothQuant calibration (default: a seeded sample of the collection's queries and
-        corpus, see :class:`EvalConfig`). One calibration pass of the fp32 model is shared by every static scheme.
+        Texts for static-int8 / SmoothQuant calibration, used as given (a warning counts those that are also
+        evaluated). One calibration pass of the fp32 model is shared by every static scheme.
+    calibration_source : RetrievalDataset, dataset name, text file or CalibrationSource, optional
+        Where to draw ``calibration_size`` calibration texts from (seeded), after removing every evaluated text.
+        Default: MedQuAD dev -> the test split, test -> dev; other collections need a source or texts
+        (:class:`~medquant.eval.calibration_data.CalibrationSourceError` otherwise). See
+        :mod:`medquant.eval.calibration_data`.
     show_progress_bar : bool, optional
         tqdm bars for encoding and calibration plus one progress line per system on stderr (default: bars only
         for long inputs, no progress lines).
@@ -636,24 +722,35 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: str = DEFAULT_MODE
           written by :meth:`Encoder.save_pretrained`), ``index_bytes`` (stored corpus vectors: float32 matrix or
           quantized codes), ``rescore_bytes`` (float32 vectors read at rescoring, 0 without; they may live on
           disk);
+        * ``max_length`` (the system's effective truncation length), ``threads`` (its oneDNN threads);
         * ``embedding``: the pooling, similarity and prompts used (the model's own unless ``pooling`` overrides).
 
         ``attrs``: ``per_query`` (:class:`PerQueryResults`, system -> per-query metrics indexed by query id),
-        ``config``, ``dataset`` (:meth:`RetrievalDataset.describe`), ``calibration`` (how texts were chosen).
+        ``config``, ``dataset`` (:meth:`RetrievalDataset.describe`), ``calibration`` (where the texts came from:
+        ``source``, ``kind``, ``seed``, ``n_texts``, ``n_excluded_evaluated``, ``n_overlap_evaluated``, ``sha256``,
+        ...), ``calibration_texts`` (the texts, or None), ``run`` (machine, CPU model, oneDNN ISA, load averages
+        before / after, threads and max_length per system, ``throughput_warnings``: figures timed on fewer than
+        100 texts or under 2 s, also issued as a :class:`~medquant.eval.runinfo.ThroughputWarning`).
     """
+    load_before, t0 = runinfo.load_average(), time.perf_counter()
     cfg = dataclasses.replace(config, **overrides) if config is not None else EvalConfig(**overrides)
     if dataset is None:
         raise TypeError("evaluate() needs a dataset")
+    if calibration_texts is not None and calibration_source is not None:
+        raise TypeError("pass calibration_texts or calibration_source, not both")
     ds = _resolve_dataset(dataset)
     items = _as_items(encoder_or_schemes, schemes)
     study = _resolve_study(ds, cfg, show_progress_bar)
     baseline = _baseline(items, model, study)
     systems = _systems(items, baseline, cfg.threads)
-    _choose_calibration_texts(study, systems, calibration_texts)
+    max_lengths = _max_lengths(study, systems, baseline)
+    _choose_calibration_texts(study, systems, calibration_texts, calibration_source)
     for pos, (label, item) in enumerate(systems, 1):
         _run_system(study, baseline, label, item, f"[{pos}/{len(systems)}]")
     _compare_with_fp32(study)
-    return _results_frame(study)
+    df = _results_frame(study)
+    df.attrs["run"] = _run_record(study, load_before, t0, max_lengths)
+    return df
 
 
 __all__ = ["EvalConfig", "PerQueryResults", "evaluate", "per_query_table"]
