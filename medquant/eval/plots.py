@@ -284,10 +284,46 @@ def plot_layer_error(reports: Union[pd.DataFrame, Mapping[str, pd.DataFrame]], m
 def plot_calibration_ranges(calibration, ax=None, method: Optional[str] = None):
     """Observed activation range against the chosen clipping range per site (see
     :meth:`medquant.Calibration.plot_ranges`)."""
-    return calibration.plot_ranges(ax=ax, method=method)
+    ax = calibration.plot_ranges(ax=ax, method=method)
+    ax.set_ylabel("activation value (symmetric log scale)")
+    ax.set_title(f"activation range per site: observed and chosen ({method or calibration.method}), "
+                 f"{calibration.n_texts} calibration texts", fontsize=10)
+    return ax
+
+
+def plot_calibration_histogram(calibration, site: str, methods: Sequence[str] = ("minmax", "percentile", "entropy",
+                                                                                  "mse"), ax=None):
+    """Histogram of the values observed at one site (log counts; empty bins are left empty, not drawn at a
+    floor) with the clipping range each method in ``methods`` would choose."""
+    counts, edges = calibration.histogram(site)
+    counts = np.asarray(counts, dtype=float)
+    ax = _axes(ax, figsize=(8, 3.6))
+    ax.stairs(counts, edges, fill=True, alpha=0.5, color="#7f7f7f", label="observed values")
+    ax.set_yscale("log", nonpositive="mask")
+    nz = np.nonzero(counts > 0)[0]
+    lows, highs = [], []
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, m in enumerate(methods):
+        lo, hi = calibration.range(site, m)
+        c = colors[i % len(colors)]
+        ax.axvline(lo, color=c, ls="--", lw=1)
+        ax.axvline(hi, color=c, ls="--", lw=1, label=f"{m} [{lo:.3g}, {hi:.3g}]")
+        lows.append(lo)
+        highs.append(hi)
+    if nz.size:
+        lo = min([edges[nz[0]]] + lows)
+        hi = max([edges[nz[-1] + 1]] + highs)
+        pad = 0.03 * (hi - lo)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(0.7, counts.max() * 2)
+    ax.set_xlabel(f"activation value at {site}")
+    ax.set_ylabel("count per bin (log scale)")
+    ax.set_title(f"{int(counts.sum()):,} values observed over {calibration.n_texts} calibration texts", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    return ax
 
 
 __all__ = [
-    "describe_results", "plot_calibration_ranges", "plot_deltas", "plot_layer_error", "plot_quality_vs_size",
+    "describe_results", "plot_calibration_histogram", "plot_calibration_ranges", "plot_deltas", "plot_layer_error", "plot_quality_vs_size",
     "plot_quality_vs_throughput",
 ]
