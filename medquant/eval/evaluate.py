@@ -77,7 +77,7 @@ class EvalConfig:
     confidence : float
         Confidence level of the delta intervals (an interval excludes 0 iff ``p < 1 - confidence``).
     seed : int
-        Seeds the calibration sample and the bootstrap / permutation test.
+        Seeds the calibration sample and the resampling tests (``test="bootstrap"`` / ``"randomization"``).
     main_metrics : tuple of str
         Metrics compared with fp32 (``<metric>_delta``, ``_ci_low``, ``_ci_high``, ``_p``, ``_p_holm`` columns).
     passages : bool
