@@ -229,19 +229,37 @@ def _json_safe(obj):
 def _save_plots(df, out: Path, metric: str) -> List[Path]:
     from matplotlib.figure import Figure
 
-    from .eval.plots import plot_quality_vs_size, plot_quality_vs_throughput
+    from .eval.plots import plot_deltas, plot_quality_vs_size, plot_quality_vs_throughput
 
     paths = []
-    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
     plot_quality_vs_throughput(df, metric=metric, ax=fig.add_subplot())
     paths.append(out / "quality_vs_throughput.png")
     fig.savefig(paths[-1], dpi=120)
-    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
     plot_quality_vs_size(df, metric=metric, ax=axes, what="both")
     paths.append(out / "quality_vs_size.png")
     fig.savefig(paths[-1], dpi=120)
+    if (df["scheme"] != "fp32").any():
+        fig = Figure(figsize=(8, 0.4 * len(df) + 1.8), layout="constrained")
+        plot_deltas(df, metric=metric, ax=fig.add_subplot())
+        paths.append(out / "deltas.png")
+        fig.savefig(paths[-1], dpi=120)
     return paths
+
+
+def _save_runs(df, out: Path) -> List[Path]:
+    """TREC run files of every system's ranked lists, ``out/runs/<system>.trec``; returns ``[out/runs]`` (nothing,
+    with a warning, when an id holds whitespace and so cannot be a field of a run file)."""
+    from .eval.evaluate import write_trec_runs
+
+    try:
+        write_trec_runs(df, out / "runs")
+    except ValueError as e:
+        print(f"warning: run files not written: {e}", file=sys.stderr)
+        return []
+    return [out / "runs"]
 
 
 def _compare_config(parser, args):
@@ -411,7 +429,7 @@ def _compare(parser, args) -> int:
     }
     with open(out / "results.json", "w", encoding="utf-8") as f:
         json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
-    plots = _save_plots(df, out, args.metric)
+    plots = _save_plots(df, out, args.metric) + _save_runs(df, out)
     written = [out / "results.csv", out / "results.json", out / "per_query.csv", *plots]
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     if quick:

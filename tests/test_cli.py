@@ -20,13 +20,20 @@ def test_compare_writes_files(tmp_path, capsys):
     out = tmp_path / "res"
     rc = main(["compare", "--schemes", "fp32,int8-static-sym", "--calibration-size", "16", "--out", str(out), *FAST])
     assert rc == 0
-    for name in ("results.csv", "results.json", "per_query.csv", "quality_vs_throughput.png", "quality_vs_size.png"):
+    pngs = ("quality_vs_throughput.png", "quality_vs_size.png", "deltas.png")
+    for name in ("results.csv", "results.json", "per_query.csv", *pngs):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    for png in ("quality_vs_throughput.png", "quality_vs_size.png"):
+    for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     df = pd.read_csv(out / "results.csv")
     assert list(df["scheme"]) == ["fp32", "fp32+index-int8", "fp32+index-int8+rescore4", "fp32+index-binary",
                                   "fp32+index-binary+rescore4", "int8-static-sym"]
+    # one TREC run per system: 40 queries, 6 fields, tagged with the system
+    for scheme in df["scheme"]:
+        lines = (out / "runs" / f"{scheme}.trec").read_text().splitlines()
+        fields = [line.split() for line in lines]
+        assert len({f[0] for f in fields}) == 40 and all(len(f) == 6 and f[5] == scheme for f in fields)
+    assert {f"{m}_p_holm" for m in ("nDCG@10", "MRR@10", "R@100")} <= set(df.columns)
     assert df["calibration_s"].iloc[-1] > 0
     meta = json.loads((out / "results.json").read_text())
     assert meta["runtime_info"]["onednn_version"] == medquant.runtime_info()["onednn_version"]

@@ -40,7 +40,7 @@ def test_rows_and_columns(results, sample):
                 "query_texts_per_s", "model_bytes", "model_disk_bytes", "index_bytes", "rescore_bytes"):
         assert col in results.columns, col
     for m in MAIN:
-        for s in ("delta", "ci_low", "ci_high", "p"):
+        for s in ("delta", "ci_low", "ci_high", "p", "p_holm"):
             assert f"{m}_{s}" in results.columns
     assert (results["n_queries"] == len(sample.queries)).all()
     assert (results["n_docs"] == len(sample.corpus)).all()
@@ -70,7 +70,10 @@ def test_deltas_and_ci_consistent(results):
         for m in MAIN:
             assert row[f"{m}_delta"] == pytest.approx(row[m] - base[m], abs=1e-12)
             assert row[f"{m}_ci_low"] <= row[f"{m}_delta"] + 1e-12 <= row[f"{m}_ci_high"] + 2e-12
-            assert 1.0 / (results.attrs["config"]["n_boot"] + 1) <= row[f"{m}_p"] <= 1.0  # p's floor is 1/(n+1)
+            assert 0.0 <= row[f"{m}_p"] <= row[f"{m}_p_holm"] <= 1.0
+            # the interval and the p-value come from the same test (the paired t-test by default)
+            assert (not row[f"{m}_ci_low"] <= 0.0 <= row[f"{m}_ci_high"]) == (row[f"{m}_p"] < 0.05)
+    assert results.attrs["config"]["test"] == "ttest"
     b = results.iloc[0]
     assert b["nDCG@10_delta"] == 0.0 and b["nDCG@10_ci_low"] == 0.0 and b["nDCG@10_ci_high"] == 0.0
     assert b["nDCG@10_p"] == 1.0 and b["overlap@10"] == 1.0
@@ -110,6 +113,57 @@ def test_index_rows(results):
     # sign bits lose some ranking detail, but retrieval still works
     assert 0.3 < r.loc["fp32+index-binary", "overlap@10"] < 1.0
     assert r.loc["fp32+index-binary", "nDCG@10"] > 0.7
+
+
+def test_holm_over_the_systems_compared(results):
+    """``<m>_p_holm``: Holm over every system but fp32 (5 here), per metric; fp32's own is its p (1)."""
+    others = results[results["scheme"] != "fp32"]
+    assert len(others) == 5
+    for m in MAIN:
+        p = others[f"{m}_p"].to_numpy()
+        order = np.argsort(p, kind="stable")
+        expected = np.empty(5)
+        expected[order] = np.minimum(1, np.maximum.accumulate((5 - np.arange(5)) * p[order]))
+        assert others[f"{m}_p_holm"].to_numpy() == pytest.approx(expected, rel=1e-12)
+        assert results[f"{m}_p_holm"].iloc[0] == results[f"{m}_p"].iloc[0] == 1.0
+
+
+def test_other_tests_selectable(minilm, sample):
+    df = medquant.evaluate(minilm, sample, max_length=MAX_LENGTH, n_boot=300, test="randomization", index_kinds=("int8",),
+                           rescore_multiplier=0, measure_disk=False, warmup=False)
+    row = df.set_index("scheme").loc["fp32+index-int8"]
+    assert row["nDCG@10_p"] >= 1 / 301 and df.attrs["config"]["test"] == "randomization"
+    with pytest.raises(ValueError, match="test must be one of"):
+        EvalConfig(test="wilcoxon")
+
+
+def test_trec_run_files(results, sample, tmp_path):
+    """runs/<system>.trec in the 6-column format parse with pytrec_eval and score the table's nDCG@10."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from medquant.eval.evaluate import write_trec_runs
+
+    paths = write_trec_runs(results, tmp_path / "runs")
+    assert [p.name for p in paths] == [f"{s}.trec" for s in results["scheme"]]
+    qrels = {q: dict(j) for q, j in sample.qrels.items() if j}
+    table = results.set_index("scheme")
+    for path in paths:
+        system = path.stem
+        lines = [line.split() for line in path.read_text().splitlines()]
+        assert all(len(f) == 6 and f[1] == "Q0" and f[5] == system for f in lines)
+        by_query = {}
+        for qid, _, doc, rank, score, _ in lines:
+            by_query.setdefault(qid, []).append((int(rank), float(score), doc))
+        assert set(by_query) == set(sample.queries)
+        for ranked in by_query.values():
+            assert [r for r, _, _ in ranked] == list(range(1, len(ranked) + 1)) and len(ranked) <= 100
+            # strictly decreasing in single precision (as trec_eval compares): no tie left to break by doc id
+            assert all(np.float32(a[1]) > np.float32(b[1]) for a, b in zip(ranked, ranked[1:]))
+        with open(path) as f:
+            run = pytrec_eval.parse_run(f)
+        ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+        assert np.mean([v["ndcg_cut_10"] for v in ev.values()]) == pytest.approx(table.loc[system, "nDCG@10"],
+                                                                                abs=1e-12)
+        assert np.mean([v["recall_100"] for v in ev.values()]) == pytest.approx(table.loc[system, "R@100"], abs=1e-12)
 
 
 def test_per_query(results, sample):

@@ -31,3 +31,34 @@ def test_notebook_runs(path, monkeypatch):
     client.execute()  # raises CellExecutionError with the failing cell and traceback
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+
+
+def test_progress_bars_in_a_kernel_without_ipywidgets(monkeypatch):
+    """tqdm.auto would fall back to a text bar refreshing every 0.1 s, each refresh one more notebook output; in a
+    kernel without ipywidgets medquant's bars refresh at most every NOTEBOOK_TEXT_INTERVAL seconds. Outside a
+    kernel they are tqdm's plain bars with tqdm's defaults."""
+    import importlib.util
+    import io
+    import sys
+    import types
+
+    from tqdm.std import tqdm as text_bar
+
+    from medquant import _progress
+
+    plain = _progress.tqdm(range(3), file=io.StringIO())
+    assert type(plain) is text_bar and plain.mininterval == 0.1 and not _progress.in_notebook_kernel()
+    shell = types.SimpleNamespace(config={"IPKernelApp": {}})
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets"
+                        else real_find_spec(name, *a))
+    assert _progress.in_notebook_kernel()
+    out = io.StringIO()
+    bar = _progress.tqdm(range(200), file=out, desc="encode")
+    assert type(bar) is text_bar and bar.mininterval == _progress.NOTEBOOK_TEXT_INTERVAL == 30.0
+    assert sum(1 for _ in bar) == 200
+    bar.close()
+    assert out.getvalue().count("\r") <= 3  # first state, (maybe one refresh,) final state
+    shell.config = {}  # terminal IPython: not a kernel
+    assert not _progress.in_notebook_kernel()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -46,8 +47,9 @@ from .datasets import RetrievalDataset, check_passage_window, load_beir, medquad
 from .metrics import DEFAULT_KS, check_ks, evaluate_run, metric_columns, summarize
 from .retrieval import (
     INDEX_KINDS, check_index_kind, check_index_scoring, quantize_index, run_from_search, search, search_passages,
+    write_trec_run,
 )
-from .stats import paired_comparison
+from .stats import TESTS, holm_adjust, paired_comparison
 from ..model.sentence import check_pooling
 
 
@@ -72,13 +74,16 @@ class EvalConfig:
         dev; other collections need ``calibration_source`` (see :mod:`medquant.eval.calibration_data`). Texts
         given as ``calibration_texts`` are used as given (all of them).
     n_boot : int
-        Bootstrap resamples (and sign-flip permutations) of the paired comparison with fp32.
+        Resamples of the paired comparison with fp32 when ``test`` is ``"bootstrap"`` or ``"randomization"``.
+    test : {"ttest", "randomization", "bootstrap"}
+        Paired test of every delta; its interval and p-value come from the same test (see
+        :mod:`medquant.eval.stats`; the default paired t-test is deterministic and has no resampling floor).
     confidence : float
-        Confidence level of the delta intervals.
+        Confidence level of the delta intervals (an interval excludes 0 iff ``p < 1 - confidence``).
     seed : int
-        Seeds the calibration sample and the bootstrap / permutation test.
+        Seeds the calibration sample and the resampling tests (``test="bootstrap"`` / ``"randomization"``).
     main_metrics : tuple of str
-        Metrics compared with fp32 (``<metric>_delta``, ``_ci_low``, ``_ci_high``, ``_p`` columns).
+        Metrics compared with fp32 (``<metric>_delta``, ``_ci_low``, ``_ci_high``, ``_p``, ``_p_holm`` columns).
     passages : bool
         Split documents into overlapping word windows (``max_words`` / ``stride``), embed every passage and score
         a document by its best passage (max-pooling). Index rows then search the top ``8 * k`` passages of the
@@ -114,6 +119,7 @@ class EvalConfig:
     max_length: Optional[int] = None
     calibration_size: int = 256
     n_boot: int = 2000
+    test: str = "ttest"
     confidence: float = 0.95
     seed: int = 0
     main_metrics: Tuple[str, ...] = ("nDCG@10", "MRR@10", "R@100")
@@ -136,6 +142,8 @@ class EvalConfig:
         for name in ("batch_size", "calibration_size", "n_boot", "max_words", "stride"):
             setattr(self, name, positive_int(getattr(self, name), name))
         self.max_length = positive_int_or_none(self.max_length, "max_length")  # the model's range: at load
+        if self.test not in TESTS:
+            raise ValueError(f"test must be one of {', '.join(TESTS)}, got {self.test!r}")
         self.confidence = finite_float(self.confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True)
         self.seed = check_seed(self.seed)
         for name in ("passages", "warmup", "measure_disk"):
@@ -183,10 +191,19 @@ class PerQueryResults(dict):
 
     A plain dict apart from two things that keep it cheap inside ``DataFrame.attrs``: pandas' deep copies of
     ``attrs`` share it instead of copying every table, and equality is identity. ``metadata`` holds the dataset's
-    per-query metadata (e.g. MedQuAD ``source`` / ``qtype``) or None.
+    per-query metadata (e.g. MedQuAD ``source`` / ``qtype``) or None. ``rankings`` holds each system's ranked
+    lists as evaluated, ``{system: (scores, rows)}`` (arrays of shape (queries, k); ``rows`` index ``doc_ids``,
+    -1 = no document), for the queries ``query_ids``; :func:`trec_run` turns one into a run.
     """
 
     metadata: Optional[pd.DataFrame] = None
+    rankings: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    query_ids: Sequence[str] = ()
+    doc_ids: Sequence[str] = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rankings = {}
 
     def __deepcopy__(self, memo):
         return self
@@ -373,6 +390,7 @@ def _resolve_study(ds: RetrievalDataset, cfg: EvalConfig, show_progress_bar: Opt
                    k=min(cfg.k, len(ds.doc_ids)), progress=bool(show_progress_bar),
                    show_progress_bar=show_progress_bar)
     study.per_query.metadata = ds.metadata
+    study.per_query.query_ids, study.per_query.doc_ids = qids, study.doc_ids
     return study
 
 
@@ -547,6 +565,7 @@ def _add_row(study: _Study, label: str, info: Dict[str, Any], scores: np.ndarray
                           preserve_order=True)
     pq = evaluate_run(study.qrels, run, study.cfg.ks)
     study.per_query[label] = pq
+    study.per_query.rankings[label] = (scores, idx)
     row = {"scheme": label}
     row.update(info)
     row.update({"n_queries": len(pq), "n_docs": len(study.doc_ids), "n_passages": len(study.corpus_texts)})
@@ -605,17 +624,19 @@ def _run_system(study: _Study, baseline: Encoder, label: str, item, pos: str) ->
 
 
 def _compare_with_fp32(study: _Study) -> None:
-    """Paired comparison of every row's main metrics with fp32 (delta, CI, p)."""
+    """Paired comparison of every row's main metrics with fp32 (delta, CI, p), and per metric the Holm-adjusted
+    p-values over the systems compared (every row but fp32's own, whose ``_p_holm`` is its ``_p``)."""
     cfg = study.cfg
     base_pq = study.per_query["fp32"]
-    for row in study.rows:
-        pq = study.per_query[row["scheme"]]
-        for m in cfg.main_metrics:
-            c = paired_comparison(base_pq[m], pq[m], n_boot=cfg.n_boot, seed=cfg.seed, confidence=cfg.confidence)
-            row[f"{m}_delta"] = c.delta
-            row[f"{m}_ci_low"] = c.ci_low
-            row[f"{m}_ci_high"] = c.ci_high
-            row[f"{m}_p"] = c.p_value
+    family = [row for row in study.rows if row["scheme"] != "fp32"]
+    for m in cfg.main_metrics:
+        for row in study.rows:
+            c = paired_comparison(base_pq[m], study.per_query[row["scheme"]][m], n_boot=cfg.n_boot, seed=cfg.seed,
+                                  test=cfg.test, confidence=cfg.confidence)
+            row.update({f"{m}_delta": c.delta, f"{m}_ci_low": c.ci_low, f"{m}_ci_high": c.ci_high,
+                        f"{m}_p": c.p_value, f"{m}_p_holm": c.p_value})
+        for row, p in zip(family, holm_adjust([row[f"{m}_p"] for row in family])):
+            row[f"{m}_p_holm"] = float(p)
 
 
 _HEAD_COLUMNS = ["scheme", "model", "model_scheme", "index", "index_scoring", "rescore", "n_queries", "n_docs",
@@ -630,7 +651,7 @@ def _results_frame(study: _Study) -> pd.DataFrame:
     cfg = study.cfg
     df = pd.DataFrame(study.rows)
     metrics = [c for c in metric_columns(cfg.ks) if c in df.columns]
-    deltas = [f"{m}_{s}" for m in cfg.main_metrics for s in ("delta", "ci_low", "ci_high", "p")]
+    deltas = [f"{m}_{s}" for m in cfg.main_metrics for s in ("delta", "ci_low", "ci_high", "p", "p_holm")]
     df = df[_HEAD_COLUMNS + metrics + deltas + _TAIL_COLUMNS]
     df.attrs["per_query"] = study.per_query
     df.attrs["config"] = cfg.to_dict()
@@ -711,7 +732,9 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: Union[str, os.Path
           (candidate multiplier, 0 = none), ``n_queries``, ``n_docs``, ``n_passages``;
         * every metric of :func:`medquant.eval.metrics.evaluate_run` (mean over judged queries);
         * for each of ``config.main_metrics``: ``<m>_delta`` (system - fp32), ``<m>_ci_low`` / ``<m>_ci_high``
-          (paired percentile bootstrap over queries) and ``<m>_p`` (two-sided paired randomization test);
+          (its confidence interval) and ``<m>_p`` (two-sided p-value), both from the paired test ``config.test``
+          over queries (default the paired t-test), and ``<m>_p_holm`` (``<m>_p`` Holm-adjusted over the systems
+          compared with fp32 in this call);
         * ``overlap@10`` (fraction of fp32's top-10 retrieved in the system's top-10), ``emb_cosine`` (mean cosine
           of the system's and fp32's corpus embeddings; NaN for index rows);
         * ``corpus_texts_per_s``, ``corpus_tokens_per_s``, ``query_texts_per_s`` (encode throughput, timed
@@ -725,7 +748,8 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: Union[str, os.Path
         * ``max_length`` (the system's effective truncation length), ``threads`` (its oneDNN threads);
         * ``embedding``: the pooling, similarity and prompts used (the model's own unless ``pooling`` overrides).
 
-        ``attrs``: ``per_query`` (:class:`PerQueryResults`, system -> per-query metrics indexed by query id),
+        ``attrs``: ``per_query`` (:class:`PerQueryResults`, system -> per-query metrics indexed by query id, and
+        the ranked lists: :func:`trec_run`, :func:`write_trec_runs`),
         ``config``, ``dataset`` (:meth:`RetrievalDataset.describe`), ``calibration`` (where the texts came from:
         ``source``, ``kind``, ``seed``, ``n_texts``, ``n_excluded_evaluated``, ``n_overlap_evaluated``, ``sha256``,
         ...), ``calibration_texts`` (the texts, or None), ``run`` (machine, CPU model, oneDNN ISA, load averages
@@ -753,4 +777,60 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: Union[str, os.Path
     return df
 
 
-__all__ = ["EvalConfig", "PerQueryResults", "evaluate", "per_query_table"]
+# ---------------------------------------------------------------------------------------------------- run files
+def _per_query_results(results: Union[pd.DataFrame, PerQueryResults]) -> PerQueryResults:
+    pq = results.attrs.get("per_query") if isinstance(results, pd.DataFrame) else results
+    if not isinstance(pq, PerQueryResults) or not pq.rankings:
+        raise ValueError("no ranked lists: pass the DataFrame returned by evaluate() (or its attrs['per_query'])")
+    return pq
+
+
+def trec_run(results: Union[pd.DataFrame, PerQueryResults], system: str) -> Dict[str, Dict[str, float]]:
+    """One system's ranked lists, as evaluated, as a run ``{query id: {doc id: score}}``.
+
+    The scores are the search scores as float32, each lowered by one float32 ulp below the one ranked above where
+    the search tied (trec_eval / pytrec_eval compare scores in single precision), so that trec_eval's order (score
+    descending, then doc id descending) is exactly the evaluated order and the run scores the same as the table.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        :func:`evaluate` output (or its ``attrs["per_query"]``).
+    system : str
+        A ``scheme`` value of the results.
+    """
+    pq = _per_query_results(results)
+    if system not in pq.rankings:
+        raise KeyError(f"no system {system!r}; systems: {', '.join(pq.rankings)}")
+    scores, idx = pq.rankings[system]
+    s = np.where(idx >= 0, scores, -np.inf).astype(np.float32)
+    for j in range(1, s.shape[1]):
+        s[:, j] = np.minimum(s[:, j], np.nextafter(s[:, j - 1], np.float32(-np.inf)))
+    return run_from_search(s, np.maximum(idx, 0), pq.query_ids, pq.doc_ids)
+
+
+def run_file_name(system: str) -> str:
+    """File stem and TREC tag of a system's run: its name with characters other than letters, digits and
+    ``._+#=-`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+#=-]", "_", str(system)) or "_"
+
+
+def write_trec_runs(results: Union[pd.DataFrame, PerQueryResults], directory: Union[str, os.PathLike]
+                    ) -> List[Path]:
+    """Write every system's run as ``<directory>/<system>.trec`` (``qid Q0 docid rank score tag``, tag = the file
+    stem, see :func:`run_file_name`); returns the paths. Systems whose names map to the same file get ``#2``, ..."""
+    pq = _per_query_results(results)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: List[Path] = []
+    taken: set = set()
+    for system in pq.rankings:
+        name = _unique(run_file_name(system), taken)
+        taken.add(name)
+        paths.append(directory / f"{name}.trec")
+        write_trec_run(trec_run(pq, system), paths[-1], tag=name)
+    return paths
+
+
+__all__ = ["EvalConfig", "PerQueryResults", "evaluate", "per_query_table", "run_file_name", "trec_run",
+           "write_trec_runs"]

@@ -221,7 +221,7 @@ class Encoder:
         if show_progress_bar is None:
             show_progress_bar = len(starts) >= auto_progress
         if show_progress_bar:
-            from tqdm.auto import tqdm
+            from .._progress import tqdm
 
             starts = tqdm(starts, desc=desc, unit="batch")
 
