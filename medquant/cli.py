@@ -66,12 +66,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _compare_parser(sub, presets: str) -> None:
     from .eval.retrieval import INDEX_SCORINGS
+    from .eval.stats import DEFAULT_TEST, TESTS
+    from .model.sentence import POOLING_MODES
     from .model.checkpoint import DEFAULT_MODEL
 
     c = sub.add_parser("compare", help="evaluate quantization schemes on a retrieval collection",
                        description="Encode a collection with fp32 and every scheme, compare retrieval quality with "
-                                   "fp32 (paired bootstrap CI and randomization test), measure throughput and bytes, "
-                                   "and write results.csv, results.json, per_query.csv and two PNG plots.")
+                                   "fp32 (one paired test gives each delta's CI and p-value, Holm-adjusted over the "
+                                   "systems), measure throughput and bytes, and write results.csv, results.json, "
+                                   "per_query.csv, TREC run files (runs/) and three PNG plots.")
     c.add_argument("--model", default=DEFAULT_MODEL,
                    help="the fp32 baseline: model name or directory (default %(default)s); a quantized save is "
                         "refused: compare it with --system")
@@ -94,14 +97,20 @@ def _compare_parser(sub, presets: str) -> None:
     c.add_argument("--threads", type=int, default=None, help="oneDNN threads (default: all available cores)")
     c.add_argument("--out", default="results", help="output directory (default %(default)s/)")
     c.add_argument("--seed", type=int, default=13,
-                   help="seed of the --limit sample, the calibration sample and the bootstrap (default 13; the "
-                        "MedQuAD dev/test document split is fixed)")
+                   help="seed of the --limit sample, the calibration sample and the resampling tests (default 13; "
+                        "the MedQuAD dev/test document split is fixed)")
     c.add_argument("--calibration-size", type=int, default=256,
                    help="calibration texts for static schemes, half queries and half corpus texts (default 256); "
                         + CALIBRATION_RULE)
     _calibration_flags(c, "MedQuAD: dev, test or all; BEIR: a qrels split (its queries and the corpus), minus "
                           "the evaluated texts")
-    c.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    c.add_argument("--test", choices=TESTS, default=DEFAULT_TEST,
+                   help="paired test of every delta vs fp32; its CI and p-value come from the same test "
+                        "(default %(default)s)")
+    c.add_argument("--n-boot", type=int, default=2000,
+                   help="resamples of --test bootstrap / randomization (default 2000)")
+    c.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                   help="pooling of every model (default: each model's own, from its sentence-transformers files)")
     c.add_argument("--index-kinds", default="int8,binary",
                    help="quantized corpus indexes of the fp32 embeddings: int8, binary, comma-separated, or none")
     c.add_argument("--index-scoring", choices=INDEX_SCORINGS, default="codes",
@@ -284,7 +293,8 @@ def _compare_config(parser, args):
         cfg = EvalConfig(batch_size=args.batch_size, max_length=args.max_length, calibration_size=args.calibration_size,
                          n_boot=args.n_boot, seed=args.seed, passages=args.passages, max_words=args.max_words,
                          stride=args.stride, index_kinds=tuple(kinds), index_scoring=args.index_scoring,
-                         rescore_multiplier=args.rescore_multiplier or None, threads=args.threads)
+                         rescore_multiplier=args.rescore_multiplier or None, threads=args.threads,
+                         test=args.test, pooling=args.pooling)
     except ValueError as e:
         parser.error(str(e))
     if args.metric not in cfg.main_metrics:
@@ -411,6 +421,9 @@ def _compare(parser, args) -> int:
 
     with pd.option_context("display.width", 200):
         print(_fmt_table(df))
+    for embedding, rows in df.groupby("embedding", sort=False)["scheme"]:
+        which = "every system" if len(rows) == len(df) else ", ".join(rows)
+        print(f"embeddings ({which}): {embedding}")
     df.to_csv(out / "results.csv", index=False)
     per_query_table(df).to_csv(out / "per_query.csv", index=False)
     payload = {
