@@ -87,10 +87,17 @@ class _Graph:
         return f"{hint}_{self.n}"
 
     def const(self, name: str, value, dtype=np.float32) -> str:
-        """An initializer from a numpy value (``dtype`` may be an ml_dtypes type such as bfloat16 or int4)."""
+        """An initializer from a numpy value."""
         from onnx import numpy_helper
 
-        self.initializers.append(numpy_helper.from_array(np.asarray(value).astype(dtype), name))
+        self.initializers.append(numpy_helper.from_array(np.asarray(value).astype(dtype, order="C"), name))
+        return name
+
+    def raw(self, name: str, onnx_type: int, dims: Sequence[int], data: bytes) -> str:
+        """An initializer of an ONNX type numpy has no dtype for (bfloat16, int4), from its raw little-endian bytes."""
+        from onnx import helper
+
+        self.initializers.append(helper.make_tensor(name, onnx_type, list(dims), data, raw=True))
         return name
 
     def op(self, op_type: str, inputs: Sequence[str], hint: Optional[str] = None, n_out: int = 1,
@@ -183,11 +190,17 @@ def _fp32_weight(c: _Ctx, name: str, spec: Dict) -> str:
     return c.g.const(name + ".weight_t", c.storage[name + ".weight"].T)
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even as the core converts (finite values)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 def _bf16_weight(c: _Ctx, name: str, spec: Dict) -> str:
-    import ml_dtypes
     from onnx import TensorProto
 
-    w = c.g.const(name + ".weight_t_bf16", c.storage[name + ".weight"].T, ml_dtypes.bfloat16)  # round to nearest even
+    wt = c.storage[name + ".weight"].T
+    w = c.g.raw(name + ".weight_t_bf16", TensorProto.BFLOAT16, wt.shape, bf16_bits(wt).astype("<u2").tobytes())
     return c.g.op("Cast", [w], hint="weight", to=TensorProto.FLOAT)
 
 
@@ -213,15 +226,24 @@ def unpack_s4(packed: np.ndarray) -> np.ndarray:
     return q
 
 
+def pack_int4(q: np.ndarray) -> bytes:
+    """ONNX INT4 raw data: the values (in [-8, 7]) in row-major order, two's complement, two per byte, the first in
+    the low nibble."""
+    flat = (np.ascontiguousarray(q).reshape(-1).astype(np.int8) & 15).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
 def _s4_weight(c: _Ctx, name: str, spec: Dict) -> str:
     """INT4 [K, N] with blocked DequantizeLinear along K (block_size = group_size), scales [K / group, N]."""
-    import ml_dtypes
+    from onnx import TensorProto
 
     q = unpack_s4(c.storage[name + ".weight"])
     n, k = q.shape
     group = int(spec["group_size"])
     scales = c.storage[name + ".weight_scale"].reshape(n, k // group).T
-    qt = c.g.const(name + ".weight_t_int4", q.T, ml_dtypes.int4)
+    qt = c.g.raw(name + ".weight_t_int4", TensorProto.INT4, (k, n), pack_int4(q.T))
     st = c.g.const(name + ".weight_scale", scales)
     return c.g.op("DequantizeLinear", [qt, st], hint="weight", axis=0, block_size=group)
 
@@ -443,5 +465,5 @@ def export_onnx(encoder: "Encoder", path: Union[str, os.PathLike], *, pooling: O
     return out
 
 
-__all__ = ["INPUT_NAMES", "KIND_EXPORTS", "OPSET", "ORT_SESSION_CONFIG", "OUTPUT_NAMES", "build_model",
-           "check_exportable", "export_onnx", "unpack_s4"]
+__all__ = ["INPUT_NAMES", "KIND_EXPORTS", "OPSET", "ORT_SESSION_CONFIG", "OUTPUT_NAMES", "bf16_bits", "build_model",
+           "check_exportable", "export_onnx", "pack_int4", "unpack_s4"]
