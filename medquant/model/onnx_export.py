@@ -36,10 +36,11 @@ the same integers; the remaining differences are float32 summation order (oneDNN
 Batch semantics: dynamic int8 takes its range per call over the non-padding tokens of the whole batch, in medquant per
 call into the C core and here per ONNX Runtime run; the same batch gives the same ranges.
 
-ONNX Runtime note: with its default graph optimizations, ORT fuses a blocked int4 DequantizeLinear + MatMul into
-MatMulNBits whose default accuracy level (4) quantizes the *activations* to int8, which medquant's w4 (fp32
-activations) does not: set the session config ``session.qdq_matmulnbits_accuracy_level`` to ``"0"`` (the exported
-model records this in its metadata, ``ORT_SESSION_CONFIG``).
+ONNX Runtime note: with its default graph optimizations, ORT fuses a DequantizeLinear'd int4 or int8 weight whose
+MatMul input is a plain float (w4, w8, and int8 dynamic-token, whose dequantized input is computed in plain ops) into
+MatMulNBits, whose default accuracy level (4) quantizes those *activations* to int8 once more, which medquant does
+not: set the session config ``session.qdq_matmulnbits_accuracy_level`` to ``"0"`` (the exported model records this
+in its metadata, ``ORT_SESSION_CONFIG``).
 """
 from __future__ import annotations
 
