@@ -55,7 +55,7 @@ import numpy as np
 
 from . import limits
 from .architectures import (
-    EMBEDDING_LAYER_NORM, LAYER_NORMS, LAYER_PREFIX, POSITION_EMBEDDINGS, TOKEN_TYPE_EMBEDDINGS,
+    EMBEDDING_LAYER_NORM, LAYER_NORMS, LAYER_PREFIX, POSITION_EMBEDDINGS, SITE_SUFFIXES, TOKEN_TYPE_EMBEDDINGS,
     WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, site_name,
 )
 
@@ -302,14 +302,14 @@ def _layer_norm(c: _Ctx, prefix: str, x: str, eps: float) -> str:
 
 def _embeddings(c: _Ctx, eps: float) -> str:
     """word + position + token type embeddings, then their LayerNorm: [B, S, H]."""
+    from onnx import TensorProto
+
     g, st = c.g, c.storage
     ids = INPUT_NAMES[0]
     if WORD_EMBEDDING_SCALES in st:  # int8 rows: gather, then (float)q * row scale
         rows = g.op("Gather", [g.const(WORD_EMBEDDINGS + "_int8", st[WORD_EMBEDDINGS], np.int8), ids], axis=0)
         scales = g.op("Gather", [g.const(WORD_EMBEDDING_SCALES, st[WORD_EMBEDDING_SCALES]), ids], axis=0)
         scales = g.op("Unsqueeze", [scales, c.axes(-1)])
-        from onnx import TensorProto
-
         word = g.op("Mul", [g.op("Cast", [rows], to=TensorProto.FLOAT), scales], hint="word")
     else:
         word = g.op("Gather", [g.const(WORD_EMBEDDINGS, st[WORD_EMBEDDINGS]), ids], hint="word", axis=0)
@@ -338,7 +338,7 @@ def _attention(c: _Ctx, qkv: str, mask_add: str, heads: int, hidden: int) -> str
 
 def _layer(c: _Ctx, encoder: "Encoder", i: int, x: str, mask_add: str) -> str:
     cfg, sites = encoder.config, encoder._sites
-    names = [site_name(i, s) for s in range(4)]
+    names = [site_name(i, s) for s in range(len(SITE_SUFFIXES))]
     qkv = _site(c, names[0], sites[names[0]], x)
     ctx = _attention(c, qkv, mask_add, cfg.num_attention_heads, cfg.hidden_size)
     x = c.g.op("Add", [_site(c, names[1], sites[names[1]], ctx), x], out=names[1] + ".residual")
@@ -396,7 +396,7 @@ def build_model(encoder: "Encoder", pooling: str = "mean", normalize: bool = Tru
                helper.make_tensor_value_info(OUTPUT_NAMES[1], TensorProto.FLOAT, ["batch", cfg.hidden_size])]
     graph = helper.make_graph(c.g.nodes, f"medquant_{encoder.scheme.name}", inputs, outputs, c.g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", OPSET)], producer_name="medquant")
-    model.ir_version = 10  # opset 21; readable by onnxruntime >= 1.17 (a newer onnx would write a newer IR)
+    model.ir_version = 10  # the IR of opset 21 (onnxruntime >= 1.18); a newer onnx would write a newer one
     from .. import __version__
 
     helper.set_model_props(model, {
@@ -442,7 +442,8 @@ def _write(model, out: Path) -> None:
 def export_onnx(encoder: "Encoder", path: Union[str, os.PathLike], *, pooling: Optional[str] = None,
                 normalize: Optional[bool] = None, overwrite: bool = False) -> Path:
     """Write ``encoder`` as an ONNX model file (opset 21) with inputs input_ids, attention_mask, token_type_ids
-    (int64 [batch, sequence], right- or left-padded; mask 1 for tokens, 0 for padding) and outputs
+    (int64 [batch, sequence], right-padded as ``Encoder.tokenize`` gives them; mask 1 for tokens, 0 for padding;
+    positions count from 0 at the first column) and outputs
     last_hidden_state [batch, sequence, hidden] (padding rows zero, as ``Encoder.forward``) and sentence_embedding
     [batch, hidden] (``pooling`` 'mean' over the mask or 'cls', L2-normalized if ``normalize``; None: the defaults
     of ``Encoder.encode``, mean and True). Quantized encoders become QDQ graphs with medquant's own scales and zero
@@ -456,7 +457,6 @@ def export_onnx(encoder: "Encoder", path: Union[str, os.PathLike], *, pooling: O
     normalize = True if normalize is None else limits.flag(normalize, "normalize")
     overwrite = limits.flag(overwrite, "overwrite")
     out = _target(path, overwrite)
-    check_exportable(encoder)
     model = build_model(encoder, pooling, normalize)
     size = model.ByteSize()
     if size > MAX_PROTO_BYTES:
