@@ -466,6 +466,14 @@ class Encoder:
                               storage=self._storage, sites=self._sites, fp32=self._fp32, model_dir=self.model_dir,
                               overwrite=overwrite)
 
+    def export_onnx(self, path: Union[str, os.PathLike], *, pooling: Optional[str] = None,
+                    normalize: Optional[bool] = None, overwrite: bool = False) -> Path:
+        """Write this encoder as an ONNX model (see :func:`medquant.model.onnx_export.export_onnx`): fp32 as a plain
+        graph, quantized as a QDQ graph with medquant's own scales and zero points. Needs the ``onnx`` package."""
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, path, pooling=pooling, normalize=normalize, overwrite=overwrite)
+
 
 def _one_flag(normalize, normalize_embeddings) -> Optional[bool]:
     """normalize and its sentence-transformers name: at most one value (None: the model's)."""
