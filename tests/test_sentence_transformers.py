@@ -15,9 +15,10 @@ import pytest
 import medquant
 from medquant import CheckpointError
 from medquant.eval.retrieval import quantize_embeddings
+from conftest import require
 from tiny_bert import write_tiny_bert
 
-st = pytest.importorskip("sentence_transformers")
+st = require("sentence_transformers")
 
 TEXTS = ["What are the symptoms of glaucoma?", "Glaucoma is a group of diseases that damage the optic nerve.",
          "HEART disease", "x", "How many people are affected by diabetes? " * 6]
@@ -141,7 +142,7 @@ def test_unsupported_sentence_configs_are_refused(tmp_path, minilm_dir, kwargs, 
 
 
 def test_quantized_save_refused_by_hugging_face_fp32_save_loads(tmp_path, minilm_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     import torch
 
     d = write_st_model(tmp_path / "cls", minilm_dir, pooling="cls", normalize=True, prompts={"query": "q: "})
