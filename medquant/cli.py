@@ -214,6 +214,8 @@ def _fmt_table(df) -> str:
         t["nDCG@10_delta"] = df["nDCG@10_delta"].map("{:+.4f}".format)
         t["nDCG@10_ci"] = [f"[{a:+.4f}, {b:+.4f}]" for a, b in zip(df["nDCG@10_ci_low"], df["nDCG@10_ci_high"])]
         t["nDCG@10_p"] = df["nDCG@10_p"].map("{:.3g}".format)
+        if "nDCG@10_p_holm" in df:
+            t["p_holm"] = df["nDCG@10_p_holm"].map("{:.3g}".format)
     for m in ("MRR@10", "R@100", "overlap@10"):
         if m in df:
             t[m] = df[m].map("{:.4f}".format)
