@@ -323,7 +323,7 @@ def _load_models(parser, args, systems: Sequence[tuple]):
     """The fp32 baseline (--model; a quantized save is refused) and the --system encoders as (label, encoder):
     LABEL, else ``<saved scheme>@<directory name>`` (made unique)."""
     from . import Encoder
-    from .eval.evaluate import _encoder_label, _unique
+    from .eval.evaluate import encoder_label, unique_label
     from .model.limits import max_length
 
     def load(flag: str, path: str):
@@ -350,7 +350,7 @@ def _load_models(parser, args, systems: Sequence[tuple]):
             parser.error(f"--system {path} has another architecture than --model {args.model}: give its own fp32 "
                          "model as --model")
         if label is None:
-            label = _unique(_encoder_label(enc), taken)
+            label = unique_label(encoder_label(enc), taken)
             taken.add(label)
         encoders.append((label, enc))
     return baseline, encoders

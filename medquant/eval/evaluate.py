@@ -289,7 +289,7 @@ def _is_labelled(it) -> bool:
     return isinstance(it, tuple) and len(it) == 2 and isinstance(it[0], str)
 
 
-def _encoder_label(enc: Encoder) -> str:
+def encoder_label(enc: Encoder) -> str:
     """An Encoder's default label: its scheme name if it was quantized in this session, else (loaded from a
     directory) ``<scheme>@<directory name>``, so a saved model is never mistaken for the scheme run here."""
     if enc.reference is not None or enc.model_dir is None:
@@ -297,7 +297,7 @@ def _encoder_label(enc: Encoder) -> str:
     return f"{enc.scheme.name}@{Path(enc.model_dir).name}"
 
 
-def _unique(label: str, taken: set) -> str:
+def unique_label(label: str, taken: set) -> str:
     if label not in taken:
         return label
     i = 2
@@ -436,9 +436,9 @@ def _systems(items: List[Item], baseline: Encoder, threads: Optional[int]) -> Li
             if label is None and key in seen_schemes:
                 continue
             seen_schemes.add(key)
-            label = label or _unique(it.name, taken)
+            label = label or unique_label(it.name, taken)
         else:
-            label = label or _unique(_encoder_label(it), taken)
+            label = label or unique_label(encoder_label(it), taken)
         taken.add(label)
         systems.append((label, it))
     if threads is not None:
@@ -825,7 +825,7 @@ def write_trec_runs(results: Union[pd.DataFrame, PerQueryResults], directory: Un
     paths: List[Path] = []
     taken: set = set()
     for system in pq.rankings:
-        name = _unique(run_file_name(system), taken)
+        name = unique_label(run_file_name(system), taken)
         taken.add(name)
         paths.append(directory / f"{name}.trec")
         write_trec_run(trec_run(pq, system), paths[-1], tag=name)

@@ -119,12 +119,12 @@ def model_file(path: Path, what: str, max_bytes: int = 0) -> Path:
     return Path(path)
 
 
-def _is_present(path: Path) -> bool:
+def is_present(path: Path) -> bool:
     """Something exists at ``path`` (even a FIFO or a broken link): it is then a model file to check, not absent."""
     return os.path.lexists(path)
 
 
-def _read_json(path: Path, what: str) -> Dict:
+def read_json(path: Path, what: str) -> Dict:
     model_file(path, what, MAX_CONFIG_BYTES)
     try:
         with open(path, encoding="utf-8") as f:
@@ -144,7 +144,7 @@ def _read_json(path: Path, what: str) -> Dict:
 
 def load_config(model_dir: Path) -> BertConfig:
     """config.json read by its family's :class:`~medquant.model.architectures.Architecture`."""
-    raw = _read_json(Path(model_dir) / "config.json", "config.json")
+    raw = read_json(Path(model_dir) / "config.json", "config.json")
     try:
         return architecture_for(raw).read_config(raw)
     except ValueError as e:
@@ -156,13 +156,13 @@ def default_max_length(model_dir: Path, config: BertConfig) -> int:
     else the tokenizer's model_max_length, else max_position_embeddings."""
     cap = config.max_position_embeddings
     st_cfg = Path(model_dir) / "sentence_bert_config.json"
-    if _is_present(st_cfg):
-        v = _read_json(st_cfg, "sentence_bert_config.json").get("max_seq_length")
+    if is_present(st_cfg):
+        v = read_json(st_cfg, "sentence_bert_config.json").get("max_seq_length")
         if isinstance(v, int) and v > 0:
             return min(v, cap)
     tok_cfg = Path(model_dir) / "tokenizer_config.json"
-    if _is_present(tok_cfg):
-        v = _read_json(tok_cfg, "tokenizer_config.json").get("model_max_length")
+    if is_present(tok_cfg):
+        v = read_json(tok_cfg, "tokenizer_config.json").get("model_max_length")
         if isinstance(v, int) and 0 < v <= cap:
             return v
     return cap
@@ -207,7 +207,7 @@ def load_tokenizer(model_dir: Path):
 
     model_dir = Path(model_dir)
     tj = model_dir / "tokenizer.json"
-    if _is_present(tj):
+    if is_present(tj):
         model_file(tj, "tokenizer.json", MAX_TOKENIZER_BYTES)
         source = str(tj)
         try:
@@ -218,7 +218,7 @@ def load_tokenizer(model_dir: Path):
             raise CheckpointError(f"tokenizer.json is corrupt: {e}") from None
     else:
         vocab = model_dir / "vocab.txt"
-        if not _is_present(vocab):
+        if not is_present(vocab):
             raise CheckpointError(f"no tokenizer in {model_dir}: need tokenizer.json or vocab.txt")
         model_file(vocab, "vocab.txt", MAX_TOKENIZER_BYTES)
         source = str(vocab)
@@ -233,8 +233,8 @@ def load_tokenizer(model_dir: Path):
             raise CheckpointError(f"vocab.txt {vocab} is empty")
         lower = True
         tc = model_dir / "tokenizer_config.json"
-        if _is_present(tc):
-            lower = bool(_read_json(tc, "tokenizer_config.json").get("do_lower_case", True))
+        if is_present(tc):
+            lower = bool(read_json(tc, "tokenizer_config.json").get("do_lower_case", True))
         try:
             tok = tokenizer_call(BertWordPieceTokenizer, str(vocab), lowercase=lower, what=source)
         except CheckpointError:
@@ -282,11 +282,11 @@ def load_state_dict(model_dir: Path, allow_pickle: bool = False):
     """The checkpoint's tensors as numpy arrays (names as in the file) and the safetensors metadata."""
     model_dir = Path(model_dir)
     st = model_dir / "model.safetensors"
-    if _is_present(st):
+    if is_present(st):
         tensors, meta = read_safetensors(st)
         return tensors, meta
     binf = model_dir / "pytorch_model.bin"
-    if _is_present(binf):
+    if is_present(binf):
         if not allow_pickle:
             raise CheckpointError(
                 f"{binf} is a pickle, which can execute code when loaded; medquant reads it only with "

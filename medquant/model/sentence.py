@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from .._native import _core
+from .checkpoint import MAX_CONFIG_BYTES, CheckpointError, is_present, model_file, read_json
 
 #: pooling mode (sentence-transformers' name) -> the core's pooling code
 POOLING_MODES: Dict[str, int] = {
@@ -138,16 +139,19 @@ class _Reader:
     """Reads the JSON files of one model directory with the checkpoint module's checks (size, regular file,
     valid JSON object); every problem is a CheckpointError naming the file."""
 
-    def __init__(self, model_dir: Path):
-        from .checkpoint import CheckpointError, _is_present, _read_json
+    error = CheckpointError
 
-        self.dir, self.error, self.present, self.read_json = Path(model_dir), CheckpointError, _is_present, _read_json
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+
+    def present(self, path: Path) -> bool:
+        return is_present(path)
 
     def json(self, rel: str, default=None):
         path = self.dir / rel
-        if not self.present(path):
+        if not is_present(path):
             return default
-        return self.read_json(path, rel)
+        return read_json(path, rel)
 
     def modules(self) -> Optional[List[Mapping]]:
         for name in (MODULES_FILE, QUANTIZED_MODULES_FILE):
@@ -157,8 +161,6 @@ class _Reader:
         return None
 
     def _module_list(self, path: Path, name: str) -> List[Mapping]:
-        from .checkpoint import model_file, MAX_CONFIG_BYTES
-
         model_file(path, name, MAX_CONFIG_BYTES)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
