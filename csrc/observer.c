@@ -2,6 +2,8 @@
  * the range choosers (minmax, moving average, percentile, entropy, MSE) and their names.  Design notes in observer.h. */
 #include "observer.h"
 
+#include "moments.h"
+
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -35,6 +37,7 @@ struct mq_observer {
     size_t cols;
     uint32_t *scratch;       /* scratch_threads * nbins per-thread counts, all zero between updates */
     int scratch_threads;
+    mq_moments *moments;     /* NULL unless tracked (mq_observer_track_moments) */
 };
 
 mq_status mq_observer_create(mq_observer **out, int nbins, float momentum) {
@@ -63,6 +66,7 @@ void mq_observer_destroy(mq_observer *obs) {
     free(obs->counts);
     free(obs->col_absmax);
     free(obs->scratch);
+    mq_moments_destroy(obs->moments);
     free(obs);
 }
 
@@ -72,6 +76,7 @@ mq_status mq_observer_reset(mq_observer *obs) {
     free(obs->col_absmax);
     obs->col_absmax = NULL;
     obs->cols = 0;
+    mq_moments_reset(obs->moments);
     obs->count = 0;
     obs->width = 0.0;
     obs->min = obs->max = 0.f;
@@ -245,6 +250,13 @@ static mq_status observe(mq_observer *o, const float *x, size_t n, size_t rows, 
         ca = calloc(cols, sizeof *ca);
         if (!ca) return mq_set_error(MQ_ERR_NOMEM, "observer: out of memory for %zu column maxima", cols);
     }
+    if (cols && o->moments) {
+        mq_status st = mq_moments_stage(o->moments, x, rows, cols);
+        if (st != MQ_OK) {
+            free(ca);
+            return st;
+        }
+    }
     /* nothing fails from here on */
     const int nb = o->nbins, c = o->center;
     const double neg = -(double)mn, pos = (double)mx;
@@ -279,8 +291,21 @@ static mq_status observe(mq_observer *o, const float *x, size_t n, size_t rows, 
     o->mov_min = m * o->mov_min + (1.0 - m) * mn;
     o->mov_max = m * o->mov_max + (1.0 - m) * mx;
     o->count += (uint64_t)n;
+    if (cols && o->moments) mq_moments_commit(o->moments);
     return MQ_OK;
 }
+
+mq_status mq_observer_track_moments(mq_observer *obs, int gram) {
+    if (!obs) return mq_set_error(MQ_ERR_ARG, "observer: obs is NULL");
+    if (obs->count) return mq_set_error(MQ_ERR_STATE, "observer: moments are tracked from the first update (reset first)");
+    mq_moments *m = NULL;
+    MQ_TRY(mq_moments_create(&m, gram));
+    mq_moments_destroy(obs->moments);
+    obs->moments = m;
+    return MQ_OK;
+}
+
+mq_moments *mq_observer_moments(mq_observer *obs) { return obs ? obs->moments : NULL; }
 
 mq_status mq_observer_update(mq_observer *obs, const float *x, size_t n) {
     if (!obs) return mq_set_error(MQ_ERR_ARG, "observer: obs is NULL");

@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "moments.h"
 #include "status.h"
 
 typedef struct mq_observer mq_observer;
@@ -53,6 +54,12 @@ mq_status mq_observer_update(mq_observer *obs, const float *x, size_t n);
 /* x: row-major [rows, cols]; also keeps the per-column max |x|.  cols > 0 and the same on every call
    (MQ_ERR_ARG otherwise; reset forgets it).  rows == 0 is a no-op. */
 mq_status mq_observer_update_matrix(mq_observer *obs, const float *x, size_t rows, size_t cols);
+/* Also keep the moments (moments.h) of every update_matrix input: column sums, column sums on a u8 grid once one
+   is set (mq_moments_set_grid on mq_observer_moments), and with gram != 0 the Gram matrix X^T X.  Before the first
+   update (MQ_ERR_STATE after; reset forgets the sums but keeps tracking).  1-D updates do not feed the moments. */
+mq_status mq_observer_track_moments(mq_observer *obs, int gram);
+/* The observer's moments (owned by obs), NULL unless tracked. */
+mq_moments *mq_observer_moments(mq_observer *obs);
 /* Running min/max.  MQ_ERR_STATE if no value was seen. */
 mq_status mq_observer_minmax(const mq_observer *obs, float *min, float *max);
 /* Moving-average min/max (== minmax when momentum is 0).  MQ_ERR_STATE if no value was seen. */

@@ -113,6 +113,62 @@ static PyObject *Observer_column_absmax(ObserverObject *self, PyObject *Py_UNUSE
     return arr;
 }
 
+static PyObject *Observer_track_moments(ObserverObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"gram", NULL};
+    int gram = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &gram)) return NULL;
+    if (!observer_ready(self)) return NULL;
+    mq_status st = mq_observer_track_moments(self->obs, gram);
+    if (st != MQ_OK) return mq_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static mq_moments *tracked_moments(ObserverObject *self) {
+    if (!observer_ready(self)) return NULL;
+    mq_moments *m = mq_observer_moments(self->obs);
+    if (!m) PyErr_SetString(PyExc_ValueError, "this Observer does not track moments (call track_moments() first)");
+    return m;
+}
+
+static PyObject *Observer_set_grid(ObserverObject *self, PyObject *args) {
+    float scale;
+    int zp;
+    if (!PyArg_ParseTuple(args, "fi", &scale, &zp)) return NULL;
+    mq_moments *m = tracked_moments(self);
+    if (!m) return NULL;
+    mq_status st = mq_moments_set_grid(m, scale, (int32_t)zp);
+    if (st != MQ_OK) return mq_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* A new float64 array [n] or [n, n] holding a copy of src (None if src is NULL). */
+static PyObject *doubles_or_none(const double *src, size_t n, int square) {
+    if (!src) Py_RETURN_NONE;
+    npy_intp d[2] = {(npy_intp)n, (npy_intp)n};
+    PyObject *arr = PyArray_SimpleNew(square ? 2 : 1, d, NPY_FLOAT64);
+    if (!arr) return NULL;
+    memcpy(PyArray_DATA((PyArrayObject *)arr), src, (square ? n * n : n) * sizeof(double));
+    return arr;
+}
+
+static PyObject *Observer_moments(ObserverObject *self, PyObject *Py_UNUSED(ignored)) {
+    mq_moments *m = tracked_moments(self);
+    if (!m) return NULL;
+    mq_moments_view v;
+    mq_moments_get(m, &v);
+    if (!v.rows) return PyErr_Format(PyExc_ValueError, "the Observer has seen no matrix rows yet");
+    PyObject *cs = doubles_or_none(v.col_sum, v.cols, 0);
+    PyObject *gs = cs ? doubles_or_none(v.grid_col_sum, v.cols, 0) : NULL;
+    PyObject *g = gs ? doubles_or_none(v.gram, v.cols, 1) : NULL;
+    if (!g) {
+        Py_XDECREF(cs);
+        Py_XDECREF(gs);
+        return NULL;
+    }
+    return Py_BuildValue("{s:K,s:N,s:N,s:N}", "rows", (unsigned long long)v.rows, "column_sum", cs,
+                         "grid_column_sum", gs, "gram", g);
+}
+
 static PyObject *Observer_compute_range(ObserverObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"method", "param", "symmetric", "levels", NULL};
     int method, symmetric = 0, levels = 256;
@@ -138,6 +194,12 @@ static PyMethodDef Observer_methods[] = {
     {"reset", (PyCFunction)Observer_reset, METH_NOARGS, "forget everything observed"},
     {"histogram", (PyCFunction)Observer_histogram, METH_NOARGS, "(counts float64[nbins], lo, hi)"},
     {"column_absmax", (PyCFunction)Observer_column_absmax, METH_NOARGS, "per-column max |x| (2-D updates only)"},
+    {"track_moments", (PyCFunction)(void (*)(void))Observer_track_moments, METH_VARARGS | METH_KEYWORDS,
+     "track_moments(gram=False): also keep column sums (and the Gram matrix X^T X) of every 2-D input, from the start"},
+    {"set_grid", (PyCFunction)Observer_set_grid, METH_VARARGS,
+     "set_grid(scale, zero_point): also sum the inputs as the u8 grid quantizes them (before the first update)"},
+    {"moments", (PyCFunction)Observer_moments, METH_NOARGS,
+     "{'rows', 'column_sum', 'grid_column_sum' (None without a grid), 'gram' (None unless tracked)} as float64"},
     {"compute_range", (PyCFunction)(void (*)(void))Observer_compute_range, METH_VARARGS | METH_KEYWORDS,
      "compute_range(method, param=0, symmetric=False, levels=256) -> (lo, hi)"},
     {NULL, NULL, 0, NULL}};

@@ -161,6 +161,23 @@ class Encoder:
     def site_kinds(self) -> Dict[str, str]:
         return {k: v["kind"] for k, v in self._sites.items()}
 
+    def site_specs(self) -> Dict[str, Dict]:
+        """Per site its spec as stored and saved: kind, weight entries, activation mode / scale / zero point."""
+        return {k: dict(v) for k, v in self._sites.items()}
+
+    def site_tensors(self, site: str) -> Dict[str, np.ndarray]:
+        """A site's stored tensors by suffix (``weight``, ``bias``, and ``weight_scale`` / ``act_mul`` where it has
+        them), as read-only views."""
+        if site not in self._sites:
+            raise KeyError(f"no site {site!r}; sites: {self.site_names[0]} ... {self.site_names[-1]}")
+        out = {}
+        for key, arr in self._storage.items():
+            if key.startswith(site + ".") and "." not in key[len(site) + 1:]:
+                view = arr.view()
+                view.flags.writeable = False
+                out[key[len(site) + 1:]] = view
+        return out
+
     def site_impl(self, site: str) -> str:
         """The oneDNN implementation that ran a site's matmul (e.g. 'brg:avx512_core_vnni'), '' before it ran."""
         return self._core.site_impl(*parse_site(site))
@@ -434,6 +451,35 @@ class Encoder:
                                              auto_progress=8, desc="calibrate", hook=True):
             self._core.forward(ids, mask, tt, hidden=False, observers=observers)
         return Calibration(sites=sites, observers=observers, n_texts=len(texts), method=method, percentile=percentile)
+
+    def collect_moments(self, texts: Sequence[str], sites: Sequence[str], *, gram_sites: Sequence[str] = (),
+                        grids: Optional[Dict[str, Tuple[float, int]]] = None, batch_size: int = 32,
+                        max_length: Optional[int] = None, show_progress_bar: Optional[bool] = None) -> Dict[str, Dict]:
+        """The moments of the inputs of ``sites`` over ``texts``, gathered in the C core (csrc/moments.h): per site
+        ``{"rows", "column_sum", "grid_column_sum", "gram"}`` (float64): column sums over every real token, the
+        Gram matrix X^T X for ``gram_sites``, and the column sums on the u8 grid ``grids[site] = (scale,
+        zero_point)`` (None elsewhere). For GPTQ rounding and bias correction (:mod:`medquant.quant.recovery`)."""
+        texts = limits.texts(texts)
+        batch_size = limits.batch_size(batch_size)
+        self._max_length(max_length)
+        grids = dict(grids or {})
+        names = self.site_names
+        unknown = sorted((set(sites) | set(gram_sites) | set(grids)) - set(names))
+        if unknown:
+            raise ValueError(f"unknown site(s) {unknown}; this model's sites: {names[0]} ... {names[-1]}")
+        if not set(gram_sites) <= set(sites) or not set(grids) <= set(sites):
+            raise ValueError("gram_sites and grids must name sites listed in sites")
+        observers = [None] * len(names)
+        for name in sites:
+            obs = _core.Observer(16, 0.0)  # the histogram is not used: the fewest bins
+            obs.track_moments(gram=name in gram_sites)
+            if name in grids:
+                obs.set_grid(float(grids[name][0]), int(grids[name][1]))
+            observers[names.index(name)] = obs
+        for _, ids, mask, tt in self.batches(texts, batch_size, max_length, show_progress_bar=show_progress_bar,
+                                             auto_progress=8, desc="moments", hook=True):
+            self._core.forward(ids, mask, tt, hidden=False, observers=observers)
+        return {name: observers[names.index(name)].moments() for name in sites}
 
     # ------------------------------------------------------------------------------------------ delegated
     def quantize(self, scheme, calibration_texts: Optional[Sequence[str]] = None,

@@ -31,6 +31,10 @@ from .sentence import MODULES_FILE, QUANTIZED_MODULES_FILE, SENTENCE_FILES, copy
 FORMAT = "medquant-quantized-v1"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
+#: QuantScheme fields added after the format's first saves, which lack them: their defaults are what those saves
+#: did (round to nearest, no bias correction, no per-site overrides). Every other field must be in a save.
+SCHEME_FIELDS_ADDED = frozenset({"rounding", "gptq_damp", "bias_correction", "overrides"})
+
 Storage = Dict[str, np.ndarray]
 SiteSpecs = Dict[str, Dict]
 
@@ -211,7 +215,7 @@ def _metadata(meta: Mapping) -> Tuple[QuantScheme, Dict]:
             raise CheckpointError(f"quantized checkpoint metadata {key!r} is not valid JSON: {e}") from None
         if not isinstance(parsed[key], dict):
             raise CheckpointError(f"quantized checkpoint metadata {key!r} must be a JSON object")
-    fields = {f.name for f in dataclasses.fields(QuantScheme)}
+    fields = {f.name for f in dataclasses.fields(QuantScheme)} - SCHEME_FIELDS_ADDED
     missing = sorted(fields - set(parsed["scheme"]))
     if missing:
         raise CheckpointError(f"quantized checkpoint metadata 'scheme' is missing field(s): {', '.join(missing)}")
@@ -242,16 +246,17 @@ def _check_site_spec(name: str, spec, scheme: QuantScheme, k: int) -> None:
 
     if not isinstance(spec, dict):
         bad(f"spec must be a JSON object, got {spec!r}")
+    site = scheme.for_site(name)
     want_kind = scheme.site_kind(name)
     if spec.get("kind") != want_kind:
         bad(f"kind is {spec.get('kind')!r}, but scheme {scheme.name!r} stores this site as {want_kind!r}")
     kind = SITE_KINDS[want_kind]
-    expected = {"kind": want_kind, **kind.weight_spec(scheme)}
+    expected = {"kind": want_kind, **kind.weight_spec(site)}
     optional = set()
     if kind.quantized_input:
-        expected["act_mode"] = scheme.mode
-        expected["act_symmetric"] = bool(scheme.act_symmetric)
-        if scheme.mode == "static":
+        expected["act_mode"] = site.mode
+        expected["act_symmetric"] = bool(site.act_symmetric)
+        if site.mode == "static":
             optional = {"act_scale", "act_zero_point", "act_range"}
     for key, value in expected.items():
         if key not in spec:
@@ -271,7 +276,7 @@ def _check_site_spec(name: str, spec, scheme: QuantScheme, k: int) -> None:
         if not _is_f32_positive(spec["act_scale"]):
             bad(f"act_scale must be a positive finite number, got {spec['act_scale']!r}")
         zp = spec["act_zero_point"]
-        if scheme.act_symmetric and not (_is_int(zp) and zp == 128):
+        if site.act_symmetric and not (_is_int(zp) and zp == 128):
             bad(f"act_zero_point must be 128 for symmetric activations, got {zp!r}")
         if not (_is_int(zp) and 0 <= zp <= 255):
             bad(f"act_zero_point must be an integer in [0, 255], got {zp!r}")

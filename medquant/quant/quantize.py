@@ -14,6 +14,7 @@ from ..model import limits
 from ..model.architectures import WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, BertConfig, fp32_sites
 from ..model.storage import float_storage, smooth_weight
 from .calibration import Calibration, qparams
+from .recovery import SiteMoments, corrected_bias, gptq_quantize
 from .schemes import SITE_KINDS, QuantScheme, get_scheme
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +36,8 @@ def quantize(encoder: "Encoder", scheme, calibration_texts: Optional[Sequence[st
 
     Static int8 schemes need calibration: pass ``calibration_texts`` (a few hundred representative texts) or a
     ``calibration`` from :meth:`Encoder.calibrate`. SmoothQuant needs ``calibration_texts`` (its ranges are measured
-    after smoothing).
+    after smoothing), and so do GPTQ rounding and bias correction (one more pass gathers the moments of every
+    site's input, see :mod:`medquant.quant.recovery`).
     """
     scheme = get_scheme(scheme)
     batch_size = limits.batch_size(batch_size)
@@ -55,16 +57,45 @@ def quantize(encoder: "Encoder", scheme, calibration_texts: Optional[Sequence[st
         raise TypeError("calibration must be a medquant Calibration (from Encoder.calibrate)")
     if calibration is not None and calibration.sites != names:
         raise ValueError("calibration was gathered on a model with different sites")
+    recovery_sites = scheme.recovery_sites(names)
+    if recovery_sites and calibration_texts is None:
+        raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ or corrects biases: pass calibration_texts=[...] "
+                         "(the statistics of every site's input are gathered from them)")
 
     act_mul: Dict[str, np.ndarray] = {}
-    if scheme.needs_calibration_texts and int8_sites:
+    if scheme.smoothquant_alpha is not None and int8_sites:
         calibration, act_mul = _smoothquant_calibration(encoder, scheme, int8_sites, calibration, calibration_texts,
                                                         batch_size, show_progress_bar)
     elif need_calib and calibration is None:
         calibration = calibrate_for(encoder, scheme, calibration_texts, batch_size,
                                     show_progress_bar=show_progress_bar)
-    storage, sites = quantized_storage(params, encoder.config, scheme, act_mul, calibration)
+    moments = {}
+    if recovery_sites:
+        moments = recovery_moments(encoder, scheme, recovery_sites, act_mul, calibration, calibration_texts,
+                                   batch_size, show_progress_bar)
+    storage, sites = quantized_storage(params, encoder.config, scheme, act_mul, calibration, moments)
     return encoder.with_storage(storage, sites, scheme, fp32=params, reference=encoder)
+
+
+def recovery_moments(encoder: "Encoder", scheme: QuantScheme, sites: Sequence[str], act_mul: Mapping[str, np.ndarray],
+                     calibration: Optional[Calibration], texts: Sequence[str], batch_size: int = 32,
+                     show_progress_bar: Optional[bool] = None) -> Dict[str, SiteMoments]:
+    """The moments of the inputs of ``sites`` over ``texts``, as the fp32 model (smoothed by ``act_mul``) computes
+    them: column means, the Gram matrix where the site rounds with GPTQ, and the means on the site's static
+    activation grid where it corrects its bias."""
+    grams, grids = [], {}
+    for name in sites:
+        site = scheme.for_site(name)
+        if site.rounding == "gptq":
+            grams.append(name)
+        if site.bias_correction and SITE_KINDS[site.site_kind(name)].quantized_input and site.mode == "static":
+            act = activation_spec(name, site, calibration)
+            grids[name] = (act["act_scale"], act["act_zero_point"])
+    fp32 = get_scheme("fp32")
+    stats = encoder.with_storage(*float_storage(encoder.fp32_params, encoder.config, fp32, act_mul or None), fp32)
+    raw = stats.collect_moments(texts, sites, gram_sites=grams, grids=grids, batch_size=batch_size,
+                                show_progress_bar=show_progress_bar)
+    return {name: SiteMoments.from_observer(m) for name, m in raw.items()}
 
 
 def _smoothquant_calibration(encoder: "Encoder", scheme: QuantScheme, int8_sites, calibration, calibration_texts,
@@ -98,8 +129,11 @@ def smoothquant_factors(params: Mapping[str, np.ndarray], cfg: BertConfig, calib
 
 
 def quantized_storage(params: Mapping[str, np.ndarray], cfg: BertConfig, scheme: QuantScheme,
-                      act_mul: Mapping[str, np.ndarray], calibration: Optional[Calibration]):
-    """(storage, site specs) of fp32 parameters quantized under ``scheme``."""
+                      act_mul: Mapping[str, np.ndarray], calibration: Optional[Calibration],
+                      moments: Optional[Mapping[str, SiteMoments]] = None):
+    """(storage, site specs) of fp32 parameters quantized under ``scheme`` (``moments``: of the sites that round
+    with GPTQ or correct their bias, from :func:`recovery_moments`)."""
+    moments = moments or {}
     storage, _ = float_storage(params, cfg, get_scheme("fp32"))
     if scheme.embeddings == "int8":
         q, s = _core.quantize_rows_s8(params[WORD_EMBEDDINGS])
@@ -108,14 +142,28 @@ def quantized_storage(params: Mapping[str, np.ndarray], cfg: BertConfig, scheme:
     sites = {}
     for name, (w, b) in fp32_sites(params, cfg).items():
         storage[name + ".bias"] = b
-        sites[name] = _quantize_site(storage, name, w, scheme, act_mul.get(name), calibration)
+        sites[name] = _quantize_site(storage, name, w, scheme.for_site(name), act_mul.get(name), calibration,
+                                     moments.get(name))
     return storage, sites
 
 
-def _quantize_site(storage: Dict[str, np.ndarray], name: str, w: np.ndarray, scheme: QuantScheme,
-                   mul: Optional[np.ndarray], calibration: Optional[Calibration]) -> Dict:
-    """Store one site's weight as its kind (see ``SITE_KINDS``) under ``scheme`` wants it; return the site's spec."""
-    kind = SITE_KINDS[scheme.site_kind(name)]
+def activation_spec(name: str, site: QuantScheme, calibration: Optional[Calibration]) -> Dict:
+    """The activation entries of a site spec whose input is int8 under the site's scheme ``site``: mode, symmetry,
+    and for static quantization the calibrated range, scale and zero point."""
+    spec: Dict = {"act_mode": site.mode, "act_symmetric": bool(site.act_symmetric)}
+    if site.mode == "static":
+        lo, hi = calibration.range(name, site.calibration, site.act_symmetric, site.percentile)
+        scale, zp = qparams(lo, hi, site.act_symmetric)
+        spec.update(act_scale=float(scale), act_zero_point=int(zp), act_range=[lo, hi])
+    return spec
+
+
+def _quantize_site(storage: Dict[str, np.ndarray], name: str, w: np.ndarray, site: QuantScheme,
+                   mul: Optional[np.ndarray], calibration: Optional[Calibration],
+                   moments: Optional[SiteMoments]) -> Dict:
+    """Store one site's weight as its kind (see ``SITE_KINDS``) under its scheme ``site``; return the site's spec.
+    GPTQ rounding and bias correction (as ``site`` asks) use the site's input ``moments``."""
+    kind = SITE_KINDS[site.site_kind(name)]
     spec: Dict = {"kind": kind.name}
     if kind.is_float:
         storage[name + ".weight"] = w
@@ -123,19 +171,20 @@ def _quantize_site(storage: Dict[str, np.ndarray], name: str, w: np.ndarray, sch
     if mul is not None:
         w = smooth_weight(w, mul)
         storage[name + ".act_mul"] = mul
-    tensors, weight_spec = kind.quantize_weight(w, scheme)
+    if site.rounding == "gptq":
+        codes, scales = gptq_quantize(w, moments.hessian(), kind.weight_grid(site), site.gptq_damp)
+        tensors, weight_spec = kind.store_codes(codes, scales), kind.weight_spec(site)
+    else:
+        tensors, weight_spec = kind.quantize_weight(w, site)
     storage.update({f"{name}.{suffix}": t for suffix, t in tensors.items()})
     spec.update(weight_spec)
     if kind.quantized_input:
-        spec["act_mode"] = scheme.mode
-        spec["act_symmetric"] = bool(scheme.act_symmetric)
-        if scheme.mode == "static":
-            lo, hi = calibration.range(name, scheme.calibration, scheme.act_symmetric, scheme.percentile)
-            scale, zp = qparams(lo, hi, scheme.act_symmetric)
-            spec["act_scale"] = float(scale)
-            spec["act_zero_point"] = int(zp)
-            spec["act_range"] = [lo, hi]
+        spec.update(activation_spec(name, site, calibration))
+    if site.bias_correction:
+        static_input = kind.quantized_input and site.mode == "static"
+        storage[name + ".bias"] = corrected_bias(storage[name + ".bias"], w, kind.dequantize(tensors, spec), moments,
+                                                 static_input)
     return spec
 
 
-__all__ = ["calibrate_for", "quantize", "quantized_storage", "smoothquant_factors"]
+__all__ = ["activation_spec", "calibrate_for", "quantize", "quantized_storage", "recovery_moments", "smoothquant_factors"]

@@ -23,8 +23,10 @@ import numpy as np
 from .._native import _core
 from ..model.architectures import resolve_alias
 from .calibration import CALIBRATION_METHODS
+from .recovery import WeightGrid, pack_s4
 
 MODES = ("dynamic", "dynamic-token", "static")
+ROUNDINGS = ("nearest", "gptq")
 MODE_CODES = {"dynamic": _core.ACT_DYNAMIC, "dynamic-token": _core.ACT_DYNAMIC_TOKEN, "static": _core.ACT_STATIC}
 GRANULARITIES = ("per-channel", "per-tensor")
 EMBEDDINGS = ("fp32", "int8")
@@ -39,7 +41,10 @@ class SiteKind:
     ``quantized_input``: its input activations are quantized (mode, scale, zero point in the spec).
     ``weight_spec(scheme)``: the spec entries its stored weight depends on (what ``quantize_weight`` records);
     ``weight_layout(spec, N, K)``: the tensors its weight is stored as, by suffix, as (dtype, shape) for a site
-    with N outputs and K inputs (what ``quantize_weight`` writes; loading checks a checkpoint against it)."""
+    with N outputs and K inputs (what ``quantize_weight`` writes; loading checks a checkpoint against it).
+    Integer weights also give the grid they are rounded to (``weight_grid(scheme)``, for GPTQ), the stored tensors
+    of integer codes and scales (``store_codes(codes, scales)``) and the weight the layer computes with
+    (``dequantize(tensors, spec)``, float32 [N, K])."""
 
     name: str
     weights: str
@@ -51,6 +56,9 @@ class SiteKind:
     weight_spec: Callable[["QuantScheme"], Dict] = lambda scheme: {}
     weight_layout: Callable[[Dict, int, int], Dict[str, Tuple[np.dtype, Tuple[int, ...]]]] = \
         lambda spec, n, k: {"weight": (np.dtype(np.float32), (n, k))}
+    weight_grid: Optional[Callable[["QuantScheme"], WeightGrid]] = None
+    store_codes: Optional[Callable[[np.ndarray, np.ndarray], Dict[str, np.ndarray]]] = None
+    dequantize: Optional[Callable[[Dict[str, np.ndarray], Dict], np.ndarray]] = None
 
     @property
     def is_float(self) -> bool:
@@ -89,6 +97,27 @@ def _s4_layout(spec: Dict, n: int, k: int) -> Dict:
             "weight_scale": (np.dtype(np.float32), (n * (k // spec["group_size"]),))}
 
 
+def _s8_codes(codes: np.ndarray, scales: np.ndarray) -> Dict[str, np.ndarray]:
+    return {"weight": np.ascontiguousarray(codes, np.int8), "weight_scale": np.ascontiguousarray(scales, np.float32)}
+
+
+def _s8_dequantize(tensors: Dict[str, np.ndarray], spec: Dict) -> np.ndarray:
+    s = tensors["weight_scale"]
+    return tensors["weight"].astype(np.float32) * (s[:, None] if spec["w_per_channel"] else s[0])
+
+
+def _s4_codes(codes: np.ndarray, scales: np.ndarray) -> Dict[str, np.ndarray]:
+    return {"weight": pack_s4(codes), "weight_scale": np.ascontiguousarray(scales, np.float32)}
+
+
+def _s4_dequantize(tensors: Dict[str, np.ndarray], spec: Dict) -> np.ndarray:
+    return _core.dequantize_weight_s4(tensors["weight"], tensors["weight_scale"], int(spec["group_size"]))
+
+
+_S8 = dict(weight_spec=_s8_spec, weight_layout=_s8_layout, store_codes=_s8_codes, dequantize=_s8_dequantize,
+           weight_grid=lambda scheme: WeightGrid(127, per_channel=scheme.weight_granularity == "per-channel"))
+
+
 def _w8_args(spec: Dict) -> Dict:
     return {"w_per_channel": bool(spec["w_per_channel"])}
 
@@ -103,12 +132,11 @@ def _int8_args(spec: Dict) -> Dict:
 SITE_KINDS: Dict[str, SiteKind] = {k.name: k for k in (
     SiteKind("fp32", "fp32", "fp32", _core.LINEAR_F32),
     SiteKind("bf16", "bf16", "bf16", _core.LINEAR_BF16),
-    SiteKind("int8", "int8", "int8", _core.LINEAR_INT8, _s8_weight, _int8_args, quantized_input=True,
-             weight_spec=_s8_spec, weight_layout=_s8_layout),
-    SiteKind("w8", "int8", "fp32", _core.LINEAR_W8, _s8_weight, _w8_args, weight_spec=_s8_spec,
-             weight_layout=_s8_layout),
+    SiteKind("int8", "int8", "int8", _core.LINEAR_INT8, _s8_weight, _int8_args, quantized_input=True, **_S8),
+    SiteKind("w8", "int8", "fp32", _core.LINEAR_W8, _s8_weight, _w8_args, **_S8),
     SiteKind("w4", "int4", "fp32", _core.LINEAR_W4, _s4_weight, lambda spec: {"group_size": int(spec["group_size"])},
-             weight_spec=_s4_spec, weight_layout=_s4_layout),
+             weight_spec=_s4_spec, weight_layout=_s4_layout, store_codes=_s4_codes, dequantize=_s4_dequantize,
+             weight_grid=lambda scheme: WeightGrid(7, group=int(scheme.group_size))),
 )}
 KIND_CODES = {name: k.code for name, k in SITE_KINDS.items()}
 WEIGHT_DTYPES = tuple(dict.fromkeys(k.weights for k in SITE_KINDS.values()))
@@ -135,7 +163,17 @@ class QuantScheme:
     calibration: how static ranges are chosen: minmax, moving-average, percentile, entropy, mse.
     smoothquant_alpha: if set, migrate activation outliers into the weights (SmoothQuant) with this alpha first.
     embeddings: "int8" stores the word-embedding table as int8 with one scale per row.
+    rounding: how int8 / int4 weights are rounded: "nearest" (round to nearest), or "gptq" (error-compensating
+      rounding, Frantar et al. 2023: column by column, the rounding error is pushed onto the columns not yet
+      rounded through the inverse Hessian of the layer's calibration inputs; needs calibration texts).
+    gptq_damp: GPTQ's dampening, a fraction of the mean Hessian diagonal added to the diagonal.
+    bias_correction: fold each quantized layer's expected output error, E[W_q fq(x)] - E[W x] over the calibration
+      inputs (fq: the layer's static activation grid; x itself for weight-only and dynamic layers), into its bias
+      (Nagel et al. 2019; needs calibration texts).
     keep_fp32 / keep_bf16: site names or glob patterns (e.g. "encoder.layer.5.output.dense") kept in higher precision.
+    overrides: per-site settings, as (site name or glob pattern, {field: value}) pairs (or a dict); a site takes the
+      fields of the first pattern it matches (see :meth:`for_site`). Fields: ``SITE_FIELDS``. keep_fp32 / keep_bf16
+      come first.
     """
 
     name: str = "custom"
@@ -152,6 +190,10 @@ class QuantScheme:
     embeddings: str = "fp32"
     keep_fp32: Tuple[str, ...] = field(default_factory=tuple)
     keep_bf16: Tuple[str, ...] = field(default_factory=tuple)
+    rounding: str = "nearest"
+    gptq_damp: float = 0.01
+    bias_correction: bool = False
+    overrides: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         for key in ("keep_fp32", "keep_bf16"):
@@ -159,6 +201,7 @@ class QuantScheme:
             if not isinstance(patterns, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in patterns):
                 raise TypeError(f"{key} must be a list of site names or glob patterns (strings), got {patterns!r}")
             object.__setattr__(self, key, tuple(patterns))
+        object.__setattr__(self, "overrides", _normalize_overrides(self.overrides))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -198,40 +241,86 @@ class QuantScheme:
                 raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
             if self.activations != "int8":
                 raise ValueError("SmoothQuant only makes sense with int8 activations")
+        one_of(self.rounding, ROUNDINGS, "rounding")
+        if not isinstance(self.bias_correction, bool):
+            raise TypeError(f"bias_correction must be True or False, got {self.bias_correction!r}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) \
+                or not (0.0 < self.gptq_damp <= 1.0):
+            raise ValueError(f"gptq_damp must be in (0, 1], got {self.gptq_damp!r}")
         overlap = set(self.keep_fp32) & set(self.keep_bf16)
         if overlap:
             raise ValueError(f"sites listed in both keep_fp32 and keep_bf16: {sorted(overlap)}")
+        for pattern, fields in self.overrides:
+            try:
+                self._merged(fields)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"overrides[{pattern!r}]: {e}") from None
+
+    # ------------------------------------------------------------------ per site
+    def _merged(self, fields: Tuple[Tuple[str, object], ...]) -> "QuantScheme":
+        """This scheme with one override's fields (validated), without keep lists or overrides: a site's scheme."""
+        changes = dict(fields)
+        if changes.get("activations", self.activations) != "int8":  # SmoothQuant smooths int8 inputs only
+            changes["smoothquant_alpha"] = None
+        return dataclasses.replace(self, keep_fp32=(), keep_bf16=(), overrides=(), **changes)
+
+    def for_site(self, name: str) -> "QuantScheme":
+        """The scheme one site is quantized under: keep_fp32 / keep_bf16 first, then the first matching override;
+        a scheme without keep lists or overrides (its ``site_kind`` is the site's kind)."""
+        if _matches(name, self.keep_fp32):
+            return self._merged((("weights", "fp32"), ("activations", "fp32")))
+        if _matches(name, self.keep_bf16):
+            return self._merged((("weights", "bf16"), ("activations", "bf16")))
+        for pattern, fields in self.overrides:
+            if _matches(name, (pattern,)):
+                return self._merged(fields)
+        return self._merged(())
+
+    def _site_schemes(self) -> List["QuantScheme"]:
+        """The scheme itself and every override merged: all the per-site schemes this scheme can produce."""
+        return [self._merged(())] + [self._merged(f) for _, f in self.overrides]
 
     # ------------------------------------------------------------------ derived
     @property
     def is_float(self) -> bool:
-        return self.weights in ("fp32", "bf16") and self.embeddings == "fp32"
+        return all(s.weights in ("fp32", "bf16") for s in self._site_schemes()) and self.embeddings == "fp32"
 
     @property
-    def needs_calibration(self) -> bool:
-        """Static int8 activations or SmoothQuant: quantizing needs calibration statistics."""
+    def _static(self) -> bool:
         return self.activations == "int8" and (self.mode == "static" or self.smoothquant_alpha is not None)
 
     @property
+    def needs_calibration(self) -> bool:
+        """Static int8 activations or SmoothQuant (for some site): quantizing may need calibration statistics."""
+        return any(s._static for s in self._site_schemes())
+
+    @property
+    def _recovers(self) -> bool:
+        return self.weights in ("int8", "int4") and (self.rounding == "gptq" or self.bias_correction)
+
+    @property
     def needs_calibration_texts(self) -> bool:
-        """SmoothQuant measures its ranges after smoothing, so it needs the texts, not only a calibration."""
-        return self.smoothquant_alpha is not None
+        """SmoothQuant measures its ranges after smoothing, and GPTQ rounding and bias correction gather their
+        statistics from the texts, so these need the texts, not only a calibration."""
+        return self.smoothquant_alpha is not None or any(s._recovers for s in self._site_schemes())
 
     def quantized_input_sites(self, site_names: Iterable[str]) -> List[str]:
         """The sites (of a model with these site names) whose input activations this scheme quantizes (int8)."""
         return [n for n in site_names if SITE_KINDS[self.site_kind(n)].quantized_input]
 
     def needs_calibration_for(self, site_names: Iterable[str]) -> bool:
-        """Whether quantizing a model with these sites needs calibration (some site quantizes its input)."""
-        return self.needs_calibration and bool(self.quantized_input_sites(site_names))
+        """Whether quantizing a model with these sites needs calibration (some site quantizes its input, statically
+        or with SmoothQuant)."""
+        return any(self.for_site(n)._static for n in self.quantized_input_sites(site_names))
+
+    def recovery_sites(self, site_names: Iterable[str]) -> List[str]:
+        """The sites whose quantization needs recovery statistics (GPTQ rounding or bias correction)."""
+        return [n for n in site_names if self.for_site(n)._recovers]
 
     def site_kind(self, name: str) -> str:
         """The precision of one site: fp32, bf16, int8, w8 or w4."""
-        if _matches(name, self.keep_fp32):
-            return "fp32"
-        if _matches(name, self.keep_bf16):
-            return "bf16"
-        return _KIND_OF_PAIR[(self.weights, self.activations)]
+        s = self.for_site(name)
+        return _KIND_OF_PAIR[(s.weights, s.activations)]
 
     def replace(self, **changes) -> "QuantScheme":
         return dataclasses.replace(self, **changes)
@@ -240,6 +329,7 @@ class QuantScheme:
         d = dataclasses.asdict(self)
         d["keep_fp32"] = list(self.keep_fp32)
         d["keep_bf16"] = list(self.keep_bf16)
+        d["overrides"] = [[p, dict(f)] for p, f in self.overrides]  # a list: the order matters
         return d
 
     def to_json(self) -> str:
@@ -252,6 +342,34 @@ class QuantScheme:
         if unknown:
             raise ValueError(f"unknown QuantScheme fields: {sorted(unknown)}")
         return cls(**d)
+
+
+#: Fields an override may set for its sites (the rest are the scheme's, for every site).
+SITE_FIELDS = ("weights", "activations", "mode", "act_symmetric", "weight_granularity", "group_size", "calibration",
+               "percentile", "rounding", "gptq_damp", "bias_correction")
+
+
+def _normalize_overrides(overrides) -> Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...]:
+    """Overrides as a tuple of (pattern, sorted (field, value) pairs), from a dict {pattern: {field: value}} or a
+    sequence of (pattern, fields) pairs; unknown fields and non-string patterns are refused."""
+    items = overrides.items() if isinstance(overrides, dict) else overrides
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"overrides must be a dict {{pattern: {{field: value}}}} or a list of (pattern, fields) pairs, "
+                        f"got {overrides!r}")
+    out = []
+    for item in items:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"an override must be a (site pattern, fields) pair, got {item!r}")
+        pattern, fields = item
+        fields = dict(fields) if isinstance(fields, (dict, list, tuple)) else fields
+        if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+            raise TypeError(f"overrides[{pattern!r}] must map field names to values, got {item[1]!r}")
+        unknown = sorted(set(fields) - set(SITE_FIELDS))
+        if unknown:
+            raise ValueError(f"overrides[{pattern!r}]: fields {unknown} cannot be set per site; per-site fields: "
+                             f"{', '.join(SITE_FIELDS)}")
+        out.append((pattern, tuple(sorted(fields.items()))))
+    return tuple(out)
 
 
 PRESETS: Dict[str, QuantScheme] = {
