@@ -66,23 +66,36 @@ def _inverse_hessian_factor(h: np.ndarray, damp: float) -> np.ndarray:
     """The upper Cholesky factor U of H^-1 (H^-1 = U^T U), H dampened by ``damp`` times its mean diagonal."""
     h = h + np.eye(len(h)) * (damp * float(np.mean(np.diag(h))))
     try:
-        lower = np.linalg.cholesky(h)
-        h_inv = np.linalg.inv(lower).T @ np.linalg.inv(lower)
-        return np.linalg.cholesky(h_inv).T
+        # H = R R^T with R upper (the Cholesky factor of H with rows and columns reversed, reversed back); then
+        # H^-1 = R^-T R^-1, so U = R^-1: one factorisation and one inverse
+        r = np.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
     except np.linalg.LinAlgError:
         raise ValueError("GPTQ: the Hessian of the calibration inputs is not positive definite even after "
                          f"dampening by {damp}; raise gptq_damp or use more calibration texts") from None
+    from scipy.linalg import lapack
+
+    u, info = lapack.dtrtri(np.ascontiguousarray(r), lower=0)  # the inverse of a triangular matrix
+    if info != 0:
+        raise ValueError(f"GPTQ: the Cholesky factor of the Hessian is singular (LAPACK dtrtri info {info})")
+    return np.triu(u)
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, grid: WeightGrid, damp: float = 0.01
                   ) -> Tuple[np.ndarray, np.ndarray]:
     """GPTQ rounding of ``w`` [N, K] for inputs with Hessian ``hessian`` [K, K]: (codes int8 [N, K] in
     [-qmax, qmax], scales float32: [N] per channel, [1] per tensor, [N * K / group] row-major for groups)."""
-    w = np.array(w, dtype=np.float64)
+    # one BLAS thread: OpenBLAS's own threads fight the core's OpenMP threads (which spin after a forward) and
+    # a 1536 x 1536 factorisation then takes seconds instead of ~0.1 s
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _gptq(np.array(w, dtype=np.float64), np.array(hessian, dtype=np.float64), grid, damp)
+
+
+def _gptq(w: np.ndarray, h: np.ndarray, grid: WeightGrid, damp: float) -> Tuple[np.ndarray, np.ndarray]:
     n, k = w.shape
-    if hessian.shape != (k, k):
-        raise ValueError(f"GPTQ: Hessian shape {hessian.shape} does not match the weight's {k} inputs")
-    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's {k} inputs")
     dead = np.diag(h) <= 0  # inputs that were always 0: their weights never matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
