@@ -323,7 +323,41 @@ def plot_calibration_histogram(calibration, site: str, methods: Sequence[str] = 
     return ax
 
 
+def plot_autoquant_pareto(trace: pd.DataFrame, objective: str = "throughput", allowed_loss: Optional[float] = None,
+                          ax=None):
+    """Every configuration an autoquantize search tried: metric delta against fp32 (with its CI) over throughput
+    or model size; the Pareto front, the tolerance line and the chosen configuration marked."""
+    ax = _axes(ax, figsize=(7.5, 4.6))
+    size = objective == "size"
+    x = trace["model_bytes"] / 2**20 if size else trace["texts_per_s"]
+    y = trace["delta"]
+    err = np.vstack([y - trace["ci_low"], trace["ci_high"] - y])
+    within = trace["within_tolerance"].to_numpy(bool)
+    for mask, color, label in ((within, "#2ca02c", "within tolerance"), (~within, "#d62728", "outside")):
+        if mask.any():
+            ax.errorbar(x[mask], y[mask], yerr=err[:, mask], fmt="o", ms=4, color=color, ecolor=color, alpha=0.7,
+                        elinewidth=0.8, label=label)
+    order = np.argsort(x.to_numpy() * (1 if size else -1))  # best objective first
+    front, best = [], -np.inf
+    for i in order:
+        if y.iloc[i] > best:
+            front.append(i)
+            best = y.iloc[i]
+    ax.step(x.iloc[front], y.iloc[front], where="post", color="#555555", lw=1, label="Pareto front")
+    if allowed_loss is not None:
+        ax.axhline(-allowed_loss, color="#555555", ls="--", lw=1, label=f"tolerance (-{allowed_loss:.4f})")
+    if "chosen" in trace and trace["chosen"].any():
+        c = trace.index[trace["chosen"]][0]
+        ax.plot([x[c]], [y[c]], marker="*", ms=16, color="#1f77b4", ls="", label=f"chosen: {trace.loc[c, 'configuration']}")
+    _spread_labels(ax, x.to_numpy(), y.to_numpy(), trace["configuration"].tolist(), fontsize=6)
+    ax.set_xlabel("model size (MiB)" if size else "corpus texts per second (measured)")
+    metric = trace["metric"].iloc[0] if len(trace) else "metric"
+    ax.set_ylabel(f"{metric} delta vs fp32 (dev)")
+    ax.legend(fontsize=7, loc="lower right")
+    return ax
+
+
 __all__ = [
-    "describe_results", "plot_calibration_histogram", "plot_calibration_ranges", "plot_deltas", "plot_layer_error", "plot_quality_vs_size",
+    "describe_results", "plot_autoquant_pareto", "plot_calibration_histogram", "plot_calibration_ranges", "plot_deltas", "plot_layer_error", "plot_quality_vs_size",
     "plot_quality_vs_throughput",
 ]
