@@ -3,6 +3,7 @@ error report and saving are delegated to :mod:`medquant.quant.quantize`, :mod:`m
 :mod:`medquant.model.storage`."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -16,7 +17,7 @@ from ..quant import report as _report
 from ..quant.calibration import Calibration
 from ..quant.schemes import QuantScheme, get_scheme
 from . import limits, storage as _storage
-from .architectures import WORD_EMBEDDING_SCALES, BertConfig, parse_site
+from .architectures import WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, BertConfig, parse_site
 from .sentence import SentenceConfig, check_pooling, read_sentence_config
 from .tokenization import TruncatingTokenizers
 from .checkpoint import (
@@ -160,6 +161,26 @@ class Encoder:
 
     def site_kinds(self) -> Dict[str, str]:
         return {k: v["kind"] for k, v in self._sites.items()}
+
+    def site_specs(self) -> Dict[str, Dict]:
+        """Per site its spec as the core was given it: ``kind`` and the kind's weight and activation parameters
+        (a copy)."""
+        return copy.deepcopy(self._sites)
+
+    def storage_tensors(self, site: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """The stored tensors by storage name: all of them (``site=None``), one site's (``<site>.weight``,
+        ``.bias`` and, where its kind and scheme have them, ``.weight_scale`` / ``.act_mul``), or with
+        ``site="embeddings"`` the word-embedding table (and its int8 row scales). A new dict holding the arrays
+        themselves, not copies: treat them as read-only (see :meth:`with_storage` to build from them)."""
+        if site is None:
+            return dict(self._storage)
+        if site == "embeddings":
+            keys = [WORD_EMBEDDINGS, WORD_EMBEDDING_SCALES]
+        elif site in self._sites:
+            keys = [f"{site}.{suffix}" for suffix in _storage.SITE_TENSOR_SUFFIXES]
+        else:
+            raise KeyError(f"no site {site!r} (sites are named like {self.site_names[0]!r}; or 'embeddings')")
+        return {k: self._storage[k] for k in keys if k in self._storage}
 
     def site_impl(self, site: str) -> str:
         """The oneDNN implementation that ran a site's matmul (e.g. 'brg:avx512_core_vnni'), '' before it ran."""
