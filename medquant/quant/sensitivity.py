@@ -26,7 +26,7 @@ import pandas as pd
 from ..model.architectures import SITE_SUFFIXES, WORD_EMBEDDING_SCALES, resolve_alias, site_module
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..eval.objective import RetrievalObjective
+    from ..eval.objective import ObjectiveResult, RetrievalObjective
     from ..model.encoder import Encoder
 
 #: Group units: every layer's site of one module.
@@ -153,7 +153,9 @@ def _proxy_texts(objective: "RetrievalObjective", proxy_texts: Union[int, Sequen
     return limits.texts(proxy_texts)
 
 
-def _unit_row(unit: str, sites: List[str], kinds: Dict[str, str], emb_kind: str, sqnr: pd.Series, r) -> Dict:
+def _unit_row(unit: str, sites: List[str], kinds: Dict[str, str], emb_kind: str, sqnr: pd.Series,
+              r: "ObjectiveResult") -> Dict:
+    """One unit's result row (``sqnr``: the report's SQNR by site)."""
     m = r.metric
     unit_kinds = sorted({kinds[s] for s in sites} | ({emb_kind} if not sites else set()))
     return {"unit": unit, "kind": ",".join(unit_kinds), "n_sites": len(sites), m: r.value,
