@@ -377,6 +377,6 @@ def plot_calibration_histogram(calibration, site: str, methods: Sequence[str] = 
 
 
 __all__ = [
-    "describe_results", "plot_calibration_histogram", "plot_calibration_ranges", "plot_deltas", "plot_layer_error", "plot_quality_vs_size",
-    "plot_quality_vs_throughput", "plot_sensitivity",
+    "describe_results", "plot_calibration_histogram", "plot_calibration_ranges", "plot_deltas", "plot_layer_error",
+    "plot_quality_vs_size", "plot_quality_vs_throughput", "plot_sensitivity",
 ]
