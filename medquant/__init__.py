@@ -8,10 +8,13 @@ healthcare retrieval quality.
 """
 from ._native import LIBDNNL_PATH, _core
 from .eval.evaluate import EvalConfig, evaluate
+from .eval.objective import ObjectiveResult, RetrievalObjective
 from .model.checkpoint import DEFAULT_MODEL, CheckpointError
 from .model.encoder import Encoder
 from .quant.calibration import Calibration
 from .quant.schemes import PRESETS, QuantScheme, get_scheme
+from .quant.autoquant import AutoQuantConfig, autoquantize
+from .quant.sensitivity import sensitivity
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,7 @@ def runtime_info() -> dict:
 
 
 __all__ = [
-    "Calibration", "CheckpointError", "DEFAULT_MODEL", "Encoder", "EvalConfig", "PRESETS", "QuantScheme",
-    "evaluate", "get_scheme", "runtime_info",
+    "AutoQuantConfig", "Calibration", "CheckpointError", "DEFAULT_MODEL", "Encoder", "EvalConfig", "ObjectiveResult",
+    "PRESETS", "QuantScheme", "RetrievalObjective", "autoquantize", "evaluate", "get_scheme", "runtime_info",
+    "sensitivity",
 ]

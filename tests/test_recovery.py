@@ -141,11 +141,16 @@ def calib_and_heldout(medquad):
     return calib, list(dev.queries.values())[:24] + list(dev.corpus.values())[:24]
 
 
+def _tensors(enc, site):
+    """A site's stored tensors by suffix (weight, bias, weight_scale, ...)."""
+    return {k[len(site) + 1:]: v for k, v in enc.storage_tensors(site).items()}
+
+
 def _weight_error(enc, q, name, gram):
     """tr(D G D^T): the squared output error of a site's weight rounding D = W_q - W on inputs with Gram G."""
     w = fp32_sites(enc.fp32_params, enc.config)[name][0].astype(np.float64)
     spec = q.site_specs()[name]
-    d = SITE_KINDS[spec["kind"]].dequantize(q.site_tensors(name), spec).astype(np.float64) - w
+    d = SITE_KINDS[spec["kind"]].dequantize(_tensors(q, name), spec).astype(np.float64) - w
     return float(np.sum((d @ gram) * d))
 
 
@@ -203,7 +208,7 @@ def test_mixed_scheme_saves_and_reloads_bit_identical(tiny, tmp_path, medquad_qu
     q = tiny.quantize(s, calibration_texts=texts, show_progress_bar=False)
     assert q.site_kinds()["encoder.layer.0.intermediate.dense"] == "w4"
     assert q.site_specs()["encoder.layer.1.output.dense"]["act_mode"] == "dynamic-token"
-    assert not np.array_equal(q.site_tensors("encoder.layer.0.attention.self.qkv")["bias"],
+    assert not np.array_equal(_tensors(q, "encoder.layer.0.attention.self.qkv")["bias"],
                               fp32_sites(tiny.fp32_params, tiny.config)["encoder.layer.0.attention.self.qkv"][1])
     q.save_pretrained(tmp_path / "m")
     back = medquant.Encoder.from_pretrained(tmp_path / "m")
@@ -248,8 +253,8 @@ def test_bias_correction_lowers_every_site_mean_output_error(minilm, calib_and_h
     for name in names:
         m = SiteMoments.from_observer(held_moments[name])
         x_q = m.grid_mean if name in grids else m.mean
-        w_q = SITE_KINDS[specs[name]["kind"]].dequantize(plain.site_tensors(name), specs[name]).astype(np.float64)
+        w_q = SITE_KINDS[specs[name]["kind"]].dequantize(_tensors(plain, name), specs[name]).astype(np.float64)
         w, b = (a.astype(np.float64) for a in w_fp32[name])
-        errors = [np.linalg.norm(w_q @ x_q + q.site_tensors(name)["bias"] - (w @ m.mean + b)) for q in (plain, corrected)]
+        errors = [np.linalg.norm(w_q @ x_q + _tensors(q, name)["bias"] - (w @ m.mean + b)) for q in (plain, corrected)]
         assert errors[1] < errors[0], (name, errors)
-    np.testing.assert_array_equal(plain.site_tensors(names[0])["weight"], corrected.site_tensors(names[0])["weight"])
+    np.testing.assert_array_equal(_tensors(plain, names[0])["weight"], _tensors(corrected, names[0])["weight"])

@@ -373,13 +373,20 @@ class _Study:
     base_c: Optional[np.ndarray] = None
 
 
-def _resolve_study(ds: RetrievalDataset, cfg: EvalConfig, show_progress_bar: Optional[bool]) -> _Study:
-    """The dataset's judged queries and the texts to encode (passages in passage mode)."""
+def judged_qrels(ds: RetrievalDataset) -> Dict[str, Mapping[str, int]]:
+    """The judgements of the queries ``ds`` has (and that have any), checking that there are some and that the
+    corpus is not empty (ValueError)."""
     qrels = {q: j for q, j in ds.qrels.items() if q in ds.queries and len(j) > 0}
     if not ds.corpus:
         raise ValueError(f"dataset {ds.name!r} has an empty corpus")
     if not qrels:
         raise ValueError(f"dataset {ds.name!r} has no judged queries")
+    return qrels
+
+
+def _resolve_study(ds: RetrievalDataset, cfg: EvalConfig, show_progress_bar: Optional[bool]) -> _Study:
+    """The dataset's judged queries and the texts to encode (passages in passage mode)."""
+    qrels = judged_qrels(ds)
     qids = list(ds.queries)
     if cfg.passages:
         corpus_texts, doc_index = split_corpus(ds.corpus, max_words=cfg.max_words, stride=cfg.stride)
@@ -510,7 +517,7 @@ def _corpus_tokens(study: _Study, enc: Encoder) -> int:
     return study.token_counts[key]
 
 
-def _embedding_settings(enc: Encoder, pooling: Optional[str]) -> Tuple[Dict[str, Any], str, bool]:
+def embedding_settings(enc: Encoder, pooling: Optional[str]) -> Tuple[Dict[str, Any], str, bool]:
     """encode keywords for retrieval with ``enc`` (its pooling unless overridden; cosine unless the model scores by
     dot product), a one-line description of them for the ``embedding`` column, and whether scores are cosines."""
     sc = enc.sentence_config.override(pooling)
@@ -525,7 +532,7 @@ def _embedding_settings(enc: Encoder, pooling: Optional[str]) -> Tuple[Dict[str,
 def _encode_and_search(study: _Study, enc: Encoder) -> Dict[str, Any]:
     """Corpus and query embeddings of one encoder, its search results, and its timing and byte columns."""
     cfg, corpus_texts, query_texts = study.cfg, study.corpus_texts, study.query_texts
-    settings, embedding, cosine = _embedding_settings(enc, cfg.pooling)
+    settings, embedding, cosine = embedding_settings(enc, cfg.pooling)
     kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, show_progress_bar=study.show_progress_bar,
               **settings)
     if cfg.warmup:
@@ -559,11 +566,18 @@ def _encode_and_search(study: _Study, enc: Encoder) -> Dict[str, Any]:
     }
 
 
+def ranking_metrics(qrels: Mapping[str, Mapping[str, int]], scores: np.ndarray, idx: np.ndarray,
+                    query_ids: Sequence[str], doc_ids: Sequence[str], ks: Sequence[int]) -> pd.DataFrame:
+    """Per-query metrics (:func:`~medquant.eval.metrics.evaluate_run`) of ranked lists from :func:`search`:
+    ``idx`` rows index ``doc_ids`` (-1: no document), scored in exactly the searched order."""
+    run = run_from_search(np.where(idx >= 0, scores, -np.inf), np.maximum(idx, 0), query_ids, doc_ids,
+                          preserve_order=True)
+    return evaluate_run(qrels, run, ks)
+
+
 def _add_row(study: _Study, label: str, info: Dict[str, Any], scores: np.ndarray, idx: np.ndarray) -> None:
     """Score one system's ranking and append its result row (per-query metrics go to ``study.per_query``)."""
-    run = run_from_search(np.where(idx >= 0, scores, -np.inf), np.maximum(idx, 0), study.qids, study.doc_ids,
-                          preserve_order=True)
-    pq = evaluate_run(study.qrels, run, study.cfg.ks)
+    pq = ranking_metrics(study.qrels, scores, idx, study.qids, study.doc_ids, study.cfg.ks)
     study.per_query[label] = pq
     study.per_query.rankings[label] = (scores, idx)
     row = {"scheme": label}
@@ -832,5 +846,5 @@ def write_trec_runs(results: Union[pd.DataFrame, PerQueryResults], directory: Un
     return paths
 
 
-__all__ = ["EvalConfig", "PerQueryResults", "evaluate", "per_query_table", "run_file_name", "trec_run",
-           "write_trec_runs"]
+__all__ = ["EvalConfig", "PerQueryResults", "embedding_settings", "evaluate", "judged_qrels", "per_query_table",
+           "ranking_metrics", "run_file_name", "trec_run", "write_trec_runs"]

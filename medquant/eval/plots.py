@@ -281,6 +281,59 @@ def plot_layer_error(reports: Union[pd.DataFrame, Mapping[str, pd.DataFrame]], m
     return ax
 
 
+def _unit_label(unit: str) -> str:
+    """A short label of a sensitivity unit: ``L3 ffn-in`` for a site, the name itself for groups / embeddings."""
+    from ..model.architectures import LAYER_PREFIX, site_layer, site_module
+    from ..quant.sensitivity import GROUPS
+
+    if not unit.startswith(LAYER_PREFIX):
+        return unit
+    group = {suffix: g for g, suffix in GROUPS.items()}.get(site_module(unit), site_module(unit))
+    return f"L{site_layer(unit)} {group}"
+
+
+_PROXY_AXES = {"sqnr_db": "proxy: SQNR of the unit's sites (dB)",
+               "emb_cosine_mean": "proxy: mean embedding cosine to fp32"}
+
+
+def plot_sensitivity(df: pd.DataFrame, ax=None, proxy: Optional[str] = "sqnr_db"):
+    """Sensitivity of the metric to each unit (:func:`medquant.quant.sensitivity.sensitivity`): horizontal bars of
+    the metric's difference to fp32 with its confidence interval as whiskers, worst unit at the top; ``proxy``
+    (``"sqnr_db"``, ``"emb_cosine_mean"`` or None) as diamonds on a second x axis (top; left = worse there too)."""
+    metric = df.attrs.get("metric") or next((c[: -len("_delta")] for c in df.columns if c.endswith("_delta")), None)
+    if metric is None or not _has_delta(df, metric):
+        raise ValueError("df has no <metric>_delta / _ci_low / _ci_high columns: pass the result of sensitivity()")
+    if proxy is not None and proxy not in _PROXY_AXES:
+        raise ValueError(f"proxy must be one of {', '.join(_PROXY_AXES)} or None, got {proxy!r}")
+    ax = _axes(ax, figsize=(7.5, 0.28 * len(df) + 1.8))
+    y = np.arange(len(df))[::-1]
+    d = df[f"{metric}_delta"].to_numpy(float)
+    ax.barh(y, d, xerr=_delta_err(df, metric), color=_MODEL_COLOR, alpha=0.8, height=0.6,
+            error_kw=dict(ecolor="black", elinewidth=0.8, capsize=2), label=f"{metric} - fp32")
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels([_unit_label(str(u)) for u in df["unit"]], fontsize=7)
+    ax.set_ylim(-0.7, len(df) - 0.3)
+    conf = (df.attrs.get("objective") or {}).get("confidence", 0.95)
+    ax.set_xlabel(f"{metric} difference to fp32 with only this unit quantized ({conf:.0%} CI, paired t-test)")
+    ax.grid(True, axis="x", alpha=0.3)
+    if proxy is not None:
+        top = ax.twiny()
+        values = df[proxy].to_numpy(float)
+        top.plot(values, y, "D", color=_INDEX_COLOR, ms=4, label=_PROXY_AXES[proxy])
+        top.set_xlabel(_PROXY_AXES[proxy], color=_INDEX_COLOR, fontsize=8)
+        top.tick_params(axis="x", colors=_INDEX_COLOR, labelsize=7)
+        rho = (df.attrs.get("rank_agreement") or {}).get("emb_cosine" if proxy == "emb_cosine_mean" else proxy)
+        if rho is not None and np.isfinite(rho):
+            top.annotate(f"Spearman (loss, proxy harm) {rho:+.2f}", (0.99, 0.01), xycoords="axes fraction",
+                         ha="right", va="bottom", fontsize=7, color=_INDEX_COLOR)
+    scheme = df.attrs.get("scheme", "")
+    dataset = (df.attrs.get("objective") or {}).get("dataset", "")
+    ax.set_title(f"{metric} sensitivity per unit: {scheme}" + (f"\n{dataset}" if dataset else ""), fontsize=10,
+                 pad=30 if proxy is not None else 6)
+    return ax
+
+
 def plot_calibration_ranges(calibration, ax=None, method: Optional[str] = None):
     """Observed activation range against the chosen clipping range per site (see
     :meth:`medquant.Calibration.plot_ranges`)."""
@@ -358,6 +411,6 @@ def plot_autoquant_pareto(trace: pd.DataFrame, objective: str = "throughput", al
 
 
 __all__ = [
-    "describe_results", "plot_autoquant_pareto", "plot_calibration_histogram", "plot_calibration_ranges", "plot_deltas", "plot_layer_error", "plot_quality_vs_size",
-    "plot_quality_vs_throughput",
+    "describe_results", "plot_autoquant_pareto", "plot_calibration_histogram", "plot_calibration_ranges", "plot_deltas",
+    "plot_layer_error", "plot_quality_vs_size", "plot_quality_vs_throughput", "plot_sensitivity",
 ]

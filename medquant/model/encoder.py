@@ -3,6 +3,7 @@ error report and saving are delegated to :mod:`medquant.quant.quantize`, :mod:`m
 :mod:`medquant.model.storage`."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -16,7 +17,7 @@ from ..quant import report as _report
 from ..quant.calibration import Calibration
 from ..quant.schemes import QuantScheme, get_scheme
 from . import limits, storage as _storage
-from .architectures import WORD_EMBEDDING_SCALES, BertConfig, parse_site
+from .architectures import WORD_EMBEDDING_SCALES, WORD_EMBEDDINGS, BertConfig, parse_site
 from .sentence import SentenceConfig, check_pooling, read_sentence_config
 from .tokenization import TruncatingTokenizers
 from .checkpoint import (
@@ -162,21 +163,24 @@ class Encoder:
         return {k: v["kind"] for k, v in self._sites.items()}
 
     def site_specs(self) -> Dict[str, Dict]:
-        """Per site its spec as stored and saved: kind, weight entries, activation mode / scale / zero point."""
-        return {k: dict(v) for k, v in self._sites.items()}
+        """Per site its spec as the core was given it: ``kind`` and the kind's weight and activation parameters
+        (a copy)."""
+        return copy.deepcopy(self._sites)
 
-    def site_tensors(self, site: str) -> Dict[str, np.ndarray]:
-        """A site's stored tensors by suffix (``weight``, ``bias``, and ``weight_scale`` / ``act_mul`` where it has
-        them), as read-only views."""
-        if site not in self._sites:
-            raise KeyError(f"no site {site!r}; sites: {self.site_names[0]} ... {self.site_names[-1]}")
-        out = {}
-        for key, arr in self._storage.items():
-            if key.startswith(site + ".") and "." not in key[len(site) + 1:]:
-                view = arr.view()
-                view.flags.writeable = False
-                out[key[len(site) + 1:]] = view
-        return out
+    def storage_tensors(self, site: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """The stored tensors by storage name: all of them (``site=None``), one site's (``<site>.weight``,
+        ``.bias`` and, where its kind and scheme have them, ``.weight_scale`` / ``.act_mul``), or with
+        ``site="embeddings"`` the word-embedding table (and its int8 row scales). A new dict holding the arrays
+        themselves, not copies: treat them as read-only (see :meth:`with_storage` to build from them)."""
+        if site is None:
+            return dict(self._storage)
+        if site == "embeddings":
+            keys = [WORD_EMBEDDINGS, WORD_EMBEDDING_SCALES]
+        elif site in self._sites:
+            keys = [f"{site}.{suffix}" for suffix in _storage.SITE_TENSOR_SUFFIXES]
+        else:
+            raise KeyError(f"no site {site!r} (sites are named like {self.site_names[0]!r}; or 'embeddings')")
+        return {k: self._storage[k] for k in keys if k in self._storage}
 
     def site_impl(self, site: str) -> str:
         """The oneDNN implementation that ran a site's matmul (e.g. 'brg:avx512_core_vnni'), '' before it ran."""

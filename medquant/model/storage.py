@@ -29,6 +29,9 @@ from .checkpoint import CheckpointError
 from .sentence import MODULES_FILE, QUANTIZED_MODULES_FILE, SENTENCE_FILES, copy_sentence_files
 
 FORMAT = "medquant-quantized-v1"
+#: The tensors a site may store, by suffix: ``<site>.weight`` (float, int8 or packed int4), ``.bias``, and as its kind
+#: and scheme need them ``.weight_scale`` and ``.act_mul`` (SmoothQuant).
+SITE_TENSOR_SUFFIXES = ("weight", "bias", "weight_scale", "act_mul")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 #: QuantScheme fields added after the format's first saves, which lack them: their defaults are what those saves
@@ -370,5 +373,5 @@ def read_quantized(meta: Mapping, state: Mapping[str, np.ndarray], cfg: BertConf
     return scheme, sites, storage
 
 
-__all__ = ["FORMAT", "MARKER", "TOKENIZER_FILES", "build_core", "expected_tensors", "float_storage", "is_medquant_save",
+__all__ = ["FORMAT", "MARKER", "SITE_TENSOR_SUFFIXES", "TOKENIZER_FILES", "build_core", "expected_tensors", "float_storage", "is_medquant_save",
            "is_quantized", "read_quantized", "smooth_weight", "validate_quantized", "write"]
