@@ -79,6 +79,19 @@ def core_round(rng):
     o.column_absmax()
     o.__init__(32)  # re-init frees the old C observer
     expect_error(_core.Observer, 3)
+    # moments (Gram matrix, grid sums), re-tracked, reset, and a refused batch after staging nothing
+    m = _core.Observer(16)
+    m.track_moments(gram=True)
+    m.set_grid(0.05, 100)
+    m.update(rng.standard_normal((30, 12)).astype(np.float32))
+    m.moments()
+    expect_error(m.set_grid, 0.1, 1)
+    expect_error(m.update, np.full((2, 12), np.nan, np.float32))
+    m.reset()
+    m.track_moments(gram=False)  # replaces the moments object
+    m.update(np.ones((3, 12), np.float32))
+    m.moments()
+    m.__init__(16)  # frees observer and moments
 
     # linear layers of every kind
     x = rng.standard_normal((37, 16)).astype(np.float32)

@@ -154,6 +154,7 @@ def _weight_error(enc, q, name, gram):
     return float(np.sum((d @ gram) * d))
 
 
+@pytest.mark.slow
 def test_gptq_lowers_every_site_output_error(minilm, calib_and_heldout):
     """On real activations of held-out texts, GPTQ's weights give a smaller layer output error than round to
     nearest at every site: int4 groups on every site, int8 per-tensor weights on every site (one scheme, by
@@ -236,6 +237,7 @@ def test_saves_without_the_new_scheme_fields_load(tiny_int8, tmp_path, medquad_q
 
 
 # ---------------------------------------------------------------------------------------------------- bias correction
+@pytest.mark.slow
 def test_bias_correction_lowers_every_site_mean_output_error(minilm, calib_and_heldout):
     """The mean output error of every corrected site, E[W_q fq(x) + b'] - E[W x + b] on held-out texts (fq: the
     site's static activation grid; x for weight-only sites), is smaller with the corrected bias b' than with b."""
