@@ -205,12 +205,14 @@ class _Search:
 
 # ---------------------------------------------------------------------------------------------------- search steps
 def per_site_calibration(encoder: "Encoder", scheme: QuantScheme, calibration, methods: Sequence[str],
-                         texts: Sequence[str]) -> QuantScheme:
+                         texts: Sequence[str], calibration_texts: Optional[Sequence[str]] = None) -> QuantScheme:
     """``scheme`` with, per static int8 site, the calibration method whose quantized model has the best SQNR at
-    that site on ``texts`` (one quantization and one report per method)."""
+    that site on ``texts`` (one quantization and one report per method). ``calibration_texts``: for schemes that
+    need them (SmoothQuant, GPTQ, bias correction)."""
     sqnr = {}
     for m in methods:
         q = encoder.quantize(scheme.replace(name=f"{scheme.name}/{m}", calibration=m), calibration=calibration,
+                             calibration_texts=calibration_texts if scheme.needs_calibration_texts else None,
                              show_progress_bar=False)
         sqnr[m] = q.quant_report(list(texts), reference=encoder).set_index("site")["sqnr_db"]
     table = pd.DataFrame(sqnr).drop(index="embedding", errors="ignore")
@@ -265,7 +267,7 @@ def _search(search: _Search) -> None:
         search.try_scheme(scheme, "scheme")
         if cfg.calibration_methods and scheme.needs_calibration and not search.out_of_time():
             variant = per_site_calibration(search.encoder, scheme, search.calibration, cfg.calibration_methods,
-                                           search.proxy_texts)
+                                           search.proxy_texts, search.calibration_texts)
             if variant.overrides != scheme.overrides:
                 search.try_scheme(variant, "site-calibration", parent=scheme.name)
     for row in sorted([r for r in search.rows if not r["within_tolerance"]],
