@@ -260,3 +260,15 @@ def test_bias_correction_lowers_every_site_mean_output_error(minilm, calib_and_h
         errors = [np.linalg.norm(w_q @ x_q + _tensors(q, name)["bias"] - (w @ m.mean + b)) for q in (plain, corrected)]
         assert errors[1] < errors[0], (name, errors)
     np.testing.assert_array_equal(_tensors(plain, names[0])["weight"], _tensors(corrected, names[0])["weight"])
+
+
+@pytest.mark.filterwarnings("ignore::medquant.eval.runinfo.ThroughputWarning")
+def test_evaluate_gives_gptq_schemes_their_calibration_texts(tiny, medquad):
+    """A weight-only GPTQ scheme needs no activation calibration but does need texts: evaluate draws them."""
+    from medquant.eval.datasets import medquad_retrieval
+
+    gptq = get_scheme("w4-weight-only").replace(name="w4-gptq", rounding="gptq", group_size=16)
+    df = medquant.evaluate([gptq], medquad_retrieval("dev", limit=8), model=tiny, index_kinds=(), n_boot=50,
+                           calibration_size=16, show_progress_bar=False)
+    assert list(df["scheme"]) == ["fp32", "w4-gptq"]
+    assert df.attrs["calibration"]["n_texts"] == 16

@@ -467,7 +467,8 @@ def _choose_calibration_texts(study: _Study, systems, calibration_texts: Optiona
     external = [label for label, it in systems if isinstance(it, Encoder) and it.scheme.needs_calibration]
     if external:  # saved / given calibrated encoders: their calibration texts are not known here
         study.calib_info["calibrated_elsewhere"] = external
-    if not any(isinstance(it, QuantScheme) and it.needs_calibration for _, it in systems):
+    if not any(isinstance(it, QuantScheme) and (it.needs_calibration or it.needs_calibration_texts)
+               for _, it in systems):
         return
     cfg, ds = study.cfg, study.ds
     if calibration_texts is not None:
@@ -491,9 +492,11 @@ def _quantized(study: _Study, baseline: Encoder, scheme: QuantScheme, label: str
                ) -> Tuple[Encoder, float, float]:
     """(encoder, calibration seconds, quantize seconds) of a scheme; one calibration per momentum is shared."""
     cfg, calib_s = study.cfg, 0.0
-    if not scheme.needs_calibration_for(baseline.site_names):
+    texts = study.calibration_texts if scheme.needs_calibration_texts else None
+    if not scheme.needs_calibration_for(baseline.site_names):  # GPTQ / bias correction may still need texts
         t0 = time.perf_counter()
-        enc = baseline.quantize(scheme)
+        enc = baseline.quantize(scheme, calibration_texts=texts, batch_size=cfg.batch_size,
+                                show_progress_bar=study.show_progress_bar)
         return enc, calib_s, time.perf_counter() - t0
     key = float(scheme.momentum)
     if key not in study.calibrations:
@@ -505,8 +508,7 @@ def _quantized(study: _Study, baseline: Encoder, scheme: QuantScheme, label: str
     cal, calib_s = study.calibrations[key]
     t0 = time.perf_counter()
     enc = baseline.quantize(scheme, calibration=cal, batch_size=cfg.batch_size,
-                            show_progress_bar=study.show_progress_bar,
-                            calibration_texts=study.calibration_texts if scheme.needs_calibration_texts else None)
+                            show_progress_bar=study.show_progress_bar, calibration_texts=texts)
     return enc, calib_s, time.perf_counter() - t0
 
 
