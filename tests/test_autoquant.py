@@ -67,6 +67,10 @@ def test_time_budget_stops_the_search(tiny, medquad):
                                 throughput_repeats=1, calibration_size=8, show_progress_bar=False)
     assert list(res.trace["configuration"]) == ["fp32"] and res.scheme.name == "fp32"
     assert "time budget" in res.info["stopped"]
+    cfg = AutoQuantConfig(tolerance=0.02, metric="mrr@10", candidates=("int8-dynamic",), time_budget_s=0.0,
+                          throughput_texts=8, throughput_repeats=1, calibration_size=8)
+    res = medquant.autoquantize(tiny, dev, config=cfg, show_progress_bar=False)  # the config's values hold
+    assert res.config.tolerance == 0.02 and res.config.metric == "mrr@10" and res.trace["metric"].iloc[0] == "MRR@10"
 
 
 def test_fallbacks_and_config_checks():

@@ -280,7 +280,7 @@ def _search(search: _Search) -> None:
 
 # ---------------------------------------------------------------------------------------------------- entry point
 def autoquantize(encoder: "Encoder", dataset: "RetrievalDataset", *, test_dataset: Optional["RetrievalDataset"] = None,
-                 metric: str = "ndcg@10", tolerance: float = 0.005, objective: str = "throughput",
+                 metric: Optional[str] = None, tolerance: Optional[float] = None, objective: Optional[str] = None,
                  candidates: Optional[Sequence[Union[str, QuantScheme]]] = None,
                  time_budget_s: Optional[float] = None, calibration_texts: Optional[Sequence[str]] = None,
                  config: Optional[AutoQuantConfig] = None, show_progress_bar: Optional[bool] = None,
@@ -291,14 +291,16 @@ def autoquantize(encoder: "Encoder", dataset: "RetrievalDataset", *, test_datase
 
     encoder: the fp32 encoder. dataset / test_dataset: RetrievalDatasets (e.g. ``medquad_retrieval("dev")`` and
     ``medquad_retrieval("test")``). calibration_texts: default, ``calibration_size`` dev texts (seeded).
+    metric, tolerance, objective, candidates, time_budget_s: as in :class:`AutoQuantConfig` (defaults "ndcg@10",
+    0.005 relative, "throughput", ``DEFAULT_CANDIDATES``, no budget); given ones replace ``config``'s.
     config: an :class:`AutoQuantConfig`; keyword ``overrides`` replace single fields.
     """
     from ..eval.datasets import RetrievalDataset
     from ..eval.objective import RetrievalObjective
 
-    fields = dict(metric=metric, tolerance=tolerance, objective=objective, time_budget_s=time_budget_s, **overrides)
-    if candidates is not None:
-        fields["candidates"] = tuple(candidates)
+    given = dict(metric=metric, tolerance=tolerance, objective=objective, time_budget_s=time_budget_s,
+                 candidates=None if candidates is None else tuple(candidates))
+    fields = {**{k: v for k, v in given.items() if v is not None}, **overrides}
     base = config.__dict__ if config is not None else {}
     cfg = AutoQuantConfig(**{**base, **fields})
     if not isinstance(dataset, RetrievalDataset):
