@@ -6,14 +6,18 @@ The search, every step measured (nothing assumed):
 1. **Schemes.** Every candidate scheme (presets, or your own QuantSchemes) is quantized, scored on the dev split
    (:class:`~medquant.eval.objective.RetrievalObjective`: the metric, a paired t-test against fp32, embedding
    cosine) and timed (encode throughput on a fixed sample of dev documents) and sized (:meth:`Encoder.size_bytes`).
-   Static int8 candidates also get a variant whose calibration method is chosen per site (the one with the best
-   site SQNR among ``calibration_methods``).
+   With ``calibration_methods`` given, static int8 candidates also get a variant whose calibration method is chosen
+   per site (the one with the best site SQNR among them; off by default: on MedQuAD it lowered the embedding cosine
+   of all four static presets).
 2. **Repair.** Candidates better on the objective than the best one already within tolerance, but outside it, are
    repaired: their sites are ranked by the cheap proxy (per-site SQNR against fp32, :meth:`Encoder.quant_report`)
    and the worst 1, 2, 4, ... sites are given a more faithful precision (static int8 -> per-token dynamic int8;
    int4 weights -> int8 weights; otherwise fp32), until the tolerance is met.
 3. **Choice.** The best objective among everything within tolerance on dev (fp32 itself if nothing is), which is
-   then scored on the held-out split.
+   then scored on the held-out split. Objectives within ``objective_tie`` (relative) of the best count as a tie:
+   timings of identical int8 kernels vary by several percent between runs, so a 2% faster configuration is not
+   really faster; ties go to the configuration closest to fp32 (mean embedding cosine over every dev document, far
+   less noisy than the metric on a dev sample), then to the better metric.
 
 A time budget bounds steps 1-2 (the configuration being measured when it runs out is finished). The result holds
 the chosen scheme (``to_json`` / ``QuantScheme.from_dict``), the quantized encoder (``save_pretrained``), the trace
@@ -21,7 +25,6 @@ of every configuration tried, the before/after table, and a Pareto plot.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -58,7 +61,9 @@ class AutoQuantConfig:
     conservative: judge the worst end of the paired confidence interval of the loss instead of its mean.
     objective: "throughput" (corpus texts per second, measured) or "size" (bytes in memory).
     candidates: preset names, dicts or QuantSchemes tried in step 1.
-    calibration_methods: per-site calibration choices for static int8 candidates (empty: no per-site variant).
+    objective_tie: objectives within this fraction of each other tie (broken by embedding cosine, then metric).
+    calibration_methods: per-site calibration choices for static int8 candidates (empty, the default: no per-site
+    variant), e.g. ("minmax", "percentile", "mse", "entropy").
     max_fallback_sites: the most sites one repair may move to a higher precision.
     time_budget_s: bound on the search (None: none).
     calibration_size: dev texts (half queries, half documents; seeded) calibrating static schemes and GPTQ.
@@ -72,7 +77,8 @@ class AutoQuantConfig:
     conservative: bool = False
     objective: str = "throughput"
     candidates: Tuple[Union[str, QuantScheme], ...] = DEFAULT_CANDIDATES
-    calibration_methods: Tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
+    objective_tie: float = 0.05
+    calibration_methods: Tuple[str, ...] = ()
     max_fallback_sites: int = 8
     time_budget_s: Optional[float] = None
     calibration_size: int = 256
@@ -86,6 +92,7 @@ class AutoQuantConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         self.tolerance = limits.finite_float(self.tolerance, "tolerance", 0.0, float("inf"))
+        self.objective_tie = limits.finite_float(self.objective_tie, "objective_tie", 0.0, 1.0)
         if isinstance(self.candidates, (str, QuantScheme, dict)):
             self.candidates = (self.candidates,)
         self.candidates = tuple(get_scheme(c) for c in self.candidates)
@@ -151,7 +158,8 @@ class _Search:
         ref = objective.reference_result
         self.allowed = cfg.tolerance * ref.value if cfg.relative else cfg.tolerance
         self.rows: List[Dict[str, Any]] = []
-        self.encoders: Dict[str, "Encoder"] = {}
+        self.schemes: Dict[str, QuantScheme] = {}
+        self.encoders: Dict[str, "Encoder"] = {}  # only those the search may still need (see _forget)
         self.t0 = time.perf_counter()
         self.stopped = ""
 
@@ -184,23 +192,50 @@ class _Search:
                "n_fallback_sites": 0, "quantize_s": quantize_s, "elapsed_s": time.perf_counter() - self.t0,
                "scheme": scheme.to_json()}
         self.rows.append(row)
+        self.schemes[scheme.name] = scheme
         self.encoders[scheme.name] = enc
+        self._forget()
         return row
 
+    def encoder_of(self, scheme: QuantScheme) -> "Encoder":
+        """The encoder of a configuration tried (quantized again, identically, if :meth:`_forget` dropped it)."""
+        enc = self.encoders.get(scheme.name)
+        return enc if enc is not None else self.quantize(scheme)
+
+    def _forget(self) -> None:
+        """Drop the encoders the search is unlikely to need again (memory: one per configuration otherwise): all but
+        the best one within tolerance and the first-pass configurations outside it that beat it."""
+        best = self.best_within()
+        keep = {best["configuration"]} if best is not None else set()
+        keep |= {r["configuration"] for r in self.rows if not r["within_tolerance"] and r["step"] != "repair"
+                 and self.better(r, best)}
+        self.encoders = {k: e for k, e in self.encoders.items() if k in keep}
+
+    def gain(self, row: Dict[str, Any]) -> float:
+        """The objective of a trace row, higher is better."""
+        return -float(row["model_bytes"]) if self.cfg.objective == "size" else float(row["texts_per_s"])
+
+    def ties(self, a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+        ga, gb = self.gain(a), self.gain(b)
+        return abs(ga - gb) <= self.cfg.objective_tie * max(abs(ga), abs(gb))
+
     def better(self, a: Dict[str, Any], b: Optional[Dict[str, Any]]) -> bool:
-        """Whether configuration ``a`` beats ``b`` on the objective."""
+        """Whether configuration ``a`` beats ``b``: on the objective, or, when the objectives tie, on fidelity to
+        fp32 (embedding cosine, then the metric)."""
         if b is None:
             return True
-        if self.cfg.objective == "size":
-            return a["model_bytes"] < b["model_bytes"]
-        return a["texts_per_s"] > b["texts_per_s"]
+        if not self.ties(a, b):
+            return self.gain(a) > self.gain(b)
+        return (a["emb_cosine_mean"], a["value"]) > (b["emb_cosine_mean"], b["value"])
 
     def best_within(self) -> Optional[Dict[str, Any]]:
-        best = None
-        for row in self.rows:
-            if row["within_tolerance"] and self.better(row, best):
-                best = row
-        return best
+        """Among configurations within tolerance, those tying with the best objective; of them the most faithful."""
+        within = [r for r in self.rows if r["within_tolerance"]]
+        if not within:
+            return None
+        top = max(within, key=self.gain)
+        tier = [r for r in within if self.ties(r, top)]
+        return max(tier, key=lambda r: (r["emb_cosine_mean"], r["value"], self.gain(r)))
 
 
 # ---------------------------------------------------------------------------------------------------- search steps
@@ -238,8 +273,8 @@ def fallback_override(scheme: QuantScheme, site: str) -> Dict[str, Any]:
 def _repair(search: _Search, row: Dict[str, Any]) -> None:
     """Give the worst sites of a configuration outside tolerance (by SQNR) more faithful precisions, 1, 2, 4, ...
     at a time, until it is within tolerance or cannot beat the best one within it."""
-    scheme = QuantScheme.from_dict(json.loads(row["scheme"]))
-    enc = search.encoders[scheme.name]
+    scheme = search.schemes[row["configuration"]]
+    enc = search.encoder_of(scheme)
     report = enc.quant_report(search.proxy_texts, reference=search.encoder)
     ranked = [s for s in report.sort_values("sqnr_db")["site"] if s in enc.site_names
               and enc.site_kinds()[s] != "fp32"]
@@ -318,8 +353,8 @@ def autoquantize(encoder: "Encoder", dataset: "RetrievalDataset", *, test_datase
     chosen = search.best_within()
     trace = pd.DataFrame(search.rows)
     trace["chosen"] = trace["configuration"] == chosen["configuration"]
-    scheme = QuantScheme.from_dict(json.loads(chosen["scheme"]))
-    enc = search.encoders[chosen["configuration"]]
+    scheme = search.schemes[chosen["configuration"]]
+    enc = search.encoder_of(scheme)
     table = _before_after(search, chosen, enc, test_dataset)
     info = {"allowed_loss": search.allowed, "stopped": search.stopped or "searched every candidate",
             "search_s": time.perf_counter() - search.t0, "dev": dev.describe(),

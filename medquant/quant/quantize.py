@@ -91,8 +91,11 @@ def recovery_moments(encoder: "Encoder", scheme: QuantScheme, sites: Sequence[st
         if site.bias_correction and SITE_KINDS[site.site_kind(name)].quantized_input and site.mode == "static":
             act = activation_spec(name, site, calibration)
             grids[name] = (act["act_scale"], act["act_zero_point"])
-    fp32 = get_scheme("fp32")
-    stats = encoder.with_storage(*float_storage(encoder.fp32_params, encoder.config, fp32, act_mul or None), fp32)
+    if not act_mul and encoder.is_fp32 and not any(k.endswith(".act_mul") for k in encoder.storage_tensors()):
+        stats = encoder  # the fp32 model itself: no second load
+    else:
+        fp32 = get_scheme("fp32")
+        stats = encoder.with_storage(*float_storage(encoder.fp32_params, encoder.config, fp32, act_mul or None), fp32)
     raw = stats.collect_moments(texts, sites, gram_sites=grams, grids=grids, batch_size=batch_size,
                                 show_progress_bar=show_progress_bar)
     return {name: SiteMoments.from_observer(m) for name, m in raw.items()}
