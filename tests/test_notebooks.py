@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 def test_notebooks_found():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_calibration_study.ipynb",
-                                           "03_your_own_collection.ipynb"]
+                                           "03_your_own_collection.ipynb", "05_autoquantize.ipynb"]
 
 
 @pytest.mark.slow
