@@ -76,7 +76,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return np.ascontiguousarray(a / norms, dtype=np.float32)
 
 
-def _as_matrix(x: np.ndarray, normalize: bool, name: str = "embeddings") -> np.ndarray:
+def as_matrix(x: np.ndarray, normalize: bool, name: str = "embeddings") -> np.ndarray:
     a = _float_matrix(x, name)
     if normalize:
         return l2_normalize(a)
@@ -113,7 +113,7 @@ def _select_topk(scores: np.ndarray, index: np.ndarray, k: int) -> Tuple[np.ndar
     return np.take_along_axis(scores, part, axis=1), np.take_along_axis(index, part, axis=1)
 
 
-def _sort_topk(scores: np.ndarray, index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def sort_topk(scores: np.ndarray, index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Sort rows by score descending; ties by lower index (rows must be in increasing index order)."""
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
@@ -142,7 +142,7 @@ def _blocked_topk(n_queries: int, n_corpus: int, k: int, score_block: Callable[[
                 idx = np.concatenate([run_i, idx], axis=1)
             run_s, run_i = _select_topk(s, idx, k)
         assert run_s is not None and run_i is not None
-        s_sorted, i_sorted = _sort_topk(run_s, np.ascontiguousarray(run_i))
+        s_sorted, i_sorted = sort_topk(run_s, np.ascontiguousarray(run_i))
         out_s.append(s_sorted)
         out_i.append(i_sorted)
     return np.concatenate(out_s, axis=0), np.concatenate(out_i, axis=0)
@@ -188,8 +188,8 @@ def search(query_emb: np.ndarray, corpus_emb: np.ndarray, k: int = 100, block_si
     k = positive_int(k, "k")
     block_size = positive_int(block_size, "block_size")
     query_block_size = positive_int_or_none(query_block_size, "query_block_size")
-    q = _as_matrix(query_emb, normalize, "query_emb")
-    c = _as_matrix(corpus_emb, normalize, "corpus_emb")
+    q = as_matrix(query_emb, normalize, "query_emb")
+    c = as_matrix(corpus_emb, normalize, "corpus_emb")
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"dimension mismatch: queries {q.shape[1]}, corpus {c.shape[1]}")
     if corpus_ids is not None and len(corpus_ids) != c.shape[0]:
@@ -286,8 +286,8 @@ def search_passages(query_emb: np.ndarray, passage_emb: np.ndarray, passage_doc_
     query_block_size = positive_int(query_block_size, "query_block_size")
     if n_docs is not None and (isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 0):
         raise ValueError(f"n_docs must be a non-negative int, got {n_docs!r}")
-    q = _as_matrix(query_emb, normalize, "query_emb")
-    p = _as_matrix(passage_emb, normalize, "passage_emb")
+    q = as_matrix(query_emb, normalize, "query_emb")
+    p = as_matrix(passage_emb, normalize, "passage_emb")
     doc = np.asarray(passage_doc_index)
     if doc.size and doc.dtype.kind not in "iu":
         raise TypeError(f"passage_doc_index must hold integer document indices, got dtype {doc.dtype}")
@@ -322,7 +322,7 @@ def search_passages(query_emb: np.ndarray, passage_emb: np.ndarray, passage_doc_
             doc_scores[:, cols] = np.maximum(doc_scores[:, cols], pooled)
         idx = np.broadcast_to(np.arange(nd, dtype=np.int64), doc_scores.shape)
         s_k, i_k = _select_topk(doc_scores, idx, k)
-        s_k, i_k = _sort_topk(s_k, np.ascontiguousarray(i_k))
+        s_k, i_k = sort_topk(s_k, np.ascontiguousarray(i_k))
         out_s.append(s_k)
         out_i.append(i_k)
     return np.concatenate(out_s), np.concatenate(out_i)
@@ -398,7 +398,7 @@ class QuantizedIndex:
         numpy.ndarray
             int8 ``[nq, d]`` (values outside the calibration range are clipped) or packed uint8 bits.
         """
-        x = _as_matrix(query_emb, self.normalize, "query_emb")
+        x = as_matrix(query_emb, self.normalize, "query_emb")
         if x.shape[1] != self.dim:
             raise ValueError(f"dimension mismatch: queries {x.shape[1]}, index {self.dim}")
         if self.kind == "int8":
@@ -510,7 +510,7 @@ class QuantizedIndex:
             score_fn = self._score_fn(qcodes)
             hamming = self.kind == "binary"
         else:  # asymmetric
-            qf0 = _as_matrix(query_emb, self.normalize, "query_emb")
+            qf0 = as_matrix(query_emb, self.normalize, "query_emb")
             if qf0.shape[1] != self.dim:
                 raise ValueError(f"dimension mismatch: queries {qf0.shape[1]}, index {self.dim}")
             score_fn = self._asymmetric_score_fn(qf0)
@@ -524,12 +524,12 @@ class QuantizedIndex:
             raise ValueError("rescoring needs float_corpus (the float32 corpus embeddings)")
         if int(rescore_multiplier) < 1:
             raise ValueError("rescore_multiplier must be >= 1")
-        fc = _as_matrix(float_corpus, self.normalize, "float_corpus")
+        fc = as_matrix(float_corpus, self.normalize, "float_corpus")
         if fc.shape != (n, self.dim):
             raise ValueError(f"float_corpus must have shape {(n, self.dim)}, got {fc.shape}")
         kk = min(int(k), n)
         _, cand = _blocked_topk(nq, n, kk * int(rescore_multiplier), score_fn, bs, qbs)
-        qf = _as_matrix(query_emb, self.normalize)
+        qf = as_matrix(query_emb, self.normalize)
         cand = np.sort(cand, axis=1)  # increasing index: stable sort below breaks ties by lower index
         out_s = np.empty((nq, kk), dtype=np.float32)
         out_i = np.empty((nq, kk), dtype=np.int64)
@@ -538,7 +538,7 @@ class QuantizedIndex:
         for q0 in range(0, nq, step):
             c = cand[q0:q0 + step]
             s = np.einsum("qd,qcd->qc", qf[q0:q0 + step], fc[c], optimize=False).astype(np.float32)
-            s_sorted, i_sorted = _sort_topk(s, c)
+            s_sorted, i_sorted = sort_topk(s, c)
             out_s[q0:q0 + step] = s_sorted[:, :kk]
             out_i[q0:q0 + step] = i_sorted[:, :kk]
         return out_s, out_i
@@ -583,7 +583,7 @@ def quantize_index(emb: np.ndarray, kind: str = "int8", *, ranges: Optional[np.n
     """
     check_index_scoring(scoring)
     check_index_kind(kind)
-    x = _as_matrix(emb, normalize, "emb")
+    x = as_matrix(emb, normalize, "emb")
     n, d = x.shape
     if kind == "int8":
         if ranges is not None:
