@@ -244,3 +244,28 @@ def test_import_medquant_does_not_import_dask():
     code = "import sys, medquant; print(sorted(m for m in ('dask', 'distributed', 'faiss', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.filterwarnings("ignore::medquant.eval.runinfo.ThroughputWarning")
+def test_evaluate_on_a_sharded_corpus(tmp_path, client, minilm):
+    from medquant.eval.datasets import RetrievalDataset, ShardedCorpus, medquad_retrieval
+
+    ds = medquad_retrieval("test", limit=24)
+    rows = pd.DataFrame({"id": list(ds.corpus), "text": list(ds.corpus.values())})
+    sharded = RetrievalDataset(name=ds.name, corpus=ShardedCorpus(rows, tmp_path / "work", client=client,
+                                                                  partition_rows=40),
+                               queries=ds.queries, qrels=ds.qrels)
+    assert sharded.doc_ids == ds.doc_ids and sharded.describe()["n_docs"] == len(ds.corpus)
+    calib = list(medquad_retrieval("dev", limit=32).queries.values())
+    kw = dict(model=minilm, calibration_texts=calib, index_kinds=("int8",), measure_disk=False, warmup=False,
+              max_length=64)
+    mem = medquant.evaluate(["int8-static-asym"], ds, **kw)
+    shd = medquant.evaluate(["int8-static-asym"], sharded, **kw)
+    assert list(shd["scheme"]) == list(mem["scheme"])
+    for col in ("nDCG@10", "MRR@10", "R@100", "nDCG@10_delta", "overlap@10", "emb_cosine", "index_bytes"):
+        assert np.allclose(shd[col].astype(float), mem[col].astype(float), atol=1e-6, equal_nan=True), col
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["fp32", "int8-static-asym"]
+    again = medquant.evaluate(["int8-static-asym"], sharded, **kw)  # the indexes are reused, not re-encoded
+    assert np.array_equal(again["nDCG@10"], shd["nDCG@10"]) and again["corpus_texts_per_s"].isna().all()
+    with pytest.raises(ValueError, match="passages"):
+        medquant.evaluate([], sharded, passages=True, **kw)

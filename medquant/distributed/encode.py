@@ -133,6 +133,13 @@ def _read_source(source, id_column: str, text_column: str, partition_rows: int,
     return ddf, desc
 
 
+def read_source_ids(source, id_column: str = "id", text_column: str = "text",
+                    partition_rows: int = DEFAULT_PARTITION_ROWS) -> List[str]:
+    """The ids of a source as :func:`encode_corpus` partitions it, in shard order (only the id column is read)."""
+    ddf, _ = _read_source(source, id_column, text_column, partition_rows, DEFAULT_JSONL_BLOCKSIZE)
+    return [str(i) for i in ddf[id_column].compute(scheduler="sync").tolist()]
+
+
 def _check_columns(columns, id_column: str, text_column: str, what: str) -> None:
     missing = [c for c in (id_column, text_column) if c not in list(columns)]
     if missing:

@@ -260,6 +260,57 @@ def load_medquad(root: Optional[PathLike] = None, include_unanswered: bool = Fal
 
 # ---------------------------------------------------------------------------------------------------- task type
 @dataclasses.dataclass
+class ShardedCorpus:
+    """A corpus too large to hold as a dict: rows of a Parquet / JSONL dataset (or a pandas / dask DataFrame) that
+    :func:`~medquant.evaluate` encodes on Dask into a sharded index per system
+    (:func:`medquant.distributed.encode_corpus`, under ``work_dir/<system>``, resumed when already there) and
+    searches shard by shard. Use it as the ``corpus`` of a :class:`RetrievalDataset`; needs ``medquant[dask]``.
+
+    Attributes
+    ----------
+    source : path, pandas.DataFrame or dask DataFrame
+        The rows (see :func:`medquant.distributed.encode_corpus`).
+    work_dir : path
+        Where each system's index is written.
+    id_column, text_column : str
+    client : distributed.Client, optional
+        The cluster (default: a LocalCluster per encoding job).
+    partition_rows : int
+        Rows per partition of a pandas source.
+    """
+
+    source: Any
+    work_dir: Union[str, "os.PathLike[str]"]
+    id_column: str = "id"
+    text_column: str = "text"
+    client: Any = None
+    partition_rows: int = 10_000
+    _ids: Optional[List[str]] = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def ids(self) -> List[str]:
+        """Every row's id in source (= shard) order, read once (only the id column is read)."""
+        if self._ids is None:
+            from ..distributed.encode import read_source_ids
+
+            self._ids = read_source_ids(self.source, self.id_column, self.text_column, self.partition_rows)
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __contains__(self, doc_id) -> bool:
+        return doc_id in set(self.ids)
+
+
+def is_sharded(corpus) -> bool:
+    return isinstance(corpus, ShardedCorpus)
+
+
+@dataclasses.dataclass
 class RetrievalDataset:
     """A retrieval task: a corpus, queries and graded relevance judgements.
 
@@ -294,7 +345,7 @@ class RetrievalDataset:
     @property
     def doc_ids(self) -> List[str]:
         """Corpus ids in order."""
-        return list(self.corpus)
+        return list(self.corpus.ids) if is_sharded(self.corpus) else list(self.corpus)
 
     def sample(self, n: int, seed: int = 0, corpus_size: Optional[int] = None) -> "RetrievalDataset":
         """A seeded subset of the queries, optionally with a smaller corpus.
@@ -352,7 +403,9 @@ class RetrievalDataset:
         for judged in self.qrels.values():
             for g in judged.values():
                 grades[int(g)] = grades.get(int(g), 0) + 1
-        doc_words = np.array([len(t.split()) for t in self.corpus.values()], dtype=np.int64)
+        # a sharded corpus' texts are not read here
+        doc_words = (np.zeros(0, np.int64) if is_sharded(self.corpus) else
+                     np.array([len(t.split()) for t in self.corpus.values()], dtype=np.int64))
         q_words = np.array([len(t.split()) for t in self.queries.values()], dtype=np.int64)
         return {
             "name": self.name,

@@ -43,7 +43,7 @@ from . import runinfo
 from .calibration_data import (
     CalibrationSourceError, default_source, given_texts_info, held_out_texts, resolve_source,
 )
-from .datasets import RetrievalDataset, check_passage_window, load_beir, medquad_retrieval, split_corpus
+from .datasets import RetrievalDataset, check_passage_window, is_sharded, load_beir, medquad_retrieval, split_corpus
 from .metrics import DEFAULT_KS, check_ks, evaluate_run, metric_columns, summarize
 from .retrieval import (
     INDEX_KINDS, check_index_kind, check_index_scoring, quantize_index, run_from_search, search, search_passages,
@@ -370,7 +370,16 @@ class _Study:
     per_query: PerQueryResults = field(default_factory=PerQueryResults)
     rows: List[Dict[str, Any]] = field(default_factory=list)
     base_idx: Optional[np.ndarray] = None
-    base_c: Optional[np.ndarray] = None
+    base_c: Optional[np.ndarray] = None  # fp32 corpus embeddings (a ShardedIndex for a sharded corpus)
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.ds.corpus)
+
+    @property
+    def n_corpus_texts(self) -> int:
+        """Texts encoded for the corpus: documents, passages in passage mode, rows of a sharded corpus."""
+        return len(self.doc_ids) if self.sharded else len(self.corpus_texts)
 
 
 def judged_qrels(ds: RetrievalDataset) -> Dict[str, Mapping[str, int]]:
@@ -388,7 +397,12 @@ def _resolve_study(ds: RetrievalDataset, cfg: EvalConfig, show_progress_bar: Opt
     """The dataset's judged queries and the texts to encode (passages in passage mode)."""
     qrels = judged_qrels(ds)
     qids = list(ds.queries)
-    if cfg.passages:
+    if is_sharded(ds.corpus):
+        if cfg.passages:
+            raise ValueError("passages=True needs the corpus texts in memory: split a sharded corpus into passage "
+                             "rows before encoding it")
+        corpus_texts, doc_index = [], None
+    elif cfg.passages:
         corpus_texts, doc_index = split_corpus(ds.corpus, max_words=cfg.max_words, stride=cfg.stride)
     else:
         corpus_texts, doc_index = list(ds.corpus.values()), None
@@ -457,6 +471,8 @@ def _systems(items: List[Item], baseline: Encoder, threads: Optional[int]) -> Li
 
 def _evaluated_texts(study: _Study) -> List[str]:
     """Every text the study encodes or scores: queries, documents and (passage mode) passages."""
+    if study.sharded:  # its texts are not read into memory: only the queries can be excluded
+        return list(study.query_texts)
     return study.query_texts + list(study.ds.corpus.values()) + (study.corpus_texts if study.cfg.passages else [])
 
 
@@ -512,7 +528,9 @@ def _quantized(study: _Study, baseline: Encoder, scheme: QuantScheme, label: str
     return enc, calib_s, time.perf_counter() - t0
 
 
-def _corpus_tokens(study: _Study, enc: Encoder) -> int:
+def _corpus_tokens(study: _Study, enc: Encoder) -> float:
+    if study.sharded:  # not tokenized here: the workers do it
+        return float("nan")
     key = id(enc.tokenizer)
     if key not in study.token_counts:
         study.token_counts[key] = _token_count(enc, study.corpus_texts, study.cfg.max_length)
@@ -529,6 +547,51 @@ def embedding_settings(enc: Encoder, pooling: Optional[str]) -> Tuple[Dict[str, 
                                                              ("document", sc.document_prompt_name())) if n)
     text = f"{sc.pooling} pooling, {'dot product' if dot else 'cosine'}" + (f", prompts {prompts}" if prompts else "")
     return {"pooling": sc.pooling, "normalize": normalize}, text, not dot
+
+
+def _sharded_encode_and_search(study: _Study, enc: Encoder, label: str) -> Dict[str, Any]:
+    """:func:`_encode_and_search` for a sharded corpus: the corpus encoded on Dask into ``work_dir/<label>``
+    (resumed if there), queries here, exact search shard by shard."""
+    from ..distributed import ShardedIndex, encode_corpus
+
+    cfg, corpus = study.cfg, study.ds.corpus
+    settings, embedding, cosine = embedding_settings(enc, cfg.pooling)
+    out = Path(corpus.work_dir) / re.sub(r"[^A-Za-z0-9_.+-]+", "_", label)
+    summary = encode_corpus(corpus.source, enc, out, corpus.client, id_column=corpus.id_column,
+                            text_column=corpus.text_column, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                            partition_rows=corpus.partition_rows, show_progress_bar=study.show_progress_bar,
+                            **settings)
+    index = ShardedIndex(out)
+    if list(index.ids) != study.doc_ids:
+        raise ValueError(f"{out} holds other ids (or another order) than the corpus source: delete it")
+    t0 = time.perf_counter()
+    q_emb = enc.encode_query(study.query_texts, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                             show_progress_bar=study.show_progress_bar, **settings)
+    t_queries = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores, idx = index.search(q_emb, k=study.k, normalize=cosine)
+    t_search = time.perf_counter() - t0
+    timed = summary.rows_written == index.rows  # encoded by this call (not found complete from an earlier one)
+    return {
+        "c_emb": index, "q_emb": q_emb, "idx": idx, "scores": scores, "cosine": cosine,
+        "row": {
+            "corpus_texts_per_s": summary.texts_per_s if timed else float("nan"), "corpus_tokens_per_s": np.nan,
+            "query_texts_per_s": len(study.query_texts) / t_queries if t_queries > 0 else float("nan"),
+            "encode_corpus_s": summary.wall_s if timed else float("nan"), "encode_queries_s": t_queries,
+            "search_s": t_search, "model_bytes": enc.size_bytes(),
+            "model_disk_bytes": _disk_bytes(enc) if cfg.measure_disk else np.nan,
+            "index_bytes": index.rows * index.dim * 4, "rescore_bytes": 0, "embedding": embedding,
+        },
+    }
+
+
+def _mean_cosine(base, other) -> float:
+    """Mean row-wise inner product of two corpus embedding matrices (or two sharded indexes, shard by shard)."""
+    if isinstance(base, np.ndarray):
+        return float(np.mean(np.sum(base * other, axis=1)))
+    total = sum(float(np.sum(np.asarray(base.embeddings(s)) * np.asarray(other.embeddings(s)), dtype=np.float64))
+                for s in range(base.n_shards))
+    return total / max(1, base.rows)
 
 
 def _encode_and_search(study: _Study, enc: Encoder) -> Dict[str, Any]:
@@ -584,7 +647,7 @@ def _add_row(study: _Study, label: str, info: Dict[str, Any], scores: np.ndarray
     study.per_query.rankings[label] = (scores, idx)
     row = {"scheme": label}
     row.update(info)
-    row.update({"n_queries": len(pq), "n_docs": len(study.doc_ids), "n_passages": len(study.corpus_texts)})
+    row.update({"n_queries": len(pq), "n_docs": len(study.doc_ids), "n_passages": study.n_corpus_texts})
     row.update(summarize(pq).drop("n_queries").to_dict())
     row["overlap@10"] = _top_overlap(study.base_idx, idx) if study.base_idx is not None else 1.0
     study.rows.append(row)
@@ -595,7 +658,12 @@ def _index_rows(study: _Study, res: Dict[str, Any], base_info: Dict[str, Any], p
     cfg, k = study.cfg, study.k
     for kind in cfg.index_kinds:
         t0 = time.perf_counter()
-        index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring, normalize=res["cosine"])
+        if study.sharded:  # quantized shard by shard inside the search, with the corpus' own ranges
+            index, rows, dim = None, res["c_emb"].rows, res["c_emb"].dim
+            index_bytes = rows * dim + 8 * dim if kind == "int8" else rows * ((dim + 7) // 8)
+        else:
+            index = quantize_index(res["c_emb"], kind, scoring=cfg.index_scoring, normalize=res["cosine"])
+            index_bytes = int(index.nbytes)
         build_s = time.perf_counter() - t0
         for mult in (None, cfg.rescore_multiplier) if cfg.rescore_multiplier else (None,):
             name = f"fp32+index-{kind}" + ("" if cfg.index_scoring == "codes" else "-asym")
@@ -603,16 +671,20 @@ def _index_rows(study: _Study, res: Dict[str, Any], base_info: Dict[str, Any], p
             _log(study.progress, f"{pos} {name}: searching")
             kq = k if not cfg.passages else min(len(study.corpus_texts), k * 8)
             t0 = time.perf_counter()
-            s, i = index.search(res["q_emb"], k=kq, rescore_multiplier=mult,
-                                float_corpus=res["c_emb"] if mult else None)
+            if index is None:
+                s, i = res["c_emb"].search(res["q_emb"], k=kq, kind=kind, scoring=cfg.index_scoring,
+                                           rescore_multiplier=mult, normalize=res["cosine"])
+            else:
+                s, i = index.search(res["q_emb"], k=kq, rescore_multiplier=mult,
+                                    float_corpus=res["c_emb"] if mult else None)
             if cfg.passages:
                 s, i = _pool_passages(np.asarray(s, dtype=np.float32), i, study.doc_index, k)
             t_search = time.perf_counter() - t0
             row_info = dict(base_info)
             row_info.update({"index": kind, "index_scoring": cfg.index_scoring, "rescore": int(mult or 0),
                              "search_s": t_search, "quantize_s": build_s, "emb_cosine": np.nan,
-                             "index_bytes": int(index.nbytes),
-                             "rescore_bytes": int(res["c_emb"].nbytes) if mult else 0})
+                             "index_bytes": index_bytes,
+                             "rescore_bytes": int(res["row"]["index_bytes"]) if mult else 0})
             _add_row(study, name, row_info, np.asarray(s, dtype=np.float32), i)
 
 
@@ -622,9 +694,9 @@ def _run_system(study: _Study, baseline: Encoder, label: str, item, pos: str) ->
     enc = item
     if isinstance(item, QuantScheme):
         enc, calib_s, quant_s = _quantized(study, baseline, item, label, pos)
-    _log(study.progress, f"{pos} {label}: encoding {len(study.corpus_texts)} corpus texts and "
+    _log(study.progress, f"{pos} {label}: encoding {study.n_corpus_texts} corpus texts and "
                          f"{len(study.query_texts)} queries")
-    res = _encode_and_search(study, enc)
+    res = _sharded_encode_and_search(study, enc, label) if study.sharded else _encode_and_search(study, enc)
     info = {"model": str(enc.name), "model_scheme": enc.scheme.name, "index": "float32", "index_scoring": "",
             "rescore": 0, "max_length": enc._max_length(study.cfg.max_length), "threads": enc.n_threads}
     info.update(res["row"])
@@ -632,7 +704,7 @@ def _run_system(study: _Study, baseline: Encoder, label: str, item, pos: str) ->
     if study.base_c is None:
         info["emb_cosine"] = 1.0
     else:
-        info["emb_cosine"] = float(np.mean(np.sum(study.base_c * res["c_emb"], axis=1)))
+        info["emb_cosine"] = _mean_cosine(study.base_c, res["c_emb"])
     _add_row(study, label, info, res["scores"], res["idx"])
     if label == "fp32":
         study.base_idx, study.base_c = res["idx"], res["c_emb"]
@@ -691,7 +763,7 @@ def _max_lengths(study: _Study, systems: List[Tuple[str, Any]], baseline: Encode
 def _run_record(study: _Study, load_before, t0: float, max_lengths: Dict[str, int]) -> Dict[str, Any]:
     """Where and how the run was measured: machine, load before/after, threads and max_length per system, and
     the throughput figures timed on too small a sample (also warned about as a ThroughputWarning)."""
-    warns = runinfo.throughput_warnings(study.rows, len(study.corpus_texts), len(study.query_texts))
+    warns = runinfo.throughput_warnings(study.rows, study.n_corpus_texts, len(study.query_texts))
     if warns:
         warnings.warn(runinfo.describe_warnings(warns), runinfo.ThroughputWarning, stacklevel=3)
     model_rows = [r for r in study.rows if r["index"] == "float32"]
