@@ -66,10 +66,12 @@ def test_parquet_and_jsonl_sources(tmp_path, client, corpus, minilm_dir):
     pq_dir.mkdir()
     for i in range(3):  # a Parquet dataset of three files
         corpus.iloc[i * 120:(i + 1) * 120].rename(columns={"text": "body"}).to_parquet(pq_dir / f"part{i}.parquet")
-    a = encode_corpus(pq_dir, minilm_dir, tmp_path / "a", client, text_column="body", show_progress_bar=False)
+    with distributed.Client(client.scheduler.address) as by_address:  # a scheduler given by its address
+        a = encode_corpus(pq_dir, minilm_dir, tmp_path / "a", by_address, text_column="body",
+                          show_progress_bar=False)
     jl = tmp_path / "c.jsonl"
     corpus.to_json(jl, orient="records", lines=True)
-    b = encode_corpus(jl, minilm_dir, tmp_path / "b", client, show_progress_bar=False)
+    b = encode_corpus(jl, minilm_dir, tmp_path / "b", n_workers=2, show_progress_bar=False)  # its own LocalCluster
     assert a.rows == b.rows == 360
     ia, ib = ShardedIndex(a.out), ShardedIndex(b.out)
     assert list(ia.ids) == list(ib.ids) == list(corpus["id"])
