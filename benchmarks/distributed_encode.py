@@ -108,9 +108,9 @@ def main():
         for workers, threads in ((2, 1), (1, 2)):
             emb, s, startup = dask_run(df, model_dir, work / f"dask{workers}x{threads}", workers, threads,
                                        args.partition_rows)
-            runs.append({"run": f"Dask {workers} worker{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}",
-                         "seconds": s.wall_s, "cluster_start_s": startup, "bit_identical": bool(np.array_equal(emb, ref)),
-                         "per_worker": s.workers.to_dict("records")})
+            name = f"Dask {workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"
+            runs.append({"run": name, "seconds": s.wall_s, "cluster_start_s": startup,
+                         "bit_identical": bool(np.array_equal(emb, ref)), "per_worker": s.workers.to_dict("records")})
         _, t2 = single_process(model_dir, texts, 2)
         runs.append({"run": "1 process x 2 threads (again)", "seconds": t2})
         load_after = load_average()

@@ -243,7 +243,8 @@ def test_faiss_hnsw_recall_against_exact(tmp_path, client, medquad, minilm, mini
 
 
 def test_import_medquant_does_not_import_dask():
-    code = "import sys, medquant; print(sorted(m for m in ('dask', 'distributed', 'faiss', 'torch') if m in sys.modules))"
+    code = ("import sys, medquant; "
+            "print(sorted(m for m in ('dask', 'distributed', 'faiss', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

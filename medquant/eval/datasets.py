@@ -286,6 +286,7 @@ class ShardedCorpus:
     client: Any = None
     partition_rows: int = 10_000
     _ids: Optional[List[str]] = dataclasses.field(default=None, repr=False, compare=False)
+    _id_set: Optional[set] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def ids(self) -> List[str]:
@@ -303,7 +304,9 @@ class ShardedCorpus:
         return iter(self.ids)
 
     def __contains__(self, doc_id) -> bool:
-        return doc_id in set(self.ids)
+        if self._id_set is None:
+            self._id_set = set(self.ids)
+        return doc_id in self._id_set
 
 
 def is_sharded(corpus) -> bool:
@@ -318,8 +321,9 @@ class RetrievalDataset:
     ----------
     name : str
         Human-readable name (e.g. ``"medquad-test"``).
-    corpus : dict[str, str]
-        Document id -> text, in a fixed order (the order embeddings are computed in).
+    corpus : dict[str, str] or ShardedCorpus
+        Document id -> text, in a fixed order (the order embeddings are computed in); or a
+        :class:`ShardedCorpus` whose rows are encoded on Dask by :func:`~medquant.evaluate`.
     queries : dict[str, str]
         Query id -> text.
     qrels : dict[str, dict[str, int]]
@@ -375,6 +379,9 @@ class RetrievalDataset:
             qids = [qids[i] for i in keep]
         keep_q = set(qids)
         corpus = self.corpus
+        if corpus_size is not None and is_sharded(corpus):
+            raise ValueError("corpus_size cannot cut a sharded corpus (its texts are not in memory); sample its "
+                             "source before encoding it")
         if corpus_size is not None:
             relevant = {d for q in qids for d, g in self.qrels.get(q, {}).items() if g > 0 and d in self.corpus}
             others = [d for d in self.corpus if d not in relevant]
@@ -386,7 +393,8 @@ class RetrievalDataset:
         meta = None
         if self.metadata is not None:
             meta = self.metadata.loc[[q for q in self.metadata.index if q in keep_q]].copy()
-        return RetrievalDataset(name=self.name, corpus=dict(corpus), queries=queries, qrels=qrels, metadata=meta)
+        return RetrievalDataset(name=self.name, corpus=corpus if is_sharded(corpus) else dict(corpus), queries=queries,
+                                qrels=qrels, metadata=meta)
 
     def describe(self) -> Dict[str, Any]:
         """Summary statistics.
