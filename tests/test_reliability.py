@@ -22,6 +22,18 @@ SANITIZED = bool(os.environ.get("MEDQUANT_SANITIZED"))  # set by .ci/sanitize.sh
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _frozen_heap():
+    """Moves every object that exists before this module runs into the collector's permanent generation, so the
+    leak checks' gc.collect() calls (~130 of them) walk only the objects created here: in a full pytest run torch,
+    transformers, pandas etc. make each collection ~0.35 s (45 s for this file) instead of milliseconds. What the
+    checks see is unchanged: every object (and cycle) they watch is created after the freeze."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 # tiny_dir, tiny, tiny_int8: tests/conftest.py
 @pytest.fixture(scope="module")
 def tiny2(tiny_dir):
