@@ -116,7 +116,10 @@ for f in glob.glob(sys.argv[1] + "/asan.*"):
     for block in re.split(r"\n(?=(?:Direct|Indirect) leak of)", text):
         if re.match(r"(Direct|Indirect) leak of", block):
             total += 1
-            if "csrc/" in block:
+            # module_exec's objects (the extension's types and constant tables) live as long as the process: an
+            # extension module is never unloaded, and whether CPython frees them at exit depends on what else was
+            # imported (with pyarrow, which pandas imports when it is installed, they are reported)
+            if "csrc/" in block and " in module_exec csrc/py_module.c" not in block:
                 bad.append(block)
     open(f + ".leaks", "w").write(text)  # not a sanitizer error report: set aside
     import os; os.remove(f)
