@@ -94,12 +94,7 @@ class FaissIndex:
 
 def _train_sample(index: ShardedIndex, n: int, seed: int, normalize: bool) -> np.ndarray:
     rows = np.sort(np.random.default_rng(seed).choice(index.rows, size=min(n, index.rows), replace=False))
-    out = np.empty((rows.size, index.dim), np.float32)
-    shard_of = np.searchsorted(index.offsets, rows, side="right") - 1
-    for s in np.unique(shard_of):
-        sel = shard_of == s
-        out[sel] = index.embeddings(int(s))[rows[sel] - index.offsets[s]]
-    return as_matrix(out, normalize, "sample")
+    return as_matrix(index.gather(rows), normalize, "sample")
 
 
 def build_faiss_index(index: Union[ShardedIndex, PathLike], kind: str = "hnsw", *, M: int = 32,

@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..eval.retrieval import (INDEX_KINDS, QuantizedIndex, as_matrix, check_index_kind, check_index_scoring,
-                              quantize_index, search as _float_search, sort_topk)
+from ..eval.retrieval import INDEX_KINDS, as_matrix, check_index_scoring, quantize_index, rescore
+from ..eval.retrieval import search as _float_search
 from ..model.limits import positive_int, positive_int_or_none
 from . import shards as _shards
 from .shards import ShardError
@@ -108,13 +108,14 @@ class ShardedIndex:
         hi = np.max(np.asarray([m[hi_key] for m in metas], np.float32), axis=0)
         return np.stack([lo, hi])
 
-    def quantized_shard(self, shard: int, kind: str, scoring: str = "codes", normalize: bool = True
-                        ) -> QuantizedIndex:
-        """One shard as an int8 / binary index with the calibration of the whole corpus."""
-        check_index_kind(kind)
-        check_index_scoring(scoring)
-        ranges = self.ranges(normalize) if kind == "int8" else None
-        return quantize_index(self.embeddings(shard), kind, ranges=ranges, normalize=normalize, scoring=scoring)
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 vectors of the given global rows (sorted, unique), read shard by shard."""
+        out = np.empty((rows.size, self.dim), np.float32)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            sel = shard_of == s
+            out[sel] = self.embeddings(int(s))[rows[sel] - self.offsets[s]]
+        return out
 
     # ------------------------------------------------------------------------------------------ search
     def search(self, query_emb, k: int = 100, kind: str = "float32", *, scoring: str = "codes",
@@ -177,26 +178,9 @@ class ShardedIndex:
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int, normalize: bool) -> Tuple[np.ndarray, np.ndarray]:
         """Float scores of each query's candidates (read from their shards), best ``k`` kept."""
-        qf = as_matrix(q, normalize, "query_emb")
-        cand = np.sort(cand, axis=1)
         flat = np.unique(cand)
-        vecs = np.empty((flat.size, self.dim), np.float32)
-        shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
-        for s in np.unique(shard_of):
-            sel = shard_of == s
-            vecs[sel] = self.embeddings(int(s))[flat[sel] - self.offsets[s]]
-        vecs = as_matrix(vecs, normalize, "float_corpus")
-        pos = np.searchsorted(flat, cand)
-        out_s = np.empty((q.shape[0], k), np.float32)
-        out_i = np.empty((q.shape[0], k), np.int64)
-        step = max(1, (1 << 24) // max(1, cand.shape[1] * self.dim))
-        for q0 in range(0, q.shape[0], step):
-            c = cand[q0:q0 + step]
-            s = np.einsum("qd,qcd->qc", qf[q0:q0 + step], vecs[pos[q0:q0 + step]], optimize=False).astype(np.float32)
-            s_sorted, i_sorted = sort_topk(s, c)
-            out_s[q0:q0 + step] = s_sorted[:, :k]
-            out_i[q0:q0 + step] = i_sorted[:, :k]
-        return out_s, out_i
+        vecs = as_matrix(self.gather(flat), normalize, "float_corpus")
+        return rescore(as_matrix(q, normalize, "query_emb"), cand, vecs, k, np.searchsorted(flat, cand))
 
 
 def _search_shard(out: str, shard: int, offset: int, q: np.ndarray, spec: Dict[str, Any]

@@ -791,11 +791,9 @@ def evaluate(encoder_or_schemes=None, dataset=None, *, model: Union[str, os.Path
         if it is an Encoder, else an unlabelled fp32 encoder in the list, else the ``reference`` of an encoder
         quantized in this session, else ``model`` is loaded. A quantized model is never the baseline (ValueError).
     dataset : RetrievalDataset, "medquad" or a BEIR directory
-        The collection (``"medquad"`` is the full MedQuAD dev split). A dataset whose corpus is a
-        :class:`~medquant.eval.datasets.ShardedCorpus` has each system's corpus encoded on Dask into
-        ``work_dir/<system>`` (:func:`medquant.distributed.encode_corpus`; an index already there is reused and its
-        throughput columns are NaN) and searched shard by shard; calibration then excludes only the queries, and
-        ``passages=True`` is refused.
+        The collection (``"medquad"`` is the full MedQuAD dev split). A :class:`~medquant.eval.datasets.ShardedCorpus`
+        corpus is encoded on Dask per system into ``work_dir/<system>`` (reused if there: throughput NaN), searched
+        shard by shard; calibration then excludes only the queries, and ``passages=True`` is refused.
     model : str, path or Encoder
         The fp32 baseline (an fp32 Encoder, or a model name / directory loaded when no baseline is given).
     schemes : list, optional

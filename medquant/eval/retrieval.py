@@ -529,19 +529,26 @@ class QuantizedIndex:
             raise ValueError(f"float_corpus must have shape {(n, self.dim)}, got {fc.shape}")
         kk = min(int(k), n)
         _, cand = _blocked_topk(nq, n, kk * int(rescore_multiplier), score_fn, bs, qbs)
-        qf = as_matrix(query_emb, self.normalize)
-        cand = np.sort(cand, axis=1)  # increasing index: stable sort below breaks ties by lower index
-        out_s = np.empty((nq, kk), dtype=np.float32)
-        out_i = np.empty((nq, kk), dtype=np.int64)
-        width = cand.shape[1]
-        step = max(1, (1 << 24) // max(1, width * self.dim))
-        for q0 in range(0, nq, step):
-            c = cand[q0:q0 + step]
-            s = np.einsum("qd,qcd->qc", qf[q0:q0 + step], fc[c], optimize=False).astype(np.float32)
-            s_sorted, i_sorted = sort_topk(s, c)
-            out_s[q0:q0 + step] = s_sorted[:, :kk]
-            out_i[q0:q0 + step] = i_sorted[:, :kk]
-        return out_s, out_i
+        return rescore(as_matrix(query_emb, self.normalize), cand, fc, kk)
+
+
+def rescore(qf: np.ndarray, cand: np.ndarray, vectors: np.ndarray, k: int,
+            positions: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Re-rank each query's candidates by float32 ``qf . vectors[positions]`` (``positions`` default ``cand``) and
+    keep the best ``k``: (scores, candidate indices), ties by lower candidate index."""
+    order = np.argsort(cand, axis=1, kind="stable")  # increasing index: the stable sort below breaks ties by it
+    cand = np.take_along_axis(cand, order, axis=1)
+    pos = cand if positions is None else np.take_along_axis(positions, order, axis=1)
+    nq = qf.shape[0]
+    out_s = np.empty((nq, k), dtype=np.float32)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    step = max(1, (1 << 24) // max(1, cand.shape[1] * vectors.shape[1]))
+    for q0 in range(0, nq, step):
+        s = np.einsum("qd,qcd->qc", qf[q0:q0 + step], vectors[pos[q0:q0 + step]], optimize=False).astype(np.float32)
+        s_sorted, i_sorted = sort_topk(s, cand[q0:q0 + step])
+        out_s[q0:q0 + step] = s_sorted[:, :k]
+        out_i[q0:q0 + step] = i_sorted[:, :k]
+    return out_s, out_i
 
 
 def _as_len(x: np.ndarray) -> int:
