@@ -2,12 +2,15 @@
  *
  * The fused QKV projection writes one row per real token: [T, 3H] = [Q | K | V], heads contiguous inside each.
  * Each sequence occupies rows [offset, offset + length); attention runs per sequence with oneDNN batched matmuls
- * over the heads: the sequence's Q and K^T are first copied into dense per-head blocks (so oneDNN runs brgemm with
- * the scale and mask fused), S = (Q K^T) * 1/sqrt(d) + mask, softmax in place, context = P V (V read as a strided
- * view of the packed rows), then the real rows are copied into the packed [T, H] context. Primitives are built per length bucket
- * (multiples of MQ_ATTN_BUCKET tokens) and reused; keys past a sequence's length are masked with -1e30, so the
- * packed buffers need MQ_ATTN_BUCKET slack rows after the last token, finite (zeroed by the caller: the masked
- * keys' values still meet a zero weight, and 0 * Inf would be NaN).
+ * over the heads: the sequence's Q, K^T and V are first copied into dense per-head blocks (so oneDNN runs its brgemm
+ * kernels, with the scale and mask fused into Q K^T), S = (Q K^T) * 1/sqrt(d) + mask, P = softmax(S), context = P V,
+ * then the real rows are copied into the packed [T, H] context (or quantized for the next layer). Primitives are
+ * built per length bucket (multiples of MQ_ATTN_BUCKET tokens) and reused; keys past a sequence's length are masked
+ * with -1e30 and their staged values are zero, so nothing past a sequence's rows is read.
+ *
+ * Precision: F32 computes in f32. BF16 stores Q, K, V and P as bf16 (round to nearest even) and accumulates in
+ * f32 (scores, softmax and context in f32), on oneDNN's bf16 kernels where this CPU has optimized ones, else on f32
+ * kernels fed the same bf16-rounded values (mq_attention_emulated): the same products either way.
  */
 #ifndef MQ_ATTENTION_H
 #define MQ_ATTENTION_H
@@ -19,10 +22,16 @@
 #define MQ_ATTN_BUCKET 16
 
 typedef struct mq_attention mq_attention;
+typedef enum { MQ_ATTN_F32 = 0, MQ_ATTN_BF16 = 1, MQ_ATTN_PRECISION_COUNT } mq_attn_precision;
 
 mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, int64_t head_dim, int64_t max_len);
 void mq_attention_destroy(mq_attention *a);
 void mq_attention_reset(mq_attention *a);
+/* The precision the next forwards compute in (F32 after create); drops the cached primitives when it changes. */
+mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precision);
+/* 1 if BF16 precision runs emulated in f32 on this CPU (no optimized bf16 kernel), 0 if not or F32, -1 (error set)
+   if the primitives could not be built. */
+int mq_attention_emulated(mq_attention *a);
 
 /* Bytes of per-thread scratch a forward over `batch` sequences of at most `max_len` tokens allocates (an upper bound,
    without oneDNN's scratchpads), the bytes held now, and releasing them (the next forward allocates again). */

@@ -36,6 +36,7 @@ struct mq_encoder {
     float *emb_gamma, *emb_beta;
     mq_layer *layers;
     mq_attention *attn;
+    int attn_precision; /* mq_attn_precision */
     mq_layernorm *ln;
     /* workspace, reused across calls */
     mq_linear_scratch scratch;
@@ -310,6 +311,25 @@ mq_status mq_encoder_set_threads(mq_encoder *e, int n_threads) {
 }
 
 int mq_encoder_threads(const mq_encoder *e) { return mq_engine_threads(e->eng); }
+
+mq_status mq_encoder_set_attention_precision(mq_encoder *e, int precision) {
+    if (!e) return mq_set_error(MQ_ERR_ARG, "encoder is NULL");
+    pthread_mutex_lock(&e->lock);
+    mq_status st = mq_attention_set_precision(e->attn, (mq_attn_precision)precision);
+    if (st == MQ_OK) e->attn_precision = precision;
+    pthread_mutex_unlock(&e->lock);
+    return st;
+}
+
+int mq_encoder_attention_precision(const mq_encoder *e) { return e->attn_precision; }
+
+int mq_encoder_attention_emulated(mq_encoder *e) {
+    pthread_mutex_lock(&e->lock);
+    mq_engine_enter(e->eng);
+    const int r = mq_attention_emulated(e->attn);
+    pthread_mutex_unlock(&e->lock);
+    return r;
+}
 const mq_bert_config *mq_encoder_config(const mq_encoder *e) { return &e->cfg; }
 
 size_t mq_encoder_nbytes(const mq_encoder *e) {

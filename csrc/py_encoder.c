@@ -2,6 +2,7 @@
  * observers and site outputs through the site probe (probe.h). */
 #include "py_observer.h"
 
+#include "attention.h"
 #include "encoder.h"
 #include "probe.h"
 
@@ -364,6 +365,31 @@ static PyObject *Encoder_site_impl(EncoderObject *self, PyObject *args) {
     return PyUnicode_FromString(mq_encoder_site_impl(self->enc, layer, site));
 }
 
+static PyObject *Encoder_set_attention_precision(EncoderObject *self, PyObject *arg) {
+    if (!enc_cfg(self)) return NULL;
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    if (v < 0 || v >= MQ_ATTN_PRECISION_COUNT)
+        return PyErr_Format(PyExc_ValueError, "unknown attention precision %ld (ATTN_F32 or ATTN_BF16)", v);
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS /* waits for a forward running in another thread */
+    st = mq_encoder_set_attention_precision(self->enc, (int)v);
+    Py_END_ALLOW_THREADS
+    if (st != MQ_OK) return mq_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* (precision, emulated): the attention precision and whether bf16 attention runs emulated in f32 on this CPU. */
+static PyObject *Encoder_attention_info(EncoderObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!enc_cfg(self)) return NULL;
+    int emulated;
+    Py_BEGIN_ALLOW_THREADS
+    emulated = mq_encoder_attention_emulated(self->enc);
+    Py_END_ALLOW_THREADS
+    if (emulated < 0) return mq_py_raise(MQ_ERR_DNNL);
+    return Py_BuildValue("(iO)", mq_encoder_attention_precision(self->enc), emulated ? Py_True : Py_False);
+}
+
 static PyMethodDef Encoder_methods[] = {
     {"set_word_embeddings", (PyCFunction)Encoder_set_word_embeddings, METH_VARARGS, "(table f32 | table i8, row_scales)"},
     {"set_position_type_embeddings", (PyCFunction)Encoder_set_position_type_embeddings, METH_VARARGS, "(position, token_type)"},
@@ -375,6 +401,10 @@ static PyMethodDef Encoder_methods[] = {
      "taps=False) -> (hidden, pooled, taps)"},
     {"set_threads", (PyCFunction)Encoder_set_threads, METH_O, "set the thread count"},
     {"threads", (PyCFunction)Encoder_threads, METH_NOARGS, "thread count"},
+    {"set_attention_precision", (PyCFunction)Encoder_set_attention_precision, METH_O,
+     "the precision attention computes in: ATTN_F32 or ATTN_BF16"},
+    {"attention_info", (PyCFunction)Encoder_attention_info, METH_NOARGS,
+     "(precision, emulated): emulated = bf16 attention runs as f32 on bf16-rounded operands on this CPU"},
     {"nbytes", (PyCFunction)Encoder_nbytes, METH_NOARGS, "bytes held by the parameters"},
     {"site_impl", (PyCFunction)Encoder_site_impl, METH_VARARGS, "oneDNN implementation of a site's matmul"},
     {"set_memory_limits", (PyCFunction)Encoder_set_memory_limits, METH_VARARGS,

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "attention.h"
 #include "encoder.h"
 #include "linear.h"
 #include "observer.h"
@@ -162,7 +163,7 @@ static int add_constants(PyObject *m) {
         {"POOL_NONE", MQ_POOL_NONE}, {"POOL_CLS", MQ_POOL_CLS}, {"POOL_MEAN", MQ_POOL_MEAN},
         {"POOL_MAX", MQ_POOL_MAX}, {"POOL_MEAN_SQRT_LEN", MQ_POOL_MEAN_SQRT_LEN},
         {"POOL_WEIGHTED_MEAN", MQ_POOL_WEIGHTED_MEAN}, {"POOL_LAST", MQ_POOL_LAST},
-        {"SITES_PER_LAYER", MQ_SITES_PER_LAYER},
+        {"SITES_PER_LAYER", MQ_SITES_PER_LAYER}, {"ATTN_F32", MQ_ATTN_F32}, {"ATTN_BF16", MQ_ATTN_BF16},
     };
     for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value)) return -1;

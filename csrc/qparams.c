@@ -122,6 +122,10 @@ MQ_HOT void mq_quantize_u8(const float *x, int64_t rows, int64_t cols, int64_t l
     for (int64_t r = 0; r < rows; r++) quantize_row(x + r * ld, cols, col_mul, inv_scale, fzp, q + r * cols);
 }
 
+MQ_HOT void mq_quantize_row_u8(const float *x, int64_t n, float inv_scale, int32_t zp, uint8_t *q) {
+    quantize_row(x, n, NULL, inv_scale, (float)zp, q);
+}
+
 MQ_HOT void mq_quantize_u8_per_row(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint8_t *q,
                             float *row_scale) {
 #pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
@@ -159,32 +163,17 @@ MQ_HOT void mq_scale_columns(const float *x, int64_t rows, int64_t cols, int64_t
     }
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 MQ_HOT void mq_convert_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint16_t *y) {
 #pragma omp parallel for schedule(static) if (rows * cols >= MQ_Q_PAR_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const float *restrict xr = x + r * ld;
         uint16_t *restrict yr = y + r * cols;
         if (col_mul) {
-            for (int64_t c = 0; c < cols; c++) yr[c] = f32_to_bf16(xr[c] * col_mul[c]);
+            for (int64_t c = 0; c < cols; c++) yr[c] = mq_f32_to_bf16(xr[c] * col_mul[c]);
         } else {
-            for (int64_t c = 0; c < cols; c++) yr[c] = f32_to_bf16(xr[c]);
+            for (int64_t c = 0; c < cols; c++) yr[c] = mq_f32_to_bf16(xr[c]);
         }
     }
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 MQ_HOT void mq_round_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y) {
@@ -193,9 +182,9 @@ MQ_HOT void mq_round_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_
         const float *restrict xr = x + r * ld;
         float *restrict yr = y + r * cols;
         if (col_mul) {
-            for (int64_t c = 0; c < cols; c++) yr[c] = bf16_to_f32(f32_to_bf16(xr[c] * col_mul[c]));
+            for (int64_t c = 0; c < cols; c++) yr[c] = mq_bf16_to_f32(mq_f32_to_bf16(xr[c] * col_mul[c]));
         } else {
-            for (int64_t c = 0; c < cols; c++) yr[c] = bf16_to_f32(f32_to_bf16(xr[c]));
+            for (int64_t c = 0; c < cols; c++) yr[c] = mq_bf16_to_f32(mq_f32_to_bf16(xr[c]));
         }
     }
 }

@@ -14,6 +14,8 @@
 
 #include "status.h"
 
+#include <string.h>
+
 typedef struct {
     float scale;
     int32_t zero_point;
@@ -29,6 +31,8 @@ void mq_minmax_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, cons
 /* q[r, c] = clamp(rint(x[r, c] * col_mul[c] * inv_scale) + zp, 0, 255). */
 void mq_quantize_u8(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float inv_scale,
                     int32_t zp, uint8_t *q);
+/* One row of mq_quantize_u8 without a column multiplier and without a parallel region (for callers inside one). */
+void mq_quantize_row_u8(const float *x, int64_t n, float inv_scale, int32_t zp, uint8_t *q);
 /* Per-row symmetric quantization to u8 with zp 128; row_scale[r] = absmax(row r) / 127. */
 void mq_quantize_u8_per_row(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint8_t *q,
                             float *row_scale);
@@ -36,7 +40,21 @@ void mq_quantize_u8_per_row(const float *x, int64_t rows, int64_t cols, int64_t 
 void mq_dequantize_u8(const uint8_t *q, int64_t rows, int64_t cols, float scale, int32_t zp, float *x);
 /* y = x * col_mul (col_mul non-NULL) */
 void mq_scale_columns(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y);
-/* f32 -> bf16, round to nearest even (NaN kept NaN). */
+/* One value f32 -> bf16, round to nearest even (NaN kept NaN), and bf16 -> f32 (exact). */
+static inline uint16_t mq_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float mq_bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+/* f32 -> bf16 rows, rounded as mq_f32_to_bf16. */
 void mq_convert_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, uint16_t *y);
 /* The same rounding, the result widened back to f32 (dense rows x cols): the values a bf16 matmul multiplies. */
 void mq_round_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y);

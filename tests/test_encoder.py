@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import medquant
+import quant_reference as ref
+from kernels import SUPPORT
+from tiny_bert import random_texts, write_tiny_bert
 
 torch.set_num_threads(2)
 
@@ -136,3 +139,56 @@ def test_encode_input_validation(minilm):
         minilm.encode(["x"], max_length=10_000)
     out = minilm.encode(["", "a" * 100_000])  # empty and very long texts work (truncated)
     assert out.shape == (2, 384) and np.isfinite(out).all()
+
+
+def _attention_ref(qkv, lengths, heads, round_bf16):
+    """softmax(Q K^T / sqrt(d)) V per sequence and head over packed rows, in float64; with round_bf16, Q, K, V and the
+    probabilities rounded to bf16 first (what bf16 attention multiplies)."""
+    H = qkv.shape[1] // 3
+    d = H // heads
+    rnd = (lambda x: ref.bf16(np.asarray(x, np.float32)).astype(np.float64)) if round_bf16 else (lambda x: x)
+    out, start = np.zeros((qkv.shape[0], H)), 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            q, k, v = (rnd(qkv[rows, off * H:][:, cols].astype(np.float64)) for off in range(3))
+            s = q @ k.T / np.sqrt(d)
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            out[rows, cols] = rnd(p / p.sum(axis=1, keepdims=True)) @ v
+        start += n
+    return out
+
+
+def test_bf16_attention_matches_a_bf16_rounding_reference(tmp_path):
+    """attention="bf16" multiplies bf16-rounded Q, K, V and probabilities with f32 accumulation (natively or emulated,
+    the same products): layer 0's attention-output site, from the encoder's own QKV tap, matches a float64 reference
+    that rounds exactly those operands, and visibly differs from the unrounded reference (the rounding happened)."""
+    d = write_tiny_bert(tmp_path, hidden=64, layers=1, heads=4, intermediate=128)
+    fp32 = medquant.Encoder.from_pretrained(d, n_threads=2)
+    enc = fp32.quantize(medquant.QuantScheme(name="fp32-bf16-attention", attention="bf16"))
+    assert enc.attention_info() == {"precision": "bf16", "emulated": not SUPPORT["bf16_native"]}
+    assert fp32.attention_info()["precision"] == "fp32"
+    texts = random_texts(12, seed=5, max_words=60)
+    encs = enc._encode_tokens(texts, enc.max_length)
+    ids, mask, tt = enc._pad([e.ids for e in encs], [e.type_ids for e in encs])
+    _, _, taps = enc._core.forward(ids, mask, tt, hidden=False, taps=True)
+    params, cfg = fp32._fp32, fp32.config
+    real = mask.astype(bool)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    emb = (params["embeddings.word_embeddings.weight"][ids] + params["embeddings.position_embeddings.weight"][pos]
+           + params["embeddings.token_type_embeddings.weight"][tt])[real].astype(np.float64)
+    mu, var = emb.mean(1, keepdims=True), emb.var(1, keepdims=True)
+    h_in = (emb - mu) / np.sqrt(var + cfg.layer_norm_eps) * params["embeddings.LayerNorm.weight"] \
+        + params["embeddings.LayerNorm.bias"]
+    w = params["encoder.layer.0.attention.output.dense.weight"].astype(np.float64)
+    b = params["encoder.layer.0.attention.output.dense.bias"]
+    lengths = mask.sum(1)
+    got = taps[1].astype(np.float64)
+    errs = {}
+    for round_bf16 in (True, False):
+        want = _attention_ref(taps[0], lengths, cfg.num_attention_heads, round_bf16) @ w.T + b + h_in
+        errs[round_bf16] = np.abs(got - want)
+    tol = 2e-5 * np.abs(want).max()
+    assert np.mean(errs[True] <= tol) > 0.99 and errs[True].max() < 4 * tol, float(errs[True].max())
+    assert errs[False].max() > 5 * errs[True].max(), "no bf16 rounding is visible"

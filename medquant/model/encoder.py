@@ -52,7 +52,7 @@ class Encoder:
         self._sites = sites
         self._fp32 = fp32
         self.reference = reference
-        self._core = _storage.build_core(config, storage, sites, limits.threads(n_threads))
+        self._core = _storage.build_core(config, storage, sites, limits.threads(n_threads), scheme.attention)
         self.set_memory_limit(memory_limit, keep_bytes)
 
     # ------------------------------------------------------------------------------------------ construction
@@ -185,6 +185,13 @@ class Encoder:
     def site_impl(self, site: str) -> str:
         """The oneDNN implementation that ran a site's matmul (e.g. 'brg:avx512_core_vnni'), '' before it ran."""
         return self._core.site_impl(*parse_site(site))
+
+    def attention_info(self) -> Dict[str, object]:
+        """The precision attention computes in (the scheme's ``attention``) and whether, for bf16, this CPU runs it
+        emulated in f32 on the same bf16-rounded operands (no optimized bf16 kernel here)."""
+        precision, emulated = self._core.attention_info()
+        names = {v: k for k, v in _storage.ATTENTION_PRECISION.items()}
+        return {"precision": names[precision], "emulated": bool(emulated)}
 
     def size_bytes(self) -> int:
         """Bytes the encoder's parameters take in memory (prepacked weights, scales, embeddings)."""

@@ -36,7 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spec
 
 #: QuantScheme fields added after the format's first saves, which lack them: their defaults are what those saves
 #: did (round to nearest, no bias correction, no per-site overrides). Every other field must be in a save.
-SCHEME_FIELDS_ADDED = frozenset({"rounding", "gptq_damp", "bias_correction", "overrides"})
+SCHEME_FIELDS_ADDED = frozenset({"rounding", "gptq_damp", "bias_correction", "overrides", "attention"})
 
 Storage = Dict[str, np.ndarray]
 SiteSpecs = Dict[str, Dict]
@@ -65,9 +65,13 @@ def smooth_weight(w: np.ndarray, act_mul: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w / act_mul[None, :], dtype=np.float32)
 
 
-def build_core(cfg: BertConfig, storage: Storage, sites: SiteSpecs, n_threads: int):
-    """A finalized ``_core.Encoder`` holding ``storage``."""
+ATTENTION_PRECISION = {"fp32": _core.ATTN_F32, "bf16": _core.ATTN_BF16}
+
+
+def build_core(cfg: BertConfig, storage: Storage, sites: SiteSpecs, n_threads: int, attention: str = "fp32"):
+    """A finalized ``_core.Encoder`` holding ``storage``, its attention in ``attention`` precision."""
     core = _core.Encoder(cfg.to_core(), int(n_threads), _core.Observer)
+    core.set_attention_precision(ATTENTION_PRECISION[attention])
     load_float_tensors(core, storage, cfg)
     for name in cfg.site_names:
         spec, (layer, s) = sites[name], parse_site(name)

@@ -30,6 +30,7 @@ ROUNDINGS = ("nearest", "gptq")
 MODE_CODES = {"dynamic": _core.ACT_DYNAMIC, "dynamic-token": _core.ACT_DYNAMIC_TOKEN, "static": _core.ACT_STATIC}
 GRANULARITIES = ("per-channel", "per-tensor")
 EMBEDDINGS = ("fp32", "int8")
+ATTENTION = ("fp32", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------------- site kinds
@@ -170,6 +171,9 @@ class QuantScheme:
     bias_correction: fold each quantized layer's expected output error, E[W_q fq(x)] - E[W x] over the calibration
       inputs (fq: the layer's static activation grid; x itself for weight-only and dynamic layers), into its bias
       (Nagel et al. 2019; needs calibration texts).
+    attention: the precision of attention (Q K^T, softmax, P V): "fp32", or "bf16" (Q, K, V and the softmax
+      probabilities rounded to bf16, products accumulated in f32; on oneDNN's bf16 kernels where the CPU has them,
+      else emulated in f32 on the same rounded values).
     keep_fp32 / keep_bf16: site names or glob patterns (e.g. "encoder.layer.5.output.dense") kept in higher precision.
     overrides: per-site settings, as (site name or glob pattern, {field: value}) pairs (or a dict); a site takes the
       fields of the first pattern it matches (see :meth:`for_site`). Fields: ``SITE_FIELDS``. keep_fp32 / keep_bf16
@@ -194,6 +198,7 @@ class QuantScheme:
     gptq_damp: float = 0.01
     bias_correction: bool = False
     overrides: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = field(default_factory=tuple)
+    attention: str = "fp32"
 
     def __post_init__(self):
         for key in ("keep_fp32", "keep_bf16"):
@@ -216,6 +221,7 @@ class QuantScheme:
         one_of(self.weight_granularity, GRANULARITIES, "weight_granularity")
         one_of(self.calibration, CALIBRATION_METHODS, "calibration")
         one_of(self.embeddings, EMBEDDINGS, "embeddings")
+        one_of(self.attention, ATTENTION, "attention")
         pair = (self.weights, self.activations)
         supported = set(_KIND_OF_PAIR)
         if pair not in supported:
@@ -376,7 +382,7 @@ PRESETS: Dict[str, QuantScheme] = {
     s.name: s
     for s in [
         QuantScheme(name="fp32"),
-        QuantScheme(name="bf16", weights="bf16", activations="bf16"),
+        QuantScheme(name="bf16", weights="bf16", activations="bf16", attention="bf16"),
         QuantScheme(name="int8-dynamic", weights="int8", activations="int8", mode="dynamic", embeddings="int8"),
         QuantScheme(
             name="int8-dynamic-token", weights="int8", activations="int8", mode="dynamic-token", act_symmetric=True,
