@@ -175,10 +175,15 @@ def _int8_input(c: _Ctx, name: str, x: str, spec: Dict) -> str:
     return _INT8_INPUTS[spec["act_mode"]](c, name, x, spec)
 
 
-def _bf16_input(c: _Ctx, name: str, x: str, spec: Dict) -> str:
+def _round_bf16(c: _Ctx, x: str, hint: str) -> str:
+    """x rounded to bf16 and back to float (a Cast round trip: round to nearest even, as the core)."""
     from onnx import TensorProto
 
-    return c.g.op("Cast", [c.g.op("Cast", [x], to=TensorProto.BFLOAT16)], hint="input_bf16", to=TensorProto.FLOAT)
+    return c.g.op("Cast", [c.g.op("Cast", [x], to=TensorProto.BFLOAT16)], hint=hint, to=TensorProto.FLOAT)
+
+
+def _bf16_input(c: _Ctx, name: str, x: str, spec: Dict) -> str:
+    return _round_bf16(c, x, "input_bf16")
 
 
 def _float_input(c: _Ctx, name: str, x: str, spec: Dict) -> str:
@@ -321,18 +326,20 @@ def _embeddings(c: _Ctx, eps: float) -> str:
     return _layer_norm(c, EMBEDDING_LAYER_NORM, x, eps)
 
 
-def _attention(c: _Ctx, qkv: str, mask_add: str, heads: int, hidden: int) -> str:
-    """Scaled dot-product attention of the fused [B, S, 3H] projection; padded keys get -1e30 (as the core)."""
+def _attention(c: _Ctx, qkv: str, mask_add: str, heads: int, hidden: int, precision: str) -> str:
+    """Scaled dot-product attention of the fused [B, S, 3H] projection; padded keys get -1e30 (as the core). bf16
+    precision rounds Q, K, V and the probabilities to bf16 (products and sums stay float, as the core)."""
     g, d = c.g, hidden // heads
+    rnd = (lambda x, hint: _round_bf16(c, x, hint)) if precision == "bf16" else (lambda x, hint: x)
     split = g.op("Split", [qkv, c.scalar([hidden] * 3, np.int64)], n_out=3, axis=-1)
     shape = c.scalar([0, 0, heads, d], np.int64)
-    q, k, v = (g.op("Reshape", [t, shape]) for t in split)
+    q, k, v = (rnd(g.op("Reshape", [t, shape]), "attn_bf16") for t in split)
     q = g.op("Transpose", [q], perm=[0, 2, 1, 3])
     k = g.op("Transpose", [k], perm=[0, 2, 3, 1])
     v = g.op("Transpose", [v], perm=[0, 2, 1, 3])
     scores = g.op("Mul", [g.op("MatMul", [q, k]), c.scalar(np.float32(1.0) / np.sqrt(np.float32(d)))])
     probs = g.op("Softmax", [g.op("Add", [scores, mask_add])], hint="probs", axis=-1)
-    ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
+    ctx = g.op("Transpose", [g.op("MatMul", [rnd(probs, "probs_bf16"), v])], perm=[0, 2, 1, 3])
     return g.op("Reshape", [ctx, c.scalar([0, 0, hidden], np.int64)], hint="context")
 
 
@@ -340,7 +347,7 @@ def _layer(c: _Ctx, encoder: "Encoder", i: int, x: str, mask_add: str) -> str:
     cfg, sites = encoder.config, encoder._sites
     names = [site_name(i, s) for s in range(len(SITE_SUFFIXES))]
     qkv = _site(c, names[0], sites[names[0]], x)
-    ctx = _attention(c, qkv, mask_add, cfg.num_attention_heads, cfg.hidden_size)
+    ctx = _attention(c, qkv, mask_add, cfg.num_attention_heads, cfg.hidden_size, encoder.scheme.attention)
     x = c.g.op("Add", [_site(c, names[1], sites[names[1]], ctx), x], out=names[1] + ".residual")
     x = _layer_norm(c, f"{LAYER_PREFIX}{i}.{LAYER_NORMS[0]}", x, cfg.layer_norm_eps)
     h = c.g.op("Gelu", [_site(c, names[2], sites[names[2]], x)], hint="gelu", approximate="none")
