@@ -1,10 +1,10 @@
 /* linear.c - one linear layer in one precision kind on a oneDNN matmul (linear.h).
  *
  * Owns the precision-kind traits table (KINDS, one row per kind: its traits and its input, weight and dequantize
- * functions) and the matmul built from it: weights prepacked (or stored, weight-only) at creation, primitives per
- * row bucket in a primitive cache, the epilogue as post-ops, and the emulation of int8 / bf16 where the CPU has no
- * exact kernel. Nothing outside this file switches on a kind: the binding reads mq_linear_kind_traits and
- * mq_linear_weight_layout.
+ * functions) and the matmul built from it: weights prepacked (or stored, weight-only) at creation, fixed-shape
+ * primitives per piece of the row plan (mq_piece_rows) in a primitive cache, the epilogue as post-ops, and the
+ * emulation of int8 / bf16 where the CPU has no exact kernel. Nothing outside this file switches on a kind: the
+ * binding reads mq_linear_kind_traits and mq_linear_weight_layout.
  */
 #include "linear.h"
 
@@ -16,7 +16,7 @@
 
 #define MQ_MAX_ARGS 16
 
-/* One matmul primitive built for a row bucket, with the memory objects whose handles are set per call. */
+/* One matmul primitive built for a piece of `rows` rows, with the memory objects whose handles are set per piece. */
 typedef struct {
     dnnl_primitive_t prim, epi; /* epi: the per-token epilogue (binary primitive), else NULL */
     size_t scratch_bytes;
@@ -44,14 +44,14 @@ struct mq_linear {
     int out_u8;        /* mq_linear_set_output_u8: dst is u8 with (dst_scale, dst_zp) */
     float dst_scale;
     int32_t dst_zp;
-    mq_prim_cache prims; /* mq_lin_prim per row bucket */
+    mq_prim_cache prims; /* mq_lin_prim per piece row count */
     int emulated; /* INT8/BF16 run as an f32 matmul on the same rounded operands (mq_linear_emulated) */
     char impl[160];
 };
 
 /* ------------------------------------------------------------------ the precision kinds */
 
-/* The matmul source for x [M, K] (rows allocated up to the bucket): x itself or a converted copy in scratch. */
+/* The matmul source for x [M, K]: x itself or a converted copy in scratch (all M rows, once per call). */
 typedef mq_status (*mq_input_fn)(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
 /* Takes the user's weights: prepacks them for the matmul, or stores them quantized (weight-only). */
 typedef mq_status (*mq_weights_fn)(mq_linear *l, const void *weight);
@@ -280,14 +280,14 @@ done:
 static mq_status input_f32(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src) {
     *src = x;
     if (!l->act_mul) return MQ_OK;
-    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)mq_bucket_rows(M) * (size_t)l->K, sizeof(float)));
+    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)M * (size_t)l->K, sizeof(float)));
     mq_scale_columns(x, M, l->K, l->K, l->act_mul, s->act_lp.ptr);
     *src = s->act_lp.ptr;
     return MQ_OK;
 }
 
 static mq_status input_bf16(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src) {
-    const size_t n = (size_t)mq_bucket_rows(M) * (size_t)l->K;
+    const size_t n = (size_t)M * (size_t)l->K;
     if (l->emulated) {
         MQ_TRY(mq_buffer_reserve(&s->act_lp, n, sizeof(float)));
         mq_round_f32_bf16(x, M, l->K, l->K, l->act_mul, s->act_lp.ptr);
@@ -301,7 +301,7 @@ static mq_status input_bf16(mq_linear *l, mq_linear_scratch *s, const float *x, 
 
 /* Emulated INT8: the quantized input as the exact integers q - zero point in f32 (scales stay matmul attributes). */
 static mq_status centered_f32(const mq_linear *l, mq_linear_scratch *s, const uint8_t *q, int64_t M, const void **src) {
-    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)mq_bucket_rows(M) * (size_t)l->K, sizeof(float)));
+    MQ_TRY(mq_buffer_reserve(&s->act_lp, (size_t)M * (size_t)l->K, sizeof(float)));
     mq_dequantize_u8(q, M, l->K, 1.f, per_token(l) ? 128 : l->src_zp, s->act_lp.ptr);
     *src = s->act_lp.ptr;
     return MQ_OK;
@@ -309,10 +309,10 @@ static mq_status centered_f32(const mq_linear *l, mq_linear_scratch *s, const ui
 
 static mq_status input_u8(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src) {
     const int64_t K = l->K;
-    MQ_TRY(mq_buffer_reserve(&s->act_q, (size_t)mq_bucket_rows(M) * (size_t)K, 1));
+    MQ_TRY(mq_buffer_reserve(&s->act_q, (size_t)M * (size_t)K, 1));
     uint8_t *q = s->act_q.ptr;
     if (l->spec.act_mode == MQ_ACT_DYNAMIC_TOKEN) {
-        MQ_TRY(mq_buffer_reserve(&s->row_scale, (size_t)mq_bucket_rows(M), sizeof(float)));
+        MQ_TRY(mq_buffer_reserve(&s->row_scale, (size_t)M, sizeof(float)));
         mq_quantize_u8_per_row(x, M, K, K, l->act_mul, q, s->row_scale.ptr);
     } else {
         if (l->spec.act_mode == MQ_ACT_DYNAMIC) {
@@ -348,13 +348,14 @@ static void dequantize_s4(const mq_linear *l, float *w) {
     mq_dequantize_weight_s4(l->w_store, l->N, l->K, l->spec.group_size, l->w_scales, w);
 }
 
-/* The weight layout oneDNN prefers for this layer (its format-any choice for a 256-row bucket) into l->w_md. A kind
-   that may be emulated where it has no kernel refuses oneDNN's reference matmul (so the caller falls back). */
+/* The weight layout oneDNN prefers for this layer (its format-any choice for a full MQ_ROW_CHUNK-row piece) into
+   l->w_md; every piece's primitive is then built for exactly that layout (build_prim). A kind that may be emulated
+   where it has no kernel refuses oneDNN's reference matmul (so the caller falls back). */
 static mq_status choose_weight_layout(mq_linear *l) {
     dnnl_memory_desc_t any = NULL;
     dnnl_primitive_desc_t pd = NULL;
     MQ_TRY(make_md(&any, l->K, l->N, l->emulated ? dnnl_f32 : traits(l)->weight_dt, dnnl_format_tag_any));
-    mq_status st = build_pd(l, mq_bucket_rows(256), any, &pd);
+    mq_status st = build_pd(l, MQ_ROW_CHUNK, any, &pd);
     dnnl_memory_desc_destroy(any);
     if (st != MQ_OK) return st;
     if (traits(l)->emulation == MQ_EMULATE_WITHOUT_KERNEL && !l->emulated && strncmp(mq_pd_impl_name(pd), "ref", 3) == 0)
@@ -486,7 +487,7 @@ static mq_status linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64
    kernel gives 255 * 127 * 256 (exact in f32), a saturating one about half of it. */
 static mq_status probe_int8_exact(mq_engine *eng) {
     enum { PK = 256, PN = 64, PM = 64 };
-    const int64_t rows = mq_bucket_rows(PM);
+    const int64_t rows = PM;
     const float one = 1.f, expect = 255.f * 127.f * (float)PK;
     mq_linear *l = NULL;
     mq_linear_scratch s;
@@ -563,7 +564,8 @@ void mq_linear_destroy(mq_linear *l) {
     free(l);
 }
 
-/* The primitive cache's build function: the matmul (and per-token epilogue) for `rows` rows and its memories. */
+/* The primitive cache's build function: the matmul (and per-token epilogue) for a piece of `rows` rows and its
+   memories, taking the prepacked weight layout l->w_md. */
 static mq_status build_prim(void *owner, int64_t rows, void *entry) {
     mq_linear *l = owner;
     mq_lin_prim *p = entry;
@@ -593,11 +595,11 @@ static mq_status build_prim(void *owner, int64_t rows, void *entry) {
 
 #define SET(mem, ptr) MQ_DNNL(dnnl_memory_set_data_handle((mem), (void *)(ptr)))
 
-/* The per-token epilogue: y = epilogue(y * row_scale (+ bias)) in place. */
-static mq_status execute_epilogue(mq_linear *l, mq_lin_prim *p, const mq_linear_scratch *s) {
+/* The per-token epilogue of a piece: y = epilogue(y * row_scale (+ bias)) in place. */
+static mq_status execute_epilogue(mq_linear *l, mq_lin_prim *p, const float *row_scale) {
     dnnl_exec_arg_t args[6];
     int n = 0, po = 0;
-    SET(p->row_scale, s->row_scale.ptr);
+    SET(p->row_scale, row_scale);
     args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SRC_0, p->dst};
     args[n++] = (dnnl_exec_arg_t){DNNL_ARG_SRC_1, p->row_scale};
     args[n++] = (dnnl_exec_arg_t){DNNL_ARG_DST, p->dst};
@@ -609,14 +611,9 @@ static mq_status execute_epilogue(mq_linear *l, mq_lin_prim *p, const mq_linear_
     return MQ_OK;
 }
 
-static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, const void *src, const float *residual,
-                         void *y) {
-    if (traits(l)->weight_only) {
-        MQ_TRY(mq_buffer_reserve(&s->w_deq, (size_t)l->N * (size_t)l->K, sizeof(float)));
-        l->kind->dequantize(l, s->w_deq.ptr);
-        SET(l->w_mem, s->w_deq.ptr);
-    }
-    MQ_TRY(mq_buffer_reserve(&s->scratchpad, p->scratch_bytes ? p->scratch_bytes : 1, 1));
+/* One piece: the piece's primitive on its rows (src, residual, y and row_scale already point at its first row). */
+static mq_status execute_piece(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, const void *src,
+                               const float *residual, void *y, const float *row_scale) {
     SET(p->src, src);
     SET(p->dst, y);
     SET(p->scratch, s->scratchpad.ptr);
@@ -642,28 +639,59 @@ static mq_status execute(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *p, con
         args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(po) | DNNL_ARG_SRC_1, p->residual};
     }
     MQ_DNNL(dnnl_primitive_execute(p->prim, mq_engine_stream(l->eng), n, args));
-    if (p->epi) MQ_TRY(execute_epilogue(l, p, s));
+    if (p->epi) MQ_TRY(execute_epilogue(l, p, row_scale));
+    return MQ_OK;
+}
+
+/* Runs the matmul on src [M, K] (the layer's source type) as the pieces of the row plan: their primitives looked up
+   (built on first use) and the scratchpad sized for the largest before any runs, then each piece on its rows. What
+   the whole call shares (the weight-only dequantization, the input conversion and its scales) is done once, before. */
+static mq_status execute(mq_linear *l, mq_linear_scratch *s, const void *src, int64_t M, const float *residual,
+                         void *y) {
+    if (traits(l)->weight_only) {
+        MQ_TRY(mq_buffer_reserve(&s->w_deq, (size_t)l->N * (size_t)l->K, sizeof(float)));
+        l->kind->dequantize(l, s->w_deq.ptr);
+        SET(l->w_mem, s->w_deq.ptr);
+    }
+    size_t scratch_bytes = 1;
+    for (int64_t off = 0, n; off < M; off += n) {
+        n = mq_piece_rows(M - off);
+        void *entry = NULL;
+        MQ_TRY(mq_prim_cache_get(&l->prims, l, n, &entry));
+        const mq_lin_prim *p = entry;
+        if (p->scratch_bytes > scratch_bytes) scratch_bytes = p->scratch_bytes;
+    }
+    MQ_TRY(mq_buffer_reserve(&s->scratchpad, scratch_bytes, 1));
+    const size_t src_row = (size_t)l->K * dnnl_data_type_size(src_dtype(l));
+    const size_t dst_row = (size_t)l->N * (l->out_u8 ? sizeof(uint8_t) : sizeof(float));
+    const float *row_scale = per_token(l) ? s->row_scale.ptr : NULL;
+    for (int64_t off = 0, n; off < M; off += n) {
+        n = mq_piece_rows(M - off);
+        mq_lin_prim *p = mq_prim_cache_find(&l->prims, n);
+        MQ_TRY(execute_piece(l, s, p, (const char *)src + (size_t)off * src_row,
+                             residual ? residual + off * l->N : NULL, (char *)y + (size_t)off * dst_row,
+                             row_scale ? row_scale + off : NULL));
+    }
     MQ_DNNL(dnnl_stream_wait(mq_engine_stream(l->eng)));
     return MQ_OK;
 }
 
-/* What both forwards do first: check the arguments, apply this layer's thread count to the calling thread (cheap: an
-   OpenMP ICV) and get the primitive for M rows. */
+/* What both forwards do first: check the arguments and apply this layer's thread count to the calling thread (cheap:
+   an OpenMP ICV). */
 static mq_status begin_forward(mq_linear *l, mq_linear_scratch *s, const void *x, int64_t M, const float *residual,
-                               void *y, void **entry) {
+                               void *y) {
     if (!l || !s || !x || !y || M <= 0) return mq_set_error(MQ_ERR_ARG, "linear: bad forward arguments");
     if (l->spec.epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "linear: residual missing");
     mq_engine_enter(l->eng);
-    return mq_prim_cache_get(&l->prims, l, mq_bucket_rows(M), entry);
+    return MQ_OK;
 }
 
 mq_status mq_linear_forward(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const float *residual,
                             void *y) {
-    void *entry = NULL;
-    MQ_TRY(begin_forward(l, s, x, M, residual, y, &entry));
+    MQ_TRY(begin_forward(l, s, x, M, residual, y));
     const void *src = NULL;
     MQ_TRY(l->kind->input(l, s, x, M, &src));
-    return execute(l, s, entry, src, residual, y);
+    return execute(l, s, src, M, residual, y);
 }
 
 mq_status mq_linear_effective_input(const mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M,
@@ -680,11 +708,10 @@ mq_status mq_linear_forward_u8(mq_linear *l, mq_linear_scratch *s, const uint8_t
                                void *y) {
     if (l && !mq_linear_static_input(l, NULL, NULL))
         return mq_set_error(MQ_ERR_ARG, "linear: a pre-quantized input needs a static int8 layer without act_mul");
-    void *entry = NULL;
-    MQ_TRY(begin_forward(l, s, xq, M, residual, y, &entry));
+    MQ_TRY(begin_forward(l, s, xq, M, residual, y));
     const void *src = xq;
     if (l->emulated) MQ_TRY(centered_f32(l, s, xq, M, &src));
-    return execute(l, s, entry, src, residual, y);
+    return execute(l, s, src, M, residual, y);
 }
 
 int mq_linear_static_input(const mq_linear *l, float *scale, int32_t *zero_point) {
@@ -717,7 +744,7 @@ mq_status mq_linear_set_output_u8(mq_linear *l, float scale, int32_t zero_point)
     l->out_u8 = 1;
     /* the weights were prepacked for an f32 output: the u8-output primitive must take the same layout */
     void *entry = NULL;
-    mq_status st = mq_prim_cache_get(&l->prims, l, mq_bucket_rows(256), &entry);
+    mq_status st = mq_prim_cache_get(&l->prims, l, MQ_ROW_CHUNK, &entry);
     if (st != MQ_OK) {
         l->out_u8 = 0;
         mq_linear_reset(l);

@@ -19,8 +19,18 @@
  *         quantization, the same results up to f32 summation order.
  *   BF16  no bf16 matmul on this CPU (oneDNN 3.2 needs avx512_core): an f32 matmul on bf16-rounded operands.
  *   Emulated layers run at f32 speed, hold f32 weights and take no u8 output (mq_linear_set_output_u8).
- * Epilogues (bias, GELU-erf, residual add) are matmul post-ops. Primitives are built per row bucket
- * (mq_bucket_rows) on first use and reused; all scratch comes from the caller's mq_linear_scratch.
+ * Epilogues (bias, GELU-erf, residual add) are matmul post-ops; all scratch comes from the caller's mq_linear_scratch.
+ *
+ * Row plan: a call computes exactly its M rows, never padding. oneDNN primitives have fixed shapes (runtime dims,
+ * DNNL_RUNTIME_DIM_VAL, fall back from brgemm to a ~2x slower gemm:jit) and cost JIT time to create, so a call runs
+ * as consecutive pieces (mq_piece_rows, workspace.h): MQ_ROW_CHUNK (1024) rows while that many remain, then the
+ * largest multiple of 64 left, then the last M % 64 rows exactly. Each piece row count gets its primitive on first
+ * use (at most 1 + 15 + 63 per layer, and oneDNN's own primitive cache shares the JIT code across layers of one
+ * shape); the src / dst / residual / row-scale handles are moved to the piece's first row. Everything computed over
+ * the whole call (dynamic scale and zero point, input quantization or bf16 conversion, weight-only dequantization)
+ * is done once before the pieces, so a row's result depends on the other rows of the call only through the scheme
+ * itself (the per-call dynamic scale). The weights are prepacked once in the layout oneDNN picks for a
+ * MQ_ROW_CHUNK-row matmul, and every piece's primitive is created for that layout (not format any).
  */
 #ifndef MQ_LINEAR_H
 #define MQ_LINEAR_H
@@ -99,8 +109,8 @@ mq_status mq_linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64_t N
                            const mq_linear_weights *w);
 void mq_linear_destroy(mq_linear *lin);
 
-/* y[M, N] = epilogue(x[M, K] W^T + b). x, y and residual have ld K, N, N and must be allocated (and initialised)
- * up to mq_bucket_rows(M) rows. y is float, or uint8 after mq_linear_set_output_u8. */
+/* y[M, N] = epilogue(x[M, K] W^T + b). x, y and residual have ld K, N, N and M rows (nothing past them is read or
+ * written). y is float, or uint8 after mq_linear_set_output_u8. */
 mq_status mq_linear_forward(mq_linear *lin, mq_linear_scratch *scratch, const float *x, int64_t M,
                             const float *residual, void *y);
 /* The input the layer's matmul computes with for x [M, K]: x itself, or x * act_mul (SmoothQuant) written to
@@ -120,7 +130,7 @@ int mq_linear_static_input(const mq_linear *lin, float *scale, int32_t *zero_poi
 mq_status mq_linear_set_output_u8(mq_linear *lin, float scale, int32_t zero_point);
 int mq_linear_output_u8(const mq_linear *lin);
 /* Like mq_linear_forward for a layer with a static quantized input (mq_linear_static_input), fed the already
- * quantized u8 input xq [M, K] (allocated up to mq_bucket_rows(M) rows) instead of x. */
+ * quantized u8 input xq [M, K] instead of x. */
 mq_status mq_linear_forward_u8(mq_linear *lin, mq_linear_scratch *scratch, const uint8_t *xq, int64_t M,
                                const float *residual, void *y);
 

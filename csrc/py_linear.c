@@ -2,8 +2,6 @@
  * for tests and research. */
 #include "py_common.h"
 
-#include <string.h>
-
 #include "linear.h"
 
 typedef struct {
@@ -68,17 +66,6 @@ static void Linear_dealloc(LinearObject *self) {
     Py_DECREF(tp);
 }
 
-/* y[:M] of a bucket-padded output (a view; NULL with an exception set on failure). */
-static PyObject *first_rows(PyObject *y, npy_intp M) {
-    PyObject *stop = PyLong_FromSsize_t(M);
-    PyObject *slice = stop ? PySlice_New(NULL, stop, NULL) : NULL;
-    Py_XDECREF(stop);
-    if (!slice) return NULL;
-    PyObject *res = PyObject_GetItem(y, slice);
-    Py_DECREF(slice);
-    return res;
-}
-
 static PyObject *Linear_forward(LinearObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"x", "residual", NULL};
     PyObject *xo, *ro = Py_None;
@@ -87,30 +74,18 @@ static PyObject *Linear_forward(LinearObject *self, PyObject *args, PyObject *kw
     npy_intp K = mq_linear_in(self->lin), N = mq_linear_out(self->lin), dx[2] = {-1, K};
     PyArrayObject *x = mq_py_array(xo, NPY_FLOAT32, 2, dx, "x");
     if (!x) return NULL;
-    npy_intp M = PyArray_DIM(x, 0), rows = mq_bucket_rows(M);
+    npy_intp M = PyArray_DIM(x, 0);
     if (M == 0) return PyErr_Format(PyExc_ValueError, "x has no rows");
-    npy_intp dr[2] = {M, N};
+    npy_intp dy[2] = {M, N};
     int ok;
-    PyArrayObject *r = mq_py_opt_array(ro, NPY_FLOAT32, 2, dr, "residual", &ok);
+    PyArrayObject *r = mq_py_opt_array(ro, NPY_FLOAT32, 2, dy, "residual", &ok);
     if (!ok) return NULL;
-    /* the layer reads and writes whole row buckets: pad into owned buffers */
-    npy_intp dxp[2] = {rows, K}, dyp[2] = {rows, N};
-    const int ytype = mq_linear_output_u8(self->lin) ? NPY_UINT8 : NPY_FLOAT32;
-    PyObject *xp = PyArray_ZEROS(2, dxp, NPY_FLOAT32, 0), *yp = PyArray_ZEROS(2, dyp, ytype, 0);
-    PyObject *rp = r ? PyArray_ZEROS(2, dyp, NPY_FLOAT32, 0) : NULL;
-    PyObject *res = NULL;
-    if (!xp || !yp || (r && !rp)) goto done;
-    memcpy(PyArray_DATA((PyArrayObject *)xp), PyArray_DATA(x), (size_t)(M * K) * sizeof(float));
-    if (r) memcpy(PyArray_DATA((PyArrayObject *)rp), PyArray_DATA(r), (size_t)(M * N) * sizeof(float));
-    mq_status st = mq_linear_forward(self->lin, &self->scratch, PyArray_DATA((PyArrayObject *)xp), M,
-                                     rp ? PyArray_DATA((PyArrayObject *)rp) : NULL, PyArray_DATA((PyArrayObject *)yp));
-    if (st != MQ_OK) { mq_py_raise(st); goto done; }
-    res = first_rows(yp, M);
-done:
-    Py_XDECREF(xp);
-    Py_XDECREF(yp);
-    Py_XDECREF(rp);
-    return res;
+    PyObject *y = PyArray_SimpleNew(2, dy, mq_linear_output_u8(self->lin) ? NPY_UINT8 : NPY_FLOAT32);
+    if (!y) return NULL;
+    mq_status st = mq_linear_forward(self->lin, &self->scratch, PyArray_DATA(x), M, r ? PyArray_DATA(r) : NULL,
+                                     PyArray_DATA((PyArrayObject *)y));
+    if (st != MQ_OK) { Py_DECREF(y); return mq_py_raise(st); }
+    return y;
 }
 
 static PyObject *Linear_forward_u8(LinearObject *self, PyObject *args) {
@@ -120,21 +95,15 @@ static PyObject *Linear_forward_u8(LinearObject *self, PyObject *args) {
     npy_intp K = mq_linear_in(self->lin), N = mq_linear_out(self->lin), dx[2] = {-1, K};
     PyArrayObject *x = mq_py_array(xo, NPY_UINT8, 2, dx, "xq");
     if (!x) return NULL;
-    npy_intp M = PyArray_DIM(x, 0), rows = mq_bucket_rows(M);
+    npy_intp M = PyArray_DIM(x, 0);
     if (M == 0) return PyErr_Format(PyExc_ValueError, "xq has no rows");
-    npy_intp dxp[2] = {rows, K}, dyp[2] = {rows, N};
-    const int ytype = mq_linear_output_u8(self->lin) ? NPY_UINT8 : NPY_FLOAT32;
-    PyObject *xp = PyArray_ZEROS(2, dxp, NPY_UINT8, 0), *yp = PyArray_ZEROS(2, dyp, ytype, 0), *res = NULL;
-    if (!xp || !yp) goto done;
-    memcpy(PyArray_DATA((PyArrayObject *)xp), PyArray_DATA(x), (size_t)(M * K));
-    mq_status st = mq_linear_forward_u8(self->lin, &self->scratch, PyArray_DATA((PyArrayObject *)xp), M, NULL,
-                                        PyArray_DATA((PyArrayObject *)yp));
-    if (st != MQ_OK) { mq_py_raise(st); goto done; }
-    res = first_rows(yp, M);
-done:
-    Py_XDECREF(xp);
-    Py_XDECREF(yp);
-    return res;
+    npy_intp dy[2] = {M, N};
+    PyObject *y = PyArray_SimpleNew(2, dy, mq_linear_output_u8(self->lin) ? NPY_UINT8 : NPY_FLOAT32);
+    if (!y) return NULL;
+    mq_status st = mq_linear_forward_u8(self->lin, &self->scratch, PyArray_DATA(x), M, NULL,
+                                        PyArray_DATA((PyArrayObject *)y));
+    if (st != MQ_OK) { Py_DECREF(y); return mq_py_raise(st); }
+    return y;
 }
 
 static PyObject *Linear_set_output_u8(LinearObject *self, PyObject *args) {

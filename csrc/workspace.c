@@ -1,4 +1,4 @@
-/* workspace.c - grow-only scratch buffers and the row buckets primitives are built for (workspace.h). */
+/* workspace.c - grow-only scratch buffers and the row plan of linear layers (workspace.h). */
 #include "workspace.h"
 
 mq_status mq_buffer_reserve(mq_buffer *b, size_t count, size_t elem_size) {
@@ -41,4 +41,11 @@ int64_t mq_bucket_rows(int64_t m) {
     while (p * 2 <= m) p *= 2; /* p = 2^floor(log2 m) */
     int64_t step = p / 4;
     return (m + step - 1) / step * step;
+}
+
+_Static_assert(MQ_ROW_CHUNK >= 64 && MQ_ROW_CHUNK % 64 == 0, "MQ_ROW_CHUNK is a multiple of 64");
+
+int64_t mq_piece_rows(int64_t remaining) {
+    if (remaining >= MQ_ROW_CHUNK) return MQ_ROW_CHUNK;
+    return remaining >= 64 ? remaining / 64 * 64 : remaining;
 }

@@ -251,6 +251,66 @@ def test_linear_rejects_bad_arguments():
         _core.quantize_weight_s4(w, 7)
 
 
+ROW_PLAN_MS = [1, 37, 64, 65, 1000, 1024, 1090, 2500]  # one exact piece, 64, 64 + 1, 960 + 40, a chunk, ... + 2 chunks
+
+
+def row_plan_layers():
+    """(name, layer, uses residual, fed u8) for every kind: f32, bf16, int8 static / dynamic / dynamic-token, static
+    with a u8 output, static fed u8, w8, w4; epilogues chosen so the residual and per-row scale offsets are used."""
+    w, b, _, _ = layer_data()
+    qw, sw = _core.quantize_weight_s8(w, True)
+    packed, s4 = _core.quantize_weight_s4(w, 32)
+    int8 = dict(w_per_channel=True)
+    static = dict(act_mode=_core.ACT_STATIC, act_symmetric=False, act_scale=0.03, act_zero_point=120, **int8)
+    out = [("f32", _core.Linear(_core.LINEAR_F32, w, None, b, epilogue=_core.EPI_RESIDUAL), True, False),
+           ("bf16", _core.Linear(_core.LINEAR_BF16, w, None, b, epilogue=_core.EPI_GELU), False, False),
+           ("int8-static", _core.Linear(_core.LINEAR_INT8, qw, sw, b, epilogue=_core.EPI_RESIDUAL, **static), True, False),
+           ("int8-static-u8in", _core.Linear(_core.LINEAR_INT8, qw, sw, b, **static), False, True),
+           ("int8-dynamic", _core.Linear(_core.LINEAR_INT8, qw, sw, b, act_mode=_core.ACT_DYNAMIC, act_symmetric=False,
+                                         **int8), False, False),
+           ("int8-dynamic-token", _core.Linear(_core.LINEAR_INT8, qw, sw, b, act_mode=_core.ACT_DYNAMIC_TOKEN,
+                                               act_symmetric=True, epilogue=_core.EPI_RESIDUAL, **int8), True, False),
+           ("w8", _core.Linear(_core.LINEAR_W8, qw, sw, b), False, False),
+           ("w4", _core.Linear(_core.LINEAR_W4, packed, s4, b, group_size=32, epilogue=_core.EPI_RESIDUAL), True, False)]
+    if SUPPORT["int8_exact"]:  # a u8 matmul output needs the exact int8 kernels
+        u8out = _core.Linear(_core.LINEAR_INT8, qw, sw, b, epilogue=_core.EPI_GELU, **static)
+        u8out.set_output_u8(0.02, 7)
+        out.append(("int8-static-u8out", u8out, False, False))
+    return out
+
+
+@pytest.mark.parametrize("name,lin,residual,u8_in", row_plan_layers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_rows_do_not_depend_on_the_call(name, lin, residual, u8_in):
+    """A linear layer computes exactly its M rows as pieces of fixed-shape primitives (csrc/linear.h, row plan: 1024-row
+    chunks, a multiple of 64, an exact remainder): every row of a call of M rows equals that row computed alone (one
+    1-row primitive), for M exercising every piece type. Rows depend on their call only through the scheme itself:
+    int8-dynamic's one scale per call, which is held fixed here by giving every row the same min and max."""
+    rng = np.random.default_rng(11)
+    rows = max(ROW_PLAN_MS)
+    x = rng.standard_normal((rows, K)).astype(np.float32)
+    x[:, 0], x[:, 1] = -6.0, 9.0  # every subset of rows has the same min / max: the same dynamic scale
+    xq = rng.integers(0, 256, (rows, K), dtype=np.uint8)
+    r = rng.standard_normal((rows, N)).astype(np.float32)
+
+    def run(lo, hi):
+        if u8_in:
+            return lin.forward_u8(xq[lo:hi])
+        return lin.forward(x[lo:hi], r[lo:hi] if residual else None)
+
+    alone = np.concatenate([run(i, i + 1) for i in range(rows)])
+    for M in ROW_PLAN_MS:
+        y = run(0, M)
+        assert y.shape == (M, N) and y.dtype == alone.dtype
+        if y.dtype == np.uint8:
+            np.testing.assert_array_equal(y, alone[:M], err_msg=f"{name} M={M}")
+        else:
+            err = np.abs(y - alone[:M]).max()
+            assert err <= 1e-5 * np.abs(alone[:M]).max() + 1e-6, (name, M, err)
+    # and an offset call (rows [37, 37 + 1090)) gives those rows too
+    y = run(37, 37 + 1090)
+    assert np.abs(y.astype(np.float64) - alone[37:37 + 1090]).max() <= 1e-5 * np.abs(alone).max() + 1e-6
+
+
 # ---------------------------------------------------------------------------------------------------- schemes
 
 
