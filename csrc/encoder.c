@@ -400,13 +400,12 @@ static size_t sat_mul3(size_t a, size_t b, size_t c) { return sat_mul(sat_mul(a,
 size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     const size_t H = (size_t)e->cfg.hidden, I = (size_t)e->cfg.intermediate, K = H > I ? H : I, f = sizeof(float);
     const size_t T = (size_t)c->tokens, B = (size_t)c->batch;
-    const size_t Tb = (size_t)mq_bucket_rows(c->tokens), rows = Tb + MQ_ATTN_BUCKET;
+    const size_t rows = T + MQ_ATTN_BUCKET;
     /* reserve_pass: x, ctx, tmp [rows, H], qkv [rows, 3H], ffn [rows, I], offsets */
     size_t n = sat_add(sat_mul3(rows, 6 * H + I, f), sat_mul(B, sizeof(int64_t)));
     /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, dequantized weights */
-    n = sat_add(n, sat_mul3(Tb, K, 1 + f));
-    n = sat_add(n, sat_add(sat_mul(Tb, f), sat_mul3(H, 3 * H > I ? 3 * H : I, f))); /* a site's weights: H x N or N x H */
-    n = sat_add(n, sat_mul(2 * Tb, f)); /* LayerNorm statistics */
+    n = sat_add(n, sat_mul3(T, K, 1 + f));
+    n = sat_add(n, sat_add(sat_mul(T, f), sat_mul3(H, 3 * H > I ? 3 * H : I, f))); /* a site's weights: H x N or N x H */
     n = sat_add(n, mq_attention_scratch_need(e->attn, c->seq, c->batch));
     n = sat_add(n, atomic_load_explicit(&e->scratchpad_seen, memory_order_relaxed));
     if (c->hook) n = sat_add(n, sat_mul3(T, 2 * K, f));             /* effective inputs, dequantized u8 inputs */
@@ -508,7 +507,7 @@ static mq_status attention_block(mq_encoder *e, const mq_pass *p, int64_t l) {
         MQ_TRY(mq_linear_forward(L->site[MQ_SITE_ATTN_OUT], &e->scratch, ctx, T, x, tmp));
     }
     MQ_TRY(show(p, l, MQ_SITE_ATTN_OUT, MQ_SITE_OUTPUT, tmp, H));
-    return mq_layernorm_forward(e->ln, &e->scratch, T, tmp, x, L->ln_gamma[0], L->ln_beta[0]);
+    return mq_layernorm_forward(e->ln, T, tmp, x, L->ln_gamma[0], L->ln_beta[0], NULL, 0.f, 0);
 }
 
 /* x [T, H] -> feed-forward block -> x (residual + LayerNorm inside). */
@@ -528,11 +527,11 @@ static mq_status ffn_block(mq_encoder *e, const mq_pass *p, int64_t l) {
         MQ_TRY(mq_linear_forward(L->site[MQ_SITE_FFN_OUT], &e->scratch, ffn, T, x, tmp));
     }
     MQ_TRY(show(p, l, MQ_SITE_FFN_OUT, MQ_SITE_OUTPUT, tmp, H));
-    return mq_layernorm_forward(e->ln, &e->scratch, T, tmp, x, L->ln_gamma[1], L->ln_beta[1]);
+    return mq_layernorm_forward(e->ln, T, tmp, x, L->ln_gamma[1], L->ln_beta[1], NULL, 0.f, 0);
 }
 
-/* Packs the batch: row offsets of the sequences, and every buffer sized for T tokens (bucket padding + attention
-   slack rows), after checking the call against the memory bound. */
+/* Packs the batch: row offsets of the sequences, and every buffer sized for T tokens (+ the attention slack rows),
+   after checking the call against the memory bound. */
 static mq_status reserve_pass(mq_encoder *e, const mq_forward_args *a, mq_pass *p) {
     const int64_t H = e->cfg.hidden, I = e->cfg.intermediate;
     int64_t T = 0;
@@ -542,7 +541,7 @@ static mq_status reserve_pass(mq_encoder *e, const mq_forward_args *a, mq_pass *
     MQ_TRY(mq_buffer_reserve(&e->offsets, (size_t)a->batch, sizeof(int64_t)));
     int64_t *off = e->offsets.ptr;
     for (int64_t b = 0, t = 0; b < a->batch; t += a->lengths[b++]) off[b] = t;
-    const size_t rows = (size_t)mq_bucket_rows(T) + MQ_ATTN_BUCKET;
+    const size_t rows = (size_t)T + MQ_ATTN_BUCKET;
     MQ_TRY(mq_buffer_reserve(&e->x, rows * (size_t)H, sizeof(float)));
     MQ_TRY(mq_buffer_reserve(&e->qkv, rows * 3 * (size_t)H, sizeof(float)));
     MQ_TRY(mq_buffer_reserve(&e->ctx, rows * (size_t)H, sizeof(float)));
@@ -570,7 +569,7 @@ static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
     MQ_TRY(reserve_pass(e, a, &p));
     mq_engine_enter(e->eng);
     mq_embeddings_forward(e->emb, a->ids, a->type_ids, a->lengths, a->batch, a->seq, p.off, e->tmp.ptr);
-    MQ_TRY(mq_layernorm_forward(e->ln, &e->scratch, p.T, e->tmp.ptr, e->x.ptr, e->emb_gamma, e->emb_beta));
+    MQ_TRY(mq_layernorm_forward(e->ln, p.T, e->tmp.ptr, e->x.ptr, e->emb_gamma, e->emb_beta, NULL, 0.f, 0));
     for (int64_t l = 0; l < e->cfg.n_layers; l++) {
         MQ_TRY(attention_block(e, &p, l));
         MQ_TRY(ffn_block(e, &p, l));

@@ -1,73 +1,22 @@
-/* layernorm.c - LayerNorm on oneDNN with primitives per row bucket (layernorm.h). */
+/* layernorm.c - LayerNorm in C, with the next layer's input quantization fused (layernorm.h). */
+/* as in qparams.c, before its inline quantizer is included: the clamps vectorise; results are unchanged */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "layernorm.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* The primitive for one row bucket; all memory handles are set per call. */
-typedef struct {
-    dnnl_primitive_t prim;
-    size_t scratch_bytes;
-    dnnl_memory_t src, dst, gamma, beta, mean, var, scratch;
-} mq_ln_prim;
+#include "qparams.h"
 
 struct mq_layernorm {
-    mq_engine *eng; /* borrowed */
+    mq_engine *eng; /* borrowed: its thread count */
     int64_t hidden;
     float eps;
-    mq_prim_cache prims;
-    mq_buffer stats; /* mean and variance of the rows (oneDNN wants them as outputs) */
 };
-
-static void free_prim(void *entry) {
-    mq_ln_prim *p = entry;
-    if (p->prim) dnnl_primitive_destroy(p->prim);
-    dnnl_memory_t mems[7] = {p->src, p->dst, p->gamma, p->beta, p->mean, p->var, p->scratch};
-    for (int j = 0; j < 7; j++)
-        if (mems[j]) dnnl_memory_destroy(mems[j]);
-    memset(p, 0, sizeof *p);
-}
-
-/* Handle-less memories for every argument of the primitive pd (md: the [rows, hidden] rows, smd: gamma / beta). */
-static mq_status create_memories(mq_ln_prim *p, dnnl_engine_t eng, const_dnnl_primitive_desc_t pd,
-                                 const_dnnl_memory_desc_t md, const_dnnl_memory_desc_t smd) {
-    const_dnnl_memory_desc_t mmd = dnnl_primitive_desc_query_md(pd, dnnl_query_exec_arg_md, DNNL_ARG_MEAN);
-    const_dnnl_memory_desc_t vmd = dnnl_primitive_desc_query_md(pd, dnnl_query_exec_arg_md, DNNL_ARG_VARIANCE);
-    MQ_DNNL(dnnl_memory_create(&p->src, md, eng, DNNL_MEMORY_NONE));
-    MQ_DNNL(dnnl_memory_create(&p->dst, md, eng, DNNL_MEMORY_NONE));
-    MQ_DNNL(dnnl_memory_create(&p->gamma, smd, eng, DNNL_MEMORY_NONE));
-    MQ_DNNL(dnnl_memory_create(&p->beta, smd, eng, DNNL_MEMORY_NONE));
-    if (mmd && dnnl_memory_desc_get_size(mmd)) MQ_DNNL(dnnl_memory_create(&p->mean, mmd, eng, DNNL_MEMORY_NONE));
-    if (vmd && dnnl_memory_desc_get_size(vmd)) MQ_DNNL(dnnl_memory_create(&p->var, vmd, eng, DNNL_MEMORY_NONE));
-    MQ_DNNL(dnnl_memory_create(&p->scratch, dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0), eng,
-                               DNNL_MEMORY_NONE));
-    return MQ_OK;
-}
-
-static mq_status build_prim(void *owner, int64_t rows, void *entry) {
-    mq_layernorm *ln = owner;
-    mq_ln_prim *p = entry;
-    dnnl_engine_t eng = mq_engine_dnnl(ln->eng);
-    dnnl_memory_desc_t md = NULL, smd = NULL;
-    dnnl_primitive_attr_t attr = NULL;
-    dnnl_primitive_desc_t pd = NULL;
-    dnnl_dims_t dims = {rows, ln->hidden}, sdims = {ln->hidden};
-    mq_status st = MQ_OK;
-    MQ_TRY_GOTO(st, mq_attr_create(&attr), done);
-    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_memory_desc_create_with_tag(&md, 2, dims, dnnl_f32, dnnl_ab)), done);
-    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_memory_desc_create_with_tag(&smd, 1, sdims, dnnl_f32, dnnl_a)), done);
-    MQ_TRY_GOTO(st, MQ_DNNL_STATUS(dnnl_layer_normalization_forward_primitive_desc_create(
-                        &pd, eng, dnnl_forward_inference, md, md, NULL, ln->eps, dnnl_use_scale | dnnl_use_shift, attr)),
-                done);
-    st = create_memories(p, eng, pd, md, smd);
-    mq_status st2 = mq_primitive_from_pd(pd, &p->prim, &p->scratch_bytes); /* destroys pd */
-    if (st == MQ_OK) st = st2;
-done:
-    if (attr) dnnl_primitive_attr_destroy(attr);
-    dnnl_memory_desc_destroy(md);
-    dnnl_memory_desc_destroy(smd);
-    return st;
-}
 
 mq_status mq_layernorm_create(mq_layernorm **out, mq_engine *eng, int64_t hidden, float eps) {
     if (!out || !eng) return mq_set_error(MQ_ERR_ARG, "layernorm: NULL argument");
@@ -79,52 +28,87 @@ mq_status mq_layernorm_create(mq_layernorm **out, mq_engine *eng, int64_t hidden
     ln->eng = eng;
     ln->hidden = hidden;
     ln->eps = eps;
-    mq_prim_cache_init(&ln->prims, sizeof(mq_ln_prim), build_prim, free_prim);
     *out = ln;
     return MQ_OK;
 }
 
-void mq_layernorm_reset(mq_layernorm *ln) {
-    if (ln) mq_prim_cache_clear(&ln->prims);
+void mq_layernorm_reset(mq_layernorm *ln) { (void)ln; }
+size_t mq_layernorm_scratch_bytes(const mq_layernorm *ln) { (void)ln; return 0; }
+void mq_layernorm_release_scratch(mq_layernorm *ln) { (void)ln; }
+
+void mq_layernorm_destroy(mq_layernorm *ln) { free(ln); }
+
+/* Row sums in 32 partial sums (element c into partial c % 32, two 16-float vectors), then added pairwise, halves
+   first. GCC vector extensions: the summation order is fixed by the code, not by the vector width, so every ISA clone
+   (zmm on AVX-512, ymm pairs on AVX2, xmm below) gives the same bits, and the two chains keep the adders busy.
+   Vectors are never passed to or returned from functions (that would change the ABI between the clones). */
+typedef float mq_v16 __attribute__((vector_size(64)));
+typedef float mq_v8 __attribute__((vector_size(32)));
+typedef float mq_v4 __attribute__((vector_size(16)));
+
+/* sum of (x[c] - shift) (square = 0) or of (x[c] - shift)^2 (square = 1) over the row */
+static inline __attribute__((always_inline)) float row_sum(const float *restrict x, int64_t H, float shift, int square) {
+    mq_v16 a0 = {0}, a1 = {0}, d0, d1;
+    float tail[32] = {0};
+    int64_t c = 0;
+    for (; c + 32 <= H; c += 32) {
+        memcpy(&d0, x + c, sizeof d0);
+        memcpy(&d1, x + c + 16, sizeof d1);
+        d0 -= shift;
+        d1 -= shift;
+        a0 += square ? d0 * d0 : d0;
+        a1 += square ? d1 * d1 : d1;
+    }
+    for (int j = 0; c + j < H; j++) {
+        const float d = x[c + j] - shift;
+        tail[j] = square ? d * d : d;
+    }
+    memcpy(&d0, tail, sizeof d0);
+    memcpy(&d1, tail + 16, sizeof d1);
+    a0 += d0;
+    a1 += d1;
+    a0 += a1;
+    const mq_v8 h = __builtin_shufflevector(a0, a0, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(a0, a0, 8, 9, 10, 11, 12, 13, 14, 15);
+    const mq_v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-size_t mq_layernorm_scratch_bytes(const mq_layernorm *ln) { return ln->stats.bytes; }
-void mq_layernorm_release_scratch(mq_layernorm *ln) { mq_buffer_release(&ln->stats); }
-
-void mq_layernorm_destroy(mq_layernorm *ln) {
-    if (!ln) return;
-    mq_prim_cache_release(&ln->prims);
-    mq_buffer_release(&ln->stats);
-    free(ln);
+/* One row: y = (x - mean) * (1 / sqrt(var + eps)) * g + b, mean and variance in two f32 passes; with q, also
+   q = mq_quantize_u8_value(y * inv_scale, zp) in the same loop. */
+static inline __attribute__((always_inline)) void normalize_row(const float *restrict x, int64_t H, float eps,
+                                                                const float *restrict g, const float *restrict b,
+                                                                float *restrict y, uint8_t *restrict q,
+                                                                float inv_scale, float fzp) {
+    const float mean = row_sum(x, H, 0.f, 0) / (float)H;
+    const float inv = 1.f / sqrtf(row_sum(x, H, mean, 1) / (float)H + eps);
+    if (!q) {
+        for (int64_t c = 0; c < H; c++) y[c] = (x[c] - mean) * inv * g[c] + b[c];
+        return;
+    }
+    for (int64_t c = 0; c < H; c++) {
+        const float v = (x[c] - mean) * inv * g[c] + b[c];
+        y[c] = v;
+        q[c] = mq_quantize_u8_value(v * inv_scale, fzp);
+    }
 }
 
-#define SET(mem, ptr) MQ_DNNL(dnnl_memory_set_data_handle((mem), (void *)(ptr)))
+#define MQ_LN_PAR_MIN ((int64_t)1 << 15) /* elements; below this one thread is faster than waking the others */
 
-mq_status mq_layernorm_forward(mq_layernorm *ln, mq_linear_scratch *s, int64_t T, const float *src, float *dst,
-                               const float *gamma, const float *beta) {
-    const int64_t rows = mq_bucket_rows(T);
-    void *entry = NULL;
-    MQ_TRY(mq_prim_cache_get(&ln->prims, ln, rows, &entry));
-    mq_ln_prim *p = entry;
-    MQ_TRY(mq_buffer_reserve(&s->scratchpad, p->scratch_bytes ? p->scratch_bytes : 1, 1));
-    MQ_TRY(mq_buffer_reserve(&ln->stats, 2 * (size_t)rows, sizeof(float)));
-    SET(p->src, src);
-    SET(p->dst, dst);
-    SET(p->gamma, gamma);
-    SET(p->beta, beta);
-    SET(p->scratch, s->scratchpad.ptr);
-    dnnl_exec_arg_t args[7] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_DST, p->dst}, {DNNL_ARG_SCALE, p->gamma},
-                               {DNNL_ARG_SHIFT, p->beta}, {DNNL_ARG_SCRATCHPAD, p->scratch}};
-    int n = 5;
-    if (p->mean) {
-        SET(p->mean, ln->stats.ptr);
-        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_MEAN, p->mean};
-    }
-    if (p->var) {
-        SET(p->var, (float *)ln->stats.ptr + rows);
-        args[n++] = (dnnl_exec_arg_t){DNNL_ARG_VARIANCE, p->var};
-    }
-    MQ_DNNL(dnnl_primitive_execute(p->prim, mq_engine_stream(ln->eng), n, args));
-    MQ_DNNL(dnnl_stream_wait(mq_engine_stream(ln->eng)));
+static MQ_HOT void layernorm_rows(const float *src, float *dst, int64_t T, int64_t H, float eps, const float *g,
+                                  const float *b, uint8_t *q, float inv_scale, int32_t zp, int nthr) {
+#pragma omp parallel for schedule(static) num_threads(nthr) if (T * H >= MQ_LN_PAR_MIN)
+    for (int64_t r = 0; r < T; r++)
+        normalize_row(src + r * H, H, eps, g, b, dst + r * H, q ? q + r * H : NULL, inv_scale, (float)zp);
+}
+
+mq_status mq_layernorm_forward(mq_layernorm *ln, int64_t T, const float *src, float *dst, const float *gamma,
+                               const float *beta, uint8_t *q, float q_scale, int32_t q_zp) {
+    if (!ln || T < 0 || !src || !dst || !gamma || !beta) return mq_set_error(MQ_ERR_ARG, "layernorm: bad arguments");
+    if (q && (!(q_scale > 0.f) || !(q_scale < 1e30f) || q_zp < 0 || q_zp > 255))
+        return mq_set_error(MQ_ERR_ARG, "layernorm: bad output quantization (scale %g, zero point %d)", (double)q_scale,
+                            q_zp);
+    layernorm_rows(src, dst, T, ln->hidden, ln->eps, gamma, beta, q, q ? 1.f / q_scale : 0.f, q_zp,
+                   mq_engine_threads(ln->eng));
     return MQ_OK;
 }

@@ -1,5 +1,5 @@
-/* primcache.c - the bucketed primitive cache (primcache.h): a small array of (rows, entry) pairs searched linearly;
- * an encoder uses a few dozen buckets at most. */
+/* primcache.c - the primitive cache (primcache.h): a small array of (rows, entry) pairs searched linearly; an owner
+ * holds few row counts (a linear layer at most 79, its row plan's shapes; attention one per length bucket). */
 #include "primcache.h"
 
 #include <stdlib.h>

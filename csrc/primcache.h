@@ -1,7 +1,8 @@
-/* primcache.h - oneDNN primitives built once per row bucket and reused: the one cache that linear layers, LayerNorm
- * and attention keep their primitives (and the memory objects executed with them) in.
+/* primcache.h - oneDNN primitives built once per row count and reused: the one cache that linear layers (per piece
+ * of their row plan, linear.h) and attention (per length bucket) keep their primitives (and the memory objects
+ * executed with them) in.
  *
- * An entry is a struct of entry_size bytes that the owner's build function fills for a bucket of `rows` rows (the
+ * An entry is a struct of entry_size bytes that the owner's build function fills for `rows` rows (the
  * cache zero-fills it first) and its free function releases (also on a failed build, so free must accept a partly
  * built entry). Entries are allocated one by one: a pointer from get or find stays valid until clear or release.
  * Lookups (find) may run from several threads while no entry is added.

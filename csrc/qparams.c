@@ -1,29 +1,19 @@
 /* qparams.c - scale / zero-point math and the quantize, dequantize, convert and finiteness kernels (qparams.h). */
+/* The activation loops clamp with float compares; without trapping math GCC turns them into vector selects on every
+   ISA (otherwise only AVX-512BW masks allow it). Nothing here reads FP exception flags, so results are unchanged.
+   Set before every function of the file, the inline ones of qparams.h included: GCC does not inline across different
+   optimize settings. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "qparams.h"
 
 #include <float.h>
 #include <math.h>
 #include <string.h>
 
-/* The activation loops clamp with float compares; without trapping math GCC turns them into vector selects on every
-   ISA (otherwise only AVX-512BW masks allow it). Nothing here reads FP exception flags, so results are unchanged.
-   Set before every function of the file: GCC does not inline across different optimize settings. */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-
 static inline float clampf(float v, float lo, float hi) { return !(v >= lo) ? lo : (v > hi ? hi : v); } /* NaN -> lo */
-
-/* Hot loops are compiled for AVX-512, AVX2 and the baseline, picked at load time (GCC function multi-versioning). */
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define MQ_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MQ_HOT
-#endif
-
-/* Round half to even for |v| <= 2^22 by the 1.5 * 2^23 trick (exact in round-to-nearest mode; vectorises, unlike
-   nearbyintf). Callers clamp first, so the result equals nearbyintf(v). */
-static inline float round_even(float v) { return (v + 12582912.f) - 12582912.f; }
 
 mq_qparams mq_qparams_asym_u8(float lo, float hi) {
     mq_qparams p;
@@ -87,31 +77,15 @@ MQ_HOT void mq_minmax_rows(const float *x, int64_t rows, int64_t cols, int64_t l
     *mx = hi;
 }
 
-/* One row: q = clamp(rint(clamp(x * col_mul * inv_scale, -512, 512)) + zp, 0, 255); NaN -> -512 -> 0 as before. */
+/* One row: q = mq_quantize_u8_value(x * col_mul * inv_scale, zp). */
 static inline __attribute__((always_inline)) void quantize_row(const float *restrict xr, int64_t cols, const float *restrict col_mul, float inv_scale,
                                 float fzp, uint8_t *restrict qr) {
     if (col_mul) {
 #pragma omp simd
-        for (int64_t c = 0; c < cols; c++) {
-            float v = xr[c] * col_mul[c] * inv_scale;
-            v = v >= -512.f ? v : -512.f;
-            v = v <= 512.f ? v : 512.f;
-            v = round_even(v) + fzp;
-            v = v >= 0.f ? v : 0.f;
-            v = v <= 255.f ? v : 255.f;
-            qr[c] = (uint8_t)(int32_t)v;
-        }
+        for (int64_t c = 0; c < cols; c++) qr[c] = mq_quantize_u8_value(xr[c] * col_mul[c] * inv_scale, fzp);
     } else {
 #pragma omp simd
-        for (int64_t c = 0; c < cols; c++) {
-            float v = xr[c] * inv_scale;
-            v = v >= -512.f ? v : -512.f;
-            v = v <= 512.f ? v : 512.f;
-            v = round_even(v) + fzp;
-            v = v >= 0.f ? v : 0.f;
-            v = v <= 255.f ? v : 255.f;
-            qr[c] = (uint8_t)(int32_t)v;
-        }
+        for (int64_t c = 0; c < cols; c++) qr[c] = mq_quantize_u8_value(xr[c] * inv_scale, fzp);
     }
 }
 

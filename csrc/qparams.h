@@ -16,6 +16,13 @@
 
 #include <string.h>
 
+/* Hot loops are compiled for AVX-512, AVX2 and the baseline, picked at load time (GCC function multi-versioning). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MQ_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MQ_HOT
+#endif
+
 typedef struct {
     float scale;
     int32_t zero_point;
@@ -28,7 +35,22 @@ mq_qparams mq_qparams_sym_u8(float lo, float hi);
 
 /* min and max over rows x cols (row stride ld) of x * col_mul (col_mul may be NULL). */
 void mq_minmax_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *mn, float *mx);
-/* q[r, c] = clamp(rint(x[r, c] * col_mul[c] * inv_scale) + zp, 0, 255). */
+/* The u8 activation quantizer for one value, v = x * inv_scale already multiplied by the caller:
+   clamp(rint(clamp(v, -512, 512)) + zp, 0, 255), NaN -> 0, with fzp = (float)zp. Every u8 activation the core makes
+   comes from here (mq_quantize_u8 and the producers that quantize for the next layer, e.g. LayerNorm), so they can
+   never disagree. rint: round half to even by the 1.5 * 2^23 trick (exact after the clamp; vectorises, unlike
+   nearbyintf). A file whose loops use it sets no-trapping-math before including this header (see qparams.c): GCC
+   then vectorises the clamps as selects, and does not inline across different optimize settings. */
+static inline __attribute__((always_inline)) uint8_t mq_quantize_u8_value(float v, float fzp) {
+    v = v >= -512.f ? v : -512.f;
+    v = v <= 512.f ? v : 512.f;
+    v = (v + 12582912.f) - 12582912.f + fzp;
+    v = v >= 0.f ? v : 0.f;
+    v = v <= 255.f ? v : 255.f;
+    return (uint8_t)(int32_t)v;
+}
+
+/* q[r, c] = mq_quantize_u8_value(x[r, c] * col_mul[c] * inv_scale, zp). */
 void mq_quantize_u8(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float inv_scale,
                     int32_t zp, uint8_t *q);
 /* One row of mq_quantize_u8 without a column multiplier and without a parallel region (for callers inside one). */

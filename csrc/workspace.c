@@ -34,15 +34,6 @@ size_t mq_linear_scratch_bytes(const mq_linear_scratch *s) {
            s->scratchpad.bytes;
 }
 
-int64_t mq_bucket_rows(int64_t m) {
-    if (m <= 16) return 16;
-    if (m <= 64) return (m + 15) / 16 * 16;
-    int64_t p = 1;
-    while (p * 2 <= m) p *= 2; /* p = 2^floor(log2 m) */
-    int64_t step = p / 4;
-    return (m + step - 1) / step * step;
-}
-
 _Static_assert(MQ_ROW_CHUNK >= 64 && MQ_ROW_CHUNK % 64 == 0, "MQ_ROW_CHUNK is a multiple of 64");
 
 int64_t mq_piece_rows(int64_t remaining) {

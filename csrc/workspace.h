@@ -34,9 +34,6 @@ size_t mq_linear_scratch_bytes(const mq_linear_scratch *s);
    MQ_ROW_CHUNK rows while at least that many remain, then 64 * floor(remaining / 64) rows if that is > 0, then the
    last remaining % 64 rows exactly. So M <= 64 is one piece of M rows, a call has at most M / MQ_ROW_CHUNK + 2
    pieces, and a layer builds at most 1 + 15 + 63 distinct shapes (MQ_ROW_CHUNK, the multiples of 64 below it, 1..63). */
-/* Rows LayerNorm's primitive is built for when a call has m rows: <= 25% padding, few distinct shapes. */
-int64_t mq_bucket_rows(int64_t m);
-
 #ifndef MQ_ROW_CHUNK
 #define MQ_ROW_CHUNK 1024
 #endif

@@ -141,6 +141,20 @@ def test_static_int8_encoder_matches_numpy_reference_site_by_site(tiny_pair):
     np.testing.assert_allclose(hidden[real], h_in, rtol=0, atol=1e-4)
 
 
+def test_layernorm_matches_float64_numpy(tiny_pair):
+    """The C LayerNorm (csrc/layernorm.c): the last hidden state is the last LayerNorm of the last site's output tap,
+    so it is checked against a float64 LayerNorm of that tap, to float32 rounding (as oneDNN's LayerNorm was)."""
+    fp32, _, texts = tiny_pair
+    cfg, params = fp32.config, fp32._fp32
+    encs = fp32._encode_tokens(texts, fp32.max_length)
+    ids, mask, tt = fp32._pad([e.ids for e in encs], [e.type_ids for e in encs])
+    hidden, _, taps = fp32._core.forward(ids, mask, tt, hidden=True, taps=True)
+    p = f"encoder.layer.{cfg.num_hidden_layers - 1}.output.LayerNorm."
+    want = layer_norm(taps[-1], params[p + "weight"], params[p + "bias"], cfg.layer_norm_eps)
+    err = np.abs(hidden[mask.astype(bool)] - want)
+    assert np.all(err <= 1e-6 * np.abs(want).max(axis=1, keepdims=True)), err.max()
+
+
 def test_reference_catches_a_wrong_parameter_at_one_site(tiny_pair):
     """The check above has teeth: the same encoder with one site's activation scale 2% off, or one site's weight
     scales 1% off, fails it at that site. (A zero point off by one that quantization and matmul share only shifts
