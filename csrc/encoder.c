@@ -25,6 +25,8 @@ typedef struct {
     float *ln_gamma[2], *ln_beta[2];
     mq_u8_input ctx_q; /* ATTN_OUT's input, quantized by attention's copy-out */
     mq_u8_input ffn_q; /* FFN_OUT's input, written as u8 by FFN_IN's matmul epilogue */
+    mq_u8_input qkv_q; /* QKV's input, quantized by the LayerNorm before it (the embeddings' or the previous layer's) */
+    mq_u8_input in_q;  /* FFN_IN's input, quantized by the attention block's LayerNorm */
 } mq_layer;
 
 struct mq_encoder {
@@ -40,7 +42,7 @@ struct mq_encoder {
     mq_layernorm *ln;
     /* workspace, reused across calls */
     mq_linear_scratch scratch;
-    mq_buffer x, qkv, ctx, tmp, ffn, deq, offsets;
+    mq_buffer x, qkv, ctx, tmp, ffn, deq, offsets, xq; /* xq: the u8 input a LayerNorm wrote for QKV / FFN_IN */
     size_t max_bytes, keep_bytes; /* mq_encoder_set_memory_limits */
     _Atomic size_t scratchpad_seen; /* the oneDNN scratchpad after the last forward: read by mq_encoder_call_bytes
                                        without the lock, while a forward may be running */
@@ -48,7 +50,7 @@ struct mq_encoder {
 };
 
 /* The encoder's own workspace buffers, in one list for sizing and releasing. */
-#define MQ_ENCODER_BUFFERS(e) {&(e)->x, &(e)->qkv, &(e)->ctx, &(e)->tmp, &(e)->ffn, &(e)->deq, &(e)->offsets}
+#define MQ_ENCODER_BUFFERS(e) {&(e)->x, &(e)->qkv, &(e)->ctx, &(e)->tmp, &(e)->ffn, &(e)->deq, &(e)->offsets, &(e)->xq}
 
 static mq_status check_config(const mq_bert_config *c) {
     if (!c) return mq_set_error(MQ_ERR_ARG, "config is NULL");
@@ -261,11 +263,14 @@ mq_status mq_encoder_set_linear(mq_encoder *e, int layer, int site, const mq_lin
 }
 
 /* A static int8 site (INT8 STATIC, no SmoothQuant multiplier) takes its u8 input from the producer instead of
-   quantizing an f32 copy in a pass of its own: attention quantizes its output rows for ATTN_OUT as it copies them
-   out, and FFN_IN applies FFN_OUT's scale and zero point in its matmul epilogue (after GELU), so the
-   [T, intermediate] f32 activation, the widest of the layer, is never written at all. */
+   quantizing an f32 copy in a pass of its own: the LayerNorm before QKV and FFN_IN writes their u8 input next to its
+   f32 output (kept for the residual), attention quantizes its output rows for ATTN_OUT as it copies them out, and
+   FFN_IN applies FFN_OUT's scale and zero point in its matmul epilogue (after GELU), so the [T, intermediate] f32
+   activation, the widest of the layer, is never written at all. */
 static void fuse_inputs(mq_layer *L) {
-    mq_u8_input *c = &L->ctx_q, *f = &L->ffn_q;
+    mq_u8_input *c = &L->ctx_q, *f = &L->ffn_q, *q = &L->qkv_q, *i = &L->in_q;
+    q->on = mq_linear_static_input(L->site[MQ_SITE_QKV], &q->scale, &q->zp);
+    i->on = mq_linear_static_input(L->site[MQ_SITE_FFN_IN], &i->scale, &i->zp);
     c->on = mq_linear_static_input(L->site[MQ_SITE_ATTN_OUT], &c->scale, &c->zp);
     f->on = mq_linear_static_input(L->site[MQ_SITE_FFN_OUT], &f->scale, &f->zp) &&
             mq_linear_set_output_u8(L->site[MQ_SITE_FFN_IN], f->scale, f->zp) == MQ_OK; /* else FFN_IN stays f32 */
@@ -401,8 +406,8 @@ size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     const size_t H = (size_t)e->cfg.hidden, I = (size_t)e->cfg.intermediate, K = H > I ? H : I, f = sizeof(float);
     const size_t T = (size_t)c->tokens, B = (size_t)c->batch;
     const size_t rows = T + MQ_ATTN_BUCKET;
-    /* reserve_pass: x, ctx, tmp [rows, H], qkv [rows, 3H], ffn [rows, I], offsets */
-    size_t n = sat_add(sat_mul3(rows, 6 * H + I, f), sat_mul(B, sizeof(int64_t)));
+    /* reserve_pass: x, ctx, tmp [rows, H], qkv [rows, 3H], ffn [rows, I] f32, xq [rows, H] u8, offsets */
+    size_t n = sat_add(sat_add(sat_mul3(rows, 6 * H + I, f), sat_mul(rows, H)), sat_mul(B, sizeof(int64_t)));
     /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, dequantized weights */
     n = sat_add(n, sat_mul3(T, K, 1 + f));
     n = sat_add(n, sat_add(sat_mul(T, f), sat_mul3(H, 3 * H > I ? 3 * H : I, f))); /* a site's weights: H x N or N x H */
@@ -485,14 +490,32 @@ static mq_status show_u8(mq_encoder *e, const mq_pass *p, int64_t l, int produce
     return show(p, l, site, MQ_SITE_INPUT, e->deq.ptr, cols);
 }
 
+/* x = LayerNorm(src) and, when u is on, the u8 input of the site it feeds (u's scale and zero point) into xq. */
+static mq_status layernorm(mq_encoder *e, const mq_pass *p, const float *src, const float *gamma, const float *beta,
+                           const mq_u8_input *u) {
+    const int q = u && u->on;
+    return mq_layernorm_forward(e->ln, p->T, src, e->x.ptr, gamma, beta, q ? (uint8_t *)e->xq.ptr : NULL,
+                                q ? u->scale : 0.f, q ? u->zp : 0);
+}
+
+/* A site fed by a LayerNorm (QKV, FFN_IN): from the u8 input that LayerNorm wrote into xq (u on), else from x. */
+static mq_status after_layernorm(mq_encoder *e, const mq_pass *p, int64_t l, int site, const mq_u8_input *u, void *y) {
+    mq_linear *lin = e->layers[l].site[site];
+    if (!u->on) {
+        MQ_TRY(show_input(e, p, l, site, e->x.ptr));
+        return mq_linear_forward(lin, &e->scratch, e->x.ptr, p->T, NULL, y);
+    }
+    MQ_TRY(show_u8(e, p, l, -1, site, e->xq.ptr, mq_linear_in(lin), u));
+    return mq_linear_forward_u8(lin, &e->scratch, e->xq.ptr, p->T, NULL, y);
+}
+
 /* x [T, H] -> attention block -> x (residual + LayerNorm inside). */
 static mq_status attention_block(mq_encoder *e, const mq_pass *p, int64_t l) {
     mq_layer *L = &e->layers[l];
     const int64_t T = p->T, H = e->cfg.hidden;
     float *x = e->x.ptr, *qkv = e->qkv.ptr, *ctx = e->ctx.ptr, *tmp = e->tmp.ptr;
     const mq_forward_args *a = p->a;
-    MQ_TRY(show_input(e, p, l, MQ_SITE_QKV, x));
-    MQ_TRY(mq_linear_forward(L->site[MQ_SITE_QKV], &e->scratch, x, T, NULL, qkv));
+    MQ_TRY(after_layernorm(e, p, l, MQ_SITE_QKV, &L->qkv_q, qkv));
     /* the last sequence's masked keys read the rows after T (attention.h): finite, whatever the buffers held */
     memset(qkv + T * 3 * H, 0, (size_t)MQ_ATTN_BUCKET * 3 * (size_t)H * sizeof(float));
     MQ_TRY(show(p, l, MQ_SITE_QKV, MQ_SITE_OUTPUT, qkv, 3 * H));
@@ -507,7 +530,7 @@ static mq_status attention_block(mq_encoder *e, const mq_pass *p, int64_t l) {
         MQ_TRY(mq_linear_forward(L->site[MQ_SITE_ATTN_OUT], &e->scratch, ctx, T, x, tmp));
     }
     MQ_TRY(show(p, l, MQ_SITE_ATTN_OUT, MQ_SITE_OUTPUT, tmp, H));
-    return mq_layernorm_forward(e->ln, T, tmp, x, L->ln_gamma[0], L->ln_beta[0], NULL, 0.f, 0);
+    return layernorm(e, p, tmp, L->ln_gamma[0], L->ln_beta[0], &L->in_q);
 }
 
 /* x [T, H] -> feed-forward block -> x (residual + LayerNorm inside). */
@@ -515,8 +538,7 @@ static mq_status ffn_block(mq_encoder *e, const mq_pass *p, int64_t l) {
     mq_layer *L = &e->layers[l];
     const int64_t T = p->T, H = e->cfg.hidden, I = e->cfg.intermediate;
     float *x = e->x.ptr, *tmp = e->tmp.ptr, *ffn = e->ffn.ptr;
-    MQ_TRY(show_input(e, p, l, MQ_SITE_FFN_IN, x));
-    MQ_TRY(mq_linear_forward(L->site[MQ_SITE_FFN_IN], &e->scratch, x, T, NULL, ffn));
+    MQ_TRY(after_layernorm(e, p, l, MQ_SITE_FFN_IN, &L->in_q, ffn));
     if (L->ffn_q.on) { /* ffn holds FFN_OUT's u8 input */
         const uint8_t *fq = (const uint8_t *)ffn;
         MQ_TRY(show_u8(e, p, l, MQ_SITE_FFN_IN, MQ_SITE_FFN_OUT, fq, I, &L->ffn_q));
@@ -527,7 +549,8 @@ static mq_status ffn_block(mq_encoder *e, const mq_pass *p, int64_t l) {
         MQ_TRY(mq_linear_forward(L->site[MQ_SITE_FFN_OUT], &e->scratch, ffn, T, x, tmp));
     }
     MQ_TRY(show(p, l, MQ_SITE_FFN_OUT, MQ_SITE_OUTPUT, tmp, H));
-    return mq_layernorm_forward(e->ln, T, tmp, x, L->ln_gamma[1], L->ln_beta[1], NULL, 0.f, 0);
+    const mq_u8_input *next = l + 1 < e->cfg.n_layers ? &e->layers[l + 1].qkv_q : NULL; /* the next layer's QKV */
+    return layernorm(e, p, tmp, L->ln_gamma[1], L->ln_beta[1], next);
 }
 
 /* Packs the batch: row offsets of the sequences, and every buffer sized for T tokens (+ the attention slack rows),
@@ -547,6 +570,7 @@ static mq_status reserve_pass(mq_encoder *e, const mq_forward_args *a, mq_pass *
     MQ_TRY(mq_buffer_reserve(&e->ctx, rows * (size_t)H, sizeof(float)));
     MQ_TRY(mq_buffer_reserve(&e->tmp, rows * (size_t)H, sizeof(float)));
     MQ_TRY(mq_buffer_reserve(&e->ffn, rows * (size_t)I, sizeof(float)));
+    MQ_TRY(mq_buffer_reserve(&e->xq, rows * (size_t)H, 1));
     *p = (mq_pass){a, T, off};
     return MQ_OK;
 }
@@ -569,7 +593,7 @@ static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
     MQ_TRY(reserve_pass(e, a, &p));
     mq_engine_enter(e->eng);
     mq_embeddings_forward(e->emb, a->ids, a->type_ids, a->lengths, a->batch, a->seq, p.off, e->tmp.ptr);
-    MQ_TRY(mq_layernorm_forward(e->ln, p.T, e->tmp.ptr, e->x.ptr, e->emb_gamma, e->emb_beta, NULL, 0.f, 0));
+    MQ_TRY(layernorm(e, &p, e->tmp.ptr, e->emb_gamma, e->emb_beta, &e->layers[0].qkv_q));
     for (int64_t l = 0; l < e->cfg.n_layers; l++) {
         MQ_TRY(attention_block(e, &p, l));
         MQ_TRY(ffn_block(e, &p, l));

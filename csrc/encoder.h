@@ -3,8 +3,9 @@
  * Tokens are processed packed: the rows of all sequences of a batch are stacked ([T, H], T = sum of lengths), so
  * the linear layers never compute padding; attention runs per sequence (attention.h).
  *
- * Static int8 layers take their input quantization from the producer where one exists: FFN_IN writes FFN_OUT's
- * u8 input in its matmul epilogue (oneDNN dst scale + zero point after GELU), and attention quantizes its
+ * Static int8 layers take their input quantization from the producer where one exists: the LayerNorm before QKV
+ * and FFN_IN writes their u8 input in the same pass as its f32 output (kept for the residual), FFN_IN writes
+ * FFN_OUT's u8 input in its matmul epilogue (oneDNN dst scale + zero point after GELU), and attention quantizes its
  * per-sequence output rows for ATTN_OUT (set up at finalize; see fuse_inputs in encoder.c). A site hook at those
  * points then sees the u8 values dequantized, i.e. exactly what the consuming layer computes with.
  *

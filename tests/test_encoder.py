@@ -99,6 +99,21 @@ def test_threads_do_not_change_results(minilm, medquad_questions):
         minilm.set_threads(0)
 
 
+def test_threads_do_not_change_the_layernorm(minilm, medquad_questions):
+    """LayerNorm (csrc/layernorm.c) splits rows over the threads, each row computed by one thread in a fixed order:
+    with its u8 output fused (static int8), 1 and 2 threads give the same bits. Checked on layer 0's QKV output, which
+    depends only on the embeddings, their LayerNorm with the fused quantization and an integer matmul (exact in any
+    order, also where the int8 layer is emulated in f32), over enough tokens that the LayerNorm runs on both threads."""
+    q = minilm.quantize("int8-static-asym", calibration_texts=medquad_questions[16:48])
+    ids, mask, tt = q.tokenize(medquad_questions[:16])
+    assert mask.sum() * q.hidden_size >= 1 << 15  # csrc/layernorm.c: MQ_LN_PAR_MIN
+    taps = []
+    for n in (1, 2):
+        q.set_threads(n)
+        taps.append(q.forward_taps(ids, mask, tt)[1][0])
+    np.testing.assert_array_equal(taps[0], taps[1])
+
+
 def test_forward_input_validation(minilm):
     ids = np.array([[101, 2054, 2003, 102]], dtype=np.int64)
     out = minilm.forward(ids)

@@ -155,6 +155,35 @@ def test_layernorm_matches_float64_numpy(tiny_pair):
     assert np.all(err <= 1e-6 * np.abs(want).max(axis=1, keepdims=True)), err.max()
 
 
+def test_layernorm_writes_exactly_the_u8_input_its_layer_would(tiny_pair):
+    """The LayerNorms before QKV and FFN_IN write those static int8 layers' u8 input in their own pass (fuse_inputs in
+    csrc/encoder.c). Against the same encoder with a SmoothQuant multiplier of exactly 1 on those sites (which turns
+    the fusion off: the layers quantize the f32 LayerNorm output themselves, x * 1 == x), every output is identical.
+    And the fusion is on: the hook shows QKV the u8 values dequantized (on the quantization grid), not f32 values."""
+    from medquant.model.storage import build_core
+
+    _, q, texts = tiny_pair
+    storage = dict(q._storage)
+    for name in q.site_names:
+        if name.endswith(("attention.self.qkv", "intermediate.dense")):
+            storage[name + ".act_mul"] = np.ones(q.config.hidden_size, np.float32)
+    unfused = build_core(q.config, storage, q._sites, 2)
+    encs = q._encode_tokens(texts, q.max_length)
+    ids, mask, tt = q._pad([e.ids for e in encs], [e.type_ids for e in encs])
+    outs, qkv_in = [], []
+    for core in (q._core, unfused):
+        obs = [medquant._core.Observer() for _ in q.site_names]
+        outs.append(core.forward(ids, mask, tt, hidden=True, taps=True, observers=obs))
+        qkv_in.append(obs[4].minmax())  # layer 1's QKV: fed by layer 0's last LayerNorm
+    (h0, _, taps0), (h1, _, taps1) = outs
+    np.testing.assert_array_equal(h0, h1)
+    for a, b in zip(taps0, taps1):
+        np.testing.assert_array_equal(a, b)
+    spec = q._sites[q.site_names[4]]
+    on_grid = [abs(v / spec["act_scale"] - round(v / spec["act_scale"])) < 1e-3 for v in qkv_in[0] + qkv_in[1]]
+    assert on_grid == [True, True, False, False], (qkv_in, spec)
+
+
 def test_reference_catches_a_wrong_parameter_at_one_site(tiny_pair):
     """The check above has teeth: the same encoder with one site's activation scale 2% off, or one site's weight
     scales 1% off, fails it at that site. (A zero point off by one that quantization and matmul share only shifts
