@@ -11,8 +11,9 @@ steps Encoder.encode takes) is timed on its own.
 --ceiling interleaves, in the same process and repetitions (so load on the machine hits both alike), the machine's
 int8 matmul ceiling: medquant's own int8 Linear (u8 activations with a zero point, s8 per-channel weights,
 prepacked: the primitive the encoder uses) on a large 4096 x 4096 x 4096 matmul and on BERT-base's four shapes at
-4096 rows, timed by oneDNN itself (so the Python-side padding and activation quantization are not counted); bf16
-and f32 at one shape for context.
+4096 rows, timed by oneDNN itself (so the binding's work and activation quantization are not counted); bf16
+and f32 at one shape for context. A Linear runs 4096 rows as four 1024-row primitives (its row plan, csrc/linear.h),
+so the ceiling is that of 1024-row matmuls, each record timed and counted on its own.
 """
 from __future__ import annotations
 
