@@ -405,7 +405,7 @@ static size_t sat_mul3(size_t a, size_t b, size_t c) { return sat_mul(sat_mul(a,
 size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     const size_t H = (size_t)e->cfg.hidden, I = (size_t)e->cfg.intermediate, K = H > I ? H : I, f = sizeof(float);
     const size_t T = (size_t)c->tokens, B = (size_t)c->batch;
-    const size_t rows = T + MQ_ATTN_BUCKET;
+    const size_t rows = T;
     /* reserve_pass: x, ctx, tmp [rows, H], qkv [rows, 3H], ffn [rows, I] f32, xq [rows, H] u8, offsets */
     size_t n = sat_add(sat_add(sat_mul3(rows, 6 * H + I, f), sat_mul(rows, H)), sat_mul(B, sizeof(int64_t)));
     /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, dequantized weights */
@@ -516,8 +516,6 @@ static mq_status attention_block(mq_encoder *e, const mq_pass *p, int64_t l) {
     float *x = e->x.ptr, *qkv = e->qkv.ptr, *ctx = e->ctx.ptr, *tmp = e->tmp.ptr;
     const mq_forward_args *a = p->a;
     MQ_TRY(after_layernorm(e, p, l, MQ_SITE_QKV, &L->qkv_q, qkv));
-    /* the last sequence's masked keys read the rows after T (attention.h): finite, whatever the buffers held */
-    memset(qkv + T * 3 * H, 0, (size_t)MQ_ATTN_BUCKET * 3 * (size_t)H * sizeof(float));
     MQ_TRY(show(p, l, MQ_SITE_QKV, MQ_SITE_OUTPUT, qkv, 3 * H));
     if (L->ctx_q.on) {
         uint8_t *cq = (uint8_t *)ctx;
@@ -553,8 +551,8 @@ static mq_status ffn_block(mq_encoder *e, const mq_pass *p, int64_t l) {
     return layernorm(e, p, tmp, L->ln_gamma[1], L->ln_beta[1], next);
 }
 
-/* Packs the batch: row offsets of the sequences, and every buffer sized for T tokens (+ the attention slack rows),
-   after checking the call against the memory bound. */
+/* Packs the batch: row offsets of the sequences, and every buffer sized for exactly T tokens, after checking the
+   call against the memory bound. */
 static mq_status reserve_pass(mq_encoder *e, const mq_forward_args *a, mq_pass *p) {
     const int64_t H = e->cfg.hidden, I = e->cfg.intermediate;
     int64_t T = 0;
@@ -564,7 +562,7 @@ static mq_status reserve_pass(mq_encoder *e, const mq_forward_args *a, mq_pass *
     MQ_TRY(mq_buffer_reserve(&e->offsets, (size_t)a->batch, sizeof(int64_t)));
     int64_t *off = e->offsets.ptr;
     for (int64_t b = 0, t = 0; b < a->batch; t += a->lengths[b++]) off[b] = t;
-    const size_t rows = (size_t)T + MQ_ATTN_BUCKET;
+    const size_t rows = (size_t)T;
     MQ_TRY(mq_buffer_reserve(&e->x, rows * (size_t)H, sizeof(float)));
     MQ_TRY(mq_buffer_reserve(&e->qkv, rows * 3 * (size_t)H, sizeof(float)));
     MQ_TRY(mq_buffer_reserve(&e->ctx, rows * (size_t)H, sizeof(float)));
