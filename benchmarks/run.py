@@ -266,14 +266,9 @@ def fmt_bytes(b):
     return f"{b / 2**20:.1f} MiB"
 
 
-def markdown(raw: dict, s: dict) -> str:
-    m = raw["meta"]
-    L = []
-    L.append(f"# medquant benchmark{' (quick)' if m['quick'] else ''}\n")
-    L.append(f"{m['date']} - `{m['command']}` - {m['seconds']:.0f} s\n")
-    L.append("## Machine\n")
-    mi = m["machine"]
-    ri = m["runtime_info"]
+def md_machine(raw: dict) -> list:
+    m, mi, ri = raw["meta"], raw["meta"]["machine"], raw["meta"]["runtime_info"]
+    L = ["## Machine\n"]
     L.append(f"- CPU: {mi['cpu_model']} ({mi['logical_cpus']} logical CPUs, avx512_vnni={mi['avx512_vnni']}, "
              f"avx512_bf16={mi['avx512_bf16']}, amx={mi['amx']}), {mi['mem_bytes'] / 2**30:.1f} GiB RAM")
     L.append(f"- medquant {ri['medquant_version']}: oneDNN {ri['onednn_version']} ({ri['threading']}, "
@@ -289,28 +284,35 @@ def markdown(raw: dict, s: dict) -> str:
                  f"{mi['affinity_cpus']} cores such interference inflates times unevenly (a descheduled thread stalls "
                  f"every barrier). Re-run on an idle machine before quoting these numbers.**")
     L.append("")
+    return L
 
-    names = [x.name for x in SYSTEMS if x.name in s["corpus"]]
-    ref = REFERENCE
-    L.append("## Systems\n")
-    L.append(f"Ratios are taken against **{ref}** (int8-static-asym: static asymmetric u8 activations calibrated "
+
+def system_detail(raw: dict, k: str) -> str:
+    sysd = BY_NAME[k]
+    info = raw["status"]["minilm"][k].get("info", {})
+    if sysd.runtime == "medquant":
+        impls = sorted(set(v for v in info.get("site_impl", {}).values() if v))
+        return f"scheme {info.get('scheme')}, linear kernels: {', '.join(impls) or '?'}"
+    if sysd.runtime == "torch":
+        return (f"BertModel, attention {info.get('attn_implementation')}, quantized engine "
+                f"{info.get('quantized_engine')}")
+    ops = raw["meta"]["prepare"]["minilm"]["ort_ops"]["int8" if "int8" in k else "fp32"]
+    return "graph: " + ", ".join(f"{o} x{c}" for o, c in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
+
+
+def md_systems(raw: dict, names: list) -> list:
+    L = ["## Systems\n"]
+    L.append(f"Ratios are taken against **{REFERENCE}** (int8-static-asym: static asymmetric u8 activations calibrated "
              f"(MSE) on MedQuAD answers disjoint from the corpus, s8 per-channel weights, int8 word embeddings).\n")
     for k in names:
-        sysd = BY_NAME[k]
-        info = raw["status"]["minilm"][k].get("info", {})
-        if sysd.runtime == "medquant":
-            impls = sorted(set(v for v in info.get("site_impl", {}).values() if v))
-            detail = f"scheme {info.get('scheme')}, linear kernels: {', '.join(impls) or '?'}"
-        elif sysd.runtime == "torch":
-            detail = (f"BertModel, attention {info.get('attn_implementation')}, quantized engine "
-                      f"{info.get('quantized_engine')}")
-        else:
-            ops = m["prepare"]["minilm"]["ort_ops"]["int8" if "int8" in k else "fp32"]
-            detail = "graph: " + ", ".join(f"{o} x{c}" for o, c in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
-        L.append(f"- `{k}`: {sysd.label}; {detail}")
+        L.append(f"- `{k}`: {BY_NAME[k].label}; {system_detail(raw, k)}")
     L.append("")
+    return L
+
+
+def md_corpus(raw: dict, s: dict, names: list) -> list:
     tc = raw["corpus"]["tokens"]
-    L.append(f"## Corpus encoding (all-MiniLM-L6-v2)\n")
+    L = ["## Corpus encoding (all-MiniLM-L6-v2)\n"]
     L.append(f"{raw['corpus']['n']} MedQuAD answers (seeded sample), max_length {CORPUS_MAX_LENGTH}, batch {BATCH}, "
              f"length-sorted; {tc['real_tokens']} real tokens (mean {tc['mean_len']:.0f}, median "
              f"{tc['median_len']:.0f}, {tc['truncated']} truncated), {tc['padded_tokens']} after padding each batch "
@@ -325,7 +327,11 @@ def markdown(raw: dict, s: dict) -> str:
                  f"({v['seconds_min']:.2f}-{v['seconds_max']:.2f}) | {v['ratio_to_ref']:.2f} | "
                  f"{cs.get('mean', float('nan')):.4f} / {cs.get('min', float('nan')):.4f} |")
     L.append("")
-    L.append(f"## Query latency (all-MiniLM-L6-v2, batch 1)\n")
+    return L
+
+
+def md_query(raw: dict, s: dict, names: list) -> list:
+    L = ["## Query latency (all-MiniLM-L6-v2, batch 1)\n"]
     L.append(f"{raw['query']['n']} MedQuAD questions, one at a time, end to end; run in "
              f"{raw['query']['blocks']} round-robin blocks.\n")
     L.append("| system | p50 ms | p95 ms | p99 ms | mean ms | p50 ratio to mq int8 |")
@@ -335,7 +341,11 @@ def markdown(raw: dict, s: dict) -> str:
         L.append(f"| {k} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['p99_ms']:.2f} | {v['mean_ms']:.2f} | "
                  f"{v['p50_ratio_to_ref']:.2f} |")
     L.append("")
-    L.append(f"## Fixed shapes: batch {FIXED_BATCH} x seq {FIXED_SEQ} (forward, last hidden state)\n")
+    return L
+
+
+def md_fixed(s: dict, names: list) -> list:
+    L = [f"## Fixed shapes: batch {FIXED_BATCH} x seq {FIXED_SEQ} (forward, last hidden state)\n"]
     L.append("| system | MiniLM ms | MiniLM seq/s | ratio | BERT-base ms | BERT-base seq/s | BERT-base tokens/s | ratio |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k in names:
@@ -343,7 +353,11 @@ def markdown(raw: dict, s: dict) -> str:
         L.append(f"| {k} | {a['ms_median']:.1f} | {a['seq_per_s']:.1f} | {a['ratio_to_ref']:.2f} | "
                  f"{b['ms_median']:.1f} | {b['seq_per_s']:.1f} | {b['tokens_per_s']:.0f} | {b['ratio_to_ref']:.2f} |")
     L.append("")
-    L.append("## Memory and model size\n")
+    return L
+
+
+def md_memory(raw: dict, names: list) -> list:
+    L = ["## Memory and model size\n"]
     L.append("Each system in its own process. Peak RSS = the process's high-water mark over the whole phase (imports, "
              "load, all workloads); 'after load' = resident set right after loading (includes the runtime's "
              "libraries); model bytes = the file the system loads (medquant safetensors, ONNX file, torch "
@@ -358,8 +372,12 @@ def markdown(raw: dict, s: dict) -> str:
                  f"{fmt_bytes(a['rss_after_load'])} | {fmt_bytes(pa['peak_rss'])} | {fmt_bytes(b['model_bytes'])} | "
                  f"{fmt_bytes(b['rss_after_load'])} | {fmt_bytes(pb['peak_rss'])} |")
     L.append("")
+    return L
+
+
+def md_gemm(raw: dict, s: dict) -> list:
     g, ceil = s["gemm"], raw["gemm"]["ceiling"]
-    L.append("## GEMM efficiency\n")
+    L = ["## GEMM efficiency\n"]
     L.append("oneDNN execution time (ONEDNN_VERBOSE profile_exec) of medquant's int8 Linear (u8 activations with a "
              "zero point x s8 per-channel weights, prepacked: the encoder's own primitive), best of the repetitions, "
              "measured in the same process and interleaved with the profiled BERT-base int8 forwards below:\n")
@@ -376,7 +394,30 @@ def markdown(raw: dict, s: dict) -> str:
              f"({100 * g['bert_base_int8_efficiency_vs_large']:.0f}% of the 4096^3 rate); counting the whole "
              f"forward's wall time, {g['bert_base_int8_linear_tops_over_wall']:.3f} TOP/s "
              f"({100 * g['bert_base_int8_wall_efficiency']:.0f}%).\n")
-    L.append("## Where medquant int8 static spends its time\n")
+    return L
+
+
+def md_profile(p: dict, title: str) -> list:
+    L = [f"**{title}**: wall {p['wall_ms']:.1f} ms profiled ({p['unprofiled_wall_ms']:.1f} ms without "
+         f"profiling), {p['onednn_calls']} oneDNN calls\n"]
+    L.append("| part | ms (wall est.) | share | calls | implementations |")
+    L.append("|---|---:|---:|---:|---|")
+    for c, v in p["categories"].items():
+        impl = ", ".join(f"{i} x{n}" for i, n in v["impls"].items())
+        extra = f" ({v['tops']:.3f} TOP/s)" if v.get("tops") and c.startswith("linear") else ""
+        L.append(f"| {c}{extra} | {v['wall_ms_est']:.1f} | {100 * v['wall_ms_est'] / p['wall_ms']:.0f}% | "
+                 f"{v['calls']} | {impl} |")
+    if p["tokenize_ms"]:
+        L.append(f"| tokenize + sort + pad (Python, tokenizers) | {p['tokenize_ms']:.1f} | "
+                 f"{100 * p['tokenize_ms'] / p['wall_ms']:.0f}% | | |")
+    L.append(f"| rest: C loops + binding + Python | {p['rest_ms']:.1f} | {100 * p['rest_ms'] / p['wall_ms']:.0f}% "
+             f"| | |")
+    L.append("")
+    return L
+
+
+def md_profiles(raw: dict) -> list:
+    L = ["## Where medquant int8 static spends its time\n"]
     L.append("Per pass: wall time without instrumentation (best of the repetitions); oneDNN categories from the "
              "profiled passes (attention of a multi-sequence batch runs one sequence per thread, so its summed time "
              "is divided by the thread count to estimate wall time); 'rest' = wall - oneDNN - tokenization = "
@@ -385,34 +426,38 @@ def markdown(raw: dict, s: dict) -> str:
     for key, title in (("minilm-corpus", "MiniLM corpus encoding (one pass)"),
                        ("minilm-queries", "MiniLM batch-1 queries (all queries, one pass)"),
                        ("bert-base-fixed", "BERT-base-sized 32 x 128 forward")):
-        p = raw["gemm"]["profiles"][key]
-        L.append(f"**{title}**: wall {p['wall_ms']:.1f} ms profiled ({p['unprofiled_wall_ms']:.1f} ms without "
-                 f"profiling), {p['onednn_calls']} oneDNN calls\n")
-        L.append("| part | ms (wall est.) | share | calls | implementations |")
-        L.append("|---|---:|---:|---:|---|")
-        for c, v in p["categories"].items():
-            impl = ", ".join(f"{i} x{n}" for i, n in v["impls"].items())
-            extra = f" ({v['tops']:.3f} TOP/s)" if v.get("tops") and c.startswith("linear") else ""
-            L.append(f"| {c}{extra} | {v['wall_ms_est']:.1f} | {100 * v['wall_ms_est'] / p['wall_ms']:.0f}% | "
-                     f"{v['calls']} | {impl} |")
-        if p["tokenize_ms"]:
-            L.append(f"| tokenize + sort + pad (Python, tokenizers) | {p['tokenize_ms']:.1f} | "
-                     f"{100 * p['tokenize_ms'] / p['wall_ms']:.0f}% | | |")
-        L.append(f"| rest: C loops + binding + Python | {p['rest_ms']:.1f} | {100 * p['rest_ms'] / p['wall_ms']:.0f}% "
-                 f"| | |")
-        L.append("")
-    L.append("## Targets\n")
-    L.append("| target | measured | met |")
-    L.append("|---|---:|---|")
+        L += md_profile(raw["gemm"]["profiles"][key], title)
+    return L
+
+
+def md_targets(s: dict) -> list:
+    L = ["## Targets\n", "| target | measured | met |", "|---|---:|---|"]
     for k, v in s["targets"].items():
         meas = f"{100 * v['measured']:.0f}%" if k.endswith("efficiency") else f"{v['measured']:.2f}x"
         L.append(f"| {TARGET_TEXT[k]} | {meas} | {'yes' if v['met'] else 'NO'} |")
     L.append("")
+    return L
+
+
+def markdown(raw: dict, s: dict) -> str:
+    m = raw["meta"]
+    names = [x.name for x in SYSTEMS if x.name in s["corpus"]]
+    L = [f"# medquant benchmark{' (quick)' if m['quick'] else ''}\n",
+         f"{m['date']} - `{m['command']}` - {m['seconds']:.0f} s\n"]
+    L += md_machine(raw)
+    L += md_systems(raw, names)
+    L += md_corpus(raw, s, names)
+    L += md_query(raw, s, names)
+    L += md_fixed(s, names)
+    L += md_memory(raw, names)
+    L += md_gemm(raw, s)
+    L += md_profiles(raw)
+    L += md_targets(s)
     return "\n".join(L)
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller samples and fewer repetitions (~2 minutes)")
@@ -420,7 +465,95 @@ def main(argv=None) -> int:
                     default=Path(os.environ.get("MEDQUANT_BENCH_CACHE", Path.home() / ".cache" / "medquant-bench")),
                     help="where prepared models and texts are cached")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def new_raw(args, sizes, manifest, loadavg_start) -> dict:
+    import medquant  # noqa: E402  (runtime info only; the parent never runs a model)
+
+    return {"meta": {"quick": args.quick, "sizes": sizes.__dict__, "machine": machine_info(),
+                     "runtime_info": medquant.runtime_info(), "loadavg_start": loadavg_start,
+                     "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
+                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "versions": {"python": platform.python_version(), **{k: manifest["stamp"][k] for k in
+                                                                         ("torch", "transformers", "onnxruntime")}},
+                     "prepare": {k: {"ort_fused": v["ort"]["fused"], "ort_ops": v["ort"]["ops"],
+                                     "medquant": v["medquant"]} for k, v in manifest["models"].items()}},
+            "load": {}, "status": {}, "gemm": {"profiles": {}}}
+
+
+def minilm_phase(raw, paths, sizes, quick, files, texts, run_dir) -> float:
+    """Corpus, queries and fixed shapes on MiniLM; returns the mean interference (cores)."""
+    log(f"MiniLM: starting {len(SYSTEMS)} workers")
+    workers, raw["load"]["minilm"] = start_workers(SYSTEMS, paths, run_dir)
+    try:
+        n = sizes.n_corpus
+        raw["corpus"] = {"n": n, "tokens": token_counts(paths["hf"], texts["corpus"][:n], CORPUS_MAX_LENGTH, BATCH),
+                         "times": run_corpus(workers, files["texts"], n, sizes.corpus_reps, run_dir),
+                         "embeddings": {k: str(run_dir / f"emb-{k}.npy") for k in workers}}
+        raw["query"] = {"n": sizes.n_queries, "blocks": sizes.query_blocks,
+                        "latencies": run_queries(workers, files["texts"], sizes.n_queries, sizes.query_blocks)}
+        raw["fixed"] = {"minilm": run_fixed(workers, files["ids"], sizes.fixed_reps_minilm, iters=1 if quick else 2)}
+    finally:
+        st = stop_workers(workers)
+    raw["status"]["minilm"] = st["status"]
+    return float(np.mean(list(st["interference_cores"].values())))
+
+
+def profile_minilm(raw, paths, sizes, texts_file, run_dir) -> None:
+    from gemm import finish_profile
+
+    log("profiling medquant int8 static (MiniLM corpus and queries)")
+    static_dir = paths["medquant-int8-static-asym"]
+    for wl, n in (("corpus", sizes.n_corpus), ("queries", sizes.n_queries)):
+        meta = run_gemm_script(["profile", "--dir", static_dir, "--workload", wl, "--texts", texts_file, "--n", str(n),
+                                "--reps", str(sizes.profile_reps), "--batch-size", str(BATCH if wl == "corpus" else 1),
+                                "--max-length", str(CORPUS_MAX_LENGTH)],
+                               run_dir / f"profile-{wl}.json", run_dir / f"profile-{wl}.verbose")
+        raw["gemm"]["profiles"][f"minilm-{wl}"] = finish_profile(run_dir / f"profile-{wl}.verbose", meta, THREADS,
+                                                                 batched_attention=(wl == "corpus"))
+
+
+def bert_base_phase(raw, paths, sizes, ids_file, run_dir) -> float:
+    """Fixed shapes on the BERT-base-sized model; returns the mean interference (cores)."""
+    log(f"BERT-base: starting {len(SYSTEMS)} workers")
+    workers, raw["load"]["bert-base"] = start_workers(SYSTEMS, paths, run_dir)
+    try:
+        raw["fixed"]["bert-base"] = run_fixed(workers, ids_file, sizes.fixed_reps_base, iters=1)
+    finally:
+        st = stop_workers(workers)
+    raw["status"]["bert-base"] = st["status"]
+    return float(np.mean(list(st["interference_cores"].values())))
+
+
+def ceiling_phase(raw, paths, sizes, ids_file, run_dir) -> None:
+    from gemm import finish_profile
+
+    log("int8 matmul ceiling, interleaved with profiled BERT-base int8 static 32x128 forwards")
+    meta = run_gemm_script(["profile", "--dir", paths["medquant-int8-static-asym"], "--workload", "fixed", "--ids",
+                            ids_file, "--reps", str(sizes.ceiling_reps), "--ceiling"],
+                           run_dir / "profile-fixed.json", run_dir / "profile-fixed.verbose")
+    prof = finish_profile(run_dir / "profile-fixed.verbose", meta, THREADS, batched_attention=True)
+    raw["gemm"]["ceiling"] = prof.pop("ceiling")
+    raw["gemm"]["profiles"]["bert-base-fixed"] = prof
+    log(f"  int8 ceiling {raw['gemm']['ceiling']['int8_ceiling_tops']:.3f} TOP/s, BERT-base int8 linear matmuls "
+        f"{prof['linear_tops']:.3f} TOP/s")
+
+
+def write_results(raw: dict, s: dict, out_dir: Path, stem: str) -> str:
+    md = markdown(raw, s)
+    raw_small = {k: v for k, v in raw.items() if k not in ("corpus", "query")}
+    raw_small["corpus"] = {k: v for k, v in raw["corpus"].items() if k != "embeddings"}
+    raw_small["query"] = {**{k: v for k, v in raw["query"].items() if k != "latencies"},
+                          "latencies_ms": {k: [round(1e3 * x, 3) for x in v]
+                                           for k, v in raw["query"]["latencies"].items()}}
+    (out_dir / f"{stem}.json").write_text(json.dumps({"summary": s, "raw": raw_small}, indent=1))
+    (out_dir / f"{stem}.md").write_text(md)
+    return md
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
     t_start = time.perf_counter()
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
@@ -433,87 +566,24 @@ def main(argv=None) -> int:
     log("preparing models and texts (cached)")
     subprocess.run([sys.executable, str(HERE / "prepare.py"), str(args.workdir)], check=True, env=child_env())
     manifest = json.loads((args.workdir / "manifest.json").read_text())
-    texts_file = str(args.workdir / "texts.json")
-    ids_file = str(args.workdir / "fixed_ids.npy")
-    texts = json.loads(Path(texts_file).read_text())
-
-    import medquant  # noqa: E402  (runtime info only; the parent never runs a model)
-
-    raw = {"meta": {"quick": args.quick, "sizes": sizes.__dict__, "machine": machine_info(),
-                    "runtime_info": medquant.runtime_info(), "loadavg_start": loadavg_start,
-                    "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
-                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "versions": {"python": platform.python_version(), **{k: manifest["stamp"][k] for k in
-                                                                        ("torch", "transformers", "onnxruntime")}},
-                    "prepare": {k: {"ort_fused": v["ort"]["fused"], "ort_ops": v["ort"]["ops"],
-                                    "medquant": v["medquant"]} for k, v in manifest["models"].items()}},
-           "load": {}, "status": {}, "gemm": {"profiles": {}}}
-
-    from gemm import finish_profile
+    files = {"texts": str(args.workdir / "texts.json"), "ids": str(args.workdir / "fixed_ids.npy")}
+    texts = json.loads(Path(files["texts"]).read_text())
+    raw = new_raw(args, sizes, manifest, loadavg_start)
 
     inter = {}
-    # ---------------------------------------------------------------- MiniLM: corpus, queries, fixed shapes
     paths = manifest["models"]["minilm"]["paths"]
-    log("MiniLM: starting 8 workers")
-    workers, raw["load"]["minilm"] = start_workers(SYSTEMS, paths, run_dir)
-    try:
-        n = sizes.n_corpus
-        raw["corpus"] = {"n": n, "tokens": token_counts(paths["hf"], texts["corpus"][:n], CORPUS_MAX_LENGTH, BATCH),
-                         "times": run_corpus(workers, texts_file, n, sizes.corpus_reps, run_dir),
-                         "embeddings": {k: str(run_dir / f"emb-{k}.npy") for k in workers}}
-        raw["query"] = {"n": sizes.n_queries, "blocks": sizes.query_blocks,
-                        "latencies": run_queries(workers, texts_file, sizes.n_queries, sizes.query_blocks)}
-        raw["fixed"] = {"minilm": run_fixed(workers, ids_file, sizes.fixed_reps_minilm, iters=2 if not args.quick else 1)}
-    finally:
-        st = stop_workers(workers)
-    raw["status"]["minilm"] = st["status"]
-    inter["minilm"] = float(np.mean(list(st["interference_cores"].values())))
-
-    log("profiling medquant int8 static (MiniLM corpus and queries)")
-    static_dir = paths["medquant-int8-static-asym"]
-    for wl, n in (("corpus", sizes.n_corpus), ("queries", sizes.n_queries)):
-        meta = run_gemm_script(["profile", "--dir", static_dir, "--workload", wl, "--texts", texts_file, "--n", str(n),
-                                "--reps", str(sizes.profile_reps), "--batch-size", str(BATCH if wl == "corpus" else 1),
-                                "--max-length", str(CORPUS_MAX_LENGTH)],
-                               run_dir / f"profile-{wl}.json", run_dir / f"profile-{wl}.verbose")
-        raw["gemm"]["profiles"][f"minilm-{wl}"] = finish_profile(run_dir / f"profile-{wl}.verbose", meta, THREADS,
-                                                                 batched_attention=(wl == "corpus"))
-
-    # ---------------------------------------------------------------- BERT-base-sized: fixed shapes
+    inter["minilm"] = minilm_phase(raw, paths, sizes, args.quick, files, texts, run_dir)
+    profile_minilm(raw, paths, sizes, files["texts"], run_dir)
     paths = manifest["models"]["bert-base"]["paths"]
-    log("BERT-base: starting 8 workers")
-    workers, raw["load"]["bert-base"] = start_workers(SYSTEMS, paths, run_dir)
-    try:
-        raw["fixed"]["bert-base"] = run_fixed(workers, ids_file, sizes.fixed_reps_base, iters=1)
-    finally:
-        st = stop_workers(workers)
-    raw["status"]["bert-base"] = st["status"]
-    inter["bert-base"] = float(np.mean(list(st["interference_cores"].values())))
-
-    log("int8 matmul ceiling, interleaved with profiled BERT-base int8 static 32x128 forwards")
-    meta = run_gemm_script(["profile", "--dir", paths["medquant-int8-static-asym"], "--workload", "fixed", "--ids",
-                            ids_file, "--reps", str(sizes.ceiling_reps), "--ceiling"],
-                           run_dir / "profile-fixed.json", run_dir / "profile-fixed.verbose")
-    prof = finish_profile(run_dir / "profile-fixed.verbose", meta, THREADS, batched_attention=True)
-    raw["gemm"]["ceiling"] = prof.pop("ceiling")
-    raw["gemm"]["profiles"]["bert-base-fixed"] = prof
-    log(f"  int8 ceiling {raw['gemm']['ceiling']['int8_ceiling_tops']:.3f} TOP/s, BERT-base int8 linear matmuls "
-        f"{prof['linear_tops']:.3f} TOP/s")
+    inter["bert-base"] = bert_base_phase(raw, paths, sizes, files["ids"], run_dir)
+    ceiling_phase(raw, paths, sizes, files["ids"], run_dir)
 
     raw["meta"]["interference_cores"] = inter
     raw["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     raw["meta"]["seconds"] = time.perf_counter() - t_start
     s = summarize(raw)
     stem = "benchmark-quick" if args.quick else "benchmark"
-    md = markdown(raw, s)
-    raw_small = {k: v for k, v in raw.items() if k not in ("corpus", "query")}
-    raw_small["corpus"] = {k: v for k, v in raw["corpus"].items() if k != "embeddings"}
-    raw_small["query"] = {**{k: v for k, v in raw["query"].items() if k != "latencies"},
-                          "latencies_ms": {k: [round(1e3 * x, 3) for x in v]
-                                           for k, v in raw["query"]["latencies"].items()}}
-    (args.out / f"{stem}.json").write_text(json.dumps({"summary": s, "raw": raw_small}, indent=1))
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
+    print(write_results(raw, s, args.out, stem))
     print("\nratios to medquant int8 static (texts/s, corpus): " + ", ".join(
         f"{k} {v['ratio_to_ref']:.2f}" for k, v in s["corpus"].items()))
     for k, v in s["targets"].items():
