@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -95,38 +96,94 @@ def system_busy_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile")
+
+
+def _cpuinfo() -> Dict[str, object]:
+    """Model name, flags and every core's `cpu MHz` from /proc/cpuinfo."""
+    model, flags, mhz = "", set(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and not model:
+                    model = value
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+                elif key == "cpu MHz":
+                    mhz.append(float(value))
+    except (OSError, ValueError):
+        pass
+    return {"model": model, "flags": flags, "mhz": mhz}
+
+
+def _lscpu() -> Dict[str, str]:
+    """`lscpu` as {field: value} (empty if lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"})
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = {}
+    for line in out.stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _cpufreq_mhz(name: str) -> Optional[float]:
+    """/sys/devices/system/cpu/cpu0/cpufreq/NAME (kHz) in MHz, if the kernel exposes it."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu0/cpufreq/{name}") as f:
+            return int(f.read().strip()) / 1000.0
+    except (OSError, ValueError):
+        return None
+
+
+def _int_or_none(text: Optional[str]) -> Optional[int]:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def machine_slug(cpu_model: str) -> str:
+    """Directory name for a machine's results: the CPU model with every run of other characters as one '-' (the
+    rule distributed_encode.py uses, e.g. 'AMD EPYC' -> 'AMD-EPYC')."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", cpu_model).strip("-") or "unknown-cpu"
+
+
 def machine_info() -> Dict[str, object]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line
-                    break
-    except OSError:
-        pass
+    """CPU model, clocks, topology, the ISA flags that decide the kernels here, RAM."""
+    ci, ls = _cpuinfo(), _lscpu()
+    model = ci["model"] or ls.get("Model name", "")
     mem = 0
     try:
         with open("/proc/meminfo") as f:
             mem = int(f.readline().split()[1]) * 1024
     except OSError:
         pass
+    isa = {flag: flag in ci["flags"] for flag in ISA_FLAGS}
+    max_mhz = _cpufreq_mhz("cpuinfo_max_freq") or (float(ls["CPU max MHz"]) if ls.get("CPU max MHz") else None)
     return {
         "cpu_model": model,
+        "slug": machine_slug(model),
+        "vendor": ls.get("Vendor ID"),
+        "family_model_stepping": "/".join(ls.get(k, "?") for k in ("CPU family", "Model", "Stepping")),
+        "hypervisor": ls.get("Hypervisor vendor"),
+        "sockets": _int_or_none(ls.get("Socket(s)")),
+        "cores_per_socket": _int_or_none(ls.get("Core(s) per socket")),
+        "threads_per_core": _int_or_none(ls.get("Thread(s) per core")),
         "logical_cpus": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),
-        "avx512_vnni": "avx512_vnni" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx": "amx_int8" in flags,
+        "mhz_max": max_mhz,
+        "mhz_current": _cpufreq_mhz("scaling_cur_freq") or (max(ci["mhz"]) if ci["mhz"] else None),
+        "mhz_cpuinfo": ci["mhz"],
+        "isa": isa,
+        "avx512_vnni": isa["avx512_vnni"],
+        "avx512_bf16": isa["avx512_bf16"],
+        "amx": isa["amx_int8"],
         "mem_bytes": mem,
     }
 

@@ -17,7 +17,9 @@ Workloads
            matmuls reach on BERT-base at 32 x 128; plus where medquant int8's time goes (oneDNN profile).
 
 The models and texts are built once into --workdir (default ~/.cache/medquant-bench) by prepare.py and reused.
-Results: benchmarks/results/benchmark[-quick].{json,md}.
+Results are kept per machine: benchmarks/results/<machine>/benchmark[-quick].{json,md}, <machine> = the CPU model name
+with every run of other characters as '-' (e.g. AMD-EPYC, as benchmarks/results/distributed/ does); the Machine
+section records the CPU model, clocks, topology and the ISA flags that decide the kernels.
 """
 from __future__ import annotations
 
@@ -266,11 +268,26 @@ def fmt_bytes(b):
     return f"{b / 2**20:.1f} MiB"
 
 
+def fmt_mhz(x) -> str:
+    return f"{x:.0f} MHz" if x else "not exposed"
+
+
+def md_cpu(mi: dict) -> list:
+    topo = (f"{mi.get('sockets')} socket(s) x {mi.get('cores_per_socket')} core(s) x {mi.get('threads_per_core')} "
+            f"thread(s) per core, {mi['logical_cpus']} logical CPUs ({mi['affinity_cpus']} usable)")
+    virt = f", under {mi['hypervisor']}" if mi.get("hypervisor") else ""
+    isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in mi.get("isa", {}).items())
+    return [f"- CPU: {mi['cpu_model']} ({mi.get('vendor')}, family/model/stepping {mi.get('family_model_stepping')}"
+            f"{virt}); {topo}; {mi['mem_bytes'] / 2**30:.1f} GiB RAM",
+            f"- clock: max {fmt_mhz(mi.get('mhz_max'))}, current {fmt_mhz(mi.get('mhz_current'))} (cpufreq if the "
+            f"kernel exposes it, else /proc/cpuinfo)",
+            f"- ISA: {isa}"]
+
+
 def md_machine(raw: dict) -> list:
     m, mi, ri = raw["meta"], raw["meta"]["machine"], raw["meta"]["runtime_info"]
     L = ["## Machine\n"]
-    L.append(f"- CPU: {mi['cpu_model']} ({mi['logical_cpus']} logical CPUs, avx512_vnni={mi['avx512_vnni']}, "
-             f"avx512_bf16={mi['avx512_bf16']}, amx={mi['amx']}), {mi['mem_bytes'] / 2**30:.1f} GiB RAM")
+    L += md_cpu(mi)
     L.append(f"- medquant {ri['medquant_version']}: oneDNN {ri['onednn_version']} ({ri['threading']}, "
              f"ISA {ri['cpu_isa']}); torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, "
              f"transformers {m['versions']['transformers']}, Python {m['versions']['python']}")
@@ -464,7 +481,8 @@ def parse_args(argv):
     ap.add_argument("--workdir", type=Path,
                     default=Path(os.environ.get("MEDQUANT_BENCH_CACHE", Path.home() / ".cache" / "medquant-bench")),
                     help="where prepared models and texts are cached")
-    ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
+    ap.add_argument("--out", type=Path, default=HERE / "results",
+                    help="results go to OUT/<machine>/ (<machine> from the CPU model name, e.g. AMD-EPYC)")
     return ap.parse_args(argv)
 
 
@@ -583,12 +601,14 @@ def main(argv=None) -> int:
     raw["meta"]["seconds"] = time.perf_counter() - t_start
     s = summarize(raw)
     stem = "benchmark-quick" if args.quick else "benchmark"
-    print(write_results(raw, s, args.out, stem))
+    out_dir = args.out / raw["meta"]["machine"]["slug"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(write_results(raw, s, out_dir, stem))
     print("\nratios to medquant int8 static (texts/s, corpus): " + ", ".join(
         f"{k} {v['ratio_to_ref']:.2f}" for k, v in s["corpus"].items()))
     for k, v in s["targets"].items():
         print(f"target {k}: {v['measured']:.3f} (>= {v['target']}) {'met' if v['met'] else 'NOT met'}")
-    log(f"wrote {args.out / (stem + '.md')} and .json in {raw['meta']['seconds']:.0f} s")
+    log(f"wrote {out_dir / (stem + '.md')} and .json in {raw['meta']['seconds']:.0f} s")
     return 0
 
 
