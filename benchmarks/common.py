@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark: the systems, the workloads' sizes, memory/CPU probes, oneDNN verbose parsing.
 
-Nothing here imports torch, onnxruntime or medquant at module level, so every worker process pays only for the
-runtime it measures.
+Nothing here imports torch, onnxruntime, openvino or medquant at module level, so every worker process pays only
+for the runtime it measures.
 """
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
+
+import numpy as np
 
 THREADS = 2
 BATCH = 32
@@ -23,9 +26,12 @@ REFERENCE = "medquant-int8-static"  # every ratio is taken against this system
 @dataclass(frozen=True)
 class System:
     name: str
-    runtime: str  # medquant | torch | ort
-    variant: str  # fp32 | bf16 | int8-dynamic | int8-static-asym (medquant); fp32 | int8-dyn (torch, ort)
+    runtime: str  # medquant | torch | ort | ov
+    variant: str  # medquant: fp32 | bf16 | int8-dynamic | int8-static-asym; torch: fp32 | fp32-compile | int8-dyn |
+    #               int8-pt2e; ort: fp32 | int8-dyn | int8-pc; ov: fp32 | int8
     label: str
+    needs: str = "hf"  # the prepared artefact (manifest path key) the system loads
+    optional: bool = False  # skipped with a log line (not a failed run) when its runtime or artefact is missing
 
 
 SYSTEMS: List[System] = [
@@ -34,11 +40,25 @@ SYSTEMS: List[System] = [
     System("medquant-int8-dyn", "medquant", "int8-dynamic", "medquant int8 dynamic"),
     System("medquant-int8-static", "medquant", "int8-static-asym", "medquant int8 static (int8-static-asym)"),
     System("torch-fp32", "torch", "fp32", "PyTorch fp32"),
+    System("torch-fp32-compile", "torch", "fp32-compile",
+           "PyTorch fp32 under torch.compile (inductor, freezing, dynamic shapes)", optional=True),
     System("torch-int8-dyn", "torch", "int8-dyn", "PyTorch quantize_dynamic int8"),
-    System("ort-fp32", "ort", "fp32", "ONNX Runtime fp32 (optimized graph)"),
-    System("ort-int8-dyn", "ort", "int8-dyn", "ONNX Runtime quantize_dynamic int8"),
+    System("torch-int8-pt2e", "torch", "int8-pt2e",
+           "PyTorch PT2E static int8 (torchao X86InductorQuantizer) + torch.compile", needs="calib", optional=True),
+    System("ort-fp32", "ort", "fp32", "ONNX Runtime fp32 (optimized graph)", needs="ort-fp32"),
+    System("ort-int8-dyn", "ort", "int8-dyn", "ONNX Runtime quantize_dynamic int8", needs="ort-int8-dyn"),
+    System("ort-int8-pc", "ort", "int8-pc", "ONNX Runtime quantize_dynamic int8, per-channel weights",
+           needs="ort-int8-pc"),
+    System("ov-fp32", "ov", "fp32", "OpenVINO, fp32 IR at the CPU plugin's default inference precision",
+           needs="ov-fp32", optional=True),
+    System("ov-int8", "ov", "int8", "OpenVINO, NNCF static int8 (ModelType.TRANSFORMER)", needs="ov-int8",
+           optional=True),
 ]
 BY_NAME: Dict[str, System] = {s.name: s for s in SYSTEMS}
+
+# OpenVINO CPU plugin settings of both ov systems (2 threads, one stream, latency mode)
+OV_CONFIG = {"INFERENCE_NUM_THREADS": THREADS, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 MODELS = {
     "minilm": "all-MiniLM-L6-v2",
@@ -66,6 +86,49 @@ FULL = Sizes(n_corpus=512, n_queries=200, n_calib=256, n_calib_base=64, corpus_r
              fixed_reps_minilm=8, fixed_reps_base=5, profile_reps=3, ceiling_reps=5)
 QUICK = Sizes(n_corpus=64, n_queries=40, n_calib=256, n_calib_base=64, corpus_reps=2, query_blocks=2,
               fixed_reps_minilm=2, fixed_reps_base=1, profile_reps=1, ceiling_reps=2)
+
+
+# ---------------------------------------------------------------------------------------------------- model inputs
+def padded_example() -> Dict[str, np.ndarray]:
+    """A 2 x 16 example batch whose second row is padded: graphs traced or exported from it keep the attention mask
+    (an all-ones example lets the exporters drop it)."""
+    ids = np.full((2, 16), 1000, np.int64)
+    ids[:, 0], ids[0, -1], ids[1, 8] = 101, 102, 102
+    mask = np.ones_like(ids)
+    ids[1, 9:], mask[1, 9:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def one_by_one(hf_dir: str, texts: List[str], max_length: int) -> List[Dict[str, np.ndarray]]:
+    """Each text as a batch of one (no padding), tokenized by the model's tokenizer.json truncated to max_length:
+    the calibration inputs of the OpenVINO (NNCF) and PyTorch (PT2E) static int8 systems."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    out = []
+    for e in tok.encode_batch(texts):
+        ids = np.array([e.ids], np.int64)
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                    "token_type_ids": np.array([e.type_ids], np.int64)})
+    return out
+
+
+def last_hidden_module(model):
+    """A transformers BertModel as a torch Module (input_ids, attention_mask, token_type_ids) -> last hidden state."""
+    import torch
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+    return LastHidden(model)
 
 
 # ---------------------------------------------------------------------------------------------------- probes

@@ -1,12 +1,32 @@
-"""medquant vs PyTorch vs ONNX Runtime on CPU: same weights, texts, threads and batches, in one run.
+"""medquant vs PyTorch vs ONNX Runtime vs OpenVINO on CPU: same weights, texts, threads and batches, in one run.
 
-    python benchmarks/run.py            # full run (about 10-15 minutes on 2 cores)
-    python benchmarks/run.py --quick    # smaller samples, fewer repetitions (about 2 minutes once prepared)
+    python benchmarks/run.py            # full run (estimate: about 20 minutes on 2 idle cores)
+    python benchmarks/run.py --quick    # smaller samples, fewer repetitions (16 minutes measured on 2 cores that
+                                        # other processes kept ~0.6 cores busy)
 
-Systems: medquant fp32 / bf16 / int8 dynamic / int8 static (int8-static-asym), PyTorch fp32 and quantize_dynamic
-int8, ONNX Runtime fp32 and quantize_dynamic int8 (both on the graph fused by ORT's transformer optimizer). Every
-system runs in its own worker process (its own peak RSS), all with 2 threads; workloads run round-robin across the
-systems (the order rotates every round) so drift and other load hit all of them alike.
+Both modes pay the same loading cost, 4-6 minutes per model phase in that run: torch.compile of the two compiled
+PyTorch systems and the PT2E calibration (256 MiniLM / 64 BERT-base texts, one at a time). prepare.py builds the ORT
+per-channel and OpenVINO models once (about 4 minutes; cached).
+
+Systems
+  medquant   fp32 / bf16 / int8 dynamic / int8 static (int8-static-asym, the reference of every ratio)
+  PyTorch    fp32 eager; fp32 under torch.compile (inductor, freezing, dynamic=True, compiled at load so compile time
+             never lands in a workload); quantize_dynamic int8; PT2E static int8 (torchao's X86InductorQuantizer,
+             calibrated at load on the texts medquant's static int8 was calibrated on, then torch.compile)
+  ORT        fp32 and quantize_dynamic int8 (per-tensor, and per_channel=True as sentence-transformers' own export
+             does), all on the graph fused by ORT's transformer optimizer
+  OpenVINO   the fp32 IR at the CPU plugin's default inference precision (bf16 where the CPU has it: the compiled
+             model's INFERENCE_PRECISION_HINT is recorded), and NNCF static int8 (ModelType.TRANSFORMER, calibrated
+             on the same texts); INFERENCE_NUM_THREADS=2, NUM_STREAMS=1, PERFORMANCE_HINT=LATENCY
+The OpenVINO systems need `pip install openvino==2026.4.1 nncf==3.4.0` and PT2E needs `torchao==0.18.0` (all three
+are in the `bench` extra); without them those systems are skipped with a log line, as is a torch.compile system
+whose compilation fails (the reason goes into the results' Systems section). Every system's corpus embeddings are
+compared with PyTorch fp32's (the cos column), so an export that ignores the attention mask cannot look fast.
+
+Every system runs in its own worker process (its own peak RSS), all with 2 threads; workloads run round-robin across
+the systems (the order rotates every round) so drift and other load hit all of them alike. All systems but medquant
+share one front end: the model's tokenizer.json with padding off, truncation to max_length, per-batch padding to the
+batch max, mean pooling and normalisation.
 
 Workloads
   corpus   MedQuAD answers (seeded sample), max_length 256, batch 32, length-sorted batches padded to the batch max
@@ -25,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -67,6 +88,17 @@ def child_env() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- workers
+class WorkerError(RuntimeError):
+    def __init__(self, name: str, error: str, tb: str):
+        super().__init__(f"worker {name}: {error}\n{tb}")
+        self.error = error
+
+    def reason(self) -> str:
+        """The error message on one line, without the worker's traceback."""
+        text = " ".join(self.error.split())
+        return text if len(text) <= 400 else text[:400] + " ..."
+
+
 class WorkerProc:
     def __init__(self, system, logdir: Path):
         self.system = system
@@ -87,7 +119,7 @@ class WorkerProc:
             raise RuntimeError(f"worker {self.system.name} died; see {self.log.name}")
         res = json.loads(line)
         if not res.get("ok"):
-            raise RuntimeError(f"worker {self.system.name}: {res.get('error')}\n{res.get('traceback', '')}")
+            raise WorkerError(self.system.name, res.get("error", ""), res.get("traceback", ""))
         if "cpu_seconds" in res:
             self.busy_other += max(0.0, busy - res["cpu_seconds"])
             self.window += wall
@@ -108,14 +140,40 @@ def rotated(items, r):
     return items[k:] + items[:k]
 
 
-def start_workers(systems, paths, logdir):
-    workers = {}
-    for s in systems:
-        w = WorkerProc(s, logdir)
-        workers[s.name] = w
+def model_paths(model: dict) -> dict:
+    """The manifest paths of one model: the core artefacts and the anchors stage's."""
+    return {**model["paths"], **model.get("anchor_paths", {})}
+
+
+def available_systems(model: dict, skipped: dict) -> list:
+    """The systems whose prepared artefact exists; the others are logged and recorded in skipped with the reason."""
+    paths, out = model_paths(model), []
+    for s in SYSTEMS:
+        if s.needs in paths:
+            out.append(s)
+            continue
+        skipped[s.name] = model.get("anchor_skipped", {}).get(s.needs, f"prepare.py built no {s.needs!r}")
+        log(f"  skipping {s.name}: {skipped[s.name]}")
+    return out
+
+
+def start_workers(systems, paths, logdir, skipped: dict):
+    """One worker per system, loaded one at a time (load times do not overlap). An optional system that fails to
+    load (runtime missing, compile error) is left out with a log line and its reason in skipped."""
+    workers = {s.name: WorkerProc(s, logdir) for s in systems}
     loads = {}
-    for s in systems:  # loaded one at a time so load times do not overlap
-        loads[s.name] = workers[s.name].call(cmd="load", runtime=s.runtime, variant=s.variant, paths=paths)
+    for s in systems:
+        try:
+            loads[s.name] = workers[s.name].call(cmd="load", runtime=s.runtime, variant=s.variant, paths=paths)
+        except WorkerError as e:
+            if not s.optional:
+                raise
+            w = workers.pop(s.name)
+            w.log.write(f"\n[run.py] load failed:\n{e}\n")
+            w.close()
+            skipped[s.name] = f"load failed: {e.reason()}"
+            log(f"  skipping {s.name}: {skipped[s.name]} (traceback in {w.log.name})")
+            continue
         log(f"  loaded {s.name} in {loads[s.name]['load_seconds']:.1f} s")
     return workers, loads
 
@@ -197,45 +255,58 @@ def token_counts(hf_dir, texts, max_length, batch):
             "truncated": int((lens >= max_length).sum())}
 
 
-def summarize(raw: dict) -> dict:
-    ref = REFERENCE
-    out = {"corpus": {}, "query": {}, "fixed": {"minilm": {}, "bert-base": {}}}
-    tc = raw["corpus"]["tokens"]
+def summarize_corpus(raw: dict) -> dict:
+    out, tc = {}, raw["corpus"]["tokens"]
     for k, ts in raw["corpus"]["times"].items():
         med = statistics.median(ts)
-        out["corpus"][k] = {"seconds_median": med, "seconds_min": min(ts), "seconds_max": max(ts),
-                            "spread": (max(ts) - min(ts)) / med, "texts_per_s": raw["corpus"]["n"] / med,
-                            "tokens_per_s": tc["real_tokens"] / med}
-    for k, v in out["corpus"].items():
-        v["ratio_to_ref"] = v["texts_per_s"] / out["corpus"][ref]["texts_per_s"]
-        v["ref_speedup"] = out["corpus"][ref]["texts_per_s"] / v["texts_per_s"]
+        out[k] = {"seconds_median": med, "seconds_min": min(ts), "seconds_max": max(ts),
+                  "spread": (max(ts) - min(ts)) / med, "texts_per_s": raw["corpus"]["n"] / med,
+                  "tokens_per_s": tc["real_tokens"] / med}
+    for v in out.values():
+        v["ratio_to_ref"] = v["texts_per_s"] / out[REFERENCE]["texts_per_s"]
+        v["ref_speedup"] = out[REFERENCE]["texts_per_s"] / v["texts_per_s"]
+    return out
+
+
+def summarize_query(raw: dict) -> dict:
+    out = {}
     for k, lat in raw["query"]["latencies"].items():
-        out["query"][k] = {"p50_ms": 1e3 * pct(lat, 50), "p95_ms": 1e3 * pct(lat, 95), "p99_ms": 1e3 * pct(lat, 99),
-                           "mean_ms": 1e3 * float(np.mean(lat)), "n": len(lat)}
-    for k, v in out["query"].items():
-        v["p50_ratio_to_ref"] = v["p50_ms"] / out["query"][ref]["p50_ms"]
-        v["p95_ratio_to_ref"] = v["p95_ms"] / out["query"][ref]["p95_ms"]
-    for model in ("minilm", "bert-base"):
-        for k, ts in raw["fixed"][model].items():
-            med = statistics.median(ts)
-            out["fixed"][model][k] = {"ms_median": 1e3 * med, "ms_min": 1e3 * min(ts),
-                                      "seq_per_s": FIXED_BATCH / med, "tokens_per_s": FIXED_BATCH * FIXED_SEQ / med}
-        base = out["fixed"][model][ref]["seq_per_s"]
-        for v in out["fixed"][model].values():
-            v["ratio_to_ref"] = v["seq_per_s"] / base
-    # embedding agreement with PyTorch fp32 on the corpus
-    cos = {}
-    embs = {k: np.load(p) for k, p in raw["corpus"]["embeddings"].items()}
+        out[k] = {"p50_ms": 1e3 * pct(lat, 50), "p95_ms": 1e3 * pct(lat, 95), "p99_ms": 1e3 * pct(lat, 99),
+                  "mean_ms": 1e3 * float(np.mean(lat)), "n": len(lat)}
+    for v in out.values():
+        v["p50_ratio_to_ref"] = v["p50_ms"] / out[REFERENCE]["p50_ms"]
+        v["p95_ratio_to_ref"] = v["p95_ms"] / out[REFERENCE]["p95_ms"]
+    return out
+
+
+def summarize_fixed(times: dict) -> dict:
+    out = {}
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        out[k] = {"ms_median": 1e3 * med, "ms_min": 1e3 * min(ts), "seq_per_s": FIXED_BATCH / med,
+                  "tokens_per_s": FIXED_BATCH * FIXED_SEQ / med}
+    for v in out.values():
+        v["ratio_to_ref"] = v["seq_per_s"] / out[REFERENCE]["seq_per_s"]
+    return out
+
+
+def cosine_to_torch_fp32(embedding_files: dict) -> dict:
+    """Per system: mean and min cosine of its corpus embeddings to PyTorch fp32's (a broken export cannot hide)."""
+    embs = {k: np.load(p) for k, p in embedding_files.items()}
     r = embs.get("torch-fp32")
-    if r is not None:
-        for k, e in embs.items():
-            c = np.sum(r * e, axis=1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(e, axis=1))
-            cos[k] = {"mean": float(c.mean()), "min": float(c.min())}
-    out["cosine_to_torch_fp32"] = cos
-    # GEMM efficiency
+    if r is None:
+        return {}
+    cos = {}
+    for k, e in embs.items():
+        c = np.sum(r * e, axis=1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(e, axis=1))
+        cos[k] = {"mean": float(c.mean()), "min": float(c.min())}
+    return cos
+
+
+def summarize_gemm(raw: dict) -> dict:
     ceil = raw["gemm"]["ceiling"]
     prof = raw["gemm"]["profiles"]["bert-base-fixed"]
-    out["gemm"] = {
+    return {
         "int8_ceiling_tops": ceil["int8_ceiling_tops"], "int8_large_tops": ceil["int8_large_tops"],
         "bert_base_int8_linear_tops": prof["linear_tops"],
         "bert_base_int8_efficiency": prof["linear_tops"] / ceil["int8_ceiling_tops"],
@@ -243,15 +314,26 @@ def summarize(raw: dict) -> dict:
         "bert_base_int8_linear_tops_over_wall": prof["linear_tops_over_wall"],
         "bert_base_int8_wall_efficiency": prof["linear_tops_over_wall"] / ceil["int8_ceiling_tops"],
     }
-    c, q = out["corpus"], out["query"]
-    targets = {
+
+
+def targets(c: dict, q: dict, g: dict) -> dict:
+    ref = REFERENCE
+    measured = {
         "corpus_vs_ort_int8": c[ref]["texts_per_s"] / c["ort-int8-dyn"]["texts_per_s"],
         "corpus_vs_torch_int8": c[ref]["texts_per_s"] / c["torch-int8-dyn"]["texts_per_s"],
         "query_p50_vs_ort_int8": q["ort-int8-dyn"]["p50_ms"] / q[ref]["p50_ms"],
         "fp32_vs_torch_fp32": c["medquant-fp32"]["texts_per_s"] / c["torch-fp32"]["texts_per_s"],
-        "bert_base_int8_matmul_efficiency": out["gemm"]["bert_base_int8_efficiency"],
+        "bert_base_int8_matmul_efficiency": g["bert_base_int8_efficiency"],
     }
-    out["targets"] = {k: {"measured": v, "target": TARGETS[k], "met": bool(v >= TARGETS[k])} for k, v in targets.items()}
+    return {k: {"measured": v, "target": TARGETS[k], "met": bool(v >= TARGETS[k])} for k, v in measured.items()}
+
+
+def summarize(raw: dict) -> dict:
+    out = {"corpus": summarize_corpus(raw), "query": summarize_query(raw),
+           "fixed": {m: summarize_fixed(raw["fixed"][m]) for m in ("minilm", "bert-base")},
+           "cosine_to_torch_fp32": cosine_to_torch_fp32(raw["corpus"]["embeddings"])}
+    out["gemm"] = summarize_gemm(raw)
+    out["targets"] = targets(out["corpus"], out["query"], out["gemm"])
     return out
 
 
@@ -290,7 +372,8 @@ def md_machine(raw: dict) -> list:
     L += md_cpu(mi)
     L.append(f"- medquant {ri['medquant_version']}: oneDNN {ri['onednn_version']} ({ri['threading']}, "
              f"ISA {ri['cpu_isa']}); torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, "
-             f"transformers {m['versions']['transformers']}, Python {m['versions']['python']}")
+             f"transformers {m['versions']['transformers']}, openvino {m['versions'].get('openvino')}, nncf "
+             f"{m['versions'].get('nncf')}, torchao {m['versions'].get('torchao')}, Python {m['versions']['python']}")
     L.append(f"- threads: {THREADS} for every system; load average at start {m['loadavg_start']}, at end "
              f"{m['loadavg_end']}")
     inter = m["interference_cores"]
@@ -304,6 +387,31 @@ def md_machine(raw: dict) -> list:
     return L
 
 
+def top_ops(ops: dict, n: int = 6) -> str:
+    return ", ".join(f"{o} x{c}" for o, c in sorted(ops.items(), key=lambda kv: -kv[1])[:n])
+
+
+def torch_detail(info: dict) -> str:
+    d = f"BertModel, attention {info.get('attn_implementation')}, quantized engine {info.get('quantized_engine')}"
+    if "pt2e_seconds" in info:
+        d += (f"; torch.export + {info['quantizer']}, calibrated on {info['n_calib']} texts (max_length "
+              f"{info['calib_max_length']}, one at a time), {info['pt2e_seconds']:.0f} s at load")
+    if "compile_seconds" in info:
+        d += f"; torch.compile ({info['compile']}), compiled at load in {info['compile_seconds']:.0f} s"
+    return d
+
+
+def ov_detail(raw: dict, variant: str, info: dict) -> str:
+    ov = raw["meta"]["prepare"]["minilm"]["anchors"].get("openvino", {})
+    d = (f"openvino {info.get('openvino')}, compiled INFERENCE_PRECISION_HINT **{info.get('INFERENCE_PRECISION_HINT')}**, "
+         f"{info.get('NUM_STREAMS')} stream, {info.get('INFERENCE_NUM_THREADS')} threads, "
+         f"{info.get('PERFORMANCE_HINT')}")
+    if ov:
+        d += (f"; mask check (max abs diff, padded vs alone) {ov['mask_check_max_abs_diff'][variant]:.2g}; "
+              f"graph: {top_ops(ov['ops'][variant])}")
+    return d
+
+
 def system_detail(raw: dict, k: str) -> str:
     sysd = BY_NAME[k]
     info = raw["status"]["minilm"][k].get("info", {})
@@ -311,18 +419,25 @@ def system_detail(raw: dict, k: str) -> str:
         impls = sorted(set(v for v in info.get("site_impl", {}).values() if v))
         return f"scheme {info.get('scheme')}, linear kernels: {', '.join(impls) or '?'}"
     if sysd.runtime == "torch":
-        return (f"BertModel, attention {info.get('attn_implementation')}, quantized engine "
-                f"{info.get('quantized_engine')}")
-    ops = raw["meta"]["prepare"]["minilm"]["ort_ops"]["int8" if "int8" in k else "fp32"]
-    return "graph: " + ", ".join(f"{o} x{c}" for o, c in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
+        return torch_detail(info)
+    if sysd.runtime == "ov":
+        return ov_detail(raw, sysd.variant, info)
+    prep = raw["meta"]["prepare"]["minilm"]
+    ops = prep["anchors"]["ort_int8_pc_ops"] if sysd.variant == "int8-pc" else \
+        prep["ort_ops"]["int8" if "int8" in k else "fp32"]
+    return "graph: " + top_ops(ops)
 
 
 def md_systems(raw: dict, names: list) -> list:
     L = ["## Systems\n"]
     L.append(f"Ratios are taken against **{REFERENCE}** (int8-static-asym: static asymmetric u8 activations calibrated "
-             f"(MSE) on MedQuAD answers disjoint from the corpus, s8 per-channel weights, int8 word embeddings).\n")
+             f"(MSE) on MedQuAD answers disjoint from the corpus, s8 per-channel weights, int8 word embeddings). "
+             f"The static int8 anchors (OpenVINO NNCF, PyTorch PT2E) are calibrated on the same texts.\n")
     for k in names:
         L.append(f"- `{k}`: {BY_NAME[k].label}; {system_detail(raw, k)}")
+    for phase, skipped in raw["skipped"].items():
+        for k, why in skipped.items():
+            L.append(f"- `{k}` not run ({phase}): {why}")
     L.append("")
     return L
 
@@ -366,9 +481,10 @@ def md_fixed(s: dict, names: list) -> list:
     L.append("| system | MiniLM ms | MiniLM seq/s | ratio | BERT-base ms | BERT-base seq/s | BERT-base tokens/s | ratio |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k in names:
-        a, b = s["fixed"]["minilm"][k], s["fixed"]["bert-base"][k]
-        L.append(f"| {k} | {a['ms_median']:.1f} | {a['seq_per_s']:.1f} | {a['ratio_to_ref']:.2f} | "
-                 f"{b['ms_median']:.1f} | {b['seq_per_s']:.1f} | {b['tokens_per_s']:.0f} | {b['ratio_to_ref']:.2f} |")
+        a, b = s["fixed"]["minilm"][k], s["fixed"]["bert-base"].get(k)
+        right = (f"{b['ms_median']:.1f} | {b['seq_per_s']:.1f} | {b['tokens_per_s']:.0f} | {b['ratio_to_ref']:.2f}"
+                 if b else "- | - | - | -")
+        L.append(f"| {k} | {a['ms_median']:.1f} | {a['seq_per_s']:.1f} | {a['ratio_to_ref']:.2f} | {right} |")
     L.append("")
     return L
 
@@ -377,17 +493,19 @@ def md_memory(raw: dict, names: list) -> list:
     L = ["## Memory and model size\n"]
     L.append("Each system in its own process. Peak RSS = the process's high-water mark over the whole phase (imports, "
              "load, all workloads); 'after load' = resident set right after loading (includes the runtime's "
-             "libraries); model bytes = the file the system loads (medquant safetensors, ONNX file, torch "
-             "state_dict as torch.save writes it).\n")
+             "libraries; for the compiled PyTorch systems also compilation); model bytes = the file the system "
+             "loads (medquant safetensors, ONNX file, OpenVINO .xml + .bin, torch state_dict as torch.save writes "
+             "it; PT2E: the tensors its quantized graph reads).\n")
     L.append("| system | MiniLM model bytes | MiniLM RSS before load | after load | peak | "
              "BERT-base model bytes | RSS after load | peak |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k in names:
-        a, b = raw["load"]["minilm"][k], raw["load"]["bert-base"][k]
-        pa, pb = raw["status"]["minilm"][k], raw["status"]["bert-base"][k]
+        a, pa = raw["load"]["minilm"][k], raw["status"]["minilm"][k]
+        b, pb = raw["load"]["bert-base"].get(k), raw["status"]["bert-base"].get(k)
+        right = (f"{fmt_bytes(b['model_bytes'])} | {fmt_bytes(b['rss_after_load'])} | {fmt_bytes(pb['peak_rss'])}"
+                 if b else "- | - | -")
         L.append(f"| {k} | {fmt_bytes(a['model_bytes'])} | {fmt_bytes(a['rss_before_load'])} | "
-                 f"{fmt_bytes(a['rss_after_load'])} | {fmt_bytes(pa['peak_rss'])} | {fmt_bytes(b['model_bytes'])} | "
-                 f"{fmt_bytes(b['rss_after_load'])} | {fmt_bytes(pb['peak_rss'])} |")
+                 f"{fmt_bytes(a['rss_after_load'])} | {fmt_bytes(pa['peak_rss'])} | {right} |")
     L.append("")
     return L
 
@@ -477,13 +595,21 @@ def markdown(raw: dict, s: dict) -> str:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller samples and fewer repetitions (~2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="smaller samples and fewer repetitions")
     ap.add_argument("--workdir", type=Path,
                     default=Path(os.environ.get("MEDQUANT_BENCH_CACHE", Path.home() / ".cache" / "medquant-bench")),
                     help="where prepared models and texts are cached")
     ap.add_argument("--out", type=Path, default=HERE / "results",
                     help="results go to OUT/<machine>/ (<machine> from the CPU model name, e.g. AMD-EPYC)")
     return ap.parse_args(argv)
+
+
+def dist_version(name: str):
+    """An installed distribution's version without importing it (None if absent)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def new_raw(args, sizes, manifest, loadavg_start) -> dict:
@@ -494,16 +620,20 @@ def new_raw(args, sizes, manifest, loadavg_start) -> dict:
                      "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
                      "date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "versions": {"python": platform.python_version(), **{k: manifest["stamp"][k] for k in
-                                                                         ("torch", "transformers", "onnxruntime")}},
+                                                                         ("torch", "transformers", "onnxruntime")},
+                                  **{k: dist_version(k) for k in ("openvino", "nncf", "torchao")}},
                      "prepare": {k: {"ort_fused": v["ort"]["fused"], "ort_ops": v["ort"]["ops"],
-                                     "medquant": v["medquant"]} for k, v in manifest["models"].items()}},
-            "load": {}, "status": {}, "gemm": {"profiles": {}}}
+                                     "medquant": v["medquant"], "anchors": v.get("anchors", {})}
+                                 for k, v in manifest["models"].items()}},
+            "load": {}, "status": {}, "skipped": {}, "gemm": {"profiles": {}}}
 
 
-def minilm_phase(raw, paths, sizes, quick, files, texts, run_dir) -> float:
+def minilm_phase(raw, model, sizes, quick, files, texts, run_dir) -> float:
     """Corpus, queries and fixed shapes on MiniLM; returns the mean interference (cores)."""
-    log(f"MiniLM: starting {len(SYSTEMS)} workers")
-    workers, raw["load"]["minilm"] = start_workers(SYSTEMS, paths, run_dir)
+    paths, skipped = model_paths(model), raw["skipped"].setdefault("minilm", {})
+    systems = available_systems(model, skipped)
+    log(f"MiniLM: starting {len(systems)} workers")
+    workers, raw["load"]["minilm"] = start_workers(systems, paths, run_dir, skipped)
     try:
         n = sizes.n_corpus
         raw["corpus"] = {"n": n, "tokens": token_counts(paths["hf"], texts["corpus"][:n], CORPUS_MAX_LENGTH, BATCH),
@@ -532,10 +662,12 @@ def profile_minilm(raw, paths, sizes, texts_file, run_dir) -> None:
                                                                  batched_attention=(wl == "corpus"))
 
 
-def bert_base_phase(raw, paths, sizes, ids_file, run_dir) -> float:
+def bert_base_phase(raw, model, sizes, ids_file, run_dir) -> float:
     """Fixed shapes on the BERT-base-sized model; returns the mean interference (cores)."""
-    log(f"BERT-base: starting {len(SYSTEMS)} workers")
-    workers, raw["load"]["bert-base"] = start_workers(SYSTEMS, paths, run_dir)
+    skipped = raw["skipped"].setdefault("bert-base", {})
+    systems = available_systems(model, skipped)
+    log(f"BERT-base: starting {len(systems)} workers")
+    workers, raw["load"]["bert-base"] = start_workers(systems, model_paths(model), run_dir, skipped)
     try:
         raw["fixed"]["bert-base"] = run_fixed(workers, ids_file, sizes.fixed_reps_base, iters=1)
     finally:
@@ -589,12 +721,11 @@ def main(argv=None) -> int:
     raw = new_raw(args, sizes, manifest, loadavg_start)
 
     inter = {}
-    paths = manifest["models"]["minilm"]["paths"]
-    inter["minilm"] = minilm_phase(raw, paths, sizes, args.quick, files, texts, run_dir)
-    profile_minilm(raw, paths, sizes, files["texts"], run_dir)
-    paths = manifest["models"]["bert-base"]["paths"]
-    inter["bert-base"] = bert_base_phase(raw, paths, sizes, files["ids"], run_dir)
-    ceiling_phase(raw, paths, sizes, files["ids"], run_dir)
+    minilm, base = manifest["models"]["minilm"], manifest["models"]["bert-base"]
+    inter["minilm"] = minilm_phase(raw, minilm, sizes, args.quick, files, texts, run_dir)
+    profile_minilm(raw, minilm["paths"], sizes, files["texts"], run_dir)
+    inter["bert-base"] = bert_base_phase(raw, base, sizes, files["ids"], run_dir)
+    ceiling_phase(raw, base["paths"], sizes, files["ids"], run_dir)
 
     raw["meta"]["interference_cores"] = inter
     raw["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import THREADS, cpu_seconds, proc_status  # noqa: E402
+from common import (  # noqa: E402
+    INPUT_NAMES, OV_CONFIG, THREADS, cpu_seconds, last_hidden_module, one_by_one, padded_example, proc_status,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- systems
@@ -56,7 +58,18 @@ class HFTokenized:
         return out
 
 
+def mean_pool_normalize(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    mf = mask[:, :, None].astype(np.float32)
+    p = (h * mf).sum(1) / np.maximum(mf.sum(1), 1.0)
+    return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+
+
 class TorchSystem(HFTokenized):
+    """BertModel eager (fp32, quantize_dynamic int8), under torch.compile (fp32), or PT2E static int8 + compile.
+
+    The compiled variants are compiled at load (dynamic shapes, inductor freezing) on a padded batch and on a batch
+    of one (torch.compile specializes size 1), so compile time is load time, never workload time."""
+
     def __init__(self, paths: dict, variant: str):
         import torch
 
@@ -68,43 +81,107 @@ class TorchSystem(HFTokenized):
         hf_logging.set_verbosity_error()
         super().__init__(paths["hf"])
         self.torch = torch
+        self.extra = {}
         model = BertModel.from_pretrained(paths["hf"], add_pooling_layer=False).eval()
+        self.attn = getattr(model.config, "_attn_implementation", "?")
         if variant == "int8-dyn":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8,
                                                                inplace=True)
-        self.model = model
-        self.attn = getattr(model.config, "_attn_implementation", "?")
+        self.model = last_hidden_module(model)
+        if variant == "int8-pt2e":
+            self.model = self._pt2e(paths)
+        self.run = self.model
+        if variant in ("fp32-compile", "int8-pt2e"):
+            self.run = self._compile(self.model)
         self.qengine = torch.backends.quantized.engine
+
+    def _pt2e(self, paths: dict):
+        """torch.export (dynamic batch and sequence) -> prepare_pt2e with X86InductorQuantizer -> calibration on
+        medquant's calibration texts, one text at a time -> convert_pt2e."""
+        torch = self.torch
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        t = time.perf_counter()
+        example = tuple(torch.from_numpy(v) for v in padded_example().values())
+        dims = {"batch": torch.export.Dim("batch", min=1, max=1024), "seq": torch.export.Dim("seq", min=2, max=512)}
+        dynamic = {k: {0: dims["batch"], 1: dims["seq"]} for k in INPUT_NAMES}
+        with torch.no_grad():
+            gm = torch.export.export(self.model, example, dynamic_shapes=dynamic).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(gm, quantizer)
+        calib = json.loads(Path(paths["calib"]).read_text())
+        items = one_by_one(paths["hf"], calib["texts"], calib["max_length"])
+        with torch.no_grad():
+            for it in items:
+                prepared(*(torch.from_numpy(it[k]) for k in INPUT_NAMES))
+        converted = convert_pt2e(prepared)
+        self.extra.update(pt2e_seconds=round(time.perf_counter() - t, 2), n_calib=len(items),
+                          calib_max_length=calib["max_length"], quantizer="X86InductorQuantizer (default config)")
+        return converted
+
+    def _compile(self, module):
+        torch = self.torch
+        t = time.perf_counter()
+        # freezing: weights become constants (prepacked oneDNN weights; the int8 lowering of PT2E needs it). Set
+        # globally (this process compiles one model): passed as a torch.compile option it does not reach the
+        # PT2E weight prepacking ("UnsupportedOperatorException: onednn.qlinear_prepack").
+        torch._inductor.config.freezing = True
+        compiled = torch.compile(module, dynamic=True)
+        ex = padded_example()
+        for rows in (slice(0, 2), slice(0, 1)):  # a padded batch, then batch 1
+            with torch.inference_mode():
+                compiled(*(torch.from_numpy(v[rows]) for v in ex.values()))
+        self.extra.update(compile_seconds=round(time.perf_counter() - t, 2), compile="dynamic=True, freezing=True")
+        return compiled
+
+    def last_hidden(self, ids, mask, tt):
+        torch = self.torch
+        return self.run(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(tt))
 
     def pooled(self, ids, mask, tt):
         torch = self.torch
         with torch.inference_mode():
-            m = torch.from_numpy(mask)
-            h = self.model(input_ids=torch.from_numpy(ids), attention_mask=m,
-                           token_type_ids=torch.from_numpy(tt)).last_hidden_state
-            mf = m.unsqueeze(-1).to(h.dtype)
+            h = self.last_hidden(ids, mask, tt)
+            mf = torch.from_numpy(mask).unsqueeze(-1).to(h.dtype)
             p = (h * mf).sum(1) / mf.sum(1).clamp(min=1)
             p = torch.nn.functional.normalize(p, dim=1)
         return p.numpy()
 
     def forward(self, ids, mask, tt):
-        torch = self.torch
-        with torch.inference_mode():
-            return self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                              token_type_ids=torch.from_numpy(tt)).last_hidden_state.numpy()
+        with self.torch.inference_mode():
+            return self.last_hidden(ids, mask, tt).numpy()
 
     def model_bytes(self) -> int:
+        """torch.save of the state_dict; for PT2E the tensors its graph reads (int8 weights and their scales, the
+        fp32 embeddings, LayerNorm and biases), since its module still holds the unused fp32 weights."""
         import io
 
+        if isinstance(self.model, self.torch.fx.GraphModule):
+            return graph_tensor_bytes(self.model)
         buf = io.BytesIO()
-        self.torch.save(self.model.state_dict(), buf)
+        self.torch.save(self.model.m.state_dict(), buf)
         return buf.getbuffer().nbytes
 
     def info(self) -> dict:
         return {"torch": self.torch.__version__, "attn_implementation": self.attn, "quantized_engine": self.qengine,
-                "threads": self.torch.get_num_threads()}
+                "threads": self.torch.get_num_threads(), **self.extra}
+
+
+def graph_tensor_bytes(gm) -> int:
+    seen, total = set(), 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        if hasattr(obj, "element_size") and id(obj) not in seen:
+            seen.add(id(obj))
+            total += obj.numel() * obj.element_size()
+    return total
 
 
 class OrtSystem(HFTokenized):
@@ -118,7 +195,7 @@ class OrtSystem(HFTokenized):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        self.path = paths["ort-fp32" if variant == "fp32" else "ort-int8-dyn"]
+        self.path = paths[f"ort-{variant}"]
         self.sess = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.sess.get_inputs()}
         self.ort = ort
@@ -128,16 +205,47 @@ class OrtSystem(HFTokenized):
         return self.sess.run(None, {k: v for k, v in feeds.items() if k in self.inputs})[0]
 
     def pooled(self, ids, mask, tt):
-        h = self.forward(ids, mask, tt)
-        mf = mask[:, :, None].astype(np.float32)
-        p = (h * mf).sum(1) / np.maximum(mf.sum(1), 1.0)
-        return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        return mean_pool_normalize(self.forward(ids, mask, tt), mask)
 
     def model_bytes(self) -> int:
         return os.path.getsize(self.path)
 
     def info(self) -> dict:
         return {"onnxruntime": self.ort.__version__, "providers": self.sess.get_providers()}
+
+
+class OvSystem(HFTokenized):
+    """OpenVINO CPU plugin, one infer request reused; the inference precision is the plugin's default (reported)."""
+
+    def __init__(self, paths: dict, variant: str):
+        import openvino as ov
+
+        super().__init__(paths["hf"])
+        self.ov = ov
+        self.path = paths[f"ov-{variant}"]
+        self.compiled = ov.Core().compile_model(self.path, "CPU", OV_CONFIG)
+        self.req = self.compiled.create_infer_request()
+
+    def forward(self, ids, mask, tt):
+        self.req.infer({"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})
+        return self.req.get_output_tensor(0).data  # the request's buffer: valid until the next infer
+
+    def pooled(self, ids, mask, tt):
+        return mean_pool_normalize(self.forward(ids, mask, tt), mask)
+
+    def model_bytes(self) -> int:
+        return os.path.getsize(self.path) + os.path.getsize(Path(self.path).with_suffix(".bin"))
+
+    def info(self) -> dict:
+        props = {}
+        for k in ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT",
+                  "EXECUTION_MODE_HINT", "ENABLE_CPU_PINNING", "ENABLE_HYPER_THREADING"):
+            try:
+                v = self.compiled.get_property(k)
+                props[k] = v.get_type_name() if hasattr(v, "get_type_name") else str(v)  # ov.Type -> 'bf16'/'f32'
+            except Exception as e:  # a property this plugin version does not report
+                props[k] = f"n/a ({type(e).__name__})"
+        return {"openvino": self.ov.__version__, **props}
 
 
 class MedquantSystem:
@@ -163,7 +271,7 @@ class MedquantSystem:
                 "site_impl": {s: enc.site_impl(s) for s in enc.site_names[:4]}}
 
 
-RUNTIMES = {"torch": TorchSystem, "ort": OrtSystem, "medquant": MedquantSystem}
+RUNTIMES = {"torch": TorchSystem, "ort": OrtSystem, "ov": OvSystem, "medquant": MedquantSystem}
 
 
 # ---------------------------------------------------------------------------------------------------- loop
