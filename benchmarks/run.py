@@ -1,10 +1,10 @@
 """medquant vs PyTorch vs ONNX Runtime vs OpenVINO on CPU: same weights, texts, threads and batches, in one run.
 
     python benchmarks/run.py            # full run (estimate: about 20 minutes on 2 idle cores)
-    python benchmarks/run.py --quick    # smaller samples, fewer repetitions (16 minutes measured on 2 cores that
-                                        # other processes kept ~0.6 cores busy)
+    python benchmarks/run.py --quick    # smaller samples, fewer repetitions (15-16 minutes measured on 2 cores
+                                        # that other processes kept 0.6-0.9 cores busy)
 
-Both modes pay the same loading cost, 4-6 minutes per model phase in that run: torch.compile of the two compiled
+Both modes pay the same loading cost, 2-6 minutes per model phase in those runs: torch.compile of the two compiled
 PyTorch systems and the PT2E calibration (256 MiniLM / 64 BERT-base texts, one at a time). prepare.py builds the ORT
 per-channel and OpenVINO models once (about 4 minutes; cached).
 
