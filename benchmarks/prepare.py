@@ -115,24 +115,33 @@ def ort_models(hf_dir: Path, out_dir: Path, n_heads: int, hidden: int) -> dict:
     return {"fused": fused, "ops": {"fp32": onnx_op_counts(fp32), "int8": onnx_op_counts(int8)}}
 
 
+def medquant_schemes() -> dict:
+    """The medquant variants the benchmark saves: preset schemes, and int8-static-asym with bf16 attention."""
+    import medquant
+
+    static = medquant.get_scheme("int8-static-asym")
+    return {"bf16": medquant.get_scheme("bf16"), "int8-dynamic": medquant.get_scheme("int8-dynamic"),
+            "int8-static-asym": static,
+            "int8-static-attn-bf16": static.replace(name="int8-static-asym+attention-bf16", attention="bf16")}
+
+
 def medquant_models(hf_dir: Path, out_dir: Path, calib: list, max_length: int) -> dict:
     import medquant
 
     fp32 = medquant.Encoder.from_pretrained(hf_dir, n_threads=2)
-    info = {}
-    for variant in ("bf16", "int8-dynamic", "int8-static-asym"):
+    info, cal = {}, None
+    for variant, sch in medquant_schemes().items():
         t = time.perf_counter()
-        kw = {"calibration_texts": calib} if variant == "int8-static-asym" else {}
-        # calibration batches are truncated to max_length (the length the workloads use)
-        if kw:
-            sch = medquant.get_scheme(variant)
-            cal = fp32.calibrate(calib, method=sch.calibration, max_length=max_length, momentum=sch.momentum,
-                                 percentile=sch.percentile, show_progress_bar=False)
-            q = fp32.quantize(variant, calibration=cal)
+        if sch.needs_calibration:
+            # calibration batches are truncated to max_length (the length the workloads use); one pass serves both
+            # static variants
+            cal = cal if cal is not None else fp32.calibrate(calib, method=sch.calibration, max_length=max_length, momentum=sch.momentum,
+                                        percentile=sch.percentile, show_progress_bar=False)
+            q = fp32.quantize(sch, calibration=cal)
         else:
-            q = fp32.quantize(variant)
+            q = fp32.quantize(sch)
         q.save_pretrained(out_dir / f"medquant-{variant}")
-        info[variant] = {"seconds": round(time.perf_counter() - t, 2), "n_calib": len(calib) if kw else 0}
+        info[variant] = {"seconds": round(time.perf_counter() - t, 2), "n_calib": len(calib) if cal else 0}
     return info
 
 
@@ -238,7 +247,8 @@ def versions() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__, "medquant": medquant.__version__}
+            "onnxruntime": onnxruntime.__version__, "medquant": medquant.__version__,
+            "medquant_schemes": {k: v.to_dict() for k, v in medquant_schemes().items()}}
 
 
 def optional_version(module: str):
@@ -287,6 +297,7 @@ def build_core(wd: Path, sizes, stamp: dict) -> dict:
             "medquant-bf16": str(mdir / "medquant-bf16"),
             "medquant-int8-dynamic": str(mdir / "medquant-int8-dynamic"),
             "medquant-int8-static-asym": str(mdir / "medquant-int8-static-asym"),
+            "medquant-int8-static-attn-bf16": str(mdir / "medquant-int8-static-attn-bf16"),
         }
         manifest["models"][key] = {"paths": paths, "ort": ort_info, "medquant": mq_info}
         manifest["paths_to_check"] += list(paths.values())
