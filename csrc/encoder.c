@@ -154,12 +154,11 @@ static void release_workspace(mq_encoder *e) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) mq_buffer_release(bufs[i]);
     mq_linear_scratch_release(&e->scratch);
     if (e->attn) mq_attention_release_scratch(e->attn);
-    if (e->ln) mq_layernorm_release_scratch(e->ln);
 }
 
 static size_t workspace_bytes(mq_encoder *e) {
     mq_buffer *bufs[] = MQ_ENCODER_BUFFERS(e);
-    size_t n = mq_linear_scratch_bytes(&e->scratch) + mq_attention_scratch_bytes(e->attn) + mq_layernorm_scratch_bytes(e->ln);
+    size_t n = mq_linear_scratch_bytes(&e->scratch) + mq_attention_scratch_bytes(e->attn);
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) n += bufs[i]->bytes;
     return n;
 }
@@ -300,7 +299,6 @@ mq_status mq_encoder_finalize(mq_encoder *e) {
 }
 
 static void reset_all(mq_encoder *e) {
-    mq_layernorm_reset(e->ln);
     mq_attention_reset(e->attn);
     for (int64_t l = 0; l < e->cfg.n_layers; l++)
         for (int s = 0; s < MQ_SITES_PER_LAYER; s++) mq_linear_reset(e->layers[l].site[s]);

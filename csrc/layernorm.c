@@ -32,10 +32,6 @@ mq_status mq_layernorm_create(mq_layernorm **out, mq_engine *eng, int64_t hidden
     return MQ_OK;
 }
 
-void mq_layernorm_reset(mq_layernorm *ln) { (void)ln; }
-size_t mq_layernorm_scratch_bytes(const mq_layernorm *ln) { (void)ln; return 0; }
-void mq_layernorm_release_scratch(mq_layernorm *ln) { (void)ln; }
-
 void mq_layernorm_destroy(mq_layernorm *ln) { free(ln); }
 
 /* Row sums in 32 partial sums (element c into partial c % 32, two 16-float vectors), then added pairwise, halves

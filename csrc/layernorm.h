@@ -17,12 +17,6 @@ typedef struct mq_layernorm mq_layernorm;
 
 mq_status mq_layernorm_create(mq_layernorm **out, mq_engine *eng, int64_t hidden, float eps);
 void mq_layernorm_destroy(mq_layernorm *ln);
-/* Nothing is cached per thread count or held between calls any more (the C kernel reads the engine's thread count
- * per call and needs no scratch): these do nothing, and scratch_bytes is 0. Kept so the encoder treats its parts
- * alike. */
-void mq_layernorm_reset(mq_layernorm *ln);
-size_t mq_layernorm_scratch_bytes(const mq_layernorm *ln);
-void mq_layernorm_release_scratch(mq_layernorm *ln);
 /* dst[T, hidden] = LayerNorm(src) per row (src and dst T rows, not aliasing; nothing past them is touched); when q is
  * non-NULL, also q[T, hidden] = clamp(rint(dst * (1 / q_scale)) + q_zp, 0, 255). MQ_ERR_ARG for a bad q_scale /
  * q_zp. */
