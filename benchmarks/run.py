@@ -1,6 +1,6 @@
 """medquant vs PyTorch vs ONNX Runtime vs OpenVINO on CPU: same weights, texts, threads and batches, in one run.
 
-    python benchmarks/run.py            # full run (estimate: about 20 minutes on 2 idle cores)
+    python benchmarks/run.py            # full run (26 minutes measured on 2 cores, 2026-12-03)
     python benchmarks/run.py --quick    # smaller samples, fewer repetitions (15-16 minutes measured on 2 cores
                                         # that other processes kept 0.6-0.9 cores busy)
 
