@@ -95,6 +95,8 @@ mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precisio
     return MQ_OK;
 }
 
+mq_attn_precision mq_attention_precision(const mq_attention *a) { return a->precision; }
+
 int mq_attention_emulated(mq_attention *a) {
     if (a->precision != MQ_ATTN_BF16) return 0;
     void *entry = NULL;

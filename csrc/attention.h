@@ -29,6 +29,7 @@ void mq_attention_destroy(mq_attention *a);
 void mq_attention_reset(mq_attention *a);
 /* The precision the next forwards compute in (F32 after create); drops the cached primitives when it changes. */
 mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precision);
+mq_attn_precision mq_attention_precision(const mq_attention *a);
 /* 1 if BF16 precision runs emulated in f32 on this CPU (no optimized bf16 kernel), 0 if not or F32, -1 (error set)
    if the primitives could not be built. */
 int mq_attention_emulated(mq_attention *a);

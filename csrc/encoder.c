@@ -38,7 +38,6 @@ struct mq_encoder {
     float *emb_gamma, *emb_beta;
     mq_layer *layers;
     mq_attention *attn;
-    int attn_precision; /* mq_attn_precision */
     mq_layernorm *ln;
     /* workspace, reused across calls */
     mq_linear_scratch scratch;
@@ -319,12 +318,11 @@ mq_status mq_encoder_set_attention_precision(mq_encoder *e, int precision) {
     if (!e) return mq_set_error(MQ_ERR_ARG, "encoder is NULL");
     pthread_mutex_lock(&e->lock);
     mq_status st = mq_attention_set_precision(e->attn, (mq_attn_precision)precision);
-    if (st == MQ_OK) e->attn_precision = precision;
     pthread_mutex_unlock(&e->lock);
     return st;
 }
 
-int mq_encoder_attention_precision(const mq_encoder *e) { return e->attn_precision; }
+int mq_encoder_attention_precision(const mq_encoder *e) { return (int)mq_attention_precision(e->attn); }
 
 int mq_encoder_attention_emulated(mq_encoder *e) {
     pthread_mutex_lock(&e->lock);
@@ -403,9 +401,8 @@ static size_t sat_mul3(size_t a, size_t b, size_t c) { return sat_mul(sat_mul(a,
 size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     const size_t H = (size_t)e->cfg.hidden, I = (size_t)e->cfg.intermediate, K = H > I ? H : I, f = sizeof(float);
     const size_t T = (size_t)c->tokens, B = (size_t)c->batch;
-    const size_t rows = T;
-    /* reserve_pass: x, ctx, tmp [rows, H], qkv [rows, 3H], ffn [rows, I] f32, xq [rows, H] u8, offsets */
-    size_t n = sat_add(sat_add(sat_mul3(rows, 6 * H + I, f), sat_mul(rows, H)), sat_mul(B, sizeof(int64_t)));
+    /* reserve_pass: x, ctx, tmp [T, H], qkv [T, 3H], ffn [T, I] f32, xq [T, H] u8, offsets */
+    size_t n = sat_add(sat_add(sat_mul3(T, 6 * H + I, f), sat_mul(T, H)), sat_mul(B, sizeof(int64_t)));
     /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, dequantized weights */
     n = sat_add(n, sat_mul3(T, K, 1 + f));
     n = sat_add(n, sat_add(sat_mul(T, f), sat_mul3(H, 3 * H > I ? 3 * H : I, f))); /* a site's weights: H x N or N x H */
