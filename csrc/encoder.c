@@ -12,6 +12,7 @@
 #include "embeddings.h"
 #include "layernorm.h"
 #include "qparams.h"
+#include "wo_matmul.h"
 
 /* The u8 input of a static int8 site, written by its producer (decided at finalize, see fuse_inputs). */
 typedef struct {
@@ -403,9 +404,11 @@ size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     const size_t T = (size_t)c->tokens, B = (size_t)c->batch;
     /* reserve_pass: x, ctx, tmp [T, H], qkv [T, 3H], ffn [T, I] f32, xq [T, H] u8, offsets */
     size_t n = sat_add(sat_add(sat_mul3(T, 6 * H + I, f), sat_mul(T, H)), sat_mul(B, sizeof(int64_t)));
-    /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, dequantized weights */
+    /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, the weight-only kernel's
+       per-thread buffers for the widest site */
     n = sat_add(n, sat_mul3(T, K, 1 + f));
-    n = sat_add(n, sat_add(sat_mul(T, f), sat_mul3(H, 3 * H > I ? 3 * H : I, f))); /* a site's weights: H x N or N x H */
+    n = sat_add(n, sat_add(sat_mul(T, f), sat_mul(mq_wo_scratch_floats((int64_t)(3 * H > I ? 3 * H : I),
+                                                                        mq_engine_threads(e->eng)), f)));
     n = sat_add(n, mq_attention_scratch_need(e->attn, c->seq, c->batch));
     n = sat_add(n, atomic_load_explicit(&e->scratchpad_seen, memory_order_relaxed));
     if (c->hook) n = sat_add(n, sat_mul3(T, 2 * K, f));             /* effective inputs, dequantized u8 inputs */

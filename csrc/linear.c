@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "qparams.h"
+#include "wo_matmul.h"
 
 #define MQ_MAX_ARGS 16
 
@@ -30,10 +31,9 @@ struct mq_linear {
     const mq_kind_row *kind;
     int64_t K, N;
     mq_linear_spec spec;
-    dnnl_memory_desc_t w_md; /* weights as the primitives take them (prepacked, or plain f32 for weight-only) */
-    dnnl_memory_t w_mem;     /* prepacked weights (owns its buffer), or handle-less for weight-only */
-    void *w_store;           /* weight-only: the quantized weights */
-    size_t w_store_bytes;
+    dnnl_memory_desc_t w_md; /* prepacked weights as the primitives take them */
+    dnnl_memory_t w_mem;     /* prepacked weights (owns its buffer) */
+    mq_wo_matrix *wo;        /* weight-only kinds: the quantized weights in panels (wo_matmul.h), no oneDNN matmul */
     float *w_scales;
     int64_t n_wscales;
     float *bias;
@@ -55,8 +55,6 @@ struct mq_linear {
 typedef mq_status (*mq_input_fn)(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
 /* Takes the user's weights: prepacks them for the matmul, or stores them quantized (weight-only). */
 typedef mq_status (*mq_weights_fn)(mq_linear *l, const void *weight);
-/* Weight-only: the stored weights as f32 [N, K] for this call's matmul. */
-typedef void (*mq_dequantize_fn)(const mq_linear *l, float *w);
 /* Emulation: the values the native kernel would multiply, as f32 [N, K]. */
 typedef void (*mq_widen_fn)(const mq_linear *l, const void *weight, float *w);
 
@@ -64,8 +62,7 @@ struct mq_kind_row {
     mq_linear_traits traits;
     mq_input_fn input;
     mq_weights_fn weights;
-    mq_dequantize_fn dequantize; /* weight-only kinds */
-    mq_widen_fn widen;           /* kinds that may be emulated */
+    mq_widen_fn widen; /* kinds that may be emulated */
 };
 
 static mq_status input_f32(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
@@ -73,22 +70,20 @@ static mq_status input_bf16(mq_linear *l, mq_linear_scratch *s, const float *x, 
 static mq_status input_u8(mq_linear *l, mq_linear_scratch *s, const float *x, int64_t M, const void **src);
 static mq_status weights_prepacked(mq_linear *l, const void *weight);
 static mq_status weights_stored(mq_linear *l, const void *weight);
-static void dequantize_s8(const mq_linear *l, float *w);
-static void dequantize_s4(const mq_linear *l, float *w);
 static void widen_bf16(const mq_linear *l, const void *weight, float *w);
 static void widen_s8(const mq_linear *l, const void *weight, float *w);
 
 static const mq_kind_row KINDS[] = {
     [MQ_LINEAR_F32] = {{"f32", MQ_WEIGHTS_F32, MQ_WSCALES_NONE, dnnl_f32, dnnl_f32, 0, 0, MQ_EMULATE_NEVER},
-                       input_f32, weights_prepacked, NULL, NULL},
+                       input_f32, weights_prepacked, NULL},
     [MQ_LINEAR_BF16] = {{"bf16", MQ_WEIGHTS_F32, MQ_WSCALES_NONE, dnnl_bf16, dnnl_bf16, 0, 0, MQ_EMULATE_WITHOUT_KERNEL},
-                        input_bf16, weights_prepacked, NULL, widen_bf16},
+                        input_bf16, weights_prepacked, widen_bf16},
     [MQ_LINEAR_INT8] = {{"int8", MQ_WEIGHTS_S8, MQ_WSCALES_CHANNEL, dnnl_u8, dnnl_s8, 1, 0, MQ_EMULATE_UNLESS_INT8_EXACT},
-                        input_u8, weights_prepacked, NULL, widen_s8},
+                        input_u8, weights_prepacked, widen_s8},
     [MQ_LINEAR_W8] = {{"w8", MQ_WEIGHTS_S8, MQ_WSCALES_CHANNEL, dnnl_f32, dnnl_f32, 0, 1, MQ_EMULATE_NEVER},
-                      input_f32, weights_stored, dequantize_s8, NULL},
+                      input_f32, weights_stored, NULL},
     [MQ_LINEAR_W4] = {{"w4", MQ_WEIGHTS_S4_PACKED, MQ_WSCALES_GROUP, dnnl_f32, dnnl_f32, 0, 1, MQ_EMULATE_NEVER},
-                      input_f32, weights_stored, dequantize_s4, NULL},
+                      input_f32, weights_stored, NULL},
 };
 _Static_assert(sizeof KINDS / sizeof KINDS[0] == MQ_LINEAR_KIND_COUNT, "one KINDS row per mq_linear_kind");
 
@@ -340,14 +335,6 @@ static void widen_s8(const mq_linear *l, const void *weight, float *w) {
     for (size_t i = 0; i < n; i++) w[i] = (float)q[i];
 }
 
-static void dequantize_s8(const mq_linear *l, float *w) {
-    mq_dequantize_weight_s8(l->w_store, l->N, l->K, l->w_scales, l->spec.w_per_channel, w);
-}
-
-static void dequantize_s4(const mq_linear *l, float *w) {
-    mq_dequantize_weight_s4(l->w_store, l->N, l->K, l->spec.group_size, l->w_scales, w);
-}
-
 /* The weight layout oneDNN prefers for this layer (its format-any choice for a full MQ_ROW_CHUNK-row piece) into
    l->w_md; every piece's primitive is then built for exactly that layout (build_prim). A kind that may be emulated
    where it has no kernel refuses oneDNN's reference matmul (so the caller falls back). */
@@ -379,17 +366,16 @@ static mq_status weights_prepacked(mq_linear *l, const void *weight) {
     return st;
 }
 
-/* Weight-only: keeps the quantized weights; the matmul takes plain f32 weights dequantized per call. */
+/* Weight-only: keeps the quantized weights, in the panels of the weight-only matmul (which holds its own copy of the
+   scales); no oneDNN matmul. */
 static mq_status weights_stored(mq_linear *l, const void *weight) {
-    int64_t cols = 0, n_scales = 0;
-    MQ_TRY(mq_linear_weight_layout((int)l->spec.kind, l->K, l->N, l->spec.w_per_channel, l->spec.group_size, &cols,
-                                   &n_scales));
-    l->w_store_bytes = (size_t)l->N * (size_t)cols;
-    l->w_store = mq_alloc(l->w_store_bytes, 1);
-    if (!l->w_store) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for weights");
-    memcpy(l->w_store, weight, l->w_store_bytes);
-    MQ_TRY(make_md(&l->w_md, l->K, l->N, dnnl_f32, dnnl_ba));
-    MQ_DNNL(dnnl_memory_create(&l->w_mem, l->w_md, mq_engine_dnnl(l->eng), DNNL_MEMORY_NONE));
+    const mq_wo_layout lay = {traits(l)->weight_format == MQ_WEIGHTS_S8 ? MQ_WO_S8 : MQ_WO_S4, l->K, l->N,
+                              l->spec.w_per_channel, l->spec.group_size};
+    MQ_TRY(mq_wo_matrix_create(&l->wo, &lay, weight, l->w_scales));
+    mq_free(l->w_scales);
+    l->w_scales = NULL;
+    l->n_wscales = 0;
+    snprintf(l->impl, sizeof l->impl, "%s", mq_wo_matrix_impl(l->wo));
     return MQ_OK;
 }
 
@@ -442,6 +428,7 @@ static mq_status take_vectors(mq_linear *l, const mq_linear_weights *w) {
 
 /* Memories of the attribute arguments; their handles point into this struct and its arrays. */
 static mq_status attr_memories(mq_linear *l) {
+    if (traits(l)->weight_only) return MQ_OK; /* no oneDNN matmul */
     if (l->bias) MQ_TRY(make_mem(per_token(l) ? &l->bias_po_mem : &l->bias_mem, l, 1, l->N, dnnl_f32, l->bias));
     if (!traits(l)->quantized_input) return MQ_OK;
     MQ_TRY(vector_mem(&l->w_scale_mem, l, l->n_wscales, dnnl_f32, l->w_scales));
@@ -557,7 +544,7 @@ void mq_linear_destroy(mq_linear *l) {
     for (int i = 0; i < 8; i++)
         if (mems[i]) dnnl_memory_destroy(mems[i]);
     dnnl_memory_desc_destroy(l->w_md);
-    mq_free(l->w_store);
+    mq_wo_matrix_destroy(l->wo);
     mq_free(l->w_scales);
     mq_free(l->bias);
     mq_free(l->act_mul);
@@ -649,9 +636,9 @@ static mq_status execute_piece(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *
 static mq_status execute(mq_linear *l, mq_linear_scratch *s, const void *src, int64_t M, const float *residual,
                          void *y) {
     if (traits(l)->weight_only) {
-        MQ_TRY(mq_buffer_reserve(&s->w_deq, (size_t)l->N * (size_t)l->K, sizeof(float)));
-        l->kind->dequantize(l, s->w_deq.ptr);
-        SET(l->w_mem, s->w_deq.ptr);
+        const int nthr = mq_engine_threads(l->eng);
+        MQ_TRY(mq_buffer_reserve(&s->wo_panels, mq_wo_scratch_floats(l->N, nthr), sizeof(float)));
+        return mq_wo_matmul(l->wo, src, M, l->bias, l->spec.epilogue, residual, y, s->wo_panels.ptr, nthr);
     }
     size_t scratch_bytes = 1;
     for (int64_t off = 0, n; off < M; off += n) {
@@ -759,8 +746,8 @@ int64_t mq_linear_out(const mq_linear *l) { return l->N; }
 
 size_t mq_linear_nbytes(const mq_linear *l) {
     size_t b = 0;
-    if (l->w_store)
-        b += l->w_store_bytes;
+    if (l->wo)
+        b += mq_wo_matrix_nbytes(l->wo);
     else if (l->w_md)
         b += dnnl_memory_desc_get_size(l->w_md);
     b += (size_t)l->n_wscales * sizeof(float);

@@ -10,8 +10,10 @@
  *           DYNAMIC        scale (and zero point) from each call's min/max
  *           DYNAMIC_TOKEN  one symmetric scale per row (token), applied as a per-row multiply post-op
  *           STATIC         scale and zero point fixed by calibration
- *   W8    weight-only: s8 weights stored, dequantized to f32 per call (oneDNN 3.2 has no weight decompression)
- *   W4    weight-only: int4 weights with group-wise scales, dequantized to f32 per call
+ *   W8    weight-only: s8 weights (per tensor or per output channel) with f32 activations, on medquant's own
+ *         weight-only matmul (wo_matmul.h: weights dequantized in registers or one panel slice at a time, never a
+ *         whole matrix; oneDNN 3.2 has no weight decompression); no oneDNN matmul, no row plan
+ *   W4    weight-only: int4 weights with group-wise scales, on the same weight-only matmul
  * Emulation on CPUs without the kernels (decided at creation; the numbers stay those of the scheme):
  *   INT8  oneDNN's int8 kernels without VNNI/AMX add pairs of u8*s8 products in saturating 16-bit arithmetic
  *         (vpmaddubsw), which a check run once per engine detects; an int8 layer there runs an f32 matmul on the
@@ -19,7 +21,8 @@
  *         quantization, the same results up to f32 summation order.
  *   BF16  no bf16 matmul on this CPU (oneDNN 3.2 needs avx512_core): an f32 matmul on bf16-rounded operands.
  *   Emulated layers run at f32 speed, hold f32 weights and take no u8 output (mq_linear_set_output_u8).
- * Epilogues (bias, GELU-erf, residual add) are matmul post-ops; all scratch comes from the caller's mq_linear_scratch.
+ * Epilogues (bias, GELU-erf, residual add) are matmul post-ops (weight-only: applied by its kernel); all scratch comes
+ * from the caller's mq_linear_scratch.
  *
  * Row plan: a call computes exactly its M rows, never padding. oneDNN primitives have fixed shapes (runtime dims,
  * DNNL_RUNTIME_DIM_VAL, fall back from brgemm to a ~2x slower gemm:jit) and cost JIT time to create, so a call runs
@@ -74,7 +77,7 @@ typedef struct {
     dnnl_data_type_t src_dt;    /* the native matmul's activation type */
     dnnl_data_type_t weight_dt; /* the native matmul's (prepacked) weight type */
     int quantized_input;        /* activations quantized to u8 by act_mode / act_scale / act_zero_point */
-    int weight_only;            /* weights kept quantized and dequantized to f32 per call */
+    int weight_only;            /* weights kept quantized, multiplied by wo_matmul.h (f32 activations) */
     mq_emulation emulation;
 } mq_linear_traits;
 

@@ -25,12 +25,12 @@ void mq_linear_scratch_release(mq_linear_scratch *s) {
     mq_buffer_release(&s->act_lp);
     mq_buffer_release(&s->act_in);
     mq_buffer_release(&s->row_scale);
-    mq_buffer_release(&s->w_deq);
+    mq_buffer_release(&s->wo_panels);
     mq_buffer_release(&s->scratchpad);
 }
 
 size_t mq_linear_scratch_bytes(const mq_linear_scratch *s) {
-    return s->act_q.bytes + s->act_lp.bytes + s->act_in.bytes + s->row_scale.bytes + s->w_deq.bytes +
+    return s->act_q.bytes + s->act_lp.bytes + s->act_in.bytes + s->row_scale.bytes + s->wo_panels.bytes +
            s->scratchpad.bytes;
 }
 

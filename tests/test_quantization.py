@@ -189,6 +189,92 @@ def test_weight_only_int8_and_int4():
     assert packed.nbytes == w.size // 2
 
 
+# Weight-only kernel (csrc/wo_matmul.h): shapes that reach each of its paths: M in registers (1, 5, up to three row
+# blocks), M from converted panel slices (37, 300: one or more row chunks), K in one block (96) or in 256-blocks (640),
+# K a multiple of 1024 (2048: rows of x copied to a padded stride), N not a multiple of the 32-column panel (70).
+WO_SHAPES = [(96, 70), (640, 80), (2048, 70)]
+WO_MS = [1, 5, 13, 37, 300]
+WO_EPILOGUES = {"none": _core.EPI_NONE, "gelu": _core.EPI_GELU, "residual": _core.EPI_RESIDUAL}
+
+
+def _gelu64(v):
+    from math import erf
+    return 0.5 * v * (1.0 + np.vectorize(erf)(v / np.sqrt(2.0)))
+
+
+def weight_only_outputs(seed=5, n_threads=0):
+    """{key: y} for w8 (per channel and per tensor) and w4 layers over WO_SHAPES x WO_MS x WO_EPILOGUES, with the
+    float64 reference of each (x times the dequantized weights, + bias, epilogue)."""
+    rng = np.random.default_rng(seed)
+    out, refs = {}, {}
+    for k, n in WO_SHAPES:
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        qw, sw = _core.quantize_weight_s8(w, True)
+        qt, st = _core.quantize_weight_s8(w, False)
+        p4, s4 = _core.quantize_weight_s4(w, 32)
+        kinds = {"w8": (_core.LINEAR_W8, qw, sw, {}, qw * sw[:, None].astype(np.float64)),
+                 "w8-tensor": (_core.LINEAR_W8, qt, st, {"w_per_channel": False}, qt * np.float64(st[0])),
+                 "w4": (_core.LINEAR_W4, p4, s4, {"group_size": 32}, _core.dequantize_weight_s4(p4, s4, 32))}
+        for m in WO_MS:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            r = rng.standard_normal((m, n)).astype(np.float32)
+            for kname, (kind, q, s, kw, deq) in kinds.items():
+                for ename, epi in WO_EPILOGUES.items():
+                    lin = _core.Linear(kind, q, s, b, epilogue=epi, n_threads=n_threads, **kw)
+                    key = f"{kname}_{k}x{n}_m{m}_{ename}"
+                    out[key] = lin.forward(x, r if ename == "residual" else None)
+                    y = x.astype(np.float64) @ deq.astype(np.float64).T + b
+                    refs[key] = _gelu64(y) if ename == "gelu" else (y + r if ename == "residual" else y)
+    return out, refs
+
+
+def test_weight_only_kernel_against_float64():
+    """Every path of the weight-only kernel computes x * dequant(W)^T + bias and its epilogue: within float32
+    accumulation error of the float64 reference (GELU: erf approximated to 1.5e-7)."""
+    out, refs = weight_only_outputs()
+    for key, y in out.items():
+        want = refs[key]
+        assert y.shape == want.shape and y.dtype == np.float32, key
+        err = np.abs(y - want).max()
+        assert err <= 2e-6 * max(1.0, np.abs(want).max()) * np.sqrt(int(key.split("_")[1].split("x")[0])), (key, err)
+
+
+def test_weight_only_gelu_is_accurate_everywhere():
+    """The kernel's own GELU-erf (no libm, vectorized) against float64 on [-12, 12] and at the edges."""
+    v = np.concatenate([np.linspace(-12, 12, 48001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e30, -1e30]])
+    v = v.astype(np.float32)
+    one = _core.Linear(_core.LINEAR_W8, np.ones((1, 1), np.int8), np.ones(1, np.float32), epilogue=_core.EPI_GELU)
+    got = one.forward(v[:, None])[:, 0]
+    want = _gelu64(v.astype(np.float64))
+    err = np.abs(got - want)
+    assert np.all(err <= 4e-7 * np.maximum(1.0, np.abs(want))), float((err / np.maximum(1.0, np.abs(want))).max())
+    assert np.isnan(one.forward(np.full((1, 1), np.nan, np.float32))).all()
+
+
+def test_weight_only_bits_do_not_depend_on_isa_or_threads():
+    """The weight-only kernel does the same IEEE operations in the same order on its AVX-512, AVX2 and portable paths
+    and for any thread count (wo_matmul.h): a process capped at AVX2 (ONEDNN_MAX_CPU_ISA picks the path) and one
+    capped at SSE4.1 with one thread give the same bits as this process."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    here, _ = weight_only_outputs()
+    code = ("import sys, numpy as np; sys.path.insert(0, {tests!r}); import test_quantization as t; "
+            "out, _ = t.weight_only_outputs(n_threads=int(sys.argv[2])); np.savez(sys.argv[1], **out)")
+    code = code.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        for isa, threads in (("AVX2", "2"), ("SSE41", "1")):
+            path = os.path.join(tmp, f"{isa}.npz")
+            env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+            subprocess.run([sys.executable, "-c", code, path, threads], env=env, check=True, capture_output=True)
+            there = dict(np.load(path))
+            assert set(there) == set(here)
+            for key, y in here.items():
+                np.testing.assert_array_equal(y.view(np.uint32), there[key].view(np.uint32), err_msg=f"{isa} {key}")
+
+
 def test_zero_and_denormal_rows_get_positive_scales():
     """Fuzz finding (fuzz_binding.py, op_functions): a weight row of denormals made absmax / 127 underflow to a zero
     scale (so w / s was inf and the Linear built from it refused the scale). Every scale is now a positive normal
@@ -301,7 +387,7 @@ def test_rows_do_not_depend_on_the_call(name, lin, residual, u8_in):
     for M in ROW_PLAN_MS:
         y = run(0, M)
         assert y.shape == (M, N) and y.dtype == alone.dtype
-        if y.dtype == np.uint8:
+        if y.dtype == np.uint8 or name in ("w8", "w4"):  # weight-only: one k order for every M (wo_matmul.h)
             np.testing.assert_array_equal(y, alone[:M], err_msg=f"{name} M={M}")
         else:
             err = np.abs(y - alone[:M]).max()

@@ -1,0 +1,576 @@
+/* wo_matmul.c - the weight-only matmul (wo_matmul.h).
+ *
+ * Storage: panel p holds output columns [32 p, 32 p + 32), k-major: S8 as 32 int8 per k; S4 as 16 bytes per k, byte j
+ * holding column j (low nibble) and column j + 16 (high nibble); scales as [panel][scale row][32] (one scale row for
+ * S8, K / group_size for S4). Columns past N are zero weights with zero scales.
+ *
+ * Kernels: a tile is mr rows x 32 columns, accumulated in registers over k (AVX-512: up to 12 rows x 2 zmm; AVX2:
+ * up to 3 rows x 4 ymm; portable C: up to 4 rows with fmaf), its B operand read from an f32 slice buffer or converted
+ * in registers from the stored weights, then finished (column scale, bias, epilogue) straight into y (AVX-512) or
+ * through finish_tile. The conversion (cvt_*) is shared by both paths of an ISA, and every path does the same IEEE
+ * operations in the same order, hence the same bits (wo_matmul.h).
+ */
+#include "wo_matmul.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qparams.h"
+
+#define NR MQ_WO_PANEL
+#define MR_AVX512 12
+#define MR_AVX2 3
+#define MR_C 4
+#define MR_MAX 12
+#define CHUNK_ROWS 240 /* rows per task when there are many: a multiple of every MR */
+#define FUSED_BLOCKS 3 /* up to this many row blocks, each converts the stored weights in registers (measured: at
+                          M = 13..36 faster than converting a panel once and reading it back) */
+#define KC 256         /* k per block of the converted-panel path (a 32 KB slice of a panel) when K > KC_ONE */
+#define KC_ONE 512     /* up to this K, one block (a panel of at most 64 KB; measured faster than 256 + 128) */
+#define APACK_LD (KC + 16) /* row stride of a packed tile block of x: not a multiple of 4 KB */
+#define GROUP_PANELS 64    /* at most this many panels per task (bounds its partial sums at 1.9 MB) */
+
+#define AI inline __attribute__((always_inline))
+#define AVX512 __attribute__((target("avx512f")))
+#define AVX2 __attribute__((target("avx2,fma")))
+
+typedef enum { WO_ISA_C, WO_ISA_AVX2, WO_ISA_AVX512 } wo_isa;
+typedef enum { SRC_F32, SRC_S8, SRC_S4 } wo_src; /* where a tile's B operand comes from */
+
+/* The k range a tile kernel multiplies: [k0, k1), B from the converted slice `panel` (row k at panel + (k - k0) * NR;
+   SRC_F32; the stored-weight sources take all of K), the tile's rows of x at a (column k at a[r * lda + k - k0]).
+   A range after the first starts from the tile's partial sums in `part` [mr, NR]; a range that is not the last
+   leaves its sums there (the kernel's `o` is NULL) instead of finishing the tile. */
+typedef struct {
+    const float *panel;
+    int64_t k0, k1, lda;
+    float *part;
+} wo_span;
+
+/* Where a finished tile goes, every pointer at the tile's first row and column: y = acc (* colscale, S8) (+ bias),
+   then + residual or GELU; ncols valid columns of the 32. */
+typedef struct {
+    const float *colscale, *bias, *res;
+    mq_epilogue epi;
+    float *y;
+    int64_t ldy;
+    int ncols;
+} wo_out;
+
+struct mq_wo_matrix {
+    mq_wo_layout lay;
+    int64_t P;          /* panels, ceil(N / NR) */
+    int64_t group;      /* k per scale row: K (S8) or group_size (S4) */
+    int64_t n_groups;   /* scale rows per panel */
+    size_t panel_bytes; /* stored bytes per panel */
+    uint8_t *q;
+    float *scales;
+    wo_isa isa;
+    int mr;
+    char impl[48];
+};
+
+/* The stored weights of panel p and the scale row g of it (k in [g group, (g + 1) group)). */
+static inline const uint8_t *panel_weights(const mq_wo_matrix *w, int64_t p) { return w->q + (size_t)p * w->panel_bytes; }
+static inline const float *panel_scales(const mq_wo_matrix *w, int64_t p, int64_t g) {
+    return w->scales + ((size_t)p * (size_t)w->n_groups + (size_t)g) * NR;
+}
+/* The end of k's scale row, at most k1. */
+static inline int64_t scale_row_end(const mq_wo_matrix *w, int64_t k, int64_t k1) {
+    const int64_t end = (k / w->group + 1) * w->group;
+    return end < k1 ? end : k1;
+}
+static inline wo_src stored_src(const mq_wo_matrix *w) { return w->lay.format == MQ_WO_S8 ? SRC_S8 : SRC_S4; }
+static inline size_t bytes_per_k(wo_src src) { return src == SRC_S4 ? NR / 2 : NR; }
+
+/* ------------------------------------------------------------------ epilogue */
+
+/* exp(-s) for s >= 0 (clamped at exp(-87)): Cody-Waite reduction by ln 2 and a degree-6 Taylor polynomial on
+   |r| <= ln2 / 2 (relative error below 2e-8 before rounding); no libm call, so it vectorizes. */
+static inline float exp_neg(float s) {
+    float z = -s;
+    if (!(z > -87.f)) z = -87.f; /* also NaN */
+    const float shifted = z * 1.44269504088896341f + 12582912.f; /* round to nearest integer: 1.5 * 2^23 */
+    const float fn = shifted - 12582912.f;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    const int32_t n = bits - 0x4B400000; /* in [-126, 0] */
+    float r = z - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    const float p =
+        1.f + r * (1.f + r * (0.5f + r * (1.f / 6.f + r * (1.f / 24.f + r * (1.f / 120.f + r * (1.f / 720.f))))));
+    const int32_t eb = (n + 127) * (1 << 23);
+    float scale;
+    memcpy(&scale, &eb, sizeof scale);
+    return p * scale;
+}
+
+MQ_HOT void mq_gelu_erf_inplace(float *v, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        const float x = v[i];
+        const float z = x * 0.70710678118654752f;
+        const float az = fabsf(z);
+        const float t = 1.f / (1.f + 0.3275911f * az);
+        const float poly =
+            ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+        const float erf_abs = 1.f - poly * exp_neg(az * az);
+        v[i] = 0.5f * x * (1.f + (z < 0.f ? -erf_abs : erf_abs));
+    }
+}
+
+/* The finish of a tile from its sums in `tile` (the AVX2 and portable paths; AVX-512 does the same from registers). */
+MQ_HOT static void finish_tile(const float *tile, int mr, const wo_out *o) {
+    for (int r = 0; r < mr; r++) {
+        const float *t = tile + r * NR, *res = o->res ? o->res + r * o->ldy : NULL;
+        float *y = o->y + r * o->ldy;
+#pragma omp simd
+        for (int c = 0; c < o->ncols; c++) {
+            float v = o->colscale ? t[c] * o->colscale[c] : t[c];
+            if (o->bias) v += o->bias[c];
+            if (res) v += res[c];
+            y[c] = v;
+        }
+        if (o->epi == MQ_EPI_GELU) mq_gelu_erf_inplace(y, o->ncols);
+    }
+}
+
+/* ------------------------------------------------------------------ AVX-512 */
+
+static AI AVX512 void cvt_avx512(wo_src src, const uint8_t *q, __m512 s0, __m512 s1, __m512 *b0, __m512 *b1) {
+    __m512i i0, i1;
+    if (src == SRC_S8) {
+        i0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+        i1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+    } else {
+        const __m128i v = _mm_loadu_si128((const __m128i *)q), m = _mm_set1_epi8(15);
+        const __m512i eight = _mm512_set1_epi32(8);
+        i0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(v, m)), eight);
+        i1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m)), eight);
+    }
+    *b0 = _mm512_cvtepi32_ps(i0);
+    *b1 = _mm512_cvtepi32_ps(i1);
+    if (src == SRC_S4) {
+        *b0 = _mm512_mul_ps(*b0, s0);
+        *b1 = _mm512_mul_ps(*b1, s1);
+    }
+}
+
+static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_matrix *w, int64_t p,
+                                    const wo_span *sp, const float *a, const wo_out *o) {
+    const int64_t K = w->lay.K;
+    __m512 acc[MR_AVX512][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) {
+        acc[r][0] = sp->k0 ? _mm512_loadu_ps(sp->part + r * NR) : _mm512_setzero_ps();
+        acc[r][1] = sp->k0 ? _mm512_loadu_ps(sp->part + r * NR + 16) : _mm512_setzero_ps();
+    }
+    if (src == SRC_F32) {
+        for (int64_t k = sp->k0; k < sp->k1; k++) {
+            const float *bk = sp->panel + (k - sp->k0) * NR;
+            const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16);
+#pragma GCC unroll 12
+            for (int r = 0; r < mr; r++) {
+                const __m512 ar = _mm512_set1_ps(a[r * sp->lda + (k - sp->k0)]);
+                acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+            }
+        }
+    } else {
+        const size_t kb = bytes_per_k(src);
+        const uint8_t *q = panel_weights(w, p);
+        const float *sc = panel_scales(w, p, 0);
+        for (int64_t k0 = 0; k0 < K; k0 += w->group, sc += NR) {
+            const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+            for (int64_t k = k0; k < k0 + w->group; k++) {
+                __m512 b0, b1;
+                cvt_avx512(src, q + (size_t)k * kb, s0, s1, &b0, &b1);
+#pragma GCC unroll 12
+                for (int r = 0; r < mr; r++) {
+                    const __m512 ar = _mm512_set1_ps(a[r * sp->lda + (k - sp->k0)]);
+                    acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+                }
+            }
+        }
+    }
+    if (!o) {
+#pragma GCC unroll 12
+        for (int r = 0; r < mr; r++) {
+            _mm512_storeu_ps(sp->part + r * NR, acc[r][0]);
+            _mm512_storeu_ps(sp->part + r * NR + 16, acc[r][1]);
+        }
+        return;
+    }
+    const int c0 = o->ncols < 16 ? o->ncols : 16, c1 = o->ncols - c0;
+    const __mmask16 m[2] = {(__mmask16)((1u << c0) - 1u), (__mmask16)((1u << c1) - 1u)};
+    __m512 cs[2], b[2];
+    for (int h = 0; h < 2; h++) {
+        cs[h] = o->colscale ? _mm512_maskz_loadu_ps(m[h], o->colscale + 16 * h) : _mm512_setzero_ps();
+        b[h] = o->bias ? _mm512_maskz_loadu_ps(m[h], o->bias + 16 * h) : _mm512_setzero_ps();
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++)
+        for (int h = 0; h < 2; h++) {
+            __m512 v = acc[r][h];
+            if (o->colscale) v = _mm512_mul_ps(v, cs[h]);
+            if (o->bias) v = _mm512_add_ps(v, b[h]);
+            if (o->res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[h], o->res + r * o->ldy + 16 * h));
+            _mm512_mask_storeu_ps(o->y + r * o->ldy + 16 * h, m[h], v);
+        }
+    if (o->epi == MQ_EPI_GELU)
+        for (int r = 0; r < mr; r++) mq_gelu_erf_inplace(o->y + r * o->ldy, o->ncols);
+}
+
+#define TILE_CASE(isa, n)                                                                                              \
+    case n:                                                                                                            \
+        if (src == SRC_F32)                                                                                            \
+            tile_##isa##_n(n, SRC_F32, w, p, sp, a, o);                                                                \
+        else if (src == SRC_S8)                                                                                        \
+            tile_##isa##_n(n, SRC_S8, w, p, sp, a, o);                                                                 \
+        else                                                                                                           \
+            tile_##isa##_n(n, SRC_S4, w, p, sp, a, o);                                                                 \
+        break;
+
+static AVX512 void tile_avx512(int mr, wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp,
+                               const float *a, const wo_out *o) {
+    switch (mr) {
+        TILE_CASE(avx512, 1) TILE_CASE(avx512, 2) TILE_CASE(avx512, 3) TILE_CASE(avx512, 4)
+        TILE_CASE(avx512, 5) TILE_CASE(avx512, 6) TILE_CASE(avx512, 7) TILE_CASE(avx512, 8)
+        TILE_CASE(avx512, 9) TILE_CASE(avx512, 10) TILE_CASE(avx512, 11) TILE_CASE(avx512, 12)
+        default: break;
+    }
+}
+
+static AVX512 void slice_avx512(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, float *slice) {
+    const wo_src src = stored_src(w);
+    const uint8_t *q = panel_weights(w, p);
+    for (int64_t k = k0; k < k1;) {
+        const float *sc = panel_scales(w, p, k / w->group);
+        const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+        for (const int64_t kend = scale_row_end(w, k, k1); k < kend; k++) {
+            __m512 b0, b1;
+            cvt_avx512(src, q + (size_t)k * bytes_per_k(src), s0, s1, &b0, &b1);
+            _mm512_storeu_ps(slice + (k - k0) * NR, b0);
+            _mm512_storeu_ps(slice + (k - k0) * NR + 16, b1);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 */
+
+static AI AVX2 void cvt_avx2(wo_src src, const uint8_t *q, const __m256 s[4], __m256 b[4]) {
+    __m256i i[4];
+    if (src == SRC_S8) {
+        for (int j = 0; j < 4; j++) i[j] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * j)));
+    } else {
+        const __m128i v = _mm_loadu_si128((const __m128i *)q), m = _mm_set1_epi8(15);
+        const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        const __m256i eight = _mm256_set1_epi32(8);
+        i[0] = _mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), eight);
+        i[1] = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), eight);
+        i[2] = _mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), eight);
+        i[3] = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), eight);
+    }
+    for (int j = 0; j < 4; j++) b[j] = src == SRC_S4 ? _mm256_mul_ps(_mm256_cvtepi32_ps(i[j]), s[j]) : _mm256_cvtepi32_ps(i[j]);
+}
+
+static AI AVX2 void tile_avx2_n(const int mr, const wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp,
+                                const float *a, const wo_out *o) {
+    const int64_t group = src == SRC_F32 ? sp->k1 - sp->k0 : w->group;
+    const size_t kb = bytes_per_k(src);
+    const uint8_t *q = panel_weights(w, p);
+    const float *sc = panel_scales(w, p, 0);
+    __m256 acc[MR_AVX2][4];
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = sp->k0 ? _mm256_loadu_ps(sp->part + r * NR + 8 * j) : _mm256_setzero_ps();
+    for (int64_t k0 = sp->k0; k0 < sp->k1; k0 += group, sc += NR) {
+        __m256 s[4];
+        for (int j = 0; j < 4; j++) s[j] = src == SRC_F32 ? _mm256_setzero_ps() : _mm256_loadu_ps(sc + 8 * j);
+        for (int64_t k = k0; k < k0 + group; k++) {
+            __m256 b[4];
+            if (src == SRC_F32)
+                for (int j = 0; j < 4; j++) b[j] = _mm256_loadu_ps(sp->panel + (k - sp->k0) * NR + 8 * j);
+            else
+                cvt_avx2(src, q + (size_t)k * kb, s, b);
+            for (int r = 0; r < mr; r++) {
+                const __m256 ar = _mm256_set1_ps(a[r * sp->lda + (k - sp->k0)]);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm256_fmadd_ps(ar, b[j], acc[r][j]);
+            }
+        }
+    }
+    float tile[MR_AVX2 * NR];
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps((o ? tile : sp->part) + r * NR + 8 * j, acc[r][j]);
+    if (o) finish_tile(tile, mr, o);
+}
+
+static AVX2 void tile_avx2(int mr, wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp, const float *a,
+                           const wo_out *o) {
+    switch (mr) {
+        TILE_CASE(avx2, 1) TILE_CASE(avx2, 2) TILE_CASE(avx2, 3)
+        default: break;
+    }
+}
+
+static AVX2 void slice_avx2(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, float *slice) {
+    const wo_src src = stored_src(w);
+    const uint8_t *q = panel_weights(w, p);
+    for (int64_t k = k0; k < k1;) {
+        const float *sc = panel_scales(w, p, k / w->group);
+        __m256 s[4], b[4];
+        for (int j = 0; j < 4; j++) s[j] = _mm256_loadu_ps(sc + 8 * j);
+        for (const int64_t kend = scale_row_end(w, k, k1); k < kend; k++) {
+            cvt_avx2(src, q + (size_t)k * bytes_per_k(src), s, b);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(slice + (k - k0) * NR + 8 * j, b[j]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ portable C (CPUs without AVX2 / FMA) */
+
+static void cvt_c(wo_src src, const uint8_t *q, const float *s, float *b) {
+    for (int c = 0; c < NR; c++) {
+        if (src == SRC_S8)
+            b[c] = (float)(int8_t)q[c];
+        else
+            b[c] = (float)((int)((q[c % 16] >> (c < 16 ? 0 : 4)) & 15) - 8) * s[c];
+    }
+}
+
+static void tile_c(int mr, wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp, const float *a,
+                   const wo_out *o) {
+    const int64_t group = src == SRC_F32 ? sp->k1 - sp->k0 : w->group;
+    const size_t kb = bytes_per_k(src);
+    const uint8_t *q = panel_weights(w, p);
+    const float *sc = panel_scales(w, p, 0);
+    float acc[MR_C][NR], bq[NR];
+    memset(acc, 0, sizeof acc);
+    if (sp->k0)
+        for (int r = 0; r < mr; r++) memcpy(acc[r], sp->part + r * NR, sizeof acc[r]);
+    for (int64_t k0 = sp->k0; k0 < sp->k1; k0 += group, sc += NR)
+        for (int64_t k = k0; k < k0 + group; k++) {
+            const float *b = src == SRC_F32 ? sp->panel + (k - sp->k0) * NR : NULL;
+            if (src != SRC_F32) {
+                cvt_c(src, q + (size_t)k * kb, sc, bq);
+                b = bq;
+            }
+            for (int r = 0; r < mr; r++)
+                for (int c = 0; c < NR; c++) acc[r][c] = fmaf(a[r * sp->lda + (k - sp->k0)], b[c], acc[r][c]);
+        }
+    if (o)
+        finish_tile(&acc[0][0], mr, o);
+    else
+        for (int r = 0; r < mr; r++) memcpy(sp->part + r * NR, acc[r], sizeof acc[r]);
+}
+
+static void slice_c(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, float *slice) {
+    const wo_src src = stored_src(w);
+    for (int64_t k = k0; k < k1; k++)
+        cvt_c(src, panel_weights(w, p) + (size_t)k * bytes_per_k(src), panel_scales(w, p, k / w->group),
+              slice + (k - k0) * NR);
+}
+
+/* ------------------------------------------------------------------ the call */
+
+/* Rows [m0, m0 + rows) of panel p's columns, k in [k0, k1), in tiles of nearly equal height, at most w->mr rows
+   (a 12 + 4 split would waste the 4-row tile's registers); the tiles are finished into y when k1 = K, else their
+   sums are left in `part` [rows, NR]. x's row m0 at column k0 is a0, its rows lda apart. B from the converted slice
+   `slice` (SRC_F32) or the stored weights. */
+static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, int64_t k1, const float *slice,
+                      float *part, const float *a0, int64_t lda, int64_t m0, int64_t rows, const float *bias,
+                      mq_epilogue epi, const float *res, float *y) {
+    const int64_t K = w->lay.K, N = w->lay.N, n0 = p * NR;
+    const int ncols = (int)(N - n0 < NR ? N - n0 : NR);
+    const float *colscale = w->lay.format == MQ_WO_S8 ? w->scales + (size_t)p * NR : NULL;
+    const int64_t ntiles = (rows + w->mr - 1) / w->mr;
+    for (int64_t i = 0, r0 = m0; i < ntiles; i++) {
+        const int mr = (int)(rows / ntiles + (i < rows % ntiles));
+        const float *a = a0 + (r0 - m0) * lda;
+        const wo_span sp = {slice, k0, k1, lda, part ? part + (r0 - m0) * NR : NULL};
+        const wo_out out = {colscale, bias ? bias + n0 : NULL, res ? res + r0 * N + n0 : NULL, epi, y + r0 * N + n0,
+                            N, ncols};
+        const wo_out *o = k1 == K ? &out : NULL;
+        switch (w->isa) {
+            case WO_ISA_AVX512: tile_avx512(mr, src, w, p, &sp, a, o); break;
+            case WO_ISA_AVX2: tile_avx2(mr, src, w, p, &sp, a, o); break;
+            default: tile_c(mr, src, w, p, &sp, a, o); break;
+        }
+        r0 += mr;
+    }
+}
+
+static void convert_slice(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, float *slice) {
+    switch (w->isa) {
+        case WO_ISA_AVX512: slice_avx512(w, p, k0, k1, slice); break;
+        case WO_ISA_AVX2: slice_avx2(w, p, k0, k1, slice); break;
+        default: slice_c(w, p, k0, k1, slice); break;
+    }
+}
+
+/* One task: rows [m0, m0 + rows) by panels [p0, p1). k in blocks of KC (if K > KC_ONE) outermost, so the rows' KC columns of x stay
+   in L2 across the panels; per block and panel, the panel's KC x 32 slice is converted once (into L1) and runs every
+   tile of the rows; the partial sums of panel p wait in part + (p - p0) * CHUNK_ROWS * NR. When x's row stride is a
+   multiple of 4 KB (K = 1024, 2048, 3072 ...), a tile's rows of x all map to the same L1 sets (more rows than ways),
+   so each block's columns of the rows are first copied to `apack` [rows, APACK_LD]. */
+static void run_task(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *slice, float *part, float *apack,
+                     const float *x, int64_t m0, int64_t rows, const float *bias, mq_epilogue epi, const float *res,
+                     float *y) {
+    const int64_t K = w->lay.K, kc = K <= KC_ONE ? K : KC;
+    const int pack = K % 1024 == 0;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t k1 = K - k0 > kc ? k0 + kc : K;
+        const float *a0 = x + m0 * K + k0;
+        if (pack) {
+            for (int64_t r = 0; r < rows; r++)
+                memcpy(apack + r * APACK_LD, a0 + r * K, (size_t)(k1 - k0) * sizeof(float));
+            a0 = apack;
+        }
+        for (int64_t p = p0; p < p1; p++) {
+            convert_slice(w, p, k0, k1, slice);
+            run_tiles(w, SRC_F32, p, k0, k1, slice, part + (size_t)(p - p0) * CHUNK_ROWS * NR, a0, pack ? APACK_LD : K,
+                      m0, rows, bias, epi, res, y);
+        }
+    }
+}
+
+/* per thread: a converted slice [KC_ONE, NR], the partial sums of a task [min(P, GROUP_PANELS), CHUNK_ROWS, NR], a
+   row chunk's columns of x for one k block [CHUNK_ROWS, APACK_LD] */
+static size_t thread_floats(int64_t P) {
+    const size_t panels = (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS);
+    return (size_t)KC_ONE * NR + panels * CHUNK_ROWS * NR + (size_t)CHUNK_ROWS * APACK_LD;
+}
+
+size_t mq_wo_scratch_floats(int64_t N, int n_threads) {
+    return (size_t)(n_threads > 0 ? n_threads : 1) * thread_floats(N > 0 ? (N + NR - 1) / NR : 1);
+}
+
+mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const float *bias, mq_epilogue epilogue,
+                       const float *residual, float *y, float *scratch, int n_threads) {
+    if (!w || !x || !y || !scratch || M <= 0 || n_threads <= 0)
+        return mq_set_error(MQ_ERR_ARG, "weight-only matmul: bad arguments");
+    if (epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "weight-only matmul: residual missing");
+    const wo_src fused = stored_src(w);
+    const int64_t P = w->P;
+    if (M <= FUSED_BLOCKS * w->mr) { /* a few row blocks: dequantize in registers */
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && P > 1)
+        for (int64_t p = 0; p < P; p++)
+            run_tiles(w, fused, p, 0, w->lay.K, NULL, NULL, x, w->lay.K, 0, M, bias, epilogue, residual, y);
+        return MQ_OK;
+    }
+    /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major; the panels split into groups only
+       as far as needed for about 4 tasks per thread, and into at most GROUP_PANELS panels each */
+    int64_t chunks = (M + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    int64_t chunk_rows = (M + chunks - 1) / chunks;
+    chunk_rows = (chunk_rows + w->mr - 1) / w->mr * w->mr;
+    chunks = (M + chunk_rows - 1) / chunk_rows;
+    int64_t groups = (4 * (int64_t)n_threads + chunks - 1) / chunks;
+    if (groups < (P + GROUP_PANELS - 1) / GROUP_PANELS) groups = (P + GROUP_PANELS - 1) / GROUP_PANELS;
+    if (groups > P) groups = P;
+    const int64_t group_panels = (P + groups - 1) / groups;
+    groups = (P + group_panels - 1) / group_panels;
+    const int64_t tasks = chunks * groups;
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && tasks > 1)
+    {
+        float *slice = scratch + (size_t)omp_get_thread_num() * thread_floats(P), *part = slice + (size_t)KC_ONE * NR,
+              *apack = part + (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS) * CHUNK_ROWS * NR;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t m0 = (t / groups) * chunk_rows, p0 = (t % groups) * group_panels;
+            run_task(w, p0, p0 + group_panels < P ? p0 + group_panels : P, slice, part, apack, x, m0,
+                     M - m0 < chunk_rows ? M - m0 : chunk_rows, bias, epilogue, residual, y);
+        }
+    }
+    return MQ_OK;
+}
+
+/* ------------------------------------------------------------------ creation */
+
+static wo_isa pick_isa(int *mr, const char **name) {
+    const unsigned isa = (unsigned)dnnl_get_effective_cpu_isa();
+    if ((isa & (unsigned)dnnl_cpu_isa_avx512_core) == (unsigned)dnnl_cpu_isa_avx512_core) {
+        *mr = MR_AVX512, *name = "avx512";
+        return WO_ISA_AVX512;
+    }
+    if ((isa & (unsigned)dnnl_cpu_isa_avx2) == (unsigned)dnnl_cpu_isa_avx2) {
+        *mr = MR_AVX2, *name = "avx2";
+        return WO_ISA_AVX2;
+    }
+    *mr = MR_C, *name = "c";
+    return WO_ISA_C;
+}
+
+/* Copies the user's weights and scales into panels (wo_matmul.h: the user layouts; this file's header: the panels). */
+static void fill_panels(mq_wo_matrix *w, const void *weight, const float *scales) {
+    const int64_t K = w->lay.K, N = w->lay.N;
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t p = n / NR, c = n % NR;
+        uint8_t *q = w->q + (size_t)p * w->panel_bytes;
+        float *sc = w->scales + (size_t)p * (size_t)w->n_groups * NR + c;
+        if (w->lay.format == MQ_WO_S8) {
+            const int8_t *src = (const int8_t *)weight + n * K;
+            for (int64_t k = 0; k < K; k++) q[k * NR + c] = (uint8_t)src[k];
+            sc[0] = scales[w->lay.per_channel ? n : 0];
+        } else {
+            const uint8_t *src = (const uint8_t *)weight + n * (K / 2);
+            const int shift = c < 16 ? 0 : 4;
+            for (int64_t k = 0; k < K; k++) {
+                const uint8_t nib = (uint8_t)((src[k / 2] >> (k % 2 ? 4 : 0)) & 15);
+                uint8_t *b = q + k * (NR / 2) + c % 16;
+                *b = (uint8_t)((*b & ~(15 << shift)) | (nib << shift));
+            }
+            for (int64_t g = 0; g < w->n_groups; g++) sc[g * NR] = scales[n * w->n_groups + g];
+        }
+    }
+}
+
+mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const void *weight, const float *scales) {
+    if (!out || !lay || !weight || !scales) return mq_set_error(MQ_ERR_ARG, "weight-only matrix: NULL argument");
+    *out = NULL;
+    const int64_t K = lay->K, N = lay->N;
+    if (K <= 0 || N <= 0 || K > (1 << 20) || N > (1 << 20))
+        return mq_set_error(MQ_ERR_ARG, "weight-only matrix: bad shape in=%lld out=%lld", (long long)K, (long long)N);
+    if (lay->format == MQ_WO_S4 && (lay->group_size <= 0 || lay->group_size % 2 || K % lay->group_size))
+        return mq_set_error(MQ_ERR_ARG, "weight-only matrix: int4 group size %lld must be even and divide %lld",
+                            (long long)lay->group_size, (long long)K);
+    if (lay->format != MQ_WO_S8 && lay->format != MQ_WO_S4)
+        return mq_set_error(MQ_ERR_ARG, "weight-only matrix: unknown format %d", (int)lay->format);
+    mq_wo_matrix *w = calloc(1, sizeof *w);
+    if (!w) return mq_set_error(MQ_ERR_NOMEM, "weight-only matrix: out of memory");
+    w->lay = *lay;
+    w->P = (N + NR - 1) / NR;
+    w->group = lay->format == MQ_WO_S8 ? K : lay->group_size;
+    w->n_groups = K / w->group;
+    w->panel_bytes = (size_t)K * (lay->format == MQ_WO_S8 ? NR : NR / 2);
+    w->q = mq_alloc((size_t)w->P, w->panel_bytes);
+    w->scales = mq_alloc((size_t)w->P * (size_t)w->n_groups * NR, sizeof(float)); /* zero: padding columns */
+    if (!w->q || !w->scales) {
+        mq_wo_matrix_destroy(w);
+        return mq_set_error(MQ_ERR_NOMEM, "weight-only matrix: out of memory for %lld x %lld weights", (long long)N,
+                            (long long)K);
+    }
+    if (lay->format == MQ_WO_S4) memset(w->q, 0x88, (size_t)w->P * w->panel_bytes); /* padding: value 0 */
+    fill_panels(w, weight, scales);
+    const char *isa = NULL;
+    w->isa = pick_isa(&w->mr, &isa);
+    snprintf(w->impl, sizeof w->impl, "medquant:wo_%s_%s", lay->format == MQ_WO_S8 ? "s8" : "s4", isa);
+    *out = w;
+    return MQ_OK;
+}
+
+void mq_wo_matrix_destroy(mq_wo_matrix *w) {
+    if (!w) return;
+    mq_free(w->q);
+    mq_free(w->scales);
+    free(w);
+}
+
+size_t mq_wo_matrix_nbytes(const mq_wo_matrix *w) {
+    return (size_t)w->P * w->panel_bytes + (size_t)w->P * (size_t)w->n_groups * NR * sizeof(float);
+}
+
+const char *mq_wo_matrix_impl(const mq_wo_matrix *w) { return w->impl; }

@@ -1,0 +1,65 @@
+/* wo_matmul.h - the weight-only matmul: y = epilogue(x * dequant(W)^T + bias), W kept as int8 or int4.
+ *
+ * oneDNN 3.2 has no weight decompression, and dequantizing a whole matrix per call costs more than the f32 matmul it
+ * feeds (at batch 1, 30x). Here the quantized weights are stored once in panels of MQ_WO_PANEL output columns
+ * (k-major inside a panel), and a call dequantizes one panel at a time:
+ *   - up to three row blocks (M <= 36 rows on AVX-512): in registers, inside the multiply loop, so the int8 / int4
+ *     weights are the only weight bytes read;
+ *   - more rows: tasks of (row chunk, group of panels), k in blocks of 256 outermost (K > 512); per block and panel
+ *     the panel's 256 x MQ_WO_PANEL slice is converted into a per-thread f32 buffer and runs every row block of the
+ *     chunk (at most one slice per thread exists at a time).
+ * Both paths multiply the same values in the same order: every output is one fused multiply-add chain over
+ * k = 0..K-1 from 0, of x by (float)q (S8; the column scale multiplies the sum) or by (float)(q - 8) * group scale
+ * (S4), then + bias, then GELU-erf or + residual. So a row's result does not depend on M, on the other rows, on the
+ * thread count or on the ISA path (AVX-512, AVX2, or portable C with fmaf): the same bits.
+ *
+ * The ISA path is chosen at creation from oneDNN's effective ISA (dnnl_get_effective_cpu_isa), so ONEDNN_MAX_CPU_ISA
+ * caps it the same way it caps oneDNN's kernels.
+ */
+#ifndef MQ_WO_MATMUL_H
+#define MQ_WO_MATMUL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "linear.h"
+#include "status.h"
+
+#define MQ_WO_PANEL 32 /* output columns per stored panel */
+
+typedef enum { MQ_WO_S8, MQ_WO_S4 } mq_wo_format;
+
+typedef struct {
+    mq_wo_format format;
+    int64_t K, N;
+    int per_channel;    /* S8: one scale per output column (else one for the tensor) */
+    int64_t group_size; /* S4: one scale per group_size inputs of a column; even, divides K */
+} mq_wo_layout;
+
+typedef struct mq_wo_matrix mq_wo_matrix;
+
+/* Repacks the user's weights into panels. S8: weight int8 [N, K], scales [N] or [1]. S4: weight uint8 [N, K / 2], two
+   values per byte (value = nibble - 8, even k in the low nibble), scales [N, K / group_size]. Copies everything. */
+mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *layout, const void *weight, const float *scales);
+void mq_wo_matrix_destroy(mq_wo_matrix *w);
+
+/* f32 values of scratch a call on a matrix of N outputs needs with n_threads threads, whatever K and M: per thread a
+   converted panel slice, a row chunk's partial sums over the N outputs and a row chunk's inputs copied for one k
+   block (at most (512 + 240 min(ceil(N / 32), 64)) 32 + 240 x 272 floats, 2.3 MB). */
+size_t mq_wo_scratch_floats(int64_t N, int n_threads);
+
+/* y [M, N] = epilogue(x [M, K] * dequant(W)^T + bias): bias [N] or NULL; epilogue NONE, GELU (erf) or RESIDUAL (adds
+   residual [M, N]). Runs on n_threads OpenMP threads with scratch of mq_wo_scratch_floats(w, n_threads) floats. */
+mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const float *bias, mq_epilogue epilogue,
+                       const float *residual, float *y, float *scratch, int n_threads);
+
+/* Bytes of weights and scales held. */
+size_t mq_wo_matrix_nbytes(const mq_wo_matrix *w);
+/* The kernel path, e.g. "medquant:wo_s8_avx512". */
+const char *mq_wo_matrix_impl(const mq_wo_matrix *w);
+
+/* GELU-erf in place on n values: 0.5 v (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error
+   below 1.5e-7) with its own exp; the same bits on every ISA. */
+void mq_gelu_erf_inplace(float *v, int64_t n);
+
+#endif
