@@ -220,13 +220,6 @@ mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t gr
     return MQ_OK;
 }
 
-MQ_HOT void mq_dequantize_weight_s8(const int8_t *q, int64_t N, int64_t K, const float *scales, int per_channel, float *w) {
-    for (int64_t n = 0; n < N; n++) {
-        float s = per_channel ? scales[n] : scales[0];
-        for (int64_t k = 0; k < K; k++) w[n * K + k] = (float)q[n * K + k] * s;
-    }
-}
-
 MQ_HOT void mq_dequantize_weight_s4(const uint8_t *packed, int64_t N, int64_t K, int64_t group, const float *scales, float *w) {
     const int64_t ng = K / group;
     for (int64_t n = 0; n < N; n++)

@@ -84,8 +84,7 @@ void mq_round_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, c
 /* Weights [N, K] row-major (one row per output channel). */
 mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales);
 mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, uint8_t *packed, float *scales);
-/* Dequantize into f32 [N, K]. scales: N (per channel) or 1 (per tensor) for s8; N * (K / group) for s4. */
-void mq_dequantize_weight_s8(const int8_t *q, int64_t N, int64_t K, const float *scales, int per_channel, float *w);
+/* Dequantize int4 into f32 [N, K]; scales: N * (K / group). */
 void mq_dequantize_weight_s4(const uint8_t *packed, int64_t N, int64_t K, int64_t group, const float *scales, float *w);
 /* Per-row symmetric s8 (embedding tables): scales[r] = absmax(row r) / 127. */
 mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scales);

@@ -39,6 +39,8 @@
 #define AVX2 __attribute__((target("avx2,fma")))
 
 typedef enum { WO_ISA_C, WO_ISA_AVX2, WO_ISA_AVX512 } wo_isa;
+static const int ISA_TILE_ROWS[] = {[WO_ISA_C] = MR_C, [WO_ISA_AVX2] = MR_AVX2, [WO_ISA_AVX512] = MR_AVX512};
+static const char *const ISA_NAMES[] = {[WO_ISA_C] = "c", [WO_ISA_AVX2] = "avx2", [WO_ISA_AVX512] = "avx512"};
 typedef enum { SRC_F32, SRC_S8, SRC_S4 } wo_src; /* where a tile's B operand comes from */
 
 /* The k range a tile kernel multiplies: [k0, k1), B from the converted slice `panel` (row k at panel + (k - k0) * NR;
@@ -70,7 +72,7 @@ struct mq_wo_matrix {
     uint8_t *q;
     float *scales;
     wo_isa isa;
-    int mr;
+    int mr; /* rows per tile: ISA_TILE_ROWS[isa] */
     char impl[48];
 };
 
@@ -490,17 +492,10 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const f
 
 /* ------------------------------------------------------------------ creation */
 
-static wo_isa pick_isa(int *mr, const char **name) {
+static wo_isa pick_isa(void) {
     const unsigned isa = (unsigned)dnnl_get_effective_cpu_isa();
-    if ((isa & (unsigned)dnnl_cpu_isa_avx512_core) == (unsigned)dnnl_cpu_isa_avx512_core) {
-        *mr = MR_AVX512, *name = "avx512";
-        return WO_ISA_AVX512;
-    }
-    if ((isa & (unsigned)dnnl_cpu_isa_avx2) == (unsigned)dnnl_cpu_isa_avx2) {
-        *mr = MR_AVX2, *name = "avx2";
-        return WO_ISA_AVX2;
-    }
-    *mr = MR_C, *name = "c";
+    if ((isa & (unsigned)dnnl_cpu_isa_avx512_core) == (unsigned)dnnl_cpu_isa_avx512_core) return WO_ISA_AVX512;
+    if ((isa & (unsigned)dnnl_cpu_isa_avx2) == (unsigned)dnnl_cpu_isa_avx2) return WO_ISA_AVX2;
     return WO_ISA_C;
 }
 
@@ -555,9 +550,9 @@ mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const
     }
     if (lay->format == MQ_WO_S4) memset(w->q, 0x88, (size_t)w->P * w->panel_bytes); /* padding: value 0 */
     fill_panels(w, weight, scales);
-    const char *isa = NULL;
-    w->isa = pick_isa(&w->mr, &isa);
-    snprintf(w->impl, sizeof w->impl, "medquant:wo_%s_%s", lay->format == MQ_WO_S8 ? "s8" : "s4", isa);
+    w->isa = pick_isa();
+    w->mr = ISA_TILE_ROWS[w->isa];
+    snprintf(w->impl, sizeof w->impl, "medquant:wo_%s_%s", lay->format == MQ_WO_S8 ? "s8" : "s4", ISA_NAMES[w->isa]);
     *out = w;
     return MQ_OK;
 }

@@ -21,7 +21,7 @@ typedef struct {
                              or centred u8 of an emulated layer) */
     mq_buffer act_in;     /* a layer's effective input shown to a site hook (mq_linear_effective_input) */
     mq_buffer row_scale;  /* per-row activation scales */
-    mq_buffer wo_panels;  /* weight-only layers' dequantized panels, one per thread (wo_matmul.h) */
+    mq_buffer wo_panels;  /* weight-only layers' per-thread buffers (mq_wo_scratch_floats, wo_matmul.h) */
     mq_buffer scratchpad; /* oneDNN user scratchpad */
 } mq_linear_scratch;
 
