@@ -33,41 +33,65 @@ static PyObject *py_kernel_support(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(i
                          bf16_native ? Py_True : Py_False);
 }
 
-static PyObject *py_quantize_weight_s8(PyObject *Py_UNUSED(m), PyObject *args) {
-    PyObject *w;
-    int per_channel = 1;
-    if (!PyArg_ParseTuple(args, "O|p", &w, &per_channel)) return NULL;
+/* The weight quantizers return (codes, scales): with scales=None they choose the scales; given scales (a float32
+   array of the scales' shape) they round with those, and the scales returned are a copy of them. */
+static PyObject *scales_out(PyObject *given, npy_intp n, const char *what, int *ok) {
+    npy_intp dims[1] = {n};
+    PyArrayObject *g = mq_py_opt_array(given, NPY_FLOAT32, 1, dims, what, ok);
+    if (!*ok) return NULL;
+    PyObject *s = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+    if (!s) { *ok = 0; return NULL; }
+    if (g) memcpy(PyArray_DATA((PyArrayObject *)s), PyArray_DATA(g), (size_t)n * sizeof(float));
+    return s;
+}
+
+static PyObject *py_quantize_weight_s8(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"w", "per_channel", "scales", NULL};
+    PyObject *w, *given = Py_None;
+    int per_channel = 1, ok;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|pO", kw, &w, &per_channel, &given)) return NULL;
     PyArrayObject *a = mq_py_array(w, NPY_FLOAT32, 2, NULL, "weight");
     if (!a) return NULL;
-    npy_intp N = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1), dn[1] = {per_channel ? N : 1};
+    npy_intp N = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1);
     if (N == 0 || K == 0) return PyErr_Format(PyExc_ValueError, "weight is empty");
+    PyObject *s = scales_out(given, per_channel ? N : 1, "scales", &ok);
+    if (!ok) return NULL;
     PyObject *q = PyArray_SimpleNew(2, PyArray_DIMS(a), NPY_INT8);
-    PyObject *s = PyArray_SimpleNew(1, dn, NPY_FLOAT32);
-    if (!q || !s) { Py_XDECREF(q); Py_XDECREF(s); return NULL; }
+    if (!q) { Py_DECREF(s); return NULL; }
+    const int fixed = given != Py_None;
+    int8_t *qd = PyArray_DATA((PyArrayObject *)q);
+    float *sd = PyArray_DATA((PyArrayObject *)s);
     mq_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = mq_quantize_weight_s8(PyArray_DATA(a), N, K, per_channel, PyArray_DATA((PyArrayObject *)q), PyArray_DATA((PyArrayObject *)s));
+    st = fixed ? mq_round_weight_s8(PyArray_DATA(a), N, K, per_channel, sd, qd)
+               : mq_quantize_weight_s8(PyArray_DATA(a), N, K, per_channel, qd, sd);
     Py_END_ALLOW_THREADS
     if (st != MQ_OK) { Py_DECREF(q); Py_DECREF(s); return mq_py_raise(st); }
     return Py_BuildValue("(NN)", q, s);
 }
 
-static PyObject *py_quantize_weight_s4(PyObject *Py_UNUSED(m), PyObject *args) {
-    PyObject *w;
+static PyObject *py_quantize_weight_s4(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"w", "group", "scales", NULL};
+    PyObject *w, *given = Py_None;
     long long group;
-    if (!PyArg_ParseTuple(args, "OL", &w, &group)) return NULL;
+    int ok;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL|O", kw, &w, &group, &given)) return NULL;
     PyArrayObject *a = mq_py_array(w, NPY_FLOAT32, 2, NULL, "weight");
     if (!a) return NULL;
     npy_intp N = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1);
     if (N == 0 || K == 0 || group <= 0 || group % 2 || K % group)
         return PyErr_Format(PyExc_ValueError, "int4 needs an even group size dividing in_features (group=%lld, in=%zd)", group, (Py_ssize_t)K);
-    npy_intp dq[2] = {N, K / 2}, ds[1] = {N * (K / (npy_intp)group)};
+    npy_intp dq[2] = {N, K / 2};
+    PyObject *s = scales_out(given, N * (K / (npy_intp)group), "scales", &ok);
+    if (!ok) return NULL;
     PyObject *q = PyArray_SimpleNew(2, dq, NPY_UINT8);
-    PyObject *s = PyArray_SimpleNew(1, ds, NPY_FLOAT32);
-    if (!q || !s) { Py_XDECREF(q); Py_XDECREF(s); return NULL; }
+    if (!q) { Py_DECREF(s); return NULL; }
+    const int fixed = given != Py_None;
+    uint8_t *qd = PyArray_DATA((PyArrayObject *)q);
+    float *sd = PyArray_DATA((PyArrayObject *)s);
     mq_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = mq_quantize_weight_s4(PyArray_DATA(a), N, K, group, PyArray_DATA((PyArrayObject *)q), PyArray_DATA((PyArrayObject *)s));
+    st = fixed ? mq_round_weight_s4(PyArray_DATA(a), N, K, group, sd, qd) : mq_quantize_weight_s4(PyArray_DATA(a), N, K, group, qd, sd);
     Py_END_ALLOW_THREADS
     if (st != MQ_OK) { Py_DECREF(q); Py_DECREF(s); return mq_py_raise(st); }
     return Py_BuildValue("(NN)", q, s);
@@ -90,19 +114,25 @@ static PyObject *py_dequantize_weight_s4(PyObject *Py_UNUSED(m), PyObject *args)
     return w;
 }
 
-static PyObject *py_quantize_rows_s8(PyObject *Py_UNUSED(m), PyObject *args) {
-    PyObject *x;
-    if (!PyArg_ParseTuple(args, "O", &x)) return NULL;
+static PyObject *py_quantize_rows_s8(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"table", "scales", NULL};
+    PyObject *x, *given = Py_None;
+    int ok;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", kw, &x, &given)) return NULL;
     PyArrayObject *a = mq_py_array(x, NPY_FLOAT32, 2, NULL, "table");
     if (!a) return NULL;
-    npy_intp R = PyArray_DIM(a, 0), C = PyArray_DIM(a, 1), dr[1] = {R};
+    npy_intp R = PyArray_DIM(a, 0), C = PyArray_DIM(a, 1);
     if (R == 0 || C == 0) return PyErr_Format(PyExc_ValueError, "table is empty");
+    PyObject *s = scales_out(given, R, "scales", &ok);
+    if (!ok) return NULL;
     PyObject *q = PyArray_SimpleNew(2, PyArray_DIMS(a), NPY_INT8);
-    PyObject *s = PyArray_SimpleNew(1, dr, NPY_FLOAT32);
-    if (!q || !s) { Py_XDECREF(q); Py_XDECREF(s); return NULL; }
+    if (!q) { Py_DECREF(s); return NULL; }
+    const int fixed = given != Py_None;
+    int8_t *qd = PyArray_DATA((PyArrayObject *)q);
+    float *sd = PyArray_DATA((PyArrayObject *)s);
     mq_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = mq_quantize_rows_s8(PyArray_DATA(a), R, C, PyArray_DATA((PyArrayObject *)q), PyArray_DATA((PyArrayObject *)s));
+    st = fixed ? mq_round_weight_s8(PyArray_DATA(a), R, C, 1, sd, qd) : mq_quantize_rows_s8(PyArray_DATA(a), R, C, qd, sd);
     Py_END_ALLOW_THREADS
     if (st != MQ_OK) { Py_DECREF(q); Py_DECREF(s); return mq_py_raise(st); }
     return Py_BuildValue("(NN)", q, s);
@@ -121,10 +151,13 @@ static PyMethodDef module_methods[] = {
     {"runtime_info", py_runtime_info, METH_NOARGS, "oneDNN version, threading runtime, effective ISA, threads"},
     {"kernel_support", py_kernel_support, METH_NOARGS,
      "{int8_exact, bf16_native}: whether int8 / bf16 layers run native oneDNN kernels here (else emulated in f32)"},
-    {"quantize_weight_s8", py_quantize_weight_s8, METH_VARARGS, "(w f32[N,K], per_channel=True) -> (q i8[N,K], scales)"},
-    {"quantize_weight_s4", py_quantize_weight_s4, METH_VARARGS, "(w f32[N,K], group) -> (packed u8[N,K/2], scales)"},
+    {"quantize_weight_s8", (PyCFunction)(void (*)(void))py_quantize_weight_s8, METH_VARARGS | METH_KEYWORDS,
+     "(w f32[N,K], per_channel=True, scales=None) -> (q i8[N,K], scales): scales chosen, or given and rounded with"},
+    {"quantize_weight_s4", (PyCFunction)(void (*)(void))py_quantize_weight_s4, METH_VARARGS | METH_KEYWORDS,
+     "(w f32[N,K], group, scales=None) -> (packed u8[N,K/2], scales): scales chosen, or given and rounded with"},
     {"dequantize_weight_s4", py_dequantize_weight_s4, METH_VARARGS, "(packed, scales, group) -> w f32[N,K]"},
-    {"quantize_rows_s8", py_quantize_rows_s8, METH_VARARGS, "(table f32[R,C]) -> (q i8[R,C], row scales)"},
+    {"quantize_rows_s8", (PyCFunction)(void (*)(void))py_quantize_rows_s8, METH_VARARGS | METH_KEYWORDS,
+     "(table f32[R,C], scales=None) -> (q i8[R,C], row scales): scales chosen, or given and rounded with"},
     {"qparams", py_qparams, METH_VARARGS, "(lo, hi, symmetric) -> (scale, zero_point) of the u8 activation grid"},
     {NULL, NULL, 0, NULL}};
 

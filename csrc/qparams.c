@@ -176,40 +176,52 @@ static inline float sym_scale(float absmax, float qmax) {
     return s >= FLT_MIN ? s : (absmax > 0.f ? FLT_MIN : 1.f);
 }
 
-mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales) {
-    if (N <= 0 || K <= 0) return mq_set_error(MQ_ERR_ARG, "quantize_weight_s8: bad shape [%lld, %lld]", (long long)N, (long long)K);
+static mq_status check_scales(const float *scales, int64_t n, const char *what) {
+    for (int64_t i = 0; i < n; i++)
+        if (!(isfinite(scales[i]) && scales[i] >= FLT_MIN))
+            return mq_set_error(MQ_ERR_ARG, "%s: scale %lld is %g; scales must be positive normal floats", what, (long long)i,
+                                (double)scales[i]);
+    return MQ_OK;
+}
+
+mq_status mq_round_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, const float *scales, int8_t *q) {
+    if (N <= 0 || K <= 0) return mq_set_error(MQ_ERR_ARG, "round_weight_s8: bad shape [%lld, %lld]", (long long)N, (long long)K);
     MQ_TRY(mq_check_finite(w, (size_t)N * (size_t)K, "weight"));
-    float tensor_scale = 0.f;
-    if (!per_channel) {
-        float a = absmax(w, N * K);
-        tensor_scale = sym_scale(a, 127.f);
-        scales[0] = tensor_scale;
-    }
+    MQ_TRY(check_scales(scales, per_channel ? N : 1, "round_weight_s8"));
     for (int64_t n = 0; n < N; n++) {
         const float *wr = w + n * K;
-        float s = tensor_scale;
-        if (per_channel) {
-            float a = absmax(wr, K);
-            s = sym_scale(a, 127.f);
-            scales[n] = s;
-        }
+        const float s = scales[per_channel ? n : 0];
         for (int64_t k = 0; k < K; k++) q[n * K + k] = (int8_t)clampf(nearbyintf(wr[k] / s), -127.f, 127.f);
     }
     return MQ_OK;
 }
 
-mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, uint8_t *packed, float *scales) {
+mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales) {
+    if (N <= 0 || K <= 0) return mq_set_error(MQ_ERR_ARG, "quantize_weight_s8: bad shape [%lld, %lld]", (long long)N, (long long)K);
+    MQ_TRY(mq_check_finite(w, (size_t)N * (size_t)K, "weight"));
+    if (per_channel)
+        for (int64_t n = 0; n < N; n++) scales[n] = sym_scale(absmax(w + n * K, K), 127.f);
+    else
+        scales[0] = sym_scale(absmax(w, N * K), 127.f);
+    return mq_round_weight_s8(w, N, K, per_channel, scales, q);
+}
+
+static mq_status check_s4_shape(int64_t N, int64_t K, int64_t group, const char *what) {
     if (N <= 0 || K <= 0 || group <= 0 || K % group != 0 || group % 2 != 0)
-        return mq_set_error(MQ_ERR_ARG, "quantize_weight_s4: K=%lld must be a multiple of an even group size (group=%lld)",
+        return mq_set_error(MQ_ERR_ARG, "%s: K=%lld must be a multiple of an even group size (group=%lld)", what,
                             (long long)K, (long long)group);
+    return MQ_OK;
+}
+
+mq_status mq_round_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, const float *scales, uint8_t *packed) {
+    MQ_TRY(check_s4_shape(N, K, group, "round_weight_s4"));
     MQ_TRY(mq_check_finite(w, (size_t)N * (size_t)K, "weight"));
     const int64_t ng = K / group;
+    MQ_TRY(check_scales(scales, N * ng, "round_weight_s4"));
     for (int64_t n = 0; n < N; n++) {
         for (int64_t g = 0; g < ng; g++) {
             const float *wg = w + n * K + g * group;
-            float a = absmax(wg, group);
-            float s = sym_scale(a, 7.f);
-            scales[n * ng + g] = s;
+            const float s = scales[n * ng + g];
             for (int64_t k = 0; k < group; k += 2) {
                 int lo = (int)clampf(nearbyintf(wg[k] / s), -7.f, 7.f) + 8;
                 int hi = (int)clampf(nearbyintf(wg[k + 1] / s), -7.f, 7.f) + 8;
@@ -218,6 +230,15 @@ mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t gr
         }
     }
     return MQ_OK;
+}
+
+mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, uint8_t *packed, float *scales) {
+    MQ_TRY(check_s4_shape(N, K, group, "quantize_weight_s4"));
+    MQ_TRY(mq_check_finite(w, (size_t)N * (size_t)K, "weight"));
+    const int64_t ng = K / group;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < ng; g++) scales[n * ng + g] = sym_scale(absmax(w + n * K + g * group, group), 7.f);
+    return mq_round_weight_s4(w, N, K, group, scales, packed);
 }
 
 MQ_HOT void mq_dequantize_weight_s4(const uint8_t *packed, int64_t N, int64_t K, int64_t group, const float *scales, float *w) {
@@ -234,13 +255,8 @@ MQ_HOT void mq_dequantize_weight_s4(const uint8_t *packed, int64_t N, int64_t K,
 mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scales) {
     if (rows <= 0 || cols <= 0) return mq_set_error(MQ_ERR_ARG, "quantize_rows_s8: bad shape");
     MQ_TRY(mq_check_finite(x, (size_t)rows * (size_t)cols, "embedding table"));
-    for (int64_t r = 0; r < rows; r++) {
-        float a = absmax(x + r * cols, cols);
-        float s = sym_scale(a, 127.f);
-        scales[r] = s;
-        for (int64_t c = 0; c < cols; c++) q[r * cols + c] = (int8_t)clampf(nearbyintf(x[r * cols + c] / s), -127.f, 127.f);
-    }
-    return MQ_OK;
+    for (int64_t r = 0; r < rows; r++) scales[r] = sym_scale(absmax(x + r * cols, cols), 127.f);
+    return mq_round_weight_s8(x, rows, cols, 1, scales, q);
 }
 
 mq_status mq_check_finite(const float *x, size_t n, const char *what) {

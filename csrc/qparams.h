@@ -81,12 +81,19 @@ void mq_convert_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld,
 /* The same rounding, the result widened back to f32 (dense rows x cols): the values a bf16 matmul multiplies. */
 void mq_round_f32_bf16(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *col_mul, float *y);
 
-/* Weights [N, K] row-major (one row per output channel). */
+/* Weights [N, K] row-major (one row per output channel). The quantize_* functions choose symmetric scales
+   (absmax / 127 per channel or per tensor; absmax / 7 per group of `group` inputs for int4, packed two per byte, low
+   nibble first, stored as q + 8) and round with them; the round_* functions round with scales given (positive normal
+   floats, else MQ_ERR_ARG): q = clamp(nearbyint(w / s), -127, 127) (int4: -7, 7). One rounding for both, so
+   re-quantizing a weight with the scales it was quantized with gives the same codes. */
 mq_status mq_quantize_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, int8_t *q, float *scales);
+mq_status mq_round_weight_s8(const float *w, int64_t N, int64_t K, int per_channel, const float *scales, int8_t *q);
 mq_status mq_quantize_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, uint8_t *packed, float *scales);
+mq_status mq_round_weight_s4(const float *w, int64_t N, int64_t K, int64_t group, const float *scales, uint8_t *packed);
 /* Dequantize int4 into f32 [N, K]; scales: N * (K / group). */
 void mq_dequantize_weight_s4(const uint8_t *packed, int64_t N, int64_t K, int64_t group, const float *scales, float *w);
-/* Per-row symmetric s8 (embedding tables): scales[r] = absmax(row r) / 127. */
+/* Per-row symmetric s8 (embedding tables): scales[r] = absmax(row r) / 127 (with given scales: mq_round_weight_s8
+   per channel). */
 mq_status mq_quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scales);
 
 /* Returns MQ_ERR_NUMERIC naming `what` if any of the n values is NaN or Inf. */

@@ -12,6 +12,7 @@ from .eval.objective import ObjectiveResult, RetrievalObjective
 from .model.checkpoint import DEFAULT_MODEL, CheckpointError
 from .model.encoder import Encoder
 from .quant.calibration import Calibration
+from .quant.params import QuantParams, load_quant_params
 from .quant.schemes import PRESETS, QuantScheme, get_scheme
 from .quant.autoquant import AutoQuantConfig, autoquantize
 from .quant.sensitivity import sensitivity
@@ -33,6 +34,7 @@ def runtime_info() -> dict:
 
 __all__ = [
     "AutoQuantConfig", "Calibration", "CheckpointError", "DEFAULT_MODEL", "Encoder", "EvalConfig", "ObjectiveResult",
-    "PRESETS", "QuantScheme", "RetrievalObjective", "autoquantize", "evaluate", "get_scheme", "runtime_info",
+    "PRESETS", "QuantParams", "QuantScheme", "RetrievalObjective", "autoquantize", "evaluate", "get_scheme",
+    "load_quant_params", "runtime_info",
     "sensitivity",
 ]

@@ -4,6 +4,7 @@
     medquant info
     medquant quantize --model all-MiniLM-L6-v2 --scheme int8-static-asym --out int8-model/
     medquant compare --model all-MiniLM-L6-v2 --system int8-model/ --out results-saved/
+    medquant export --model all-MiniLM-L6-v2 --scheme int8-static-asym --out train-data/
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="medquant", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"medquant {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{compare,info,quantize}")
+    sub = p.add_subparsers(dest="command", metavar="{compare,info,quantize,export}")
     sub.required = True
     presets = ", ".join(PRESETS)
     _compare_parser(sub, presets)
@@ -61,7 +62,57 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output model directory (new, empty, or a previous medquant save)")
     q.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds other files (everything in it is removed)")
+    _export_parser(sub, presets)
     return p
+
+
+def _export_parser(sub, presets: str) -> None:
+    from .finetune.export import FORMATS, NEGATIVE_SOURCES, SAMPLINGS, ExportConfig
+    from .model.checkpoint import DEFAULT_MODEL
+
+    d = ExportConfig()
+    e = sub.add_parser("export", help="write fine-tuning data: hard negatives, teacher scores, quantization losses",
+                       description="Mine hard negatives for every (query, relevant document) pair of a training "
+                                   "split with the fp32 --model (the teacher), score them with it, flag the queries a "
+                                   "quantized student ranks worse, and write Parquet / JSONL files that datasets and "
+                                   "sentence-transformers trainers load as they are, a dataset card and the "
+                                   "student's quantization parameters (see medquant.finetune.export). MedQuAD: "
+                                   "trains on dev and holds out test (no text of test is exported).")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="the fp32 teacher: model name or directory")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--scheme", default=None, help=f"quantize the teacher into the student with this preset ({presets}); "
+                                                  "static schemes are calibrated on --calibration-size texts of the "
+                                                  "training split")
+    g.add_argument("--student", default=None, metavar="DIR", help="a saved quantized model as the student")
+    e.add_argument("--dataset", default="medquad", help="'medquad' or a BEIR-layout directory")
+    e.add_argument("--split", default=None, help="the training split (MedQuAD: dev, the default; BEIR: required)")
+    e.add_argument("--holdout-split", default=None,
+                   help="the split evaluation uses; none of its texts is exported (MedQuAD default: test; BEIR: "
+                        "optional)")
+    e.add_argument("--limit", type=int, default=None, help="a seeded sample of N training queries (corpus 4 x N)")
+    e.add_argument("--exclude-source", action="append", default=[], metavar="SOURCE",
+                   help="drop a source's queries and documents entirely (MedQuAD e.g. NIDDK); repeatable")
+    e.add_argument("--num-negatives", type=int, default=d.num_negatives, help="per pair (default %(default)s)")
+    e.add_argument("--range-min", type=int, default=d.range_min, help="best rank a negative may have, 0-based")
+    e.add_argument("--range-max", type=int, default=d.range_max, help="candidates: the top N (default %(default)s)")
+    e.add_argument("--margin", type=float, default=d.margin, help="absolute false-negative margin (default 0)")
+    e.add_argument("--relative-margin", type=float, default=d.relative_margin,
+                   help="relative false-negative margin, a fraction of the positive's score (default %(default)s)")
+    e.add_argument("--duplicate-cosine", type=float, default=d.duplicate_cosine,
+                   help="a candidate this close (teacher cosine) to a positive is a duplicate (default %(default)s)")
+    e.add_argument("--sampling", choices=SAMPLINGS, default=d.sampling)
+    e.add_argument("--negatives-from", choices=NEGATIVE_SOURCES, default=d.negatives_from)
+    e.add_argument("--metric", default=d.metric, help="per-query metric that flags quantization losses")
+    e.add_argument("--hurt-weight", type=float, default=d.hurt_weight, help="weight of a flagged query")
+    e.add_argument("--teacher-embeddings", action="store_true", help="also write the teacher's embeddings")
+    e.add_argument("--format", default=",".join(FORMATS), help="parquet and/or jsonl, comma-separated")
+    e.add_argument("--calibration-size", type=int, default=256)
+    e.add_argument("--seed", type=int, default=13, help="seed of sampling, --limit and calibration (default 13)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-length", type=int, default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--out", required=True, help="output directory (new, empty, or an earlier export)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
 
 
 def _compare_parser(sub, presets: str) -> None:
@@ -524,6 +575,68 @@ def _quantize(parser, args) -> int:
     return 0
 
 
+def _export(parser, args) -> int:
+    from . import Encoder, PRESETS
+    from .eval.calibration_data import CalibrationSource, held_out_texts
+    from .finetune.export import MEDQUAD_CITATION, MEDQUAD_LICENSE, ExportConfig, export_training_data
+    from .model.checkpoint import CheckpointError
+
+    _check_counts(parser, (("--calibration-size", args.calibration_size), ("--batch-size", args.batch_size),
+                           ("--threads", args.threads), ("--limit", args.limit), ("--max-length", args.max_length)))
+    _check_seed_and_out(parser, args)
+    if args.scheme is not None and args.scheme not in PRESETS:
+        parser.error(f"unknown scheme {args.scheme!r}; presets: {', '.join(PRESETS)}")
+    try:
+        cfg = ExportConfig(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
+                           margin=args.margin, relative_margin=args.relative_margin,
+                           duplicate_cosine=args.duplicate_cosine, sampling=args.sampling,
+                           negatives_from=args.negatives_from, metric=args.metric, hurt_weight=args.hurt_weight,
+                           teacher_embeddings=args.teacher_embeddings, seed=args.seed, batch_size=args.batch_size,
+                           max_length=args.max_length, formats=tuple(f for f in args.format.split(",") if f))
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    medquad = _is_medquad(args.dataset)
+    if not medquad and not args.split:
+        parser.error(f"--dataset {args.dataset}: name the training split (--split)")
+    train = _load_dataset(parser, args.dataset, args.split or "dev", "--split")
+    holdout_split = args.holdout_split or ("test" if medquad else None)
+    if holdout_split == (args.split or ("dev" if medquad else None)):
+        parser.error("--holdout-split must differ from the training --split")
+    holdout = _load_dataset(parser, args.dataset, holdout_split, "--holdout-split") if holdout_split else None
+    if args.limit:
+        train = _sample(train, args.limit, 4, args.seed)
+    try:
+        teacher = Encoder.from_pretrained(args.model, n_threads=args.threads, max_length=args.max_length)
+        student = (Encoder.from_pretrained(args.student, n_threads=args.threads, max_length=args.max_length)
+                   if args.student else None)
+    except (CheckpointError, ValueError) as e:
+        parser.error(str(e))
+    if args.scheme is not None:
+        scheme = PRESETS[args.scheme]
+        calib = None
+        if scheme.needs_calibration:
+            source = CalibrationSource.from_dataset(train, kind="split")
+            calib, info = held_out_texts(source, list(holdout.queries.values()) + list(holdout.corpus.values())
+                                         if holdout else (), args.calibration_size, args.seed)
+            print(f"calibrating {args.scheme} on {len(calib)} texts of {info['source']} (seed {args.seed})",
+                  file=sys.stderr)
+        student = teacher.quantize(scheme, calibration_texts=calib, batch_size=args.batch_size,
+                                   show_progress_bar=True)
+    try:
+        ex = export_training_data(teacher, train, args.out, student=student, holdout=holdout,
+                                  exclude_sources=args.exclude_source, config=cfg,
+                                  license=MEDQUAD_LICENSE if medquad else None,
+                                  citation=MEDQUAD_CITATION if medquad else None, overwrite=args.overwrite,
+                                  show_progress_bar=True)
+    except (OSError, ValueError, ImportError) as e:
+        parser.error(str(e))
+    c = ex.counts
+    print(f"exported {c['pairs']} pairs and {c['triplets']} triplets of {c['queries']} queries from {train.name} "
+          f"to {ex.directory}" + (f"; the student ranks {c['queries_hurt']} queries worse ({cfg.metric})"
+                                  if "queries_hurt" in c else ""))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``medquant`` command line; returns the exit code (argument errors exit with 2)."""
     parser = _parser()
@@ -534,6 +647,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _info(args)
     if args.command == "quantize":
         return _quantize(_sub(parser, "quantize"), args)
+    if args.command == "export":
+        return _export(_sub(parser, "export"), args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 

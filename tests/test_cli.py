@@ -98,6 +98,11 @@ def test_compare_beir_directory(tmp_path):
     (["compare", "--calibration-split", "train", "--schemes", "int8-static-asym", "--limit", "5"],
      "--calibration-split"),
     (["frobnicate"], "invalid choice"),
+    (["export", "--out", "x", "--range-min", "5", "--range-max", "3"], "range_max"),
+    (["export", "--out", "x", "--split", "test", "--holdout-split", "test"], "must differ"),
+    (["export", "--out", "x", "--scheme", "int3"], "unknown scheme"),
+    (["export", "--out", "x", "--format", "csv"], "formats"),
+    (["export", "--out", "x", "--scheme", "int8-dynamic", "--student", "y"], "not allowed with"),
 ])
 def test_argument_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -119,6 +124,20 @@ def test_quantize_saves_loadable_model(tmp_path, capsys):
     enc = medquant.Encoder.from_pretrained(out)
     assert enc.scheme.name == "int8-dynamic"
     assert "saved int8-dynamic" in capsys.readouterr().out
+
+
+def test_export_writes_training_data(tmp_path, capsys):
+    out = tmp_path / "train"
+    rc = main(["export", "--scheme", "int8-static-asym", "--limit", "12", "--max-length", "64", "--calibration-size",
+               "32", "--format", "jsonl", "--num-negatives", "2", "--out", str(out)])
+    assert rc == 0
+    assert "exported" in capsys.readouterr().out
+    man = json.loads((out / "export.json").read_text())
+    assert man["holdout"] == "medquad-test" and man["dataset"] == "medquad-dev-limit12"
+    assert man["license"] == "CC BY 4.0" and man["student"].endswith("[int8-static-asym]")
+    trip = pd.read_json(out / "triplets.jsonl", lines=True)
+    assert list(trip.columns) == ["anchor", "positive", "negative"] and len(trip) == man["counts"]["triplets"] > 0
+    assert medquant.load_quant_params(out / "quant_params").scheme.name == "int8-static-asym"
 
 
 def test_python_dash_m():

@@ -496,10 +496,20 @@ class Encoder:
     def quantize(self, scheme, calibration_texts: Optional[Sequence[str]] = None,
                  calibration: Optional[Calibration] = None, batch_size: int = 32,
                  show_progress_bar: Optional[bool] = None) -> "Encoder":
-        """A new Encoder quantized under ``scheme`` (see :func:`medquant.quant.quantize.quantize`)."""
+        """A new Encoder quantized under ``scheme`` (see :func:`medquant.quant.quantize.quantize`); ``scheme`` may
+        also be a :class:`~medquant.quant.params.QuantParams` (from :meth:`quant_params` or ``QuantParams.load``):
+        then this encoder's weights are quantized with those parameters, nothing is calibrated."""
         batch_size = limits.batch_size(batch_size)
         return _quantize.quantize(self, scheme, calibration_texts=calibration_texts, calibration=calibration,
                                   batch_size=batch_size, show_progress_bar=show_progress_bar)
+
+    def quant_params(self):
+        """This encoder's quantization parameters (:class:`~medquant.quant.params.QuantParams`: per-site scales,
+        zero points, ranges, SmoothQuant factors, embedding scales), to inspect (``.table()``), save (``.save(dir)``)
+        and apply to an fp32 encoder (``fp32.quantize(params)``)."""
+        from ..quant.params import QuantParams
+
+        return QuantParams.from_encoder(self)
 
     def quant_report(self, texts: Sequence[str], reference: Optional["Encoder"] = None, batch_size: int = 16,
                      max_length: Optional[int] = None) -> pd.DataFrame:

@@ -38,7 +38,17 @@ def quantize(encoder: "Encoder", scheme, calibration_texts: Optional[Sequence[st
     ``calibration`` from :meth:`Encoder.calibrate`. SmoothQuant needs ``calibration_texts`` (its ranges are measured
     after smoothing), and so do GPTQ rounding and bias correction (one more pass gathers the moments of every
     site's input, see :mod:`medquant.quant.recovery`).
+
+    ``scheme`` may be a :class:`~medquant.quant.params.QuantParams`: the weights are then quantized with its
+    parameters (:meth:`QuantParams.apply`); calibration arguments are refused, nothing is calibrated.
     """
+    from .params import QuantParams
+
+    if isinstance(scheme, QuantParams):
+        if calibration_texts is not None or calibration is not None:
+            raise ValueError("quantize(QuantParams) applies given parameters: calibration_texts and calibration "
+                             "are not used; pass the scheme instead to calibrate anew")
+        return scheme.apply(encoder)
     scheme = get_scheme(scheme)
     batch_size = limits.batch_size(batch_size)
     params = encoder.fp32_params
