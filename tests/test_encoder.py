@@ -7,7 +7,7 @@ import torch
 
 import medquant
 import quant_reference as ref
-from kernels import SUPPORT
+from kernel_support import SUPPORT
 from tiny_bert import random_texts, write_tiny_bert
 
 torch.set_num_threads(2)

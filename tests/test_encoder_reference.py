@@ -16,7 +16,7 @@ import pytest
 
 import medquant
 import quant_reference as ref
-from kernels import SUPPORT
+from kernel_support import SUPPORT
 from medquant.model.architectures import fp32_sites as _fp32_sites
 from tiny_bert import random_texts, write_tiny_bert
 

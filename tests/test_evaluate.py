@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import medquant
-from kernels import SUPPORT
+from kernel_support import SUPPORT
 from medquant.eval.datasets import medquad_retrieval
 from medquant.eval.evaluate import EvalConfig, PerQueryResults, per_query_table
 from medquant.eval.metrics import summarize

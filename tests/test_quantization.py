@@ -7,7 +7,7 @@ import pytest
 import medquant
 from medquant import QuantScheme, _core
 import quant_reference as ref
-from kernels import SUPPORT, assert_optimized
+from kernel_support import SUPPORT, assert_optimized
 
 RNG = np.random.default_rng(7)
 K, N, M = 96, 80, 37  # M not a multiple of any bucket

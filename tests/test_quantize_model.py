@@ -6,7 +6,7 @@ import pytest
 
 import medquant
 from medquant import QuantScheme
-from kernels import SUPPORT, assert_optimized
+from kernel_support import SUPPORT, assert_optimized
 
 
 @pytest.fixture(scope="module")

@@ -5,5 +5,7 @@
 sentence-transformers (the modules that need them import them when called).
 """
 from .export import ExportConfig, TrainingExport, export_training_data, medquad_training_data
+from .train import FinetuneConfig, FinetuneResult, finetune
 
-__all__ = ["ExportConfig", "TrainingExport", "export_training_data", "medquad_training_data"]
+__all__ = ["ExportConfig", "FinetuneConfig", "FinetuneResult", "TrainingExport", "export_training_data", "finetune",
+           "medquad_training_data"]

@@ -1,0 +1,108 @@
+"""Fine-tuning (medquant.finetune.train): a tiny real training run, plain and quantization-aware, gives a directory
+that medquant re-imports, quantizes and evaluates; quantizing it with the trained parameters gives the model that
+training simulated; the same seed gives the same weights."""
+import json
+
+import numpy as np
+import pytest
+
+import medquant
+from conftest import require
+from medquant.eval.datasets import medquad_retrieval
+from medquant.finetune import ExportConfig, FinetuneConfig, finetune, medquad_training_data
+from medquant.finetune.train import TRAINING_RECORD, load_pairs
+
+torch = require("torch")
+transformers = require("transformers")
+from medquant.finetune.fakequant import wrap  # noqa: E402
+
+TINY = dict(steps=3, batch_size=8, max_seq_length=32, negatives_per_pair=1, lr=1e-4, seed=3, threads=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, minilm_dir):
+    teacher = medquant.Encoder.from_pretrained(minilm_dir, max_length=64)
+    dev = medquad_retrieval("dev", limit=16, seed=5)
+    student = teacher.quantize("int8-static-asym",
+                               calibration_texts=list(dev.queries.values()) + list(dev.corpus.values())[:16])
+    out = tmp_path_factory.mktemp("ft") / "data"
+    medquad_training_data(teacher, out, student=student, limit=24, config=ExportConfig(num_negatives=2,
+                                                                                        formats=("jsonl",)))
+    return out
+
+
+def test_pairs_carry_their_negatives_and_weights(data):
+    pairs, manifest = load_pairs(data)
+    assert len(pairs) == manifest["counts"]["pairs"]
+    assert sum(len(p.negatives) for p in pairs) == manifest["counts"]["triplets"]
+    assert all(len(p.negatives) == len(p.margins) <= 2 for p in pairs)
+    assert {p.weight for p in pairs} <= {1.0, 2.0}
+
+
+def test_finetuned_model_reimports_quantizes_and_evaluates(tmp_path, data, minilm_dir):
+    res = finetune(minilm_dir, data, tmp_path / "ft", config=FinetuneConfig(**TINY))
+    assert res.steps == 3 and len(res.losses) == 3 and all(np.isfinite(res.losses))
+    rec = json.loads((tmp_path / "ft" / TRAINING_RECORD).read_text())
+    assert rec["data"]["holdout"] == "medquad-test" and rec["steps"] == 3
+    ft = medquant.Encoder.from_pretrained(tmp_path / "ft", max_length=64)
+    base = medquant.Encoder.from_pretrained(minilm_dir, max_length=64)
+    texts = ["What causes anemia?", "Iron deficiency is the most common cause of anemia."]
+    assert ft.sentence_config.pooling == "mean" and ft.sentence_config.normalize
+    e_ft, e_base = ft.encode(texts), base.encode(texts)
+    assert not np.allclose(e_ft, e_base)
+    # the saved weights are the trained ones: torch's embedding of the directory equals medquant's fp32 forward
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ft"))
+    m = transformers.BertModel.from_pretrained(str(tmp_path / "ft"), add_pooling_layer=False).eval()
+    b = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = m(**b).last_hidden_state
+    mask = b["attention_mask"].unsqueeze(-1).float()
+    e_t = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert np.abs(e_t - e_ft).max() < 1e-5
+    test = medquad_retrieval("test", limit=12, seed=2)
+    q = ft.quantize("int8-dynamic")
+    df = medquant.evaluate([q], test, model=ft, index_kinds=(), n_boot=50, show_progress_bar=False)
+    assert set(df["scheme"]) >= {"fp32", "int8-dynamic"} and df["nDCG@10"].between(0, 1).all()
+
+
+def test_quantization_aware_run_gives_back_the_model_it_simulated(tmp_path, data, minilm_dir):
+    res = finetune(minilm_dir, data, tmp_path / "qat", config=FinetuneConfig(quantization_aware=True, **TINY))
+    params = medquant.load_quant_params(tmp_path / "qat" / "quant_params")
+    assert params.scheme.name == "int8-static-asym"
+    exported = medquant.load_quant_params(data / "quant_params")
+    site = "encoder.layer.1.intermediate.dense"
+    assert params.sites[site]["act_scale"] == exported.sites[site]["act_scale"]  # the activation grid as trained
+    ft = medquant.Encoder.from_pretrained(tmp_path / "qat", max_length=64)
+    q = ft.quantize(params)
+    # the same trained weights in torch, wrapped with the same parameters, compute what medquant computes
+    m = wrap(transformers.BertModel.from_pretrained(str(tmp_path / "qat"), add_pooling_layer=False).eval(), params,
+             weight_scales="given")
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "qat"))
+    texts = list(medquad_retrieval("test", limit=8, seed=2).queries.values())
+    b = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        h = m(**b).last_hidden_state
+    mask = b["attention_mask"].unsqueeze(-1).float()
+    e_t = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    e_c = q.encode(texts, normalize=True)
+    assert ((e_t * e_c).sum(1) > 0.99).all()  # up to rounding flips (see test_finetune_fakequant.py)
+    # the codes medquant stores are the ones training rounded to, site by site
+    for name in ("encoder.layer.1.intermediate.dense", "encoder.layer.4.output.dense"):
+        mod = m.get_submodule(name)
+        with torch.no_grad():
+            codes = (mod.wq(mod.weight) / mod.wq.scales(mod.wq.smoothed(mod.weight))).round().to(torch.int8).numpy()
+        assert np.array_equal(codes, q.storage_tensors(name)[name + ".weight"])
+    assert res.quant_params is not None
+
+
+def test_same_seed_same_weights(tmp_path, data, minilm_dir):
+    cfg = dict(TINY, steps=2)
+    finetune(minilm_dir, data, tmp_path / "a", config=FinetuneConfig(**cfg))
+    finetune(minilm_dir, data, tmp_path / "b", config=FinetuneConfig(**cfg))
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="over its source"):
+        finetune(tmp_path / "a", data, tmp_path / "a", config=FinetuneConfig(**cfg))
+    for bad in (dict(steps=0), dict(batch_size=1), dict(lr=0.0), dict(weight_scales="learned"),
+                dict(negatives_per_pair=-1)):
+        with pytest.raises((ValueError, TypeError)):
+            FinetuneConfig(**bad)
