@@ -15,7 +15,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 def test_notebooks_found():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_calibration_study.ipynb",
-                                           "03_your_own_collection.ipynb", "05_autoquantize.ipynb"]
+                                           "03_your_own_collection.ipynb", "04_recover_with_finetuning.ipynb",
+                                           "05_autoquantize.ipynb"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,150 @@
+"""The whole loop, measured: quantize, export training data, fine-tune (plain and quantization-aware), re-import,
+re-quantize, evaluate, and one before/after table with paired confidence intervals.
+
+:func:`recovery_study` runs, for one fp32 model and one or more schemes:
+
+1. the student ``fp32.quantize(scheme)``, calibrated on texts of the training split (never of the evaluated split);
+2. the training data (:func:`medquant.finetune.export_training_data`: MedQuAD dev, ``test`` held out, optionally
+   sources excluded entirely), with the first scheme's student flagging where quantization hurts;
+3. plain fine-tuning (``finetune_config``) and, per scheme, quantization-aware fine-tuning (``qat_config`` with
+   ``quantization_aware=True``, simulating that scheme's exported parameters);
+4. evaluation on the held-out collection of: fp32, each scheme (post-training), fine-tuned fp32, fine-tuned + each
+   scheme (post-training, recalibrated on the same training-split texts), and quantization-aware fine-tuned +
+   each scheme (quantized with the parameters training simulated).
+
+The table has one row per system with nDCG@10 (and MRR@10, R@100), its paired difference to fp32 and to the
+fine-tuned fp32 model with their confidence intervals (:func:`medquant.eval.stats.paired_comparison`), the fraction
+of the post-training gap that quantization-aware training closed, and, with excluded sources, the same on the
+queries of those sources (never trained on). Every step writes into ``work_dir`` and is reused when its output is
+already there (``reuse=True``), so a long run can be resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from ..eval.calibration_data import CalibrationSource, held_out_texts
+from ..eval.datasets import RetrievalDataset, medquad_retrieval
+from ..eval.stats import paired_comparison
+from ..quant.params import QuantParams
+from ..quant.schemes import get_scheme
+from .export import MANIFEST, ExportConfig, medquad_training_data
+from .train import TRAINING_RECORD, FinetuneConfig, finetune
+
+METRICS = ("nDCG@10", "MRR@10", "R@100")
+
+
+def _trained(directory: Path, reuse: bool) -> bool:
+    return reuse and (directory / TRAINING_RECORD).is_file() and (directory / "model.safetensors").is_file()
+
+
+def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Union[str, Path], *,
+                   test: Optional[RetrievalDataset] = None, train_limit: Optional[int] = None,
+                   exclude_sources: Sequence[str] = (), export_config: Optional[ExportConfig] = None,
+                   finetune_config: Optional[FinetuneConfig] = None, qat_config: Optional[FinetuneConfig] = None,
+                   calibration_size: int = 256, max_length: Optional[int] = None, seed: int = 13,
+                   reuse: bool = True, show_progress_bar: Optional[bool] = None) -> pd.DataFrame:
+    """Run the loop (module docstring) and return the before/after table (also written to
+    ``work_dir/recovery.csv`` with the evaluation's per-query metrics in ``work_dir/per_query.csv``).
+
+    model: the fp32 model. schemes: preset names or QuantSchemes; the first one's student flags the training data.
+    test: the evaluated collection (default: the whole MedQuAD test split); it must be the held-out split of the
+    training export (MedQuAD test). train_limit: a seeded sample of the dev queries to train on (None: all).
+    finetune_config / qat_config: of plain / quantization-aware training (qat_config defaults to finetune_config
+    with ``quantization_aware=True``). max_length: of every encoder (default: the model's).
+    """
+    from .. import evaluate
+    from ..model.encoder import Encoder
+
+    work = Path(work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    schemes = [get_scheme(s) for s in schemes]
+    if not schemes:
+        raise ValueError("give at least one scheme")
+    ft_cfg = finetune_config or FinetuneConfig(seed=seed)
+    qat_cfg = qat_config or dataclasses.replace(ft_cfg, quantization_aware=True)
+    if ft_cfg.quantization_aware or not qat_cfg.quantization_aware:
+        raise ValueError("finetune_config must be plain and qat_config quantization-aware")
+    test = test if test is not None else medquad_retrieval("test", seed=13)
+    fp32 = Encoder.from_pretrained(model, max_length=max_length)
+
+    # calibration texts: the training split (dev), minus every text of the evaluated collection
+    dev = medquad_retrieval("dev", seed=13)
+    evaluated = list(test.queries.values()) + list(test.corpus.values())
+    calib, _ = held_out_texts(CalibrationSource.from_dataset(dev, kind="split"), evaluated, calibration_size, seed)
+    students = {s.name: fp32.quantize(s, calibration_texts=calib, show_progress_bar=show_progress_bar)
+                for s in schemes}
+
+    data = work / "data"
+    if not (reuse and (data / MANIFEST).is_file()):
+        medquad_training_data(fp32, data, student=students[schemes[0].name], limit=train_limit,
+                              exclude_sources=exclude_sources, config=export_config or ExportConfig(seed=seed),
+                              overwrite=True, show_progress_bar=show_progress_bar)
+    manifest = json.loads((data / MANIFEST).read_text(encoding="utf-8"))
+    if manifest.get("holdout") != "medquad-test" or not test.name.startswith("medquad-test"):
+        raise ValueError("the study evaluates on MedQuAD test, the split its training data holds out")
+
+    if not _trained(work / "finetuned", reuse):
+        finetune(model, data, work / "finetuned", config=ft_cfg, show_progress_bar=show_progress_bar)
+    ft = Encoder.from_pretrained(work / "finetuned", max_length=max_length)
+    systems: List[tuple] = [("fine-tuned fp32", ft)]
+    for s in schemes:
+        systems.append((s.name, students[s.name]))
+        systems.append((f"fine-tuned + {s.name}", ft.quantize(s, calibration_texts=calib,
+                                                                show_progress_bar=show_progress_bar)))
+        qdir = work / f"qat-{s.name}"
+        if not _trained(qdir, reuse):
+            params = students[s.name].quant_params()
+            finetune(model, data, qdir, config=qat_cfg, params=params, show_progress_bar=show_progress_bar)
+        qat = Encoder.from_pretrained(qdir, max_length=max_length)
+        systems.append((f"QAT + {s.name}", qat.quantize(QuantParams.load(qdir / "quant_params"))))
+
+    df = evaluate(systems, test, model=fp32, index_kinds=(), show_progress_bar=show_progress_bar)
+    pq = df.attrs["per_query"]
+    table = _table(df, pq, [s.name for s in schemes], test, exclude_sources)
+    table.to_csv(work / "recovery.csv")
+    pd.concat({k: v for k, v in pq.items()}, names=["system", "qid"]).to_csv(work / "per_query.csv")
+    return table
+
+
+def _cmp(a: pd.Series, b: pd.Series) -> Dict[str, float]:
+    c = paired_comparison(a, b)
+    return {"delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high}
+
+
+def _table(df: pd.DataFrame, pq: Dict[str, pd.DataFrame], schemes: List[str], test: RetrievalDataset,
+           exclude_sources: Sequence[str]) -> pd.DataFrame:
+    m = "nDCG@10"
+    rows = {}
+    unseen = None
+    if exclude_sources and test.metadata is not None:
+        unseen = [q for q in test.metadata.index[test.metadata["source"].isin(list(exclude_sources))]]
+    for label in df["scheme"]:
+        per = pq[label]
+        row: Dict[str, Any] = {k: float(per[k].mean()) for k in METRICS if k in per}
+        for ref, tag in (("fp32", "vs_fp32"), ("fine-tuned fp32", "vs_finetuned")):
+            c = _cmp(pq[ref][m], per[m])
+            row.update({f"{m}_{tag}": c["delta"], f"{tag}_ci_low": c["ci_low"], f"{tag}_ci_high": c["ci_high"]})
+        if unseen:
+            c = _cmp(pq["fp32"][m].loc[unseen], per[m].loc[unseen])
+            row.update({f"{m}_unseen": float(per[m].loc[unseen].mean()), f"{m}_unseen_vs_fp32": c["delta"],
+                        "unseen_ci_low": c["ci_low"], "unseen_ci_high": c["ci_high"]})
+        rows[label] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "system"
+    for s in schemes:  # the fraction of the post-training gap after fine-tuning that QAT closed
+        ptq, qat = f"fine-tuned + {s}", f"QAT + {s}"
+        gap = table.loc["fine-tuned fp32", m] - table.loc[ptq, m]
+        closed = (table.loc[qat, m] - table.loc[ptq, m]) / gap if gap > 0 else np.nan
+        table.loc[qat, "gap_closed"] = closed
+    table.attrs["n_queries"] = len(test.queries)
+    table.attrs["unseen_queries"] = len(unseen) if unseen else 0
+    return table
+
+
+__all__ = ["METRICS", "recovery_study"]
