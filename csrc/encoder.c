@@ -407,6 +407,8 @@ size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, the weight-only kernel's
        per-thread buffers for the widest site */
     n = sat_add(n, sat_mul3(T, K, 1 + f));
+    if (mq_engine_rows_vary(e->eng)) /* the padded last piece of the uniform row plan, for the widest site */
+        n = sat_add(n, mq_uniform_tail_bytes((int64_t)K, (int64_t)(3 * H > I ? 3 * H : I)));
     n = sat_add(n, sat_add(sat_mul(T, f), sat_mul(mq_wo_scratch_floats((int64_t)(3 * H > I ? 3 * H : I),
                                                                         mq_engine_threads(e->eng)), f)));
     n = sat_add(n, mq_attention_scratch_need(e->attn, c->seq, c->batch));

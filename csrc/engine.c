@@ -67,6 +67,12 @@ mq_status mq_threads_fork_safe(void) {
 int mq_engine_int8_exact(const mq_engine *eng) { return eng->int8_exact; }
 void mq_engine_set_int8_exact(mq_engine *eng, int exact) { eng->int8_exact = exact ? 1 : 0; }
 
+int mq_engine_rows_vary(const mq_engine *eng) {
+    (void)eng; /* a property of the process's oneDNN (its effective ISA, fixed at its first use), kept per engine */
+    const unsigned isa = (unsigned)dnnl_get_effective_cpu_isa();
+    return (isa & (unsigned)dnnl_cpu_isa_avx512_core) != (unsigned)dnnl_cpu_isa_avx512_core;
+}
+
 mq_status mq_attr_create(dnnl_primitive_attr_t *attr) {
     MQ_DNNL(dnnl_primitive_attr_create(attr));
     mq_status st = MQ_DNNL_STATUS(dnnl_primitive_attr_set_scratchpad_mode(*attr, dnnl_scratchpad_mode_user));

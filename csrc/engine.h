@@ -32,6 +32,12 @@ mq_status mq_threads_fork_safe(void);
 int mq_engine_int8_exact(const mq_engine *eng);
 void mq_engine_set_int8_exact(mq_engine *eng, int exact);
 
+/* Whether oneDNN's matmul kernels on this CPU may round a row differently depending on the row count of the call:
+   1 below avx512_core (measured on AVX2: the f32 kernels for 1-15 rows, for several hundred rows at large K x N,
+   and the last rows of a 32-row call accumulate in another order than a 64-row call), 0 from avx512_core on. Linear layers then use the uniform
+   row plan (workspace.h), so results do not depend on the batch. */
+int mq_engine_rows_vary(const mq_engine *eng);
+
 /* Creates a primitive from a descriptor with the user-managed scratchpad the caller provides at execution.
    Grows *scratch_bytes to the largest scratchpad seen. Destroys pd. */
 mq_status mq_primitive_from_pd(dnnl_primitive_desc_t pd, dnnl_primitive_t *prim, size_t *scratch_bytes);

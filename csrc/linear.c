@@ -46,6 +46,7 @@ struct mq_linear {
     int32_t dst_zp;
     mq_prim_cache prims; /* mq_lin_prim per piece row count */
     int emulated; /* INT8/BF16 run as an f32 matmul on the same rounded operands (mq_linear_emulated) */
+    int uniform;  /* the uniform row plan (workspace.h), where row results depend on the row count (engine.h) */
     char impl[160];
 };
 
@@ -454,6 +455,7 @@ static mq_status linear_create(mq_linear **out, mq_engine *eng, int64_t K, int64
     l->N = N;
     l->spec = *spec;
     l->emulated = emulated && traits(l)->emulation != MQ_EMULATE_NEVER;
+    l->uniform = mq_engine_rows_vary(eng);
     mq_prim_cache_init(&l->prims, sizeof(mq_lin_prim), build_prim, free_prim);
     mq_status st = take_vectors(l, w);
     if (st == MQ_OK && traits(l)->weight_format == MQ_WEIGHTS_F32)
@@ -642,9 +644,10 @@ static mq_status execute(mq_linear *l, mq_linear_scratch *s, const void *src, in
     }
     size_t scratch_bytes = 1;
     for (int64_t off = 0, n; off < M; off += n) {
-        n = mq_piece_rows(M - off);
+        const int64_t rows = l->uniform ? mq_uniform_piece_rows(M - off) : mq_piece_rows(M - off);
+        n = rows < M - off ? rows : M - off;
         void *entry = NULL;
-        MQ_TRY(mq_prim_cache_get(&l->prims, l, n, &entry));
+        MQ_TRY(mq_prim_cache_get(&l->prims, l, rows, &entry));
         const mq_lin_prim *p = entry;
         if (p->scratch_bytes > scratch_bytes) scratch_bytes = p->scratch_bytes;
     }
@@ -653,11 +656,31 @@ static mq_status execute(mq_linear *l, mq_linear_scratch *s, const void *src, in
     const size_t dst_row = (size_t)l->N * (l->out_u8 ? sizeof(uint8_t) : sizeof(float));
     const float *row_scale = per_token(l) ? s->row_scale.ptr : NULL;
     for (int64_t off = 0, n; off < M; off += n) {
-        n = mq_piece_rows(M - off);
-        mq_lin_prim *p = mq_prim_cache_find(&l->prims, n);
-        MQ_TRY(execute_piece(l, s, p, (const char *)src + (size_t)off * src_row,
-                             residual ? residual + off * l->N : NULL, (char *)y + (size_t)off * dst_row,
-                             row_scale ? row_scale + off : NULL));
+        const int64_t rows = l->uniform ? mq_uniform_piece_rows(M - off) : mq_piece_rows(M - off);
+        n = rows < M - off ? rows : M - off;
+        mq_lin_prim *p = mq_prim_cache_find(&l->prims, rows);
+        const char *xs = (const char *)src + (size_t)off * src_row;
+        const float *res = residual ? residual + off * l->N : NULL, *rs = row_scale ? row_scale + off : NULL;
+        char *ys = (char *)y + (size_t)off * dst_row;
+        if (n == rows) {
+            MQ_TRY(execute_piece(l, s, p, xs, res, ys, rs));
+            continue;
+        }
+        /* the padded last piece of the uniform plan: its n rows copied into `rows` zero-padded rows */
+        MQ_TRY(mq_buffer_reserve(&s->tail, mq_uniform_tail_bytes(l->K, l->N), 1));
+        char *t_src = s->tail.ptr, *t_dst = t_src + (size_t)rows * (size_t)l->K * sizeof(float);
+        float *t_res = (float *)(t_dst + (size_t)rows * (size_t)l->N * sizeof(float)), *t_rs = t_res + rows * l->N;
+        memset(t_src, 0, (size_t)rows * src_row);
+        memcpy(t_src, xs, (size_t)n * src_row);
+        if (res) {
+            memset(t_res, 0, (size_t)rows * (size_t)l->N * sizeof(float));
+            memcpy(t_res, res, (size_t)n * (size_t)l->N * sizeof(float));
+        }
+        if (rs)
+            for (int64_t r = 0; r < rows; r++) t_rs[r] = r < n ? rs[r] : 1.f;
+        MQ_TRY(execute_piece(l, s, p, t_src, res ? t_res : NULL, t_dst, rs ? t_rs : NULL));
+        MQ_DNNL(dnnl_stream_wait(mq_engine_stream(l->eng)));
+        memcpy(ys, t_dst, (size_t)n * dst_row);
     }
     MQ_DNNL(dnnl_stream_wait(mq_engine_stream(l->eng)));
     return MQ_OK;

@@ -32,7 +32,9 @@
  * shape); the src / dst / residual / row-scale handles are moved to the piece's first row. Everything computed over
  * the whole call (dynamic scale and zero point, input quantization or bf16 conversion, weight-only dequantization)
  * is done once before the pieces, so a row's result depends on the other rows of the call only through the scheme
- * itself (the per-call dynamic scale). The weights are prepacked once in the layout oneDNN picks for a
+ * itself (the per-call dynamic scale). Where oneDNN's kernels round a row differently by row count or position
+ * (below avx512_core, mq_engine_rows_vary), the plan is uniform instead: pieces of MQ_ROW_UNIT (64) rows, the last
+ * one zero-padded, so results do not depend on the batch there either. The weights are prepacked once in the layout oneDNN picks for a
  * MQ_ROW_CHUNK-row matmul, and every piece's primitive is created for that layout (not format any).
  */
 #ifndef MQ_LINEAR_H

@@ -27,11 +27,12 @@ void mq_linear_scratch_release(mq_linear_scratch *s) {
     mq_buffer_release(&s->row_scale);
     mq_buffer_release(&s->wo_panels);
     mq_buffer_release(&s->scratchpad);
+    mq_buffer_release(&s->tail);
 }
 
 size_t mq_linear_scratch_bytes(const mq_linear_scratch *s) {
     return s->act_q.bytes + s->act_lp.bytes + s->act_in.bytes + s->row_scale.bytes + s->wo_panels.bytes +
-           s->scratchpad.bytes;
+           s->scratchpad.bytes + s->tail.bytes;
 }
 
 _Static_assert(MQ_ROW_CHUNK >= 64 && MQ_ROW_CHUNK % 64 == 0, "MQ_ROW_CHUNK is a multiple of 64");
@@ -39,4 +40,13 @@ _Static_assert(MQ_ROW_CHUNK >= 64 && MQ_ROW_CHUNK % 64 == 0, "MQ_ROW_CHUNK is a 
 int64_t mq_piece_rows(int64_t remaining) {
     if (remaining >= MQ_ROW_CHUNK) return MQ_ROW_CHUNK;
     return remaining >= 64 ? remaining / 64 * 64 : remaining;
+}
+
+int64_t mq_uniform_piece_rows(int64_t remaining) {
+    (void)remaining;
+    return MQ_ROW_UNIT;
+}
+
+size_t mq_uniform_tail_bytes(int64_t K, int64_t N) {
+    return (size_t)MQ_ROW_UNIT * ((size_t)K + 2 * (size_t)N + 1) * sizeof(float);
 }

@@ -23,6 +23,7 @@ typedef struct {
     mq_buffer row_scale;  /* per-row activation scales */
     mq_buffer wo_panels;  /* weight-only layers' per-thread buffers (mq_wo_scratch_floats, wo_matmul.h) */
     mq_buffer scratchpad; /* oneDNN user scratchpad */
+    mq_buffer tail;       /* the padded last piece of a uniform row plan: src, dst, residual, row scales (linear.c) */
 } mq_linear_scratch;
 
 void mq_linear_scratch_release(mq_linear_scratch *s);
@@ -38,5 +39,16 @@ size_t mq_linear_scratch_bytes(const mq_linear_scratch *s);
 #define MQ_ROW_CHUNK 1024
 #endif
 int64_t mq_piece_rows(int64_t remaining);
+
+/* The uniform row plan, for CPUs whose matmul kernels round a row differently depending on the row count of the
+   call and on its position in it (engine.h): every piece is one primitive of MQ_ROW_UNIT rows, the last one padded
+   with zero rows whose results are dropped. oneDNN's kernels compute a row of such a primitive the same at any
+   position (measured: rows rolled within 64-, 128- and 256-row calls give the same bits), so a row's result does
+   not depend on which other rows share its call. Padding costs at most MQ_ROW_UNIT - 1 rows per layer call. */
+#define MQ_ROW_UNIT 64
+/* Rows computed for the piece starting where `remaining` rows are left: always MQ_ROW_UNIT. */
+int64_t mq_uniform_piece_rows(int64_t remaining);
+/* Bytes of mq_linear_scratch.tail for a layer of K inputs and N outputs (f32 at most per element). */
+size_t mq_uniform_tail_bytes(int64_t K, int64_t N);
 
 #endif

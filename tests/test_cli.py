@@ -128,12 +128,12 @@ def test_quantize_saves_loadable_model(tmp_path, capsys):
 
 def test_export_writes_training_data(tmp_path, capsys):
     out = tmp_path / "train"
-    rc = main(["export", "--scheme", "int8-static-asym", "--limit", "12", "--max-length", "64", "--calibration-size",
-               "32", "--format", "jsonl", "--num-negatives", "2", "--out", str(out)])
+    rc = main(["export", "--scheme", "int8-static-asym", "--limit", "8", "--max-length", "32", "--calibration-size",
+               "16", "--format", "jsonl", "--num-negatives", "2", "--range-max", "8", "--out", str(out)])
     assert rc == 0
     assert "exported" in capsys.readouterr().out
     man = json.loads((out / "export.json").read_text())
-    assert man["holdout"] == "medquad-test" and man["dataset"] == "medquad-dev-limit12"
+    assert man["holdout"] == "medquad-test" and man["dataset"] == "medquad-dev-limit8"
     assert man["license"] == "CC BY 4.0" and man["student"].endswith("[int8-static-asym]")
     trip = pd.read_json(out / "triplets.jsonl", lines=True)
     assert list(trip.columns) == ["anchor", "positive", "negative"] and len(trip) == man["counts"]["triplets"] > 0

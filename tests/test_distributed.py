@@ -203,7 +203,8 @@ def test_sharded_search_equals_single_index(sharded, minilm, medquad_questions, 
         _same_ranking(got, ref, kind == "float32")
     remote = sharded.search(q, k=20, kind=kind, client=client)
     local = sharded.search(q, k=20, kind=kind)
-    assert np.array_equal(remote[1], local[1]) and np.array_equal(remote[0], local[0])
+    # float32: the workers' BLAS (one thread) may round a product's last bit unlike this process's (two threads)
+    _same_ranking(remote, local, kind == "float32")
     scores, ids = sharded.search(q[:3], k=5, kind=kind, return_ids=True)
     assert ids.shape == (3, 5) and set(ids.ravel()) <= set(sharded.ids)
 

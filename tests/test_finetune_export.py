@@ -21,12 +21,12 @@ from medquant.quant.params import PARAMS_JSON, PARAMS_TENSORS, QuantParams
 GPTQ_BC = medquant.QuantScheme(name="gptq-bc-int8emb", weights="int8", activations="int8", mode="static",
                                rounding="gptq", bias_correction=True, embeddings="int8",
                                keep_fp32=("encoder.layer.5.output.dense",))
-LIMIT = 32  # training queries sampled from MedQuAD dev (corpus: 4 x LIMIT answers)
+LIMIT = 24  # training queries sampled from MedQuAD dev (corpus: 4 x LIMIT answers)
 
 
 @pytest.fixture(scope="module")
 def teacher(minilm_dir):
-    return medquant.Encoder.from_pretrained(minilm_dir, max_length=96)  # short: these tests check bookkeeping
+    return medquant.Encoder.from_pretrained(minilm_dir, max_length=64)  # short: these tests check bookkeeping
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_params_apply_to_other_weights(tmp_path, teacher, calib_texts, gptq_q, m
     name = next(k for k in st if k.endswith("layer.0.intermediate.dense.weight"))
     st[name] = (st[name] * np.float32(1.01)).astype(np.float32)
     save_file(st, str(other_dir / "model.safetensors"), metadata={"format": "pt"})
-    other = medquant.Encoder.from_pretrained(other_dir, max_length=96)
+    other = medquant.Encoder.from_pretrained(other_dir, max_length=64)
 
     p = teacher.quantize("int8-static-asym", calibration_texts=calib_texts).quant_params()
     q = other.quantize(p)
@@ -148,7 +148,7 @@ def test_params_files_are_checked(tmp_path, teacher, calib_texts, tiny):
     p = q.quant_params()
     with pytest.raises(ValueError, match="another shape"):
         tiny.quantize(p)
-    loaded = medquant.Encoder.from_pretrained(q.save_pretrained(tmp_path / "saved"), max_length=96)
+    loaded = medquant.Encoder.from_pretrained(q.save_pretrained(tmp_path / "saved"), max_length=64)
     assert loaded.quant_params().to_json() == p.to_json()  # a loaded save exports the same parameters
     with pytest.raises(ValueError, match="fp32 weights"):
         p.apply(loaded)
@@ -276,7 +276,7 @@ def test_export_same_seed_same_bytes(tmp_path, teacher, student, exported):
     for rel in exported.files:
         assert (again.directory / rel).read_bytes() == (exported.directory / rel).read_bytes(), rel
     # random sampling: seeded per pair, another seed draws other negatives
-    ds = medquad_retrieval("dev", limit=16)
+    ds = medquad_retrieval("dev", limit=12)
     runs = [export_training_data(teacher, ds, tmp_path / f"r{i}",
                                  config=ExportConfig(sampling="random", range_max=20, seed=s, formats=("jsonl",)))
             for i, s in enumerate((1, 1, 2))]
@@ -286,7 +286,7 @@ def test_export_same_seed_same_bytes(tmp_path, teacher, student, exported):
 
 
 def test_export_holds_out_a_whole_source(tmp_path, teacher):
-    ds = medquad_retrieval("dev", limit=40)
+    ds = medquad_retrieval("dev", limit=30)
     assert "NIDDK" in set(ds.metadata.source)
     ex = export_training_data(teacher, ds, tmp_path / "no-niddk", exclude_sources=["NIDDK"],
                               config=ExportConfig(formats=("jsonl",), range_max=10))

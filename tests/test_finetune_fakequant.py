@@ -15,9 +15,19 @@ transformers = require("transformers")
 from medquant.finetune.fakequant import FakeQuantLinear, wrap  # noqa: E402
 
 MAX_LEN = 96
-# every kind of grid: per-tensor weights (one scale over Q, K and V), SmoothQuant factors, a dynamic range over the
-# real tokens of the batch, per-token scales, int4 groups (int8-static-asym: tests/test_finetune_train.py)
-SCHEMES = ["int8-static-per-tensor", "int8-smoothquant", "int8-dynamic", "int8-dynamic-token", "w4-weight-only"]
+# every kind of grid, two schemes: static per-tensor weights (one scale over Q, K and V) with per-site dynamic,
+# per-token and int4 sites; and SmoothQuant (static asymmetric, per-channel) with a weight-only int8 site.
+# int8-static-asym alone: tests/test_finetune_train.py
+MIXED = medquant.QuantScheme(
+    name="mixed-grids", weights="int8", activations="int8", mode="static", weight_granularity="per-tensor",
+    calibration="minmax", embeddings="int8",
+    overrides={"encoder.layer.1.*": {"mode": "dynamic"},
+               "encoder.layer.2.*": {"mode": "dynamic-token", "act_symmetric": True},
+               "encoder.layer.3.intermediate.dense": {"weights": "int4", "activations": "fp32",
+                                                      "weight_granularity": "per-channel"}})
+SMOOTH = medquant.get_scheme("int8-smoothquant").replace(
+    name="smoothquant-w8", overrides={"encoder.layer.4.output.dense": {"activations": "fp32"}})
+SCHEMES = {"mixed-grids": MIXED, "smoothquant-w8": SMOOTH, "w4-weight-only": "w4-weight-only"}
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +55,11 @@ def _embed(model, tok, batch):
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_every_site_computes_what_the_core_computes(scheme, fp32, texts, minilm_dir):
-    q = fp32.quantize(scheme, calibration_texts=texts["calibration"])
+    q = fp32.quantize(SCHEMES[scheme], calibration_texts=texts["calibration"])
+    grids = {(spec["kind"], spec.get("act_mode")) for spec in q.site_specs().values()}
+    assert len(grids) == {"mixed-grids": 4, "smoothquant-w8": 2, "w4-weight-only": 1}[scheme], grids
     params = q.quant_params()
     model = wrap(_hf(minilm_dir), params)
     tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))

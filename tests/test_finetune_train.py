@@ -16,7 +16,7 @@ torch = require("torch")
 transformers = require("transformers")
 from medquant.finetune.fakequant import wrap  # noqa: E402
 
-TINY = dict(steps=3, batch_size=8, max_seq_length=32, negatives_per_pair=1, lr=1e-4, seed=3, threads=2)
+TINY = dict(steps=2, batch_size=8, max_seq_length=32, negatives_per_pair=1, lr=1e-4, seed=3, threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def data(tmp_path_factory, minilm_dir):
     student = teacher.quantize("int8-static-asym",
                                calibration_texts=list(dev.queries.values()) + list(dev.corpus.values())[:16])
     out = tmp_path_factory.mktemp("ft") / "data"
-    medquad_training_data(teacher, out, student=student, limit=24, config=ExportConfig(num_negatives=2,
+    medquad_training_data(teacher, out, student=student, limit=16, config=ExportConfig(num_negatives=2, range_max=10,
                                                                                         formats=("jsonl",)))
     return out
 
@@ -41,9 +41,9 @@ def test_pairs_carry_their_negatives_and_weights(data):
 
 def test_finetuned_model_reimports_quantizes_and_evaluates(tmp_path, data, minilm_dir):
     res = finetune(minilm_dir, data, tmp_path / "ft", config=FinetuneConfig(**TINY))
-    assert res.steps == 3 and len(res.losses) == 3 and all(np.isfinite(res.losses))
+    assert res.steps == 2 and len(res.losses) == 2 and all(np.isfinite(res.losses))
     rec = json.loads((tmp_path / "ft" / TRAINING_RECORD).read_text())
-    assert rec["data"]["holdout"] == "medquad-test" and rec["steps"] == 3
+    assert rec["data"]["holdout"] == "medquad-test" and rec["steps"] == 2
     ft = medquant.Encoder.from_pretrained(tmp_path / "ft", max_length=64)
     base = medquant.Encoder.from_pretrained(minilm_dir, max_length=64)
     texts = ["What causes anemia?", "Iron deficiency is the most common cause of anemia."]
@@ -96,10 +96,15 @@ def test_quantization_aware_run_gives_back_the_model_it_simulated(tmp_path, data
 
 
 def test_same_seed_same_weights(tmp_path, data, minilm_dir):
-    cfg = dict(TINY, steps=2)
+    cfg = dict(TINY, steps=1)
     finetune(minilm_dir, data, tmp_path / "a", config=FinetuneConfig(**cfg))
     finetune(minilm_dir, data, tmp_path / "b", config=FinetuneConfig(**cfg))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no earlier"):
+        finetune(minilm_dir, data, tmp_path / "mine", config=FinetuneConfig(**cfg))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="over its source"):
         finetune(tmp_path / "a", data, tmp_path / "a", config=FinetuneConfig(**cfg))
     for bad in (dict(steps=0), dict(batch_size=1), dict(lr=0.0), dict(weight_scales="learned"),

@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..model.checkpoint import file_digest  # noqa: F401  (part of this module's interface)
+
 FORMAT = "medquant-shards/1"
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
@@ -56,14 +58,6 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 def array_digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Dict[str, Any]) -> None:

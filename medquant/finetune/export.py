@@ -53,7 +53,6 @@ never trained on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -69,6 +68,8 @@ from ..eval.datasets import RetrievalDataset, is_sharded, medquad_retrieval, nor
 from ..eval.evaluate import ranking_metrics
 from ..eval.retrieval import search
 from ..model import limits
+from ..model.checkpoint import file_digest
+from ..model.storage import swap_into_place
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.encoder import Encoder
@@ -338,14 +339,6 @@ def _json_value(v):
     return v
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"cannot export to {out}: it exists and is not a directory")
@@ -357,20 +350,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         if not ours:
             raise FileExistsError(f"refusing to export into {out}: it is not empty and holds no medquant export "
                                   "(pass overwrite=True to replace the directory and everything in it)")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.medquant-old-{uuid.uuid4().hex[:12]}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _card(info: Dict[str, Any]) -> str:
@@ -576,11 +555,11 @@ def export_training_data(teacher: "Encoder", dataset: RetrievalDataset, out: Uni
                 files[f"quant_params/{p.name}"] = p
         (tmp / CARD).write_text(_card(info), encoding="utf-8")
         files[CARD] = tmp / CARD
-        info["files"] = {name: _sha256(p) for name, p in sorted(files.items())}
+        info["files"] = {name: file_digest(p) for name, p in sorted(files.items())}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1, sort_keys=True)
             f.write("\n")
-        _replace_dir(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

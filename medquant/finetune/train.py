@@ -7,7 +7,7 @@ written by :func:`medquant.finetune.export_training_data`:
   ``scale * cos(query, candidate)`` with the pair's own positive as the target, every other positive and every
   negative of the batch as candidates), each query weighted by its exported ``weight`` (where quantization hurts:
   ``hurt_weight``), plus, with ``distill_weight > 0``, MarginMSE distillation from the fp32 teacher
-  (``(cos(q, p) - cos(q, n) - teacher margin)^2``, Hofstaetter et al. 2020);
+  (``scale^2 (cos(q, p) - cos(q, n) - teacher margin)^2``, Hofstaetter et al. 2020);
 * ``quantization_aware=True``: every quantized site computes as medquant's C core does under the student's
   exported quantization parameters (:mod:`medquant.finetune.fakequant`), so the weights learn around the
   quantization error;
@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -42,6 +43,7 @@ from .._progress import tqdm
 from ..model import limits
 from ..model.checkpoint import resolve_model_path
 from ..model.sentence import copy_sentence_files, read_sentence_config
+from ..model.storage import swap_into_place
 from ..quant.params import QuantParams
 from .export import EXPORT_FORMAT, MANIFEST
 
@@ -211,10 +213,9 @@ def _save(bert, src: Path, out: Path, record: Dict[str, Any], params: Optional[Q
 
     from .fakequant import unwrap_state_dict
 
-    tmp = out.parent / f".{out.name}.medquant-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.medquant-tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         state = {k: v.detach().contiguous() for k, v in unwrap_state_dict(bert).items()
                  if not k.endswith("position_ids")}
@@ -227,9 +228,7 @@ def _save(bert, src: Path, out: Path, record: Dict[str, Any], params: Optional[Q
         if params is not None:
             params.save(tmp / "quant_params")
         (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -263,9 +262,10 @@ def trained_params(params: QuantParams, state: Dict[str, np.ndarray], weight_sca
 
 def finetune(model: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], *,
              config: Optional[FinetuneConfig] = None, params: Optional[QuantParams] = None,
-             show_progress_bar: Optional[bool] = None) -> FinetuneResult:
+             overwrite: bool = False, show_progress_bar: Optional[bool] = None) -> FinetuneResult:
     """Fine-tune ``model`` (an fp32 model name or directory) on the export in ``data_dir``; write the trained model
-    to ``out`` (replaced if it exists). Quantization-aware training simulates ``params`` (default: the export's
+    to ``out``: a new or empty directory or an earlier fine-tuned model, replaced (anything else only with
+    ``overwrite``); the directory is written beside ``out`` and renamed into place. Quantization-aware training simulates ``params`` (default: the export's
     ``quant_params/``). Returns a :class:`FinetuneResult`; see the module docstring."""
     try:
         import torch
@@ -281,6 +281,10 @@ def finetune(model: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], 
     out = Path(out).expanduser()
     if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"refusing to write the fine-tuned model over its source ({src})")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / TRAINING_RECORD).is_file()
+                                               and not overwrite)):
+        raise FileExistsError(f"refusing to write the fine-tuned model to {out}: it exists and holds no earlier "
+                              "fine-tuned model (pass overwrite=True to replace the directory and everything in it)")
     pairs, manifest = load_pairs(data_dir)
     manifest_sha256 = hashlib.sha256((Path(data_dir).expanduser() / MANIFEST).read_bytes()).hexdigest()
     if cfg.quantization_aware and params is None:
@@ -344,8 +348,9 @@ def finetune(model: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], 
             own = torch.tensor(owner)
             pos_s = (q * cand[: len(batch)]).sum(-1)[own]
             neg_s = (q[own] * cand[len(batch):]).sum(-1)
+            # on the loss's scale (scale x cosine), so that distill_weight 1 weighs both terms alike
             loss = loss + cfg.distill_weight * torch.nn.functional.mse_loss(
-                pos_s - neg_s, torch.tensor(margins, dtype=pos_s.dtype))
+                cfg.scale * (pos_s - neg_s), cfg.scale * torch.tensor(margins, dtype=pos_s.dtype))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(bert.parameters(), 1.0)

@@ -7,6 +7,7 @@ even then with ``torch.load(weights_only=True)``, which refuses to execute code 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -122,6 +123,15 @@ def model_file(path: Path, what: str, max_bytes: int = 0) -> Path:
 def is_present(path: Path) -> bool:
     """Something exists at ``path`` (even a FIFO or a broken link): it is then a model file to check, not absent."""
     return os.path.lexists(path)
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: Path, what: str) -> Dict:

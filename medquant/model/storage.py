@@ -160,6 +160,22 @@ def _write_files(d: Path, *, config: BertConfig, tokenizer, scheme: QuantScheme,
                    "files": files}, f, indent=2)
 
 
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``target``; an existing ``target`` is moved aside first and removed
+    only after the rename succeeded (put back if it failed), so ``target`` is always either the old or the new one."""
+    if target.exists():
+        old = target.parent / f".{target.name}.medquant-old-{uuid.uuid4().hex[:12]}"
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
 def write(out: Path, *, config: BertConfig, tokenizer, scheme: QuantScheme, storage: Storage, sites: SiteSpecs,
           fp32: Optional[Storage], model_dir: Optional[Path], overwrite: bool = False) -> Path:
     """Write a model directory: fp32 as a Hugging Face checkpoint, anything else in ``FORMAT``; tokenizer files
@@ -193,16 +209,7 @@ def write(out: Path, *, config: BertConfig, tokenizer, scheme: QuantScheme, stor
                      model_dir=model_dir)
         if exists:
             shutil.copymode(target, tmp)
-            old = target.parent / f".{target.name}.medquant-old-{tag}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -378,4 +385,5 @@ def read_quantized(meta: Mapping, state: Mapping[str, np.ndarray], cfg: BertConf
 
 
 __all__ = ["FORMAT", "MARKER", "SITE_TENSOR_SUFFIXES", "TOKENIZER_FILES", "build_core", "expected_tensors", "float_storage", "is_medquant_save",
-           "is_quantized", "read_quantized", "smooth_weight", "validate_quantized", "write"]
+           "is_quantized", "read_quantized", "smooth_weight", "swap_into_place", "validate_quantized",
+           "write"]
