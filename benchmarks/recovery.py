@@ -65,7 +65,8 @@ def main() -> int:
     ap.add_argument("--test-queries", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--exclude-source", default="NIDDK")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 60 training queries, 5 steps, 100 test queries")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 60 training queries, 5 steps, 100 test queries against 400 answers")
     args = ap.parse_args()
     quick = args.quick
     steps = 5 if quick else args.steps
@@ -73,7 +74,7 @@ def main() -> int:
     schemes = [s for s in args.schemes.split(",") if s]
     t0 = time.perf_counter()
     full_test = medquad_retrieval("test")
-    test = full_test.sample(n_test, seed=13)  # the whole test corpus stays
+    test = full_test.sample(n_test, seed=13, corpus_size=4 * n_test if quick else None)  # full: the whole corpus
     cfg = FinetuneConfig(steps=steps, batch_size=32, negatives_per_pair=1, max_seq_length=128, lr=3e-5,
                          distill_weight=1.0, seed=13, threads=THREADS)
     work = args.work.with_name(args.work.name + "-quick") if quick else args.work
