@@ -407,8 +407,14 @@ size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
     /* linear scratch (the largest input over the sites): u8 and f32/bf16 copies, row scales, the weight-only kernel's
        per-thread buffers for the widest site */
     n = sat_add(n, sat_mul3(T, K, 1 + f));
-    if (mq_engine_rows_vary(e->eng)) /* the padded last piece of the uniform row plan, for the widest site */
-        n = sat_add(n, mq_uniform_tail_bytes((int64_t)K, (int64_t)(3 * H > I ? 3 * H : I)));
+    if (mq_engine_rows_vary(e->eng)) { /* the padded last piece of the uniform row plan, for the widest site */
+        const int64_t h = (int64_t)H, i = (int64_t)I;
+        const size_t sites[4] = {mq_uniform_tail_bytes(h, 3 * h, 0), mq_uniform_tail_bytes(h, h, 1),
+                                 mq_uniform_tail_bytes(h, i, 0), mq_uniform_tail_bytes(i, h, 1)};
+        size_t widest = 0;
+        for (int s = 0; s < 4; s++) widest = sites[s] > widest ? sites[s] : widest;
+        n = sat_add(n, widest);
+    }
     n = sat_add(n, sat_add(sat_mul(T, f), sat_mul(mq_wo_scratch_floats((int64_t)(3 * H > I ? 3 * H : I),
                                                                         mq_engine_threads(e->eng)), f)));
     n = sat_add(n, mq_attention_scratch_need(e->attn, c->seq, c->batch));

@@ -667,9 +667,10 @@ static mq_status execute(mq_linear *l, mq_linear_scratch *s, const void *src, in
             continue;
         }
         /* the padded last piece of the uniform plan: its n rows copied into `rows` zero-padded rows */
-        MQ_TRY(mq_buffer_reserve(&s->tail, mq_uniform_tail_bytes(l->K, l->N), 1));
+        MQ_TRY(mq_buffer_reserve(&s->tail, mq_uniform_tail_bytes(l->K, l->N, res != NULL), 1));
         char *t_src = s->tail.ptr, *t_dst = t_src + (size_t)rows * (size_t)l->K * sizeof(float);
-        float *t_res = (float *)(t_dst + (size_t)rows * (size_t)l->N * sizeof(float)), *t_rs = t_res + rows * l->N;
+        float *t_res = (float *)(t_dst + (size_t)rows * (size_t)l->N * sizeof(float));
+        float *t_rs = t_res + (res ? rows * l->N : 0);
         memset(t_src, 0, (size_t)rows * src_row);
         memcpy(t_src, xs, (size_t)n * src_row);
         if (res) {

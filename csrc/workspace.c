@@ -47,6 +47,6 @@ int64_t mq_uniform_piece_rows(int64_t remaining) {
     return MQ_ROW_UNIT;
 }
 
-size_t mq_uniform_tail_bytes(int64_t K, int64_t N) {
-    return (size_t)MQ_ROW_UNIT * ((size_t)K + 2 * (size_t)N + 1) * sizeof(float);
+size_t mq_uniform_tail_bytes(int64_t K, int64_t N, int residual) {
+    return (size_t)MQ_ROW_UNIT * ((size_t)K + (residual ? 2 : 1) * (size_t)N + 1) * sizeof(float);
 }

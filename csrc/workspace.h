@@ -48,7 +48,8 @@ int64_t mq_piece_rows(int64_t remaining);
 #define MQ_ROW_UNIT 64
 /* Rows computed for the piece starting where `remaining` rows are left: always MQ_ROW_UNIT. */
 int64_t mq_uniform_piece_rows(int64_t remaining);
-/* Bytes of mq_linear_scratch.tail for a layer of K inputs and N outputs (f32 at most per element). */
-size_t mq_uniform_tail_bytes(int64_t K, int64_t N);
+/* Bytes of mq_linear_scratch.tail for a layer of K inputs and N outputs (f32 at most per element): the padded
+   source, destination, residual (if the layer adds one) and row scales of one MQ_ROW_UNIT-row piece. */
+size_t mq_uniform_tail_bytes(int64_t K, int64_t N, int residual);
 
 #endif

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from conftest import require
+from kernel_support import SUPPORT
 
 import medquant
 from medquant.model import onnx_export
@@ -137,12 +138,17 @@ def test_quantized_matches_medquant(enc, texts, feed, fp32_emb, medquad_answers,
     _, taps = q.forward_taps(feed["input_ids"].astype(np.int32), feed["attention_mask"].astype(np.int32),
                              feed["token_type_ids"].astype(np.int32))
     rows = feed["attention_mask"].astype(bool)
-    assert np.mean(np.abs(qkv[rows] - taps[0]).max(axis=1) <= 1e-4) >= 0.99  # taps: packed rows
     if q.scheme.mode == "static" and q.scheme.activations == "int8":
         assert check_static_scales(model, q) == len(q.site_names)
     ops = {n.op_type for n in model.graph.node}
     if q.scheme.weights in ("int8", "int4"):
         assert "DequantizeLinear" in ops
+    if q.scheme.activations == "int8" and not SUPPORT["int8_exact"]:
+        # ONNX Runtime's u8 x s8 kernels on this CPU (no VNNI/AMX) add pairs of products in saturating 16-bit
+        # arithmetic, as oneDNN's do; medquant emulates the exact products instead (README, "Any CPU"), so the two
+        # runtimes compute different numbers here and only the graph (checked above) can be compared
+        pytest.skip("ONNX Runtime's int8 kernels saturate on a CPU without VNNI/AMX; medquant's emulation is exact")
+    assert np.mean(np.abs(qkv[rows] - taps[0]).max(axis=1) <= 1e-4) >= 0.99  # taps: packed rows
     cos = np.sum(emb * mq, axis=1)
     print(f"\n{q.scheme.name}: vs medquant quantized: max abs {np.abs(emb - mq).max():.2e}, cosine mean "
           f"{cos.mean():.6f} min {cos.min():.6f}; 1 - cosine to medquant fp32: onnx {one_minus_cos(emb, fp32_emb):.2e}, "
