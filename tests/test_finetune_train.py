@@ -111,3 +111,16 @@ def test_same_seed_same_weights(tmp_path, data, minilm_dir):
                 dict(negatives_per_pair=-1)):
         with pytest.raises((ValueError, TypeError)):
             FinetuneConfig(**bad)
+
+
+def test_batches_never_repeat_a_text():
+    from medquant.finetune.train import _batches, _Pair
+
+    pairs = [_Pair(f"q{i % 7}", f"a{i % 5}", [], [], 1.0) for i in range(40)]
+    gen = _batches(pairs, 8, np.random.default_rng(0))
+    for _ in range(30):
+        batch = next(gen)
+        assert 2 <= len(batch) <= 8
+        assert len({pairs[i].query for i in batch}) == len(batch) == len({pairs[i].positive for i in batch})
+    with pytest.raises(ValueError, match="cannot make a batch"):
+        next(_batches([_Pair("q", "a", [], [], 1.0)] * 3, 8, np.random.default_rng(0)))

@@ -193,10 +193,7 @@ class FakeQuantLinear(nn.Module):
             with torch.no_grad():
                 ws = [self.wq.smoothed(w).abs().amax() for w in [self.weight] + [s.weight for s in self._siblings]]
                 absmax = torch.stack(ws).amax()
-        w = self.wq(self.weight, absmax, self.rows)
-        if self.act is None and self.wq.mul is not None:  # weight-only smoothing is not a scheme the core has
-            raise RuntimeError("SmoothQuant factors on a weight-only site")
-        return nn.functional.linear(xin, w, self.bias)
+        return nn.functional.linear(xin, self.wq(self.weight, absmax, self.rows), self.bias)
 
 
 class FakeQuantEmbedding(nn.Module):
@@ -273,7 +270,7 @@ def wrap(model, params: "QuantParams", *, weight_scales: str = "current") -> nn.
                                                                  slice(i * n, (i + 1) * n)))
         else:
             parent_name, attr = name.rsplit(".", 1)
-            parent = bert.get_submodule(parent_name.replace(f"encoder.layer.{layer}.", f"encoder.layer.{layer}.", 1))
+            parent = bert.get_submodule(parent_name)
             wq = None if kind == "bf16" else WeightQuant(spec, given, weight_scales, mul)
             setattr(parent, attr, FakeQuantLinear(getattr(parent, attr), kind, act, wq))
     bert._medquant_wrapped = True

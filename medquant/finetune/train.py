@@ -176,6 +176,7 @@ def _batches(pairs: Sequence[_Pair], batch_size: int, rng: np.random.Generator):
     pair that would is kept for a later batch of the epoch)."""
     while True:
         queue = [int(i) for i in rng.permutation(len(pairs))]
+        yielded = 0
         while queue:
             batch, seen, skipped = [], set(), []
             for pos, i in enumerate(queue):
@@ -190,8 +191,12 @@ def _batches(pairs: Sequence[_Pair], batch_size: int, rng: np.random.Generator):
                     break
             if len(batch) < 2:
                 break
+            yielded += 1
             yield batch
             queue = skipped
+        if not yielded:
+            raise ValueError("the training data cannot make a batch of two pairs with different query and answer "
+                             "texts; export more queries")
 
 
 # ---------------------------------------------------------------------------------------------------- model
