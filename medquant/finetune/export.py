@@ -427,9 +427,43 @@ def export_training_data(teacher: "Encoder", dataset: RetrievalDataset, out: Uni
     dataset card (MedQuAD's are filled in by :func:`medquad_training_data`).
     Same inputs, same seed: byte-identical files.
     """
+    cfg = config if config is not None else ExportConfig()
+    _check_inputs(teacher, dataset, student, holdout, cfg)
+    out = Path(out).expanduser()
+    _check_out(out, overwrite)
+    queries, corpus, positives, q_src, d_src, counts = _select(dataset, holdout, tuple(exclude_sources))
+    if not queries:
+        raise ValueError(f"no training query is left in {dataset.name} after the exclusions ({counts})")
+    qids, dids = list(queries), list(corpus)
+    qrels = {q: {d: 1 for d in positives[q]} for q in qids}
+    t_q, t_d, t_idx, t_metric = _rank(teacher, queries, corpus, qrels, cfg, show_progress_bar)
+    s_idx = s_metric = None
+    if student is not None:
+        _, _, s_idx, s_metric = _rank(student, queries, corpus, qrels, cfg, show_progress_bar)
+    rows = _mine(queries, corpus, positives, q_src, (t_q, t_d, t_idx, t_metric), s_idx, s_metric, cfg, counts)
+    tables = _tables(rows, dids, corpus, d_src)
+
+    from .. import __version__
+
+    info = {
+        "format": EXPORT_FORMAT, "medquant_version": __version__, "dataset": dataset.name,
+        "holdout": holdout.name if holdout is not None else None, "exclude_sources": sorted(exclude_sources),
+        "license": license or "not recorded (give license= for the dataset card)", "citation": citation,
+        "teacher": teacher.name, "student": (f"{student.name} [{student.scheme.name}]" if student is not None
+                                             else None),
+        "config": cfg.to_dict(), "counts": counts,
+        "columns": {**COLUMNS, **{n: list(tables[n].columns) for n in ("triplets_meta", "queries", "documents")}},
+    }
+    embeddings = {"query": t_q, "document": t_d} if cfg.teacher_embeddings else None
+    _write_export(out, tables, info, cfg, embeddings, student)
+    paths = {name: out / name for name in sorted(info["files"])}
+    paths[MANIFEST] = out / MANIFEST
+    return TrainingExport(directory=out, files=paths, counts=counts, **tables)
+
+
+def _check_inputs(teacher, dataset, student, holdout, cfg: ExportConfig) -> None:
     from ..model.encoder import Encoder
 
-    cfg = config if config is not None else ExportConfig()
     if not isinstance(cfg, ExportConfig):
         raise TypeError("config must be a medquant.finetune.ExportConfig")
     if not isinstance(teacher, Encoder) or (student is not None and not isinstance(student, Encoder)):
@@ -448,53 +482,51 @@ def export_training_data(teacher: "Encoder", dataset: RetrievalDataset, out: Uni
         except ImportError:
             raise ImportError("Parquet files need pyarrow: pip install 'medquant[finetune]' (or pyarrow), or "
                               "export formats=('jsonl',)") from None
-    out = Path(out).expanduser()
-    _check_out(out, overwrite)
-    queries, corpus, positives, q_src, d_src, counts = _select(dataset, holdout, tuple(exclude_sources))
-    if not queries:
-        raise ValueError(f"no training query is left in {dataset.name} after the exclusions ({counts})")
+
+
+def _rank(enc: "Encoder", queries: Dict[str, str], corpus: Dict[str, str], qrels, cfg: ExportConfig,
+          show_progress_bar) -> Tuple[np.ndarray, np.ndarray, np.ndarray, pd.Series]:
+    """One model's query and document embeddings, its top ``max(range_max, k)`` per query and its per-query
+    metric."""
     qids, dids = list(queries), list(corpus)
+    q = _encode(enc, [queries[x] for x in qids], "query", cfg, show_progress_bar)
+    d = _encode(enc, [corpus[x] for x in dids], "document", cfg, show_progress_bar)
+    scores, idx = _rankings(q, d, max(cfg.range_max, cfg.metric_k))
+    return q, d, idx, ranking_metrics(qrels, scores, idx, qids, dids, [cfg.metric_k])[cfg.metric]
+
+
+def _mine(queries, corpus, positives, q_src, teacher, s_idx, s_metric, cfg: ExportConfig,
+          counts: Dict[str, int]) -> Dict[str, list]:
+    """The rows of every file: per (query, positive) pair its negatives (:func:`_mine_pair`), per query its line;
+    adds the mining counts to ``counts``."""
+    t_q, t_d, t_idx, t_metric = teacher
+    dids = list(corpus)
     row_of = {d: i for i, d in enumerate(dids)}
-    depth = max(cfg.range_max, cfg.metric_k)
-
-    t_q = _encode(teacher, [queries[q] for q in qids], "query", cfg, show_progress_bar)
-    t_d = _encode(teacher, [corpus[d] for d in dids], "document", cfg, show_progress_bar)
-    t_scores, t_idx = _rankings(t_q, t_d, depth)
-    qrels = {q: {d: 1 for d in positives[q]} for q in qids}
-    metric = cfg.metric
-    t_metric = ranking_metrics(qrels, t_scores, t_idx, qids, dids, [cfg.metric_k])[metric]
-    s_idx = s_metric = None
-    if student is not None:
-        s_q = _encode(student, [queries[q] for q in qids], "query", cfg, show_progress_bar)
-        s_d = _encode(student, [corpus[d] for d in dids], "document", cfg, show_progress_bar)
-        s_scores, s_idx = _rankings(s_q, s_d, depth)
-        s_metric = ranking_metrics(qrels, s_scores, s_idx, qids, dids, [cfg.metric_k])[metric]
-
     d_norm = [normalize_text(corpus[d], lower=True) for d in dids]
     skipped_total = {"relevant": 0, "duplicate_text": 0, "duplicate_cosine": 0, "margin": 0}
-    pairs, triplets, scored, meta, qrows = [], [], [], [], []
+    rows: Dict[str, list] = {"pairs": [], "triplets": [], "scored": [], "triplets_meta": [], "queries": []}
     no_negative = 0
-    for qi, q in enumerate(qids):
+    metric = cfg.metric
+    for qi, q in enumerate(queries):
         pos_rows = [row_of[d] for d in positives[q]]
-        relevant = set(pos_rows)
         hurt = bool(s_metric is not None and s_metric[q] < t_metric[q])
         weight = cfg.hurt_weight if hurt else 1.0
         cands = _candidates(t_idx[qi], s_idx[qi] if s_idx is not None else None, cfg)
         n_neg = 0
         for d in positives[q]:
             pi = row_of[d]
-            pairs.append((queries[q], corpus[d]))
+            rows["pairs"].append((queries[q], corpus[d]))
             rng = _pair_rng(cfg.seed, q, d) if cfg.sampling == "random" else None
-            negs, skipped = _mine_pair(qi, pi, pos_rows, relevant, cands, t_q, t_d, d_norm, cfg, rng)
+            negs, skipped = _mine_pair(qi, pi, pos_rows, set(pos_rows), cands, t_q, t_d, d_norm, cfg, rng)
             for key, v in skipped.items():
                 skipped_total[key] += v
-            if not negs:
-                no_negative += 1
+            no_negative += not negs
             s_pos = float(t_q[qi] @ t_d[pi])
             for nd, tr, sr, s_neg in negs:
-                triplets.append((queries[q], corpus[d], corpus[dids[nd]]))
-                scored.append((queries[q], corpus[d], corpus[dids[nd]], np.float32(s_pos - s_neg)))
-                meta.append((q, d, dids[nd], tr, sr, np.float32(s_pos), np.float32(s_neg), hurt, weight))
+                rows["triplets"].append((queries[q], corpus[d], corpus[dids[nd]]))
+                rows["scored"].append((queries[q], corpus[d], corpus[dids[nd]], np.float32(s_pos - s_neg)))
+                rows["triplets_meta"].append((q, d, dids[nd], tr, sr, np.float32(s_pos), np.float32(s_neg), hurt,
+                                              weight))
             n_neg += len(negs)
         row = {"query_id": q, "query": queries[q]}
         if q_src:
@@ -503,37 +535,34 @@ def export_training_data(teacher: "Encoder", dataset: RetrievalDataset, out: Uni
         if s_metric is not None:
             row.update(**{f"student_{metric}": float(s_metric[q])}, delta=float(s_metric[q] - t_metric[q]),
                        quant_hurt=hurt, weight=weight)
-        qrows.append(row)
+        rows["queries"].append(row)
+    counts.update(pairs=len(rows["pairs"]), triplets=len(rows["triplets"]), pairs_without_negative=no_negative,
+                  **{f"skipped_{k}": v for k, v in skipped_total.items()})
+    if s_metric is not None:
+        counts["queries_hurt"] = int(sum(1 for r in rows["queries"] if r["quant_hurt"]))
+    return rows
 
-    tables = {
-        "pairs": pd.DataFrame(pairs, columns=COLUMNS["pairs"]),
-        "triplets": pd.DataFrame(triplets, columns=COLUMNS["triplets"]),
-        "scored": pd.DataFrame(scored, columns=COLUMNS["scored"]).astype({"score": np.float32}),
-        "triplets_meta": pd.DataFrame(meta, columns=[
+
+def _tables(rows: Dict[str, list], dids: List[str], corpus: Dict[str, str], d_src) -> Dict[str, pd.DataFrame]:
+    return {
+        "pairs": pd.DataFrame(rows["pairs"], columns=COLUMNS["pairs"]),
+        "triplets": pd.DataFrame(rows["triplets"], columns=COLUMNS["triplets"]),
+        "scored": pd.DataFrame(rows["scored"], columns=COLUMNS["scored"]).astype({"score": np.float32}),
+        "triplets_meta": pd.DataFrame(rows["triplets_meta"], columns=[
             "query_id", "positive_id", "negative_id", "teacher_rank", "student_rank", "teacher_positive",
             "teacher_negative", "quant_hurt", "weight"]).astype(
             {"teacher_rank": np.int32, "student_rank": np.int32, "teacher_positive": np.float32,
              "teacher_negative": np.float32, "quant_hurt": bool, "weight": np.float32}),
-        "queries": pd.DataFrame(qrows),
+        "queries": pd.DataFrame(rows["queries"]),
         "documents": pd.DataFrame({"doc_id": dids, "text": [corpus[d] for d in dids],
                                    "source": [d_src.get(d) for d in dids]}),
     }
-    counts.update(pairs=len(pairs), triplets=len(triplets), pairs_without_negative=no_negative,
-                  **{f"skipped_{k}": v for k, v in skipped_total.items()})
-    if s_metric is not None:
-        counts["queries_hurt"] = int(sum(1 for r in qrows if r["quant_hurt"]))
 
-    from .. import __version__
 
-    info = {
-        "format": EXPORT_FORMAT, "medquant_version": __version__, "dataset": dataset.name,
-        "holdout": holdout.name if holdout is not None else None, "exclude_sources": sorted(exclude_sources),
-        "license": license or "not recorded (give license= for the dataset card)", "citation": citation,
-        "teacher": teacher.name, "student": (f"{student.name} [{student.scheme.name}]" if student is not None
-                                             else None),
-        "config": cfg.to_dict(), "counts": counts,
-        "columns": {**COLUMNS, **{n: list(tables[n].columns) for n in ("triplets_meta", "queries", "documents")}},
-    }
+def _write_export(out: Path, tables: Dict[str, pd.DataFrame], info: Dict[str, Any], cfg: ExportConfig,
+                  embeddings: Optional[Dict[str, np.ndarray]], student) -> None:
+    """Every file into a fresh directory beside ``out``, the manifest (with each file's sha256) last, then renamed
+    into place; sets ``info["files"]``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.medquant-tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
@@ -542,10 +571,10 @@ def export_training_data(teacher: "Encoder", dataset: RetrievalDataset, out: Uni
         for name, df in tables.items():
             for p in _write_table(df, tmp, name, cfg.formats):
                 files[p.name] = p
-        if cfg.teacher_embeddings:
+        if embeddings is not None:
             from safetensors.numpy import save_file
 
-            save_file({"query": t_q, "document": t_d}, str(tmp / "teacher_embeddings.safetensors"),
+            save_file(embeddings, str(tmp / "teacher_embeddings.safetensors"),
                       metadata={"rows": "L2-normalised; rows follow the queries and documents tables"})
             # (one metadata entry: safetensors writes several in no fixed order, and the files must be byte-stable)
             files["teacher_embeddings.safetensors"] = tmp / "teacher_embeddings.safetensors"
@@ -563,9 +592,6 @@ def export_training_data(teacher: "Encoder", dataset: RetrievalDataset, out: Uni
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    paths = {name: out / name for name in sorted(info["files"])}
-    paths[MANIFEST] = out / MANIFEST
-    return TrainingExport(directory=out, files=paths, counts=counts, **tables)
 
 
 def medquad_training_data(teacher: "Encoder", out: Union[str, os.PathLike], *, student: Optional["Encoder"] = None,

@@ -26,7 +26,6 @@ model training simulated. Needs the ``[finetune]`` extra (torch, transformers).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import pandas as pd
 
 from .._progress import tqdm
 from ..model import limits
-from ..model.checkpoint import resolve_model_path
+from ..model.checkpoint import file_digest, resolve_model_path
 from ..model.sentence import copy_sentence_files, read_sentence_config
 from ..model.storage import swap_into_place
 from ..quant.params import QuantParams
@@ -265,97 +264,94 @@ def trained_params(params: QuantParams, state: Dict[str, np.ndarray], weight_sca
     return dataclasses.replace(params, tensors=tensors, source_weights={})
 
 
-def finetune(model: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], *,
-             config: Optional[FinetuneConfig] = None, params: Optional[QuantParams] = None,
-             overwrite: bool = False, show_progress_bar: Optional[bool] = None) -> FinetuneResult:
-    """Fine-tune ``model`` (an fp32 model name or directory) on the export in ``data_dir``; write the trained model
-    to ``out``: a new or empty directory or an earlier fine-tuned model, replaced (anything else only with
-    ``overwrite``); the directory is written beside ``out`` and renamed into place. Quantization-aware training simulates ``params`` (default: the export's
-    ``quant_params/``). Returns a :class:`FinetuneResult`; see the module docstring."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise ImportError("fine-tuning needs torch and transformers: pip install 'medquant[finetune]'") from None
-    from .fakequant import wrap
-
-    cfg = config if config is not None else FinetuneConfig()
-    if not isinstance(cfg, FinetuneConfig):
-        raise TypeError("config must be a medquant.finetune.FinetuneConfig")
-    src = resolve_model_path(model)
-    out = Path(out).expanduser()
+def _check_dirs(src: Path, out: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"refusing to write the fine-tuned model over its source ({src})")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / TRAINING_RECORD).is_file()
                                                and not overwrite)):
         raise FileExistsError(f"refusing to write the fine-tuned model to {out}: it exists and holds no earlier "
                               "fine-tuned model (pass overwrite=True to replace the directory and everything in it)")
-    pairs, manifest = load_pairs(data_dir)
-    manifest_sha256 = hashlib.sha256((Path(data_dir).expanduser() / MANIFEST).read_bytes()).hexdigest()
-    if cfg.quantization_aware and params is None:
-        qdir = Path(data_dir).expanduser() / "quant_params"
-        if not qdir.is_dir():
+
+
+def _simulated_params(cfg: FinetuneConfig, params: Optional[QuantParams], data_dir: Path) -> Optional[QuantParams]:
+    """The parameters quantization-aware training simulates (given, else the export's), or None for plain
+    training."""
+    if not cfg.quantization_aware:
+        return None
+    if params is None:
+        if not (data_dir / "quant_params").is_dir():
             raise ValueError("quantization-aware training needs quantization parameters: export with a student "
                              "(its quant_params/) or pass params=")
-        params = QuantParams.load(qdir)
-    if cfg.quantization_aware:
-        tied = [n for n in params.sites if n + ".weight" in params.tensors or n + ".bias" in params.tensors]
-        if tied:
-            raise ValueError(f"parameters with GPTQ codes or corrected biases ({tied[0]} ...) belong to the weights "
-                             "they were made for; train with a scheme that rounds to nearest")
-    sentence = read_sentence_config(src)
+        params = QuantParams.load(data_dir / "quant_params")
+    tied = [n for n in params.sites if n + ".weight" in params.tensors or n + ".bias" in params.tensors]
+    if tied:
+        raise ValueError(f"parameters with GPTQ codes or corrected biases ({tied[0]} ...) belong to the weights "
+                         "they were made for; train with a scheme that rounds to nearest")
+    return params
 
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    tok = transformers.AutoTokenizer.from_pretrained(str(src))
-    bert = transformers.BertModel.from_pretrained(str(src), add_pooling_layer=False)
-    if cfg.quantization_aware:
-        wrap(bert, params, weight_scales=cfg.weight_scales)
-    bert.train()
-    decay = [p for n, p in bert.named_parameters() if not any(k in n for k in ("bias", "LayerNorm"))]
-    no_decay = [p for n, p in bert.named_parameters() if any(k in n for k in ("bias", "LayerNorm"))]
+
+def _optimizer(bert, cfg: FinetuneConfig):
+    """AdamW (no decay on biases and LayerNorms) with linear warm-up over ``warmup_fraction`` of the steps, then
+    linear decay."""
+    import torch
+
+    named = list(bert.named_parameters())
+    plain = [p for n, p in named if any(k in n for k in ("bias", "LayerNorm"))]
+    decay = [p for n, p in named if not any(k in n for k in ("bias", "LayerNorm"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                             {"params": plain, "weight_decay": 0.0}], lr=cfg.lr)
     warm = max(1, int(round(cfg.warmup_fraction * cfg.steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
+    return opt, sched
+
+
+def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig):
+    """In-batch + hard-negative cross-entropy, weighted per query, plus MarginMSE when ``distill_weight`` > 0."""
+    import torch
+
+    negs, owner, margins = [], [], []
+    for j, p in enumerate(batch):
+        for n, m in list(zip(p.negatives, p.margins))[: cfg.negatives_per_pair]:
+            negs.append(n)
+            owner.append(j)
+            margins.append(m)
+    q = embed([p.query for p in batch])
+    cand = embed([p.positive for p in batch] + negs)
+    per_query = torch.nn.functional.cross_entropy(cfg.scale * q @ cand.T, torch.arange(len(batch)), reduction="none")
+    w = torch.tensor([p.weight if cfg.use_weights else 1.0 for p in batch], dtype=per_query.dtype)
+    loss = (per_query * w).sum() / w.sum()
+    if cfg.distill_weight > 0 and negs:
+        own = torch.tensor(owner)
+        pos_s = (q * cand[: len(batch)]).sum(-1)[own]
+        neg_s = (q[own] * cand[len(batch):]).sum(-1)
+        # on the loss's scale (scale x cosine), so that distill_weight 1 weighs both terms alike
+        loss = loss + cfg.distill_weight * torch.nn.functional.mse_loss(
+            cfg.scale * (pos_s - neg_s), cfg.scale * torch.tensor(margins, dtype=pos_s.dtype))
+    return loss
+
+
+def _train(bert, tok, pooling: str, pairs: List[_Pair], cfg: FinetuneConfig,
+           show_progress_bar) -> Tuple[List[float], float]:
+    """The optimizer steps; returns the loss per step and the seconds they took."""
+    import torch
 
     def embed(texts: List[str]):
         b = tok(texts, padding=True, truncation=True, max_length=cfg.max_seq_length, return_tensors="pt")
         h = bert(**b).last_hidden_state
-        return torch.nn.functional.normalize(_pool(h, b["attention_mask"], sentence.pooling), dim=-1)
+        return torch.nn.functional.normalize(_pool(h, b["attention_mask"], pooling), dim=-1)
 
-    rng = np.random.default_rng(cfg.seed)
-    batches = _batches(pairs, cfg.batch_size, rng)
+    opt, sched = _optimizer(bert, cfg)
+    batches = _batches(pairs, cfg.batch_size, np.random.default_rng(cfg.seed))
     losses: List[float] = []
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc="fine-tune" + (" (quantization-aware)" if cfg.quantization_aware else ""),
                disable=show_progress_bar is False)
+    bert.train()
     for step in range(cfg.steps):
         if cfg.max_minutes is not None and time.perf_counter() - t0 > 60.0 * cfg.max_minutes:
             break
-        idx = next(batches)
-        batch = [pairs[i] for i in idx]
-        negs, owner, margins = [], [], []
-        for j, p in enumerate(batch):
-            for n, m in list(zip(p.negatives, p.margins))[: cfg.negatives_per_pair]:
-                negs.append(n)
-                owner.append(j)
-                margins.append(m)
-        q = embed([p.query for p in batch])
-        cand = embed([p.positive for p in batch] + negs)
-        scores = cfg.scale * q @ cand.T
-        target = torch.arange(len(batch))
-        per_query = torch.nn.functional.cross_entropy(scores, target, reduction="none")
-        w = torch.tensor([p.weight if cfg.use_weights else 1.0 for p in batch], dtype=per_query.dtype)
-        loss = (per_query * w).sum() / w.sum()
-        if cfg.distill_weight > 0 and negs:
-            own = torch.tensor(owner)
-            pos_s = (q * cand[: len(batch)]).sum(-1)[own]
-            neg_s = (q[own] * cand[len(batch):]).sum(-1)
-            # on the loss's scale (scale x cosine), so that distill_weight 1 weighs both terms alike
-            loss = loss + cfg.distill_weight * torch.nn.functional.mse_loss(
-                cfg.scale * (pos_s - neg_s), cfg.scale * torch.tensor(margins, dtype=pos_s.dtype))
+        loss = _batch_loss(embed, [pairs[i] for i in next(batches)], cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(bert.parameters(), 1.0)
@@ -367,21 +363,51 @@ def finetune(model: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], 
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
-    seconds = time.perf_counter() - t0
     bert.eval()
-    learned = None
-    if cfg.quantization_aware:
-        from .fakequant import unwrap_state_dict
+    return losses, time.perf_counter() - t0
 
+
+def finetune(model: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], *,
+             config: Optional[FinetuneConfig] = None, params: Optional[QuantParams] = None,
+             overwrite: bool = False, show_progress_bar: Optional[bool] = None) -> FinetuneResult:
+    """Fine-tune ``model`` (an fp32 model name or directory) on the export in ``data_dir``; write the trained model
+    to ``out``: a new or empty directory or an earlier fine-tuned model, replaced (anything else only with
+    ``overwrite``); the directory is written beside ``out`` and renamed into place. Quantization-aware training
+    simulates ``params`` (default: the export's ``quant_params/``). Returns a :class:`FinetuneResult`; see the
+    module docstring."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise ImportError("fine-tuning needs torch and transformers: pip install 'medquant[finetune]'") from None
+    from .fakequant import unwrap_state_dict, wrap
+
+    cfg = config if config is not None else FinetuneConfig()
+    if not isinstance(cfg, FinetuneConfig):
+        raise TypeError("config must be a medquant.finetune.FinetuneConfig")
+    src, out, data_dir = resolve_model_path(model), Path(out).expanduser(), Path(data_dir).expanduser()
+    _check_dirs(src, out, overwrite)
+    pairs, manifest = load_pairs(data_dir)
+    params = _simulated_params(cfg, params, data_dir)
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    bert = transformers.BertModel.from_pretrained(str(src), add_pooling_layer=False)
+    if params is not None:
+        wrap(bert, params, weight_scales=cfg.weight_scales)
+    losses, seconds = _train(bert, tok, read_sentence_config(src).pooling, pairs, cfg, show_progress_bar)
+    learned = None
+    if params is not None:
         state = {k: v.detach().numpy() for k, v in unwrap_state_dict(bert).items()}
         learned = trained_params(params, state, cfg.weight_scales)
     record = {
         "format": "medquant-finetune-v1", "source_model": str(model), "config": dataclasses.asdict(cfg),
         "data": {"dataset": manifest.get("dataset"), "holdout": manifest.get("holdout"),
                  "exclude_sources": manifest.get("exclude_sources"), "student": manifest.get("student"),
-                 "export_sha256": manifest_sha256},
+                 "export_sha256": file_digest(data_dir / MANIFEST)},
         "steps": len(losses), "seconds": round(seconds, 1), "losses": [round(x, 6) for x in losses],
-        "quantization": params.scheme.name if cfg.quantization_aware else None,
+        "quantization": params.scheme.name if params is not None else None,
     }
     _save(bert, src, out, record, learned)
     return FinetuneResult(directory=out, losses=losses, steps=len(losses), seconds=seconds, quant_params=learned)
