@@ -113,6 +113,41 @@ def test_same_seed_same_weights(tmp_path, data, minilm_dir):
             FinetuneConfig(**bad)
 
 
+def test_distillation_from_the_source_model(tmp_path, data, minilm_dir):
+    """distill_from="source": the margins come from a frozen fp32 copy of the model trained from, so at the start
+    of plain training (student = teacher) the distillation term is zero, where the exported teacher's margins
+    (computed at another length) are not; a quantization-aware run with it trains and re-imports."""
+    from medquant.finetune.train import _batch_loss, _pool
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+    bert = transformers.BertModel.from_pretrained(str(minilm_dir), add_pooling_layer=False).eval()
+
+    def embed(texts):
+        b = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        return torch.nn.functional.normalize(_pool(bert(**b).last_hidden_state, b["attention_mask"], "mean"), dim=-1)
+
+    pairs, _ = load_pairs(data)
+    batch = [p for p in pairs if p.negatives][:4]
+    assert len(batch) == 4
+    with torch.no_grad():
+        plain = _batch_loss(embed, batch, FinetuneConfig(**TINY))
+        from_source = _batch_loss(embed, batch, FinetuneConfig(distill_weight=1.0, distill_from="source", **TINY),
+                                  teacher_embed=embed)
+        from_export = _batch_loss(embed, batch, FinetuneConfig(distill_weight=1.0, **TINY))
+    assert float(from_source) == pytest.approx(float(plain), rel=1e-6)
+    assert float(from_export) > float(plain)
+    cfg = FinetuneConfig(quantization_aware=True, distill_weight=1.0, distill_from="source", **TINY)
+    res = finetune(minilm_dir, data, tmp_path / "qat", config=cfg)
+    assert res.steps == TINY["steps"] and all(np.isfinite(res.losses))
+    record = json.loads((tmp_path / "qat" / TRAINING_RECORD).read_text())
+    assert record["config"]["distill_from"] == "source"
+    q = medquant.Encoder.from_pretrained(tmp_path / "qat").quantize(medquant.load_quant_params(tmp_path / "qat" /
+                                                                                               "quant_params"))
+    assert np.isfinite(q.encode(["insulin dose for type 2 diabetes"])).all()
+    with pytest.raises(ValueError, match="distill_from"):
+        FinetuneConfig(distill_from="teacher")
+
+
 def test_batches_never_repeat_a_text():
     from medquant.finetune.train import _batches, _Pair
 

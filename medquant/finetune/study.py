@@ -7,7 +7,11 @@ re-quantize, evaluate, and one before/after table with paired confidence interva
 2. the training data (:func:`medquant.finetune.export_training_data`: MedQuAD dev, ``test`` held out, optionally
    sources excluded entirely), with the first scheme's student flagging where quantization hurts;
 3. plain fine-tuning (``finetune_config``) and, per scheme, quantization-aware fine-tuning (``qat_config`` with
-   ``quantization_aware=True``, simulating that scheme's exported parameters);
+   ``quantization_aware=True``). ``qat_start="finetuned"`` (default) continues from the plain fine-tuned model for
+   a short phase, simulating that scheme's parameters calibrated on the fine-tuned model and distilling from the
+   fine-tuned fp32 model itself: the usual recipe, and cheap (default: a quarter of the plain run's steps, another
+   seed, ``distill_from="source"``); ``qat_start="original"`` trains the original model quantization-aware from
+   the start, simulating the original student's parameters;
 4. evaluation on the held-out collection of: fp32, each scheme (post-training), fine-tuned fp32, fine-tuned + each
    scheme (post-training, recalibrated on the same training-split texts), and quantization-aware fine-tuned +
    each scheme (quantized with the parameters training simulated).
@@ -39,16 +43,21 @@ from .train import TRAINING_RECORD, FinetuneConfig, finetune
 METRICS = ("nDCG@10", "MRR@10", "R@100")
 
 
-def _trained(directory: Path, reuse: bool) -> bool:
-    return reuse and (directory / TRAINING_RECORD).is_file() and (directory / "model.safetensors").is_file()
+def _trained(directory: Path, reuse: bool, source: Union[str, Path], config: FinetuneConfig) -> bool:
+    """A finished training run in ``directory`` from the same source model with the same configuration."""
+    rec = directory / TRAINING_RECORD
+    if not (reuse and rec.is_file() and (directory / "model.safetensors").is_file()):
+        return False
+    record = json.loads(rec.read_text(encoding="utf-8"))
+    return record.get("source_model") == str(source) and record.get("config") == dataclasses.asdict(config)
 
 
 def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Union[str, Path], *,
                    test: Optional[RetrievalDataset] = None, train_limit: Optional[int] = None,
                    exclude_sources: Sequence[str] = (), export_config: Optional[ExportConfig] = None,
                    finetune_config: Optional[FinetuneConfig] = None, qat_config: Optional[FinetuneConfig] = None,
-                   calibration_size: int = 256, max_length: Optional[int] = None, seed: int = 13,
-                   reuse: bool = True, show_progress_bar: Optional[bool] = None) -> pd.DataFrame:
+                   qat_start: str = "finetuned", calibration_size: int = 256, max_length: Optional[int] = None,
+                   seed: int = 13, reuse: bool = True, show_progress_bar: Optional[bool] = None) -> pd.DataFrame:
     """Run the loop (module docstring) and return the before/after table (also written to
     ``work_dir/recovery.csv`` with the evaluation's per-query metrics in ``work_dir/per_query.csv``).
 
@@ -56,7 +65,9 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
     test: the evaluated collection (default: the whole MedQuAD test split); it must be the held-out split of the
     training export (MedQuAD test). train_limit: a seeded sample of the dev queries to train on (None: all).
     finetune_config / qat_config: of plain / quantization-aware training (qat_config defaults to finetune_config
-    with ``quantization_aware=True``). max_length: of every encoder (default: the model's).
+    with ``quantization_aware=True``, and from the fine-tuned model a quarter of its steps, seed + 1 and
+    distillation from the fine-tuned fp32 model).
+    qat_start: "finetuned" or "original" (module docstring). max_length: of every encoder (default: the model's).
     """
     from .. import evaluate
     from ..model.encoder import Encoder
@@ -66,8 +77,13 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
     schemes = [get_scheme(s) for s in schemes]
     if not schemes:
         raise ValueError("give at least one scheme")
+    if qat_start not in ("finetuned", "original"):
+        raise ValueError(f"qat_start must be 'finetuned' or 'original', got {qat_start!r}")
     ft_cfg = finetune_config or FinetuneConfig(seed=seed)
-    qat_cfg = qat_config or dataclasses.replace(ft_cfg, quantization_aware=True)
+    qat_cfg = qat_config or (dataclasses.replace(ft_cfg, quantization_aware=True) if qat_start == "original" else
+                             dataclasses.replace(ft_cfg, quantization_aware=True, steps=max(1, ft_cfg.steps // 4),
+                                                 seed=(ft_cfg.seed + 1) % 2**32, distill_from="source",
+                                                 distill_weight=ft_cfg.distill_weight or 1.0))
     if ft_cfg.quantization_aware or not qat_cfg.quantization_aware:
         raise ValueError("finetune_config must be plain and qat_config quantization-aware")
     test = test if test is not None else medquad_retrieval("test", seed=13)
@@ -89,18 +105,20 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
     if manifest.get("holdout") != "medquad-test" or not test.name.startswith("medquad-test"):
         raise ValueError("the study evaluates on MedQuAD test, the split its training data holds out")
 
-    if not _trained(work / "finetuned", reuse):
-        finetune(model, data, work / "finetuned", config=ft_cfg, show_progress_bar=show_progress_bar)
-    ft = Encoder.from_pretrained(work / "finetuned", max_length=max_length)
+    ft_dir = work / "finetuned"
+    if not _trained(ft_dir, reuse, model, ft_cfg):
+        finetune(model, data, ft_dir, config=ft_cfg, show_progress_bar=show_progress_bar)
+    ft = Encoder.from_pretrained(ft_dir, max_length=max_length)
     systems: List[tuple] = [("fine-tuned fp32", ft)]
     for s in schemes:
+        ft_q = ft.quantize(s, calibration_texts=calib, show_progress_bar=show_progress_bar)
         systems.append((s.name, students[s.name]))
-        systems.append((f"fine-tuned + {s.name}", ft.quantize(s, calibration_texts=calib,
-                                                                show_progress_bar=show_progress_bar)))
+        systems.append((f"fine-tuned + {s.name}", ft_q))
         qdir = work / f"qat-{s.name}"
-        if not _trained(qdir, reuse):
-            params = students[s.name].quant_params()
-            finetune(model, data, qdir, config=qat_cfg, params=params, show_progress_bar=show_progress_bar)
+        start, start_q = (ft_dir, ft_q) if qat_start == "finetuned" else (model, students[s.name])
+        if not _trained(qdir, reuse, start, qat_cfg):
+            finetune(start, data, qdir, config=qat_cfg, params=start_q.quant_params(),
+                     show_progress_bar=show_progress_bar)
         qat = Encoder.from_pretrained(qdir, max_length=max_length)
         systems.append((f"QAT + {s.name}", qat.quantize(QuantParams.load(qdir / "quant_params"))))
 

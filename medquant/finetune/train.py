@@ -6,8 +6,11 @@ written by :func:`medquant.finetune.export_training_data`:
 * loss: in-batch negatives plus the exported hard negatives (MultipleNegativesRankingLoss: cross-entropy over
   ``scale * cos(query, candidate)`` with the pair's own positive as the target, every other positive and every
   negative of the batch as candidates), each query weighted by its exported ``weight`` (where quantization hurts:
-  ``hurt_weight``), plus, with ``distill_weight > 0``, MarginMSE distillation from the fp32 teacher
-  (``scale^2 (cos(q, p) - cos(q, n) - teacher margin)^2``, Hofstaetter et al. 2020);
+  ``hurt_weight``), plus, with ``distill_weight > 0``, MarginMSE distillation from an fp32 teacher
+  (``scale^2 (cos(q, p) - cos(q, n) - teacher margin)^2``, Hofstaetter et al. 2020): the export's teacher margins
+  (``distill_from="export"``) or the source model's own, computed during training by a frozen fp32 copy of it
+  (``distill_from="source"``: for quantization-aware training of a fine-tuned model, the model it must not drift
+  from);
 * ``quantization_aware=True``: every quantized site computes as medquant's C core does under the student's
   exported quantization parameters (:mod:`medquant.finetune.fakequant`), so the weights learn around the
   quantization error;
@@ -58,7 +61,8 @@ class FinetuneConfig:
     batch_size: pairs per step; negatives_per_pair: exported hard negatives used per pair (0: in-batch only).
     max_seq_length: token truncation in training. lr, warmup_fraction, weight_decay: AdamW with linear warm-up
     over that fraction of ``steps``, then linear decay. scale: the MultipleNegativesRankingLoss scale (1 /
-    temperature). distill_weight: weight of the MarginMSE term (0: none). use_weights: weight queries by the
+    temperature). distill_weight: weight of the MarginMSE term (0: none); distill_from: "export" (the exported
+    teacher's margins) or "source" (the source model's, by a frozen fp32 copy). use_weights: weight queries by the
     export's ``weight`` column. quantization_aware: train through the C core's quantization (needs parameters).
     weight_scales: "current" or "given" (see :func:`medquant.finetune.fakequant.wrap`). seed; threads: torch threads
     (default: ``$MEDQUANT_NUM_THREADS`` or every CPU this process may use).
@@ -74,6 +78,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     scale: float = 20.0
     distill_weight: float = 0.0
+    distill_from: str = "export"
     use_weights: bool = True
     quantization_aware: bool = False
     weight_scales: str = "current"
@@ -96,6 +101,8 @@ class FinetuneConfig:
         self.weight_decay = limits.finite_float(self.weight_decay, "weight_decay", 0.0, 1.0)
         self.scale = limits.finite_float(self.scale, "scale", 0.0, 1e4, low_open=True)
         self.distill_weight = limits.finite_float(self.distill_weight, "distill_weight", 0.0, 1e6)
+        if self.distill_from not in ("export", "source"):
+            raise ValueError(f"distill_from must be 'export' or 'source', got {self.distill_from!r}")
         self.use_weights = limits.flag(self.use_weights, "use_weights")
         self.quantization_aware = limits.flag(self.quantization_aware, "quantization_aware")
         if self.weight_scales not in ("current", "given"):
@@ -306,8 +313,9 @@ def _optimizer(bert, cfg: FinetuneConfig):
     return opt, sched
 
 
-def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig):
-    """In-batch + hard-negative cross-entropy, weighted per query, plus MarginMSE when ``distill_weight`` > 0."""
+def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=None):
+    """In-batch + hard-negative cross-entropy, weighted per query, plus MarginMSE when ``distill_weight`` > 0 (the
+    exported margins, or ``teacher_embed``'s)."""
     import torch
 
     negs, owner, margins = [], [], []
@@ -325,21 +333,34 @@ def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig):
         own = torch.tensor(owner)
         pos_s = (q * cand[: len(batch)]).sum(-1)[own]
         neg_s = (q[own] * cand[len(batch):]).sum(-1)
+        if teacher_embed is not None:
+            with torch.no_grad():
+                tq = teacher_embed([p.query for p in batch])
+                tc = teacher_embed([p.positive for p in batch] + negs)
+                target = (tq * tc[: len(batch)]).sum(-1)[own] - (tq[own] * tc[len(batch):]).sum(-1)
+        else:
+            target = torch.tensor(margins, dtype=pos_s.dtype)
         # on the loss's scale (scale x cosine), so that distill_weight 1 weighs both terms alike
-        loss = loss + cfg.distill_weight * torch.nn.functional.mse_loss(
-            cfg.scale * (pos_s - neg_s), cfg.scale * torch.tensor(margins, dtype=pos_s.dtype))
+        loss = loss + cfg.distill_weight * torch.nn.functional.mse_loss(cfg.scale * (pos_s - neg_s),
+                                                                        cfg.scale * target)
     return loss
 
 
-def _train(bert, tok, pooling: str, pairs: List[_Pair], cfg: FinetuneConfig,
-           show_progress_bar) -> Tuple[List[float], float]:
-    """The optimizer steps; returns the loss per step and the seconds they took."""
+def _train(bert, tok, pooling: str, pairs: List[_Pair], cfg: FinetuneConfig, show_progress_bar,
+           teacher=None) -> Tuple[List[float], float]:
+    """The optimizer steps (``teacher``: a frozen model giving the distillation margins); returns the loss per step
+    and the seconds they took."""
     import torch
 
-    def embed(texts: List[str]):
-        b = tok(texts, padding=True, truncation=True, max_length=cfg.max_seq_length, return_tensors="pt")
-        h = bert(**b).last_hidden_state
-        return torch.nn.functional.normalize(_pool(h, b["attention_mask"], pooling), dim=-1)
+    def embedder(model):
+        def embed(texts: List[str]):
+            b = tok(texts, padding=True, truncation=True, max_length=cfg.max_seq_length, return_tensors="pt")
+            h = model(**b).last_hidden_state
+            return torch.nn.functional.normalize(_pool(h, b["attention_mask"], pooling), dim=-1)
+        return embed
+
+    embed = embedder(bert)
+    teacher_embed = embedder(teacher) if teacher is not None else None
 
     opt, sched = _optimizer(bert, cfg)
     batches = _batches(pairs, cfg.batch_size, np.random.default_rng(cfg.seed))
@@ -351,7 +372,7 @@ def _train(bert, tok, pooling: str, pairs: List[_Pair], cfg: FinetuneConfig,
     for step in range(cfg.steps):
         if cfg.max_minutes is not None and time.perf_counter() - t0 > 60.0 * cfg.max_minutes:
             break
-        loss = _batch_loss(embed, [pairs[i] for i in next(batches)], cfg)
+        loss = _batch_loss(embed, [pairs[i] for i in next(batches)], cfg, teacher_embed)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(bert.parameters(), 1.0)
@@ -394,9 +415,13 @@ def finetune(model: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], 
     torch.set_num_threads(cfg.threads)
     tok = transformers.AutoTokenizer.from_pretrained(str(src))
     bert = transformers.BertModel.from_pretrained(str(src), add_pooling_layer=False)
+    teacher = None
+    if cfg.distill_weight > 0 and cfg.distill_from == "source":
+        teacher = transformers.BertModel.from_pretrained(str(src), add_pooling_layer=False).eval()
+        teacher.requires_grad_(False)
     if params is not None:
         wrap(bert, params, weight_scales=cfg.weight_scales)
-    losses, seconds = _train(bert, tok, read_sentence_config(src).pooling, pairs, cfg, show_progress_bar)
+    losses, seconds = _train(bert, tok, read_sentence_config(src).pooling, pairs, cfg, show_progress_bar, teacher)
     learned = None
     if params is not None:
         state = {k: v.detach().numpy() for k, v in unwrap_state_dict(bert).items()}
