@@ -48,7 +48,7 @@ import medquant  # noqa: E402
 from medquant.eval.datasets import medquad_retrieval  # noqa: E402
 from medquant.eval.runinfo import ThroughputWarning  # noqa: E402
 from medquant.finetune import ExportConfig, FinetuneConfig  # noqa: E402
-from medquant.finetune.study import recovery_study  # noqa: E402
+from medquant.finetune.study import default_qat_config, recovery_study  # noqa: E402
 
 DISTILL = 0.0
 CORPUS_SIZE = 4000
@@ -96,18 +96,19 @@ def main() -> int:
     test = full_test.sample(n_test, seed=13, corpus_size=4 * n_test if quick else (args.corpus_size or None))
     cfg = FinetuneConfig(steps=steps, batch_size=32, negatives_per_pair=1, max_seq_length=128, lr=3e-5,
                          distill_weight=args.distill, seed=13, threads=THREADS)
-    qat_steps = args.qat_steps or (steps if args.qat_start == "original" else max(1, steps // 4))
-    qat_cfg = dataclasses.replace(cfg, quantization_aware=True, steps=qat_steps)
-    if args.qat_start == "finetuned":  # another seed; distil from the fine-tuned fp32 model it starts from
-        qat_cfg = dataclasses.replace(qat_cfg, seed=cfg.seed + 1, distill_weight=args.qat_distill,
-                                      distill_from="source")
+    qat_cfg = default_qat_config(cfg, args.qat_start)
+    qat_cfg = dataclasses.replace(qat_cfg, steps=args.qat_steps or qat_cfg.steps,
+                                  distill_weight=args.qat_distill if args.qat_start == "finetuned"
+                                  else qat_cfg.distill_weight)
+    qat_steps = qat_cfg.steps
     work = args.work.with_name(args.work.name + "-quick") if quick else args.work
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThroughputWarning)
         table = recovery_study("all-MiniLM-L6-v2", schemes, work, test=test, train_limit=60 if quick else None,
                                exclude_sources=[args.exclude_source] if args.exclude_source else [],
                                export_config=ExportConfig(num_negatives=4, seed=13), finetune_config=cfg,
-                               qat_config=qat_cfg, qat_start=args.qat_start, calibration_size=256, max_length=args.max_length, seed=13, show_progress_bar=True)
+                               qat_config=qat_cfg, qat_start=args.qat_start, calibration_size=256,
+                               max_length=args.max_length, seed=13, show_progress_bar=True)
     wall = time.perf_counter() - t0
     records = {}
     for d in sorted(work.iterdir()):

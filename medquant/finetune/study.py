@@ -52,6 +52,19 @@ def _trained(directory: Path, reuse: bool, source: Union[str, Path], config: Fin
     return record.get("source_model") == str(source) and record.get("config") == dataclasses.asdict(config)
 
 
+def default_qat_config(ft_cfg: FinetuneConfig, qat_start: str = "finetuned") -> FinetuneConfig:
+    """The quantization-aware configuration :func:`recovery_study` derives from the plain one: from the original
+    model the same run quantization-aware; from the fine-tuned model a quarter of its steps, seed + 1 and
+    MarginMSE from the fine-tuned fp32 model (``distill_from="source"``, weight as the plain run's, else 1)."""
+    if qat_start not in ("finetuned", "original"):
+        raise ValueError(f"qat_start must be 'finetuned' or 'original', got {qat_start!r}")
+    if qat_start == "original":
+        return dataclasses.replace(ft_cfg, quantization_aware=True)
+    return dataclasses.replace(ft_cfg, quantization_aware=True, steps=max(1, ft_cfg.steps // 4),
+                               seed=(ft_cfg.seed + 1) % 2**32, distill_from="source",
+                               distill_weight=ft_cfg.distill_weight or 1.0)
+
+
 def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Union[str, Path], *,
                    test: Optional[RetrievalDataset] = None, train_limit: Optional[int] = None,
                    exclude_sources: Sequence[str] = (), export_config: Optional[ExportConfig] = None,
@@ -80,10 +93,7 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
     if qat_start not in ("finetuned", "original"):
         raise ValueError(f"qat_start must be 'finetuned' or 'original', got {qat_start!r}")
     ft_cfg = finetune_config or FinetuneConfig(seed=seed)
-    qat_cfg = qat_config or (dataclasses.replace(ft_cfg, quantization_aware=True) if qat_start == "original" else
-                             dataclasses.replace(ft_cfg, quantization_aware=True, steps=max(1, ft_cfg.steps // 4),
-                                                 seed=(ft_cfg.seed + 1) % 2**32, distill_from="source",
-                                                 distill_weight=ft_cfg.distill_weight or 1.0))
+    qat_cfg = qat_config or default_qat_config(ft_cfg, qat_start)
     if ft_cfg.quantization_aware or not qat_cfg.quantization_aware:
         raise ValueError("finetune_config must be plain and qat_config quantization-aware")
     test = test if test is not None else medquad_retrieval("test", seed=13)
@@ -165,4 +175,4 @@ def _table(df: pd.DataFrame, pq: Dict[str, pd.DataFrame], schemes: List[str], te
     return table
 
 
-__all__ = ["METRICS", "recovery_study"]
+__all__ = ["METRICS", "default_qat_config", "recovery_study"]
