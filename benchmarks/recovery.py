@@ -15,8 +15,9 @@ One run of :func:`medquant.finetune.study.recovery_study`:
   which anchors the student to where it started: weight 1 measured 0.876 nDCG@10 against 0.930 without, on 500
   test queries x 1,500 answers); then per scheme a quantization-aware phase of ``--qat-steps`` (default a quarter of
   ``--steps``) continuing from the fine-tuned model (``--qat-start finetuned``, the usual recipe), simulating that
-  scheme calibrated on the fine-tuned model, another seed, MarginMSE from the fine-tuned fp32 model itself
-  (``--qat-distill``, ``distill_from="source"``); ``--qat-start original`` trains the original model
+  scheme calibrated on the fine-tuned model, another seed, trained only to reproduce the fine-tuned fp32 model's
+  embeddings (cosine distance, weight ``--qat-distill``), without dropout, lr 1e-4
+  (``medquant.finetune.study.default_qat_config``); ``--qat-start original`` trains the original model
   quantization-aware for ``--steps`` instead (five full training runs: far over the time budget on 2 cores);
 * evaluation: a seeded sample of ``--test-queries`` MedQuAD test queries against ``--corpus-size`` answers of the
   test corpus (every answer judged relevant for a sampled query, plus seeded distractors; 0: all 7,962 answers:
@@ -79,7 +80,8 @@ def main() -> int:
     ap.add_argument("--distill", type=float, default=DISTILL,
                     help="MarginMSE weight of fine-tuning (the export's teacher: the original model)")
     ap.add_argument("--qat-distill", type=float, default=1.0,
-                    help="MarginMSE weight of the quantization-aware phase (teacher: the fine-tuned fp32 model)")
+                    help="distillation weight of the quantization-aware phase (embedding cosine distance to the "
+                         "fine-tuned fp32 model)")
     ap.add_argument("--corpus-size", type=int, default=CORPUS_SIZE,
                     help="the test corpus: the sample's relevant answers plus seeded distractors up to this size "
                          "(0: the whole test corpus)")

@@ -17,6 +17,7 @@ transformers = require("transformers")
 from medquant.finetune.fakequant import wrap  # noqa: E402
 
 TINY = dict(steps=2, batch_size=8, max_seq_length=32, negatives_per_pair=1, lr=1e-4, seed=3, threads=2)
+TINY_SCALE = FinetuneConfig().scale
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,51 @@ def test_distillation_from_the_source_model(tmp_path, data, minilm_dir):
     assert np.isfinite(q.encode(["insulin dose for type 2 diabetes"])).all()
     with pytest.raises(ValueError, match="distill_from"):
         FinetuneConfig(distill_from="teacher")
+
+
+def test_embedding_distillation(tmp_path, data, minilm_dir):
+    """distill_loss="embedding": scale x mean cosine distance of every embedding of the batch to the source model's;
+    zero when student = teacher, positive when the student differs; with contrastive_weight 0 it is the whole
+    loss. A distillation-only quantization-aware run without dropout (the recovery study's default phase) trains,
+    its loss starting at the quantization error, and re-imports."""
+    from medquant.finetune.study import default_qat_config
+    from medquant.finetune.train import _batch_loss, _pool
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+    bert = transformers.BertModel.from_pretrained(str(minilm_dir), add_pooling_layer=False).eval()
+
+    def embedder(noise):
+        def embed(texts):
+            b = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+            h = _pool(bert(**b).last_hidden_state, b["attention_mask"], "mean")
+            return torch.nn.functional.normalize(h + noise * torch.linspace(-1, 1, h.shape[-1]), dim=-1)
+        return embed
+
+    pairs, _ = load_pairs(data)
+    batch = [p for p in pairs if p.negatives][:4]
+    emb = dict(TINY, distill_weight=2.0, distill_from="source", distill_loss="embedding")
+    with torch.no_grad():
+        plain = _batch_loss(embedder(0.0), batch, FinetuneConfig(**TINY))
+        same = _batch_loss(embedder(0.0), batch, FinetuneConfig(**emb), teacher_embed=embedder(0.0))
+        only = _batch_loss(embedder(0.05), batch, FinetuneConfig(**emb, contrastive_weight=0.0),
+                           teacher_embed=embedder(0.0))
+        texts = [p.query for p in batch] + [p.positive for p in batch] + [p.negatives[0] for p in batch]
+        cos = (embedder(0.05)(texts) * embedder(0.0)(texts)).sum(-1)
+    assert float(same) == pytest.approx(float(plain), rel=1e-6)
+    assert float(only) == pytest.approx(2.0 * TINY_SCALE * float((1 - cos).mean()), rel=1e-5) and float(only) > 0
+    for bad, match in ((dict(distill_loss="embedding", distill_weight=1.0), "distill_from"),
+                       (dict(distill_loss="kl"), "distill_loss"), (dict(contrastive_weight=0.0), "nothing to train"),
+                       (dict(contrastive_weight=-1.0), "contrastive_weight"), (dict(dropout="no"), "dropout")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            FinetuneConfig(**bad)
+    cfg = default_qat_config(FinetuneConfig(**dict(TINY, steps=8)))
+    assert (cfg.distill_loss, cfg.contrastive_weight, cfg.dropout, cfg.steps) == ("embedding", 0.0, False, 2)
+    params = medquant.Encoder.from_pretrained(minilm_dir, max_length=32).quantize("w4-weight-only").quant_params()
+    res = finetune(minilm_dir, data, tmp_path / "qat", config=cfg, params=params)
+    assert res.steps == 2 and all(np.isfinite(res.losses)) and res.losses[0] > 0
+    assert json.loads((tmp_path / "qat" / TRAINING_RECORD).read_text())["config"]["distill_loss"] == "embedding"
+    q = medquant.Encoder.from_pretrained(tmp_path / "qat").quantize(res.quant_params)
+    assert np.isfinite(q.encode(["insulin dose for type 2 diabetes"])).all()
 
 
 def test_batches_never_repeat_a_text():

@@ -61,8 +61,10 @@ class FinetuneConfig:
     batch_size: pairs per step; negatives_per_pair: exported hard negatives used per pair (0: in-batch only).
     max_seq_length: token truncation in training. lr, warmup_fraction, weight_decay: AdamW with linear warm-up
     over that fraction of ``steps``, then linear decay. scale: the MultipleNegativesRankingLoss scale (1 /
-    temperature). distill_weight: weight of the MarginMSE term (0: none); distill_from: "export" (the exported
-    teacher's margins) or "source" (the source model's, by a frozen fp32 copy). use_weights: weight queries by the
+    temperature). distill_weight: weight of the distillation term (0: none); distill_from: "export" (the exported
+    teacher's margins) or "source" (the source model's, by a frozen fp32 copy); distill_loss: "margin" (MarginMSE)
+    or "embedding" (cosine distance to the source model's embeddings, ``distill_from="source"`` only).
+    contrastive_weight: weight of the in-batch / hard-negative cross-entropy (0: distillation only). use_weights: weight queries by the
     export's ``weight`` column. quantization_aware: train through the C core's quantization (needs parameters).
     weight_scales: "current" or "given" (see :func:`medquant.finetune.fakequant.wrap`). seed; threads: torch threads
     (default: ``$MEDQUANT_NUM_THREADS`` or every CPU this process may use).
@@ -79,6 +81,9 @@ class FinetuneConfig:
     scale: float = 20.0
     distill_weight: float = 0.0
     distill_from: str = "export"
+    distill_loss: str = "margin"
+    contrastive_weight: float = 1.0
+    dropout: bool = True
     use_weights: bool = True
     quantization_aware: bool = False
     weight_scales: str = "current"
@@ -103,7 +108,15 @@ class FinetuneConfig:
         self.distill_weight = limits.finite_float(self.distill_weight, "distill_weight", 0.0, 1e6)
         if self.distill_from not in ("export", "source"):
             raise ValueError(f"distill_from must be 'export' or 'source', got {self.distill_from!r}")
+        if self.distill_loss not in ("margin", "embedding"):
+            raise ValueError(f"distill_loss must be 'margin' or 'embedding', got {self.distill_loss!r}")
+        if self.distill_loss == "embedding" and self.distill_from != "source":
+            raise ValueError("distill_loss='embedding' needs the teacher's embeddings: distill_from='source'")
+        self.contrastive_weight = limits.finite_float(self.contrastive_weight, "contrastive_weight", 0.0, 1e6)
+        if self.contrastive_weight == 0 and self.distill_weight == 0:
+            raise ValueError("contrastive_weight and distill_weight are both 0: nothing to train")
         self.use_weights = limits.flag(self.use_weights, "use_weights")
+        self.dropout = limits.flag(self.dropout, "dropout")
         self.quantization_aware = limits.flag(self.quantization_aware, "quantization_aware")
         if self.weight_scales not in ("current", "given"):
             raise ValueError(f"weight_scales must be 'current' or 'given', got {self.weight_scales!r}")
@@ -314,8 +327,9 @@ def _optimizer(bert, cfg: FinetuneConfig):
 
 
 def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=None):
-    """In-batch + hard-negative cross-entropy, weighted per query, plus MarginMSE when ``distill_weight`` > 0 (the
-    exported margins, or ``teacher_embed``'s)."""
+    """In-batch + hard-negative cross-entropy, weighted per query (times ``contrastive_weight``), plus the
+    distillation term when ``distill_weight`` > 0: MarginMSE on the exported margins or ``teacher_embed``'s, or
+    (``distill_loss="embedding"``) the cosine distance of every embedding of the batch to ``teacher_embed``'s."""
     import torch
 
     negs, owner, margins = [], [], []
@@ -324,26 +338,32 @@ def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=No
             negs.append(n)
             owner.append(j)
             margins.append(m)
-    q = embed([p.query for p in batch])
-    cand = embed([p.positive for p in batch] + negs)
-    per_query = torch.nn.functional.cross_entropy(cfg.scale * q @ cand.T, torch.arange(len(batch)), reduction="none")
-    w = torch.tensor([p.weight if cfg.use_weights else 1.0 for p in batch], dtype=per_query.dtype)
-    loss = (per_query * w).sum() / w.sum()
-    if cfg.distill_weight > 0 and negs:
-        own = torch.tensor(owner)
-        pos_s = (q * cand[: len(batch)]).sum(-1)[own]
-        neg_s = (q[own] * cand[len(batch):]).sum(-1)
-        if teacher_embed is not None:
-            with torch.no_grad():
-                tq = teacher_embed([p.query for p in batch])
-                tc = teacher_embed([p.positive for p in batch] + negs)
-                target = (tq * tc[: len(batch)]).sum(-1)[own] - (tq[own] * tc[len(batch):]).sum(-1)
-        else:
-            target = torch.tensor(margins, dtype=pos_s.dtype)
-        # on the loss's scale (scale x cosine), so that distill_weight 1 weighs both terms alike
-        loss = loss + cfg.distill_weight * torch.nn.functional.mse_loss(cfg.scale * (pos_s - neg_s),
-                                                                        cfg.scale * target)
-    return loss
+    queries, candidates = [p.query for p in batch], [p.positive for p in batch] + negs
+    q, cand = embed(queries), embed(candidates)
+    loss = q.new_zeros(())
+    if cfg.contrastive_weight > 0:
+        per_query = torch.nn.functional.cross_entropy(cfg.scale * q @ cand.T, torch.arange(len(batch)),
+                                                      reduction="none")
+        w = torch.tensor([p.weight if cfg.use_weights else 1.0 for p in batch], dtype=per_query.dtype)
+        loss = cfg.contrastive_weight * (per_query * w).sum() / w.sum()
+    if cfg.distill_weight == 0 or (cfg.distill_loss == "margin" and not negs):
+        return loss
+    if teacher_embed is not None:
+        with torch.no_grad():
+            tq, tc = teacher_embed(queries), teacher_embed(candidates)
+    if cfg.distill_loss == "embedding":
+        # 1 - cos(student, teacher) per text (both unit length), on the loss's scale like MarginMSE below
+        dist = 1.0 - torch.cat([(q * tq).sum(-1), (cand * tc).sum(-1)])
+        return loss + cfg.distill_weight * cfg.scale * dist.mean()
+    own = torch.tensor(owner)
+    pos_s = (q * cand[: len(batch)]).sum(-1)[own]
+    neg_s = (q[own] * cand[len(batch):]).sum(-1)
+    if teacher_embed is not None:
+        target = (tq * tc[: len(batch)]).sum(-1)[own] - (tq[own] * tc[len(batch):]).sum(-1)
+    else:
+        target = torch.tensor(margins, dtype=pos_s.dtype)
+    # on the loss's scale (scale x cosine), so that distill_weight 1 weighs both terms alike
+    return loss + cfg.distill_weight * torch.nn.functional.mse_loss(cfg.scale * (pos_s - neg_s), cfg.scale * target)
 
 
 def _train(bert, tok, pooling: str, pairs: List[_Pair], cfg: FinetuneConfig, show_progress_bar,
@@ -368,7 +388,7 @@ def _train(bert, tok, pooling: str, pairs: List[_Pair], cfg: FinetuneConfig, sho
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc="fine-tune" + (" (quantization-aware)" if cfg.quantization_aware else ""),
                disable=show_progress_bar is False)
-    bert.train()
+    bert.train(cfg.dropout)  # without dropout: the model's own eval-mode forward, the one quantized afterwards
     for step in range(cfg.steps):
         if cfg.max_minutes is not None and time.perf_counter() - t0 > 60.0 * cfg.max_minutes:
             break
