@@ -1,6 +1,7 @@
 """Fine-tuning (medquant.finetune.train): a tiny real training run, plain and quantization-aware, gives a directory
 that medquant re-imports, quantizes and evaluates; quantizing it with the trained parameters gives the model that
 training simulated; the same seed gives the same weights."""
+import dataclasses
 import json
 
 import numpy as np
@@ -181,9 +182,13 @@ def test_embedding_distillation(tmp_path, data, minilm_dir):
     assert float(only) == pytest.approx(2.0 * TINY_SCALE * float((1 - cos).mean()), rel=1e-5) and float(only) > 0
     for bad, match in ((dict(distill_loss="embedding", distill_weight=1.0), "distill_from"),
                        (dict(distill_loss="kl"), "distill_loss"), (dict(contrastive_weight=0.0), "nothing to train"),
+                       (dict(contrastive_weight=0.0, distill_weight=1.0, negatives_per_pair=0), "nothing to train"),
                        (dict(contrastive_weight=-1.0), "contrastive_weight"), (dict(dropout="no"), "dropout")):
         with pytest.raises((ValueError, TypeError), match=match):
             FinetuneConfig(**bad)
+    no_negs = [dataclasses.replace(p, negatives=[], margins=[]) for p in batch]
+    zero = _batch_loss(embedder(0.0), no_negs, FinetuneConfig(**TINY, distill_weight=1.0, contrastive_weight=0.0))
+    assert float(zero) == 0.0 and zero.requires_grad  # a margin-only batch without negatives: a zero step, no error
     cfg = default_qat_config(FinetuneConfig(**dict(TINY, steps=8)))
     assert (cfg.distill_loss, cfg.contrastive_weight, cfg.dropout, cfg.steps) == ("embedding", 0.0, False, 2)
     params = medquant.Encoder.from_pretrained(minilm_dir, max_length=32).quantize("w4-weight-only").quant_params()

@@ -10,7 +10,9 @@ written by :func:`medquant.finetune.export_training_data`:
   (``scale^2 (cos(q, p) - cos(q, n) - teacher margin)^2``, Hofstaetter et al. 2020): the export's teacher margins
   (``distill_from="export"``) or the source model's own, computed during training by a frozen fp32 copy of it
   (``distill_from="source"``: for quantization-aware training of a fine-tuned model, the model it must not drift
-  from);
+  from), or (``distill_loss="embedding"``) ``scale * (1 - cos(student, teacher))`` over every embedding of the
+  batch, to the source model's; ``contrastive_weight`` weighs the cross-entropy (0: distillation only) and
+  ``dropout=False`` trains in eval mode (the recovery study's quantization-aware phase uses both);
 * ``quantization_aware=True``: every quantized site computes as medquant's C core does under the student's
   exported quantization parameters (:mod:`medquant.finetune.fakequant`), so the weights learn around the
   quantization error;
@@ -64,8 +66,9 @@ class FinetuneConfig:
     temperature). distill_weight: weight of the distillation term (0: none); distill_from: "export" (the exported
     teacher's margins) or "source" (the source model's, by a frozen fp32 copy); distill_loss: "margin" (MarginMSE)
     or "embedding" (cosine distance to the source model's embeddings, ``distill_from="source"`` only).
-    contrastive_weight: weight of the in-batch / hard-negative cross-entropy (0: distillation only). use_weights: weight queries by the
-    export's ``weight`` column. quantization_aware: train through the C core's quantization (needs parameters).
+    contrastive_weight: weight of the in-batch / hard-negative cross-entropy (0: distillation only). dropout: the
+    model's dropout during training (False: eval mode). use_weights: weight queries by the export's ``weight``
+    column. quantization_aware: train through the C core's quantization (needs parameters).
     weight_scales: "current" or "given" (see :func:`medquant.finetune.fakequant.wrap`). seed; threads: torch threads
     (default: ``$MEDQUANT_NUM_THREADS`` or every CPU this process may use).
     """
@@ -113,8 +116,10 @@ class FinetuneConfig:
         if self.distill_loss == "embedding" and self.distill_from != "source":
             raise ValueError("distill_loss='embedding' needs the teacher's embeddings: distill_from='source'")
         self.contrastive_weight = limits.finite_float(self.contrastive_weight, "contrastive_weight", 0.0, 1e6)
-        if self.contrastive_weight == 0 and self.distill_weight == 0:
-            raise ValueError("contrastive_weight and distill_weight are both 0: nothing to train")
+        if self.contrastive_weight == 0 and (self.distill_weight == 0 or (self.distill_loss == "margin"
+                                                                         and self.negatives_per_pair == 0)):
+            raise ValueError("contrastive_weight is 0 and there is no distillation term (distill_weight 0, or margins "
+                             "without hard negatives): nothing to train")
         self.use_weights = limits.flag(self.use_weights, "use_weights")
         self.dropout = limits.flag(self.dropout, "dropout")
         self.quantization_aware = limits.flag(self.quantization_aware, "quantization_aware")
@@ -347,7 +352,7 @@ def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=No
         w = torch.tensor([p.weight if cfg.use_weights else 1.0 for p in batch], dtype=per_query.dtype)
         loss = cfg.contrastive_weight * (per_query * w).sum() / w.sum()
     if cfg.distill_weight == 0 or (cfg.distill_loss == "margin" and not negs):
-        return loss
+        return loss if cfg.contrastive_weight > 0 else 0.0 * q.sum()  # a batch without negatives: a zero step
     if teacher_embed is not None:
         with torch.no_grad():
             tq, tc = teacher_embed(queries), teacher_embed(candidates)
