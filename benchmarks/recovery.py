@@ -49,7 +49,7 @@ import medquant  # noqa: E402
 from medquant.eval.datasets import medquad_retrieval  # noqa: E402
 from medquant.eval.runinfo import ThroughputWarning  # noqa: E402
 from medquant.finetune import ExportConfig, FinetuneConfig  # noqa: E402
-from medquant.finetune.study import default_qat_config, recovery_study  # noqa: E402
+from medquant.finetune.study import QAT_STARTS, default_qat_config, recovery_study  # noqa: E402
 
 DISTILL = 0.0
 CORPUS_SIZE = 4000
@@ -76,7 +76,7 @@ def main() -> int:
     ap.add_argument("--test-queries", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--qat-steps", type=int, default=None, help="default: a quarter of --steps")
-    ap.add_argument("--qat-start", choices=["finetuned", "original"], default="finetuned")
+    ap.add_argument("--qat-start", choices=QAT_STARTS, default="finetuned")
     ap.add_argument("--distill", type=float, default=DISTILL,
                     help="MarginMSE weight of fine-tuning (the export's teacher: the original model)")
     ap.add_argument("--qat-distill", type=float, default=1.0,

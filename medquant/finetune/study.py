@@ -57,6 +57,12 @@ def _trained(directory: Path, reuse: bool, source: Union[str, Path], config: Fin
 
 
 QAT_LR = 1e-4
+QAT_STARTS = ("finetuned", "original")
+
+
+def _check_qat_start(qat_start: str) -> None:
+    if qat_start not in QAT_STARTS:
+        raise ValueError(f"qat_start must be 'finetuned' or 'original', got {qat_start!r}")
 
 
 def default_qat_config(ft_cfg: FinetuneConfig, qat_start: str = "finetuned") -> FinetuneConfig:
@@ -67,8 +73,7 @@ def default_qat_config(ft_cfg: FinetuneConfig, qat_start: str = "finetuned") -> 
     run's distillation, else 1), without dropout, at lr ``QAT_LR`` (measured on MedQuAD, benchmarks/recovery.py:
     the contrastive loss and dropout in this phase move the model away from the fine-tuned one it should
     reproduce, and cost more than the quantization does)."""
-    if qat_start not in ("finetuned", "original"):
-        raise ValueError(f"qat_start must be 'finetuned' or 'original', got {qat_start!r}")
+    _check_qat_start(qat_start)
     if qat_start == "original":
         return dataclasses.replace(ft_cfg, quantization_aware=True)
     return dataclasses.replace(ft_cfg, quantization_aware=True, steps=max(1, ft_cfg.steps // 4),
@@ -102,8 +107,7 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
     schemes = [get_scheme(s) for s in schemes]
     if not schemes:
         raise ValueError("give at least one scheme")
-    if qat_start not in ("finetuned", "original"):
-        raise ValueError(f"qat_start must be 'finetuned' or 'original', got {qat_start!r}")
+    _check_qat_start(qat_start)
     ft_cfg = finetune_config or FinetuneConfig(seed=seed)
     qat_cfg = qat_config or default_qat_config(ft_cfg, qat_start)
     if ft_cfg.quantization_aware or not qat_cfg.quantization_aware:
@@ -187,4 +191,4 @@ def _table(df: pd.DataFrame, pq: Dict[str, pd.DataFrame], schemes: List[str], te
     return table
 
 
-__all__ = ["METRICS", "QAT_LR", "default_qat_config", "recovery_study"]
+__all__ = ["METRICS", "QAT_LR", "QAT_STARTS", "default_qat_config", "recovery_study"]

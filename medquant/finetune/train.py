@@ -345,14 +345,14 @@ def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=No
             margins.append(m)
     queries, candidates = [p.query for p in batch], [p.positive for p in batch] + negs
     q, cand = embed(queries), embed(candidates)
-    loss = q.new_zeros(())
+    loss = 0.0 * q.sum()  # zero, on the graph: a step without any term (no negatives for margins) changes nothing
     if cfg.contrastive_weight > 0:
         per_query = torch.nn.functional.cross_entropy(cfg.scale * q @ cand.T, torch.arange(len(batch)),
                                                       reduction="none")
         w = torch.tensor([p.weight if cfg.use_weights else 1.0 for p in batch], dtype=per_query.dtype)
-        loss = cfg.contrastive_weight * (per_query * w).sum() / w.sum()
+        loss = loss + cfg.contrastive_weight * (per_query * w).sum() / w.sum()
     if cfg.distill_weight == 0 or (cfg.distill_loss == "margin" and not negs):
-        return loss if cfg.contrastive_weight > 0 else 0.0 * q.sum()  # a batch without negatives: a zero step
+        return loss
     if teacher_embed is not None:
         with torch.no_grad():
             tq, tc = teacher_embed(queries), teacher_embed(candidates)
@@ -373,7 +373,7 @@ def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=No
 
 def _train(bert, tok, pooling: str, pairs: List[_Pair], cfg: FinetuneConfig, show_progress_bar,
            teacher=None) -> Tuple[List[float], float]:
-    """The optimizer steps (``teacher``: a frozen model giving the distillation margins); returns the loss per step
+    """The optimizer steps (``teacher``: a frozen model giving the distillation targets); returns the loss per step
     and the seconds they took."""
     import torch
 
