@@ -16,8 +16,8 @@ One run of :func:`medquant.finetune.study.recovery_study`:
   test queries x 1,500 answers); then per scheme a quantization-aware phase of ``--qat-steps`` (default a quarter of
   ``--steps``) continuing from the fine-tuned model (``--qat-start finetuned``, the usual recipe), simulating that
   scheme calibrated on the fine-tuned model, another seed, trained only to reproduce the fine-tuned fp32 model's
-  embeddings (cosine distance, weight ``--qat-distill``), without dropout, lr 1e-4
-  (``medquant.finetune.study.default_qat_config``); ``--qat-start original`` trains the original model
+  embeddings (cosine distance, weight ``--qat-distill``) on queries and positives (no hard negatives), without
+  dropout, lr 1e-4 (``medquant.finetune.study.default_qat_config``); ``--qat-start original`` trains the original model
   quantization-aware for ``--steps`` instead (five full training runs: far over the time budget on 2 cores);
 * evaluation: a seeded sample of ``--test-queries`` MedQuAD test queries against ``--corpus-size`` answers of the
   test corpus (every answer judged relevant for a sampled query, plus seeded distractors; 0: all 7,962 answers:

@@ -190,7 +190,8 @@ def test_embedding_distillation(tmp_path, data, minilm_dir):
     zero = _batch_loss(embedder(0.0), no_negs, FinetuneConfig(**TINY, distill_weight=1.0, contrastive_weight=0.0))
     assert float(zero) == 0.0 and zero.requires_grad  # a margin-only batch without negatives: a zero step, no error
     cfg = default_qat_config(FinetuneConfig(**dict(TINY, steps=8)))
-    assert (cfg.distill_loss, cfg.contrastive_weight, cfg.dropout, cfg.steps) == ("embedding", 0.0, False, 2)
+    assert (cfg.distill_loss, cfg.contrastive_weight, cfg.dropout, cfg.negatives_per_pair, cfg.steps) == \
+        ("embedding", 0.0, False, 0, 2)
     params = medquant.Encoder.from_pretrained(minilm_dir, max_length=32).quantize("w4-weight-only").quant_params()
     res = finetune(minilm_dir, data, tmp_path / "qat", config=cfg, params=params)
     assert res.steps == 2 and all(np.isfinite(res.losses)) and res.losses[0] > 0
