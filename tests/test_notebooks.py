@@ -27,7 +27,7 @@ def test_notebook_runs(path, monkeypatch):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{path.name} has saved outputs"
     monkeypatch.setenv("MEDQUANT_NB_LIMIT", "20")  # inherited by the kernel process
-    monkeypatch.setenv("MEDQUANT_NB_MAX_LENGTH", "64")  # half the notebooks' 128 tokens: every cell still runs
+    monkeypatch.setenv("MEDQUANT_NB_MAX_LENGTH", "32")  # a quarter of the notebooks' 128 tokens: every cell still runs
     client = nbclient.NotebookClient(book, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError with the failing cell and traceback
