@@ -28,8 +28,8 @@ Targets (issue): the recommended int8 scheme after the loop >= 0.83 nDCG@10 (ori
 sample); QAT int8 within 0.1 points of the fine-tuned fp32 model; for each lossy scheme QAT closes >= 75% of the
 post-training gap; no loss on the held-out source; the whole run within 60 minutes on 2 cores.
 
-Results: OUT/<machine>/recovery[-quick].{csv,json,md}; the trained models and the exported data stay in --work
-(a rerun reuses them: delete --work to start over).
+Results: OUT/<machine>/recovery[-quick|-whole-corpus].{csv,json,md} (-whole-corpus: ``--corpus-size 0``); the
+trained models and the exported data stay in --work (a rerun reuses them: delete --work to start over).
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def main() -> int:
     machine = machine_info()
     out = args.out / machine["slug"]
     out.mkdir(parents=True, exist_ok=True)
-    stem = "recovery-quick" if quick else "recovery"
+    stem = "recovery-quick" if quick else "recovery-whole-corpus" if not args.corpus_size else "recovery"
     table.to_csv(out / f"{stem}.csv")
     info = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "threads": THREADS, "wall_s": round(wall, 1),
             "schemes": schemes, "test_queries": len(test.queries), "test_docs": len(test.corpus),
