@@ -62,7 +62,7 @@ QAT_STARTS = ("finetuned", "original")
 
 def _check_qat_start(qat_start: str) -> None:
     if qat_start not in QAT_STARTS:
-        raise ValueError(f"qat_start must be 'finetuned' or 'original', got {qat_start!r}")
+        raise ValueError(f"qat_start must be one of {', '.join(map(repr, QAT_STARTS))}, got {qat_start!r}")
 
 
 def default_qat_config(ft_cfg: FinetuneConfig, qat_start: str = "finetuned") -> FinetuneConfig:
