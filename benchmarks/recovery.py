@@ -28,8 +28,13 @@ Targets (issue): the recommended int8 scheme after the loop >= 0.83 nDCG@10 (ori
 sample); QAT int8 within 0.1 points of the fine-tuned fp32 model; for each lossy scheme QAT closes >= 75% of the
 post-training gap; no loss on the held-out source; the whole run within 60 minutes on 2 cores.
 
-Results: OUT/<machine>/recovery[-quick|-whole-corpus].{csv,json,md} (-whole-corpus: ``--corpus-size 0``); the
-trained models and the exported data stay in --work (a rerun reuses them: delete --work to start over).
+Seeds: ``--qat-seeds 15,16`` trains each scheme's quantization-aware phase once more per seed and adds a row per
+run and one with the per-query mean over the runs (the recipe's expected score: one seed's difference to the
+post-training model is within the run-to-run spread).
+
+Results: OUT/<machine>/recovery[-quick|-whole-corpus][-seeds].{csv,json,md} (-whole-corpus: ``--corpus-size 0``;
+-seeds: ``--qat-seeds``); the trained models and the exported data stay in --work (a rerun reuses them: delete
+--work to start over).
 """
 from __future__ import annotations
 
@@ -77,6 +82,12 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--qat-steps", type=int, default=None, help="default: a quarter of --steps")
     ap.add_argument("--qat-start", choices=QAT_STARTS, default="finetuned")
+    ap.add_argument("--qat-loss", choices=("embedding", "scores"), default=None,
+                    help="distillation loss of the quantization-aware phase from the fine-tuned model (default: "
+                         "default_qat_config's)")
+    ap.add_argument("--qat-seeds", default="",
+                    help="further seeds of the quantization-aware phase, comma-separated (rows per seed and their "
+                         "per-query mean; results in recovery-seeds.*)")
     ap.add_argument("--distill", type=float, default=DISTILL,
                     help="MarginMSE weight of fine-tuning (the export's teacher: the original model)")
     ap.add_argument("--qat-distill", type=float, default=1.0,
@@ -102,14 +113,18 @@ def main() -> int:
     qat_cfg = dataclasses.replace(qat_cfg, steps=args.qat_steps or qat_cfg.steps,
                                   distill_weight=args.qat_distill if args.qat_start == "finetuned"
                                   else qat_cfg.distill_weight)
+    if args.qat_loss and args.qat_start == "finetuned":
+        qat_cfg = dataclasses.replace(qat_cfg, distill_loss=args.qat_loss)
     qat_steps = qat_cfg.steps
+    qat_seeds = [int(x) for x in args.qat_seeds.split(",") if x]
     work = args.work.with_name(args.work.name + "-quick") if quick else args.work
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThroughputWarning)
         table = recovery_study("all-MiniLM-L6-v2", schemes, work, test=test, train_limit=60 if quick else None,
                                exclude_sources=[args.exclude_source] if args.exclude_source else [],
                                export_config=ExportConfig(num_negatives=4, seed=13), finetune_config=cfg,
-                               qat_config=qat_cfg, qat_start=args.qat_start, calibration_size=256,
+                               qat_config=qat_cfg, qat_start=args.qat_start, qat_seeds=qat_seeds,
+                               calibration_size=256,
                                max_length=args.max_length, seed=13, show_progress_bar=True)
     wall = time.perf_counter() - t0
     records = {}
@@ -124,12 +139,13 @@ def main() -> int:
     out = args.out / machine["slug"]
     out.mkdir(parents=True, exist_ok=True)
     stem = "recovery-quick" if quick else "recovery-whole-corpus" if not args.corpus_size else "recovery"
+    stem += "-seeds" if qat_seeds else ""
     table.to_csv(out / f"{stem}.csv")
     info = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "threads": THREADS, "wall_s": round(wall, 1),
             "schemes": schemes, "test_queries": len(test.queries), "test_docs": len(test.corpus),
             "unseen_source": args.exclude_source, "unseen_queries": table.attrs.get("unseen_queries"),
             "max_length": args.max_length, "finetune": cfg.__dict__, "qat": qat_cfg.__dict__,
-            "qat_start": args.qat_start, "training_runs": records,
+            "qat_start": args.qat_start, "qat_seeds": [qat_cfg.seed] + qat_seeds, "training_runs": records,
             "export_counts": export["counts"], "medquant": medquant.__version__}
     (out / f"{stem}.json").write_text(json.dumps(info, indent=1, default=str))
     cols = [c for c in ["nDCG@10", "nDCG@10_vs_fp32", "vs_fp32_ci_low", "vs_fp32_ci_high", "nDCG@10_vs_finetuned",

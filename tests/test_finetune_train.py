@@ -180,7 +180,20 @@ def test_embedding_distillation(tmp_path, data, minilm_dir):
         cos = (embedder(0.05)(texts) * embedder(0.0)(texts)).sum(-1)
     assert float(same) == pytest.approx(float(plain), rel=1e-6)
     assert float(only) == pytest.approx(2.0 * TINY_SCALE * float((1 - cos).mean()), rel=1e-5) and float(only) > 0
+    # in-batch margins: zero for the teacher itself, else scale^2 x the squared error of each query's centred scores
+    sc = dict(emb, distill_loss="scores", contrastive_weight=0.0)
+    cands = [p.positive for p in batch] + [p.negatives[0] for p in batch]
+    with torch.no_grad():
+        q_t, c_t = embedder(0.0)([p.query for p in batch]), embedder(0.0)(cands)
+        assert float(_batch_loss(embedder(0.0), batch, FinetuneConfig(**sc), teacher_embed=embedder(0.0))) == 0.0
+        noisy = _batch_loss(embedder(0.05), batch, FinetuneConfig(**sc), teacher_embed=embedder(0.0))
+        q_s = embedder(0.05)([p.query for p in batch])
+        c_s = embedder(0.05)(cands)
+        s, t = q_s @ c_s.T, q_t @ c_t.T
+        want = ((s - s.mean(-1, keepdim=True) - t + t.mean(-1, keepdim=True)) ** 2).mean()
+        assert float(noisy) == pytest.approx(2.0 * TINY_SCALE ** 2 * float(want), rel=1e-5) and float(noisy) > 0
     for bad, match in ((dict(distill_loss="embedding", distill_weight=1.0), "distill_from"),
+                       (dict(distill_loss="scores", distill_weight=1.0), "distill_from"),
                        (dict(distill_loss="kl"), "distill_loss"), (dict(contrastive_weight=0.0), "nothing to train"),
                        (dict(contrastive_weight=0.0, distill_weight=1.0, negatives_per_pair=0), "nothing to train"),
                        (dict(contrastive_weight=-1.0), "contrastive_weight"), (dict(dropout="no"), "dropout")):
@@ -211,3 +224,38 @@ def test_batches_never_repeat_a_text():
         assert len({pairs[i].query for i in batch}) == len(batch) == len({pairs[i].positive for i in batch})
     with pytest.raises(ValueError, match="cannot make a batch"):
         next(_batches([_Pair("q", "a", [], [], 1.0)] * 3, 8, np.random.default_rng(0)))
+
+
+def test_recovery_table_averages_the_qat_seeds():
+    """recovery_study's table with further quantization-aware seeds: one row per run and a row whose per-query
+    metrics are the mean over the runs, each with its paired comparisons and the fraction of the post-training gap
+    closed; seeds must be distinct and differ from the phase's own."""
+    import pandas as pd
+
+    from medquant.finetune.study import METRICS, _check_qat_seeds, _table, seed_mean_label
+
+    test = medquad_retrieval("test").sample(30, seed=13, corpus_size=60)
+    qids = list(test.queries)
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.9, len(qids))
+    shift = {"fp32": -0.10, "s": -0.12, "fine-tuned fp32": 0.0, "fine-tuned + s": -0.04, "QAT + s": -0.02,
+             "QAT + s (seed 5)": -0.01, "QAT + s (seed 6)": 0.0}
+    pq = {k: pd.DataFrame({m: np.clip(base + v + rng.normal(0, 0.01, len(qids)), 0, 1) for m in METRICS},
+                          index=pd.Index(qids, name="qid")) for k, v in shift.items()}
+    runs = ["QAT + s", "QAT + s (seed 5)", "QAT + s (seed 6)"]
+    table = _table(list(shift), pq, ["s"], test, (), {"s": runs})
+    mean = seed_mean_label("s", 3)
+    assert mean == "QAT + s (mean of 3 seeds)" and list(table.index) == list(shift) + [mean]
+    want = (pq[runs[0]] + pq[runs[1]] + pq[runs[2]])["nDCG@10"] / 3
+    assert table.loc[mean, "nDCG@10"] == pytest.approx(float(want.mean()), abs=1e-12)
+    assert table.loc[mean, "nDCG@10_vs_finetuned"] == pytest.approx(
+        float((want - pq["fine-tuned fp32"]["nDCG@10"]).mean()), abs=1e-12)
+    gap = table.loc["fine-tuned fp32", "nDCG@10"] - table.loc["fine-tuned + s", "nDCG@10"]
+    for r in runs + [mean]:
+        assert table.loc[r, "gap_closed"] == pytest.approx(
+            (table.loc[r, "nDCG@10"] - table.loc["fine-tuned + s", "nDCG@10"]) / gap)
+    assert np.isnan(table.loc["fine-tuned + s"].get("gap_closed", np.nan))
+    assert _check_qat_seeds((5, 6), 14) == [5, 6]
+    for bad in ((5, 5), (14,)):
+        with pytest.raises(ValueError, match="distinct"):
+            _check_qat_seeds(bad, 14)

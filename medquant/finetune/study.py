@@ -35,6 +35,7 @@ import pandas as pd
 from ..eval.calibration_data import CalibrationSource, held_out_texts
 from ..eval.datasets import RetrievalDataset, medquad_retrieval
 from ..eval.stats import paired_comparison
+from ..model import limits
 from ..quant.params import QuantParams
 from ..quant.schemes import get_scheme
 from .export import MANIFEST, ExportConfig, medquad_training_data
@@ -74,7 +75,9 @@ def default_qat_config(ft_cfg: FinetuneConfig, qat_start: str = "finetuned") -> 
     ``QAT_LR`` (measured on MedQuAD, benchmarks/recovery.py: the contrastive loss and dropout in this phase move
     the model away from the fine-tuned one it should reproduce, and cost more than the quantization does; the
     hard negatives cost a third of each step and did not help: from one fine-tuned model, nDCG@10 0.8947 on the
-    benchmark's sample, per-tensor 0.8949 with and without them, int8-static-sym 0.8907 with, 0.8954 without)."""
+    benchmark's sample, per-tensor 0.8949 with and without them, int8-static-sym 0.8907 with, 0.8954 without;
+    distilling the in-batch margins instead, ``distill_loss="scores"``, gave per-tensor 0.8889 against 0.8892 with
+    the embedding distance, same fine-tuned model and seed)."""
     _check_qat_start(qat_start)
     if qat_start == "original":
         return dataclasses.replace(ft_cfg, quantization_aware=True)
@@ -88,8 +91,9 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
                    test: Optional[RetrievalDataset] = None, train_limit: Optional[int] = None,
                    exclude_sources: Sequence[str] = (), export_config: Optional[ExportConfig] = None,
                    finetune_config: Optional[FinetuneConfig] = None, qat_config: Optional[FinetuneConfig] = None,
-                   qat_start: str = "finetuned", calibration_size: int = 256, max_length: Optional[int] = None,
-                   seed: int = 13, reuse: bool = True, show_progress_bar: Optional[bool] = None) -> pd.DataFrame:
+                   qat_start: str = "finetuned", qat_seeds: Sequence[int] = (), calibration_size: int = 256,
+                   max_length: Optional[int] = None, seed: int = 13, reuse: bool = True,
+                   show_progress_bar: Optional[bool] = None) -> pd.DataFrame:
     """Run the loop (module docstring) and return the before/after table (also written to
     ``work_dir/recovery.csv`` with the evaluation's per-query metrics in ``work_dir/per_query.csv``).
 
@@ -99,7 +103,12 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
     finetune_config / qat_config: of plain / quantization-aware training (qat_config defaults to finetune_config
     with ``quantization_aware=True``, and from the fine-tuned model a quarter of its steps, seed + 1 and
     distillation from the fine-tuned fp32 model).
-    qat_start: "finetuned" or "original" (module docstring). max_length: of every encoder (default: the model's).
+    qat_start: "finetuned" or "original" (module docstring). qat_seeds: further seeds of the quantization-aware
+    phase (each scheme trained once more per seed, into ``qat-<scheme>-seed<s>``, evaluated as
+    ``QAT + <scheme> (seed <s>)``), and a row ``QAT + <scheme> (mean of <n> seeds)`` whose per-query metrics are
+    the mean over the n runs (``qat_config``'s seed and these): the expected score of the recipe, so that its
+    comparison to the post-training model is not one seed's luck. max_length: of every encoder (default: the
+    model's).
     """
     from .. import evaluate
     from ..model.encoder import Encoder
@@ -114,6 +123,7 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
     qat_cfg = qat_config or default_qat_config(ft_cfg, qat_start)
     if ft_cfg.quantization_aware or not qat_cfg.quantization_aware:
         raise ValueError("finetune_config must be plain and qat_config quantization-aware")
+    qat_seeds = _check_qat_seeds(qat_seeds, qat_cfg.seed)
     test = test if test is not None else medquad_retrieval("test", seed=13)
     fp32 = Encoder.from_pretrained(model, max_length=max_length)
 
@@ -138,21 +148,27 @@ def recovery_study(model: Union[str, Path], schemes: Sequence[Any], work_dir: Un
         finetune(model, data, ft_dir, config=ft_cfg, show_progress_bar=show_progress_bar)
     ft = Encoder.from_pretrained(ft_dir, max_length=max_length)
     systems: List[tuple] = [("fine-tuned fp32", ft)]
+    seed_runs: Dict[str, List[str]] = {}
     for s in schemes:
         ft_q = ft.quantize(s, calibration_texts=calib, show_progress_bar=show_progress_bar)
         systems.append((s.name, students[s.name]))
         systems.append((f"fine-tuned + {s.name}", ft_q))
-        qdir = work / f"qat-{s.name}"
         start, start_q = (ft_dir, ft_q) if qat_start == "finetuned" else (model, students[s.name])
-        if not _trained(qdir, reuse, start, qat_cfg):
-            finetune(start, data, qdir, config=qat_cfg, params=start_q.quant_params(),
-                     show_progress_bar=show_progress_bar)
-        qat = Encoder.from_pretrained(qdir, max_length=max_length)
-        systems.append((f"QAT + {s.name}", qat.quantize(QuantParams.load(qdir / "quant_params"))))
+        runs = [(f"QAT + {s.name}", work / f"qat-{s.name}", qat_cfg)]
+        runs += [(f"QAT + {s.name} (seed {q})", work / f"qat-{s.name}-seed{q}", dataclasses.replace(qat_cfg, seed=q))
+                 for q in qat_seeds]
+        for label, qdir, cfg in runs:
+            if not _trained(qdir, reuse, start, cfg):
+                finetune(start, data, qdir, config=cfg, params=start_q.quant_params(),
+                         show_progress_bar=show_progress_bar)
+            qat = Encoder.from_pretrained(qdir, max_length=max_length)
+            systems.append((label, qat.quantize(QuantParams.load(qdir / "quant_params"))))
+        if qat_seeds:
+            seed_runs[s.name] = [label for label, _, _ in runs]
 
     df = evaluate(systems, test, model=fp32, index_kinds=(), show_progress_bar=show_progress_bar)
     pq = df.attrs["per_query"]
-    table = _table(df, pq, [s.name for s in schemes], test, exclude_sources)
+    table = _table(list(df["scheme"]), pq, [s.name for s in schemes], test, exclude_sources, seed_runs)
     table.to_csv(work / "recovery.csv")
     pd.concat({k: v for k, v in pq.items()}, names=["system", "qid"]).to_csv(work / "per_query.csv")
     return table
@@ -163,14 +179,33 @@ def _cmp(a: pd.Series, b: pd.Series) -> Dict[str, float]:
     return {"delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high}
 
 
-def _table(df: pd.DataFrame, pq: Dict[str, pd.DataFrame], schemes: List[str], test: RetrievalDataset,
-           exclude_sources: Sequence[str]) -> pd.DataFrame:
+def _check_qat_seeds(qat_seeds: Sequence[int], qat_seed: int) -> List[int]:
+    seeds = [limits.seed(q) for q in qat_seeds]
+    if len(set(seeds)) != len(seeds) or qat_seed in seeds:
+        raise ValueError(f"qat_seeds must be distinct and differ from the quantization-aware phase's own seed "
+                         f"({qat_seed}), got {list(qat_seeds)}")
+    return seeds
+
+
+def seed_mean_label(scheme: str, n: int) -> str:
+    return f"QAT + {scheme} (mean of {n} seeds)"
+
+
+def _table(labels: List[str], pq: Dict[str, pd.DataFrame], schemes: List[str], test: RetrievalDataset,
+           exclude_sources: Sequence[str], seed_runs: Optional[Dict[str, List[str]]] = None) -> pd.DataFrame:
+    """The study's table from the per-query metrics ``pq`` of the evaluated systems ``labels``; ``seed_runs``:
+    per scheme the labels of its quantization-aware runs, averaged per query into one more row (added to pq)."""
     m = "nDCG@10"
     rows = {}
     unseen = None
     if exclude_sources and test.metadata is not None:
         unseen = [q for q in test.metadata.index[test.metadata["source"].isin(list(exclude_sources))]]
-    for label in df["scheme"]:
+    labels = list(labels)
+    for s, runs in (seed_runs or {}).items():
+        mean = seed_mean_label(s, len(runs))
+        pq[mean] = sum(pq[r][list(METRICS)] for r in runs) / len(runs)
+        labels.insert(labels.index(runs[-1]) + 1, mean)
+    for label in labels:
         per = pq[label]
         row: Dict[str, Any] = {k: float(per[k].mean()) for k in METRICS if k in per}
         for ref, tag in (("fp32", "vs_fp32"), ("fine-tuned fp32", "vs_finetuned")):
@@ -184,13 +219,14 @@ def _table(df: pd.DataFrame, pq: Dict[str, pd.DataFrame], schemes: List[str], te
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "system"
     for s in schemes:  # the fraction of the post-training gap after fine-tuning that QAT closed
-        ptq, qat = f"fine-tuned + {s}", f"QAT + {s}"
+        ptq = f"fine-tuned + {s}"
         gap = table.loc["fine-tuned fp32", m] - table.loc[ptq, m]
-        closed = (table.loc[qat, m] - table.loc[ptq, m]) / gap if gap > 0 else np.nan
-        table.loc[qat, "gap_closed"] = closed
+        runs = (seed_runs or {}).get(s, [f"QAT + {s}"])
+        for qat in runs + ([seed_mean_label(s, len(runs))] if s in (seed_runs or {}) else []):
+            table.loc[qat, "gap_closed"] = (table.loc[qat, m] - table.loc[ptq, m]) / gap if gap > 0 else np.nan
     table.attrs["n_queries"] = len(test.queries)
     table.attrs["unseen_queries"] = len(unseen) if unseen else 0
     return table
 
 
-__all__ = ["METRICS", "QAT_LR", "QAT_STARTS", "default_qat_config", "recovery_study"]
+__all__ = ["METRICS", "QAT_LR", "QAT_STARTS", "default_qat_config", "recovery_study", "seed_mean_label"]

@@ -11,7 +11,10 @@ written by :func:`medquant.finetune.export_training_data`:
   (``distill_from="export"``) or the source model's own, computed during training by a frozen fp32 copy of it
   (``distill_from="source"``: for quantization-aware training of a fine-tuned model, the model it must not drift
   from), or (``distill_loss="embedding"``) ``scale * (1 - cos(student, teacher))`` over every embedding of the
-  batch, to the source model's; ``contrastive_weight`` weighs the cross-entropy (0: distillation only) and
+  batch, to the source model's, or (``distill_loss="scores"``) the in-batch margins: per query, its cosine to every
+  candidate of the batch (every positive and hard negative) minus the mean over them, ``scale^2 (student -
+  teacher)^2`` (MarginMSE over every pair of the batch's candidates; a shift shared by a query's scores, which no
+  ranking sees, costs nothing); ``contrastive_weight`` weighs the cross-entropy (0: distillation only) and
   ``dropout=False`` trains in eval mode (the recovery study's quantization-aware phase uses both);
 * ``quantization_aware=True``: every quantized site computes as medquant's C core does under the student's
   exported quantization parameters (:mod:`medquant.finetune.fakequant`), so the weights learn around the
@@ -52,6 +55,7 @@ from ..quant.params import QuantParams
 from .export import EXPORT_FORMAT, MANIFEST
 
 TRAINING_RECORD = "medquant_finetune.json"
+DISTILL_LOSSES = ("margin", "embedding", "scores")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -65,7 +69,8 @@ class FinetuneConfig:
     over that fraction of ``steps``, then linear decay. scale: the MultipleNegativesRankingLoss scale (1 /
     temperature). distill_weight: weight of the distillation term (0: none); distill_from: "export" (the exported
     teacher's margins) or "source" (the source model's, by a frozen fp32 copy); distill_loss: "margin" (MarginMSE)
-    or "embedding" (cosine distance to the source model's embeddings, ``distill_from="source"`` only).
+    or "embedding" (cosine distance to the source model's embeddings) or "scores" (in-batch margins, the source
+    model's; these two with ``distill_from="source"`` only).
     contrastive_weight: weight of the in-batch / hard-negative cross-entropy (0: distillation only). dropout: the
     model's dropout during training (False: eval mode). use_weights: weight queries by the export's ``weight``
     column. quantization_aware: train through the C core's quantization (needs parameters).
@@ -111,10 +116,12 @@ class FinetuneConfig:
         self.distill_weight = limits.finite_float(self.distill_weight, "distill_weight", 0.0, 1e6)
         if self.distill_from not in ("export", "source"):
             raise ValueError(f"distill_from must be 'export' or 'source', got {self.distill_from!r}")
-        if self.distill_loss not in ("margin", "embedding"):
-            raise ValueError(f"distill_loss must be 'margin' or 'embedding', got {self.distill_loss!r}")
-        if self.distill_loss == "embedding" and self.distill_from != "source":
-            raise ValueError("distill_loss='embedding' needs the teacher's embeddings: distill_from='source'")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f"distill_loss must be one of {', '.join(map(repr, DISTILL_LOSSES))}, "
+                             f"got {self.distill_loss!r}")
+        if self.distill_loss != "margin" and self.distill_from != "source":
+            raise ValueError(f"distill_loss={self.distill_loss!r} needs the teacher's embeddings: "
+                             "distill_from='source'")
         self.contrastive_weight = limits.finite_float(self.contrastive_weight, "contrastive_weight", 0.0, 1e6)
         if self.contrastive_weight == 0 and (self.distill_weight == 0 or (self.distill_loss == "margin"
                                                                          and self.negatives_per_pair == 0)):
@@ -334,7 +341,8 @@ def _optimizer(bert, cfg: FinetuneConfig):
 def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=None):
     """In-batch + hard-negative cross-entropy, weighted per query (times ``contrastive_weight``), plus the
     distillation term when ``distill_weight`` > 0: MarginMSE on the exported margins or ``teacher_embed``'s, or
-    (``distill_loss="embedding"``) the cosine distance of every embedding of the batch to ``teacher_embed``'s."""
+    (``distill_loss="embedding"``) the cosine distance of every embedding of the batch to ``teacher_embed``'s, or
+    (``"scores"``) the in-batch margins' squared error to ``teacher_embed``'s (module docstring)."""
     import torch
 
     negs, owner, margins = [], [], []
@@ -360,6 +368,10 @@ def _batch_loss(embed, batch: List[_Pair], cfg: FinetuneConfig, teacher_embed=No
         # 1 - cos(student, teacher) per text (both unit length), on the loss's scale like MarginMSE below
         dist = 1.0 - torch.cat([(q * tq).sum(-1), (cand * tc).sum(-1)])
         return loss + cfg.distill_weight * cfg.scale * dist.mean()
+    if cfg.distill_loss == "scores":
+        s, t = q @ cand.T, tq @ tc.T
+        err = (s - s.mean(-1, keepdim=True)) - (t - t.mean(-1, keepdim=True))
+        return loss + cfg.distill_weight * cfg.scale ** 2 * err.pow(2).mean()
     own = torch.tensor(owner)
     pos_s = (q * cand[: len(batch)]).sum(-1)[own]
     neg_s = (q[own] * cand[len(batch):]).sum(-1)
