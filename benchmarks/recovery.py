@@ -113,10 +113,15 @@ def main() -> int:
     qat_cfg = dataclasses.replace(qat_cfg, steps=args.qat_steps or qat_cfg.steps,
                                   distill_weight=args.qat_distill if args.qat_start == "finetuned"
                                   else qat_cfg.distill_weight)
-    if args.qat_loss and args.qat_start == "finetuned":
+    if args.qat_loss and args.qat_start != "finetuned":
+        ap.error("--qat-loss sets the distillation of the phase from the fine-tuned model: --qat-start finetuned")
+    if args.qat_loss:
         qat_cfg = dataclasses.replace(qat_cfg, distill_loss=args.qat_loss)
     qat_steps = qat_cfg.steps
-    qat_seeds = [int(x) for x in args.qat_seeds.split(",") if x]
+    try:
+        qat_seeds = [int(x) for x in args.qat_seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--qat-seeds takes comma-separated integers, got {args.qat_seeds!r}")
     work = args.work.with_name(args.work.name + "-quick") if quick else args.work
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThroughputWarning)
@@ -124,8 +129,7 @@ def main() -> int:
                                exclude_sources=[args.exclude_source] if args.exclude_source else [],
                                export_config=ExportConfig(num_negatives=4, seed=13), finetune_config=cfg,
                                qat_config=qat_cfg, qat_start=args.qat_start, qat_seeds=qat_seeds,
-                               calibration_size=256,
-                               max_length=args.max_length, seed=13, show_progress_bar=True)
+                               calibration_size=256, max_length=args.max_length, seed=13, show_progress_bar=True)
     wall = time.perf_counter() - t0
     records = {}
     for d in sorted(work.iterdir()):
