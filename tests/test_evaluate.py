@@ -14,9 +14,9 @@ from medquant.eval.metrics import summarize
 # small samples: their throughput figures are flagged as such (test_run_record checks it); not noise here
 pytestmark = pytest.mark.filterwarnings("ignore::medquant.eval.runinfo.ThroughputWarning")
 
-# 200 dev queries, a corpus of 400 answers (their ~210 relevant answers + random dev distractors), 128 tokens:
-# about 6 s per encoder on 2 cores.
-LIMIT, CORPUS_FACTOR, MAX_LENGTH = 200, 2, 128
+# 200 dev queries, a corpus of 400 answers (their ~210 relevant answers + random dev distractors), 64 tokens:
+# about 3 s per encoder on 2 cores.
+LIMIT, CORPUS_FACTOR, MAX_LENGTH = 200, 2, 64
 MAIN = ("nDCG@10", "MRR@10", "R@100")
 
 
