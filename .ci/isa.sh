@@ -9,7 +9,7 @@
 # medquant measures itself (medquant.runtime_info()["int8_exact"], ["bf16_native"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TESTS=(tests/test_quantization.py tests/test_quantize_model.py tests/test_encoder.py tests/test_bit_identical.py)
+TESTS=(tests/test_quantization.py tests/test_quantize_model.py tests/test_encoder.py tests/test_bit_identical.py tests/test_attention.py)
 run_capped() {
     echo "== isa: ONEDNN_MAX_CPU_ISA=$1"
     ONEDNN_MAX_CPU_ISA="$1" python -c 'import medquant, json; i = medquant.runtime_info(); print(json.dumps({k: i[k] for k in ("cpu_isa", "int8_exact", "bf16_native")}))'

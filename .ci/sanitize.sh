@@ -100,7 +100,7 @@ echo "== sanitize: C-facing tests under ASan + UBSan"
 run_sanitized "detect_leaks=0" env MEDQUANT_FUZZ_SECONDS="${MEDQUANT_FUZZ_SECONDS:-15}" \
     "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
     tests/test_quantization.py tests/test_checkpoint.py tests/test_reliability.py tests/test_runtime_safety.py \
-    tests/test_fuzz_smoke.py tests/test_recovery.py || status=1
+    tests/test_fuzz_smoke.py tests/test_recovery.py tests/test_attention.py || status=1
 
 echo "== sanitize: LeakSanitizer over tests/leak_check.py (leaks with a csrc/ frame fail)"
 run_sanitized "detect_leaks=1:fast_unwind_on_malloc=0:malloc_context_size=40:exitcode=0" \

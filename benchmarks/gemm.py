@@ -5,8 +5,8 @@
 One medquant encoder on one workload. Per repetition: a plain pass (its wall time), then the same pass with oneDNN's
 exec profiling switched on (dnnl_set_verbose(2) through ctypes, then off again; ONEDNN_VERBOSE=profile_exec
 output), summed per primitive category. What oneDNN does not account for is the encoder's own C loops (embedding
-gather, activation quantization, attention copies, pooling) plus the binding and Python; tokenization (the same
-steps Encoder.encode takes) is timed on its own.
+gather, LayerNorm, activation quantization, the fused attention kernel, pooling) plus the binding and Python;
+tokenization (the same steps Encoder.encode takes) is timed on its own.
 
 --ceiling interleaves, in the same process and repetitions (so load on the machine hits both alike), the machine's
 int8 matmul ceiling: medquant's own int8 Linear (u8 activations with a zero point, s8 per-channel weights,

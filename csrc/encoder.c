@@ -299,7 +299,6 @@ mq_status mq_encoder_finalize(mq_encoder *e) {
 }
 
 static void reset_all(mq_encoder *e) {
-    mq_attention_reset(e->attn);
     for (int64_t l = 0; l < e->cfg.n_layers; l++)
         for (int s = 0; s < MQ_SITES_PER_LAYER; s++) mq_linear_reset(e->layers[l].site[s]);
 }
@@ -325,13 +324,7 @@ mq_status mq_encoder_set_attention_precision(mq_encoder *e, int precision) {
 
 int mq_encoder_attention_precision(const mq_encoder *e) { return (int)mq_attention_precision(e->attn); }
 
-int mq_encoder_attention_emulated(mq_encoder *e) {
-    pthread_mutex_lock(&e->lock);
-    mq_engine_enter(e->eng);
-    const int r = mq_attention_emulated(e->attn);
-    pthread_mutex_unlock(&e->lock);
-    return r;
-}
+const char *mq_encoder_attention_impl(const mq_encoder *e) { return mq_attention_impl(e->attn); }
 const mq_bert_config *mq_encoder_config(const mq_encoder *e) { return &e->cfg; }
 
 size_t mq_encoder_nbytes(const mq_encoder *e) {

@@ -74,10 +74,9 @@ mq_status mq_encoder_finalize(mq_encoder *enc);
 mq_status mq_encoder_set_threads(mq_encoder *enc, int n_threads);
 /* The precision attention computes in (attention.h: MQ_ATTN_F32 after create, or MQ_ATTN_BF16); any time. */
 mq_status mq_encoder_set_attention_precision(mq_encoder *enc, int precision);
-/* The attention precision, and whether BF16 attention runs emulated in f32 on this CPU (-1 with an error set if its
-   primitives cannot be built). */
+/* The attention precision, and the attention kernel that runs (attention.h: mq_attention_impl). */
 int mq_encoder_attention_precision(const mq_encoder *enc);
-int mq_encoder_attention_emulated(mq_encoder *enc);
+const char *mq_encoder_attention_impl(const mq_encoder *enc);
 int mq_encoder_threads(const mq_encoder *enc);
 const mq_bert_config *mq_encoder_config(const mq_encoder *enc);
 size_t mq_encoder_nbytes(const mq_encoder *enc);

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "qparams.h"
+#include "vecmath.h"
 
 struct mq_layernorm {
     mq_engine *eng; /* borrowed: its thread count */
@@ -35,14 +36,9 @@ mq_status mq_layernorm_create(mq_layernorm **out, mq_engine *eng, int64_t hidden
 void mq_layernorm_destroy(mq_layernorm *ln) { free(ln); }
 
 /* Row sums in 32 partial sums (element c into partial c % 32, two 16-float vectors), then added pairwise, halves
-   first. GCC vector extensions: the summation order is fixed by the code, not by the vector width, so every ISA clone
-   (zmm on AVX-512, ymm pairs on AVX2, xmm below) gives the same bits, and the two chains keep the adders busy.
-   Vectors are never passed to or returned from functions (that would change the ABI between the clones). */
-typedef float mq_v16 __attribute__((vector_size(64)));
-typedef float mq_v8 __attribute__((vector_size(32)));
-typedef float mq_v4 __attribute__((vector_size(16)));
-
-/* sum of (x[c] - shift) (square = 0) or of (x[c] - shift)^2 (square = 1) over the row */
+   first (vecmath.h: the summation order is fixed by the code, not by the vector width, so every ISA clone - zmm on
+   AVX-512, ymm pairs on AVX2, xmm below - gives the same bits), and the two chains keep the adders busy.
+   The sum of (x[c] - shift) (square = 0) or of (x[c] - shift)^2 (square = 1) over the row */
 static inline __attribute__((always_inline)) float row_sum(const float *restrict x, int64_t H, float shift, int square) {
     mq_v16 a0 = {0}, a1 = {0}, d0, d1;
     float tail[32] = {0};
@@ -64,10 +60,7 @@ static inline __attribute__((always_inline)) float row_sum(const float *restrict
     a0 += d0;
     a1 += d1;
     a0 += a1;
-    const mq_v8 h = __builtin_shufflevector(a0, a0, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(a0, a0, 8, 9, 10, 11, 12, 13, 14, 15);
-    const mq_v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (q[0] + q[2]) + (q[1] + q[3]);
+    return mq_v16_sum(&a0);
 }
 
 /* One row: y = (x - mean) * (1 / sqrt(var + eps)) * g + b, mean and variance in two f32 passes; with q, also

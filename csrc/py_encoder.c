@@ -379,15 +379,10 @@ static PyObject *Encoder_set_attention_precision(EncoderObject *self, PyObject *
     Py_RETURN_NONE;
 }
 
-/* (precision, emulated): the attention precision and whether bf16 attention runs emulated in f32 on this CPU. */
+/* (precision, kernel): the attention precision and the kernel that computes it. */
 static PyObject *Encoder_attention_info(EncoderObject *self, PyObject *Py_UNUSED(ignored)) {
     if (!enc_cfg(self)) return NULL;
-    int emulated;
-    Py_BEGIN_ALLOW_THREADS
-    emulated = mq_encoder_attention_emulated(self->enc);
-    Py_END_ALLOW_THREADS
-    if (emulated < 0) return mq_py_raise(MQ_ERR_DNNL);
-    return Py_BuildValue("(iO)", mq_encoder_attention_precision(self->enc), emulated ? Py_True : Py_False);
+    return Py_BuildValue("(is)", mq_encoder_attention_precision(self->enc), mq_encoder_attention_impl(self->enc));
 }
 
 static PyMethodDef Encoder_methods[] = {
@@ -404,7 +399,7 @@ static PyMethodDef Encoder_methods[] = {
     {"set_attention_precision", (PyCFunction)Encoder_set_attention_precision, METH_O,
      "the precision attention computes in: ATTN_F32 or ATTN_BF16"},
     {"attention_info", (PyCFunction)Encoder_attention_info, METH_NOARGS,
-     "(precision, emulated): emulated = bf16 attention runs as f32 on bf16-rounded operands on this CPU"},
+     "(precision, kernel): the attention precision and the kernel that computes it"},
     {"nbytes", (PyCFunction)Encoder_nbytes, METH_NOARGS, "bytes held by the parameters"},
     {"site_impl", (PyCFunction)Encoder_site_impl, METH_VARARGS, "oneDNN implementation of a site's matmul"},
     {"set_memory_limits", (PyCFunction)Encoder_set_memory_limits, METH_VARARGS,

@@ -147,6 +147,51 @@ static PyObject *py_qparams(PyObject *Py_UNUSED(m), PyObject *args) {
     return Py_BuildValue("(fi)", q.scale, q.zero_point);
 }
 
+/* attention(qkv [T, 3H] f32, lengths [B] int32, n_heads, bf16=False, n_threads=1) -> context [T, H] f32: the
+   encoder's attention kernel alone, over sequences packed back to back (for tests and benchmarks). */
+static PyObject *py_attention(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"qkv", "lengths", "n_heads", "bf16", "n_threads", NULL};
+    PyObject *qo, *lo;
+    int heads, bf16 = 0, nthr = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOi|pi", kw, &qo, &lo, &heads, &bf16, &nthr)) return NULL;
+    PyArrayObject *q = mq_py_array(qo, NPY_FLOAT32, 2, NULL, "qkv");
+    PyArrayObject *l = q ? mq_py_array(lo, NPY_INT32, 1, NULL, "lengths") : NULL;
+    if (!l) return NULL;
+    const npy_intp T = PyArray_DIM(q, 0), H3 = PyArray_DIM(q, 1), B = PyArray_DIM(l, 0);
+    if (heads <= 0 || H3 % (3 * (npy_intp)heads) != 0 || H3 == 0)
+        return PyErr_Format(PyExc_ValueError, "qkv has %zd columns: not 3 x n_heads (%d) x head_dim", (Py_ssize_t)H3, heads);
+    const int32_t *len = PyArray_DATA(l);
+    int64_t *off = PyMem_Malloc((size_t)(B ? B : 1) * sizeof *off), total = 0, max_len = 1;
+    if (!off) return PyErr_NoMemory();
+    for (npy_intp b = 0; b < B; b++) {
+        off[b] = total;
+        total += len[b] > 0 ? len[b] : 0;
+        if (len[b] > max_len) max_len = len[b];
+    }
+    if (total != T) {
+        PyMem_Free(off);
+        return PyErr_Format(PyExc_ValueError, "lengths add up to %lld rows, qkv has %zd", (long long)total, (Py_ssize_t)T);
+    }
+    npy_intp dims[2] = {T, H3 / 3};
+    PyObject *ctx = PyArray_ZEROS(2, dims, NPY_FLOAT32, 0);
+    if (!ctx) { PyMem_Free(off); return NULL; }
+    mq_engine *eng = NULL;
+    mq_attention *att = NULL;
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = mq_engine_create(&eng, nthr);
+    if (st == MQ_OK) st = mq_attention_create(&att, eng, heads, H3 / 3 / heads, max_len);
+    if (st == MQ_OK) st = mq_attention_set_precision(att, bf16 ? MQ_ATTN_BF16 : MQ_ATTN_F32);
+    if (st == MQ_OK)
+        st = mq_attention_forward(att, PyArray_DATA(q), PyArray_DATA((PyArrayObject *)ctx), NULL, 0.f, 0, off, len, B);
+    mq_attention_destroy(att);
+    mq_engine_destroy(eng);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(off);
+    if (st != MQ_OK) { Py_DECREF(ctx); return mq_py_raise(st); }
+    return ctx;
+}
+
 static PyMethodDef module_methods[] = {
     {"runtime_info", py_runtime_info, METH_NOARGS, "oneDNN version, threading runtime, effective ISA, threads"},
     {"kernel_support", py_kernel_support, METH_NOARGS,
@@ -158,6 +203,8 @@ static PyMethodDef module_methods[] = {
     {"dequantize_weight_s4", py_dequantize_weight_s4, METH_VARARGS, "(packed, scales, group) -> w f32[N,K]"},
     {"quantize_rows_s8", (PyCFunction)(void (*)(void))py_quantize_rows_s8, METH_VARARGS | METH_KEYWORDS,
      "(table f32[R,C], scales=None) -> (q i8[R,C], row scales): scales chosen, or given and rounded with"},
+    {"attention", (PyCFunction)(void (*)(void))py_attention, METH_VARARGS | METH_KEYWORDS,
+     "attention(qkv, lengths, n_heads, bf16=False, n_threads=1) -> context: the encoder's attention kernel alone"},
     {"qparams", py_qparams, METH_VARARGS, "(lo, hi, symmetric) -> (scale, zero_point) of the u8 activation grid"},
     {NULL, NULL, 0, NULL}};
 

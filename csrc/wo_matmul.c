@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "qparams.h"
+#include "vecmath.h"
 
 #define NR MQ_WO_PANEL
 #define MR_AVX512 12
@@ -36,11 +37,9 @@
 
 #define AI inline __attribute__((always_inline))
 #define AVX512 __attribute__((target("avx512f")))
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 MQ_TARGET_AVX2
 
-typedef enum { WO_ISA_C, WO_ISA_AVX2, WO_ISA_AVX512 } wo_isa;
-static const int ISA_TILE_ROWS[] = {[WO_ISA_C] = MR_C, [WO_ISA_AVX2] = MR_AVX2, [WO_ISA_AVX512] = MR_AVX512};
-static const char *const ISA_NAMES[] = {[WO_ISA_C] = "c", [WO_ISA_AVX2] = "avx2", [WO_ISA_AVX512] = "avx512"};
+static const int ISA_TILE_ROWS[] = {[MQ_VEC_C] = MR_C, [MQ_VEC_AVX2] = MR_AVX2, [MQ_VEC_AVX512] = MR_AVX512};
 typedef enum { SRC_F32, SRC_S8, SRC_S4 } wo_src; /* where a tile's B operand comes from */
 
 /* The k range a tile kernel multiplies: [k0, k1), B from the converted slice `panel` (row k at panel + (k - k0) * NR;
@@ -71,7 +70,7 @@ struct mq_wo_matrix {
     size_t panel_bytes; /* stored bytes per panel */
     uint8_t *q;
     float *scales;
-    wo_isa isa;
+    mq_vec_isa isa;
     int mr; /* rows per tile: ISA_TILE_ROWS[isa] */
     char impl[48];
 };
@@ -91,26 +90,6 @@ static inline size_t bytes_per_k(wo_src src) { return src == SRC_S4 ? NR / 2 : N
 
 /* ------------------------------------------------------------------ epilogue */
 
-/* exp(-s) for s >= 0 (clamped at exp(-87)): Cody-Waite reduction by ln 2 and a degree-6 Taylor polynomial on
-   |r| <= ln2 / 2 (relative error below 2e-8 before rounding); no libm call, so it vectorizes. */
-static inline float exp_neg(float s) {
-    float z = -s;
-    if (!(z > -87.f)) z = -87.f; /* also NaN */
-    const float shifted = z * 1.44269504088896341f + 12582912.f; /* round to nearest integer: 1.5 * 2^23 */
-    const float fn = shifted - 12582912.f;
-    int32_t bits;
-    memcpy(&bits, &shifted, sizeof bits);
-    const int32_t n = bits - 0x4B400000; /* in [-126, 0] */
-    float r = z - fn * 0.693359375f;
-    r = r - fn * -2.12194440e-4f;
-    const float p =
-        1.f + r * (1.f + r * (0.5f + r * (1.f / 6.f + r * (1.f / 24.f + r * (1.f / 120.f + r * (1.f / 720.f))))));
-    const int32_t eb = (n + 127) * (1 << 23);
-    float scale;
-    memcpy(&scale, &eb, sizeof scale);
-    return p * scale;
-}
-
 MQ_HOT void mq_gelu_erf_inplace(float *v, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
@@ -120,7 +99,7 @@ MQ_HOT void mq_gelu_erf_inplace(float *v, int64_t n) {
         const float t = 1.f / (1.f + 0.3275911f * az);
         const float poly =
             ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-        const float erf_abs = 1.f - poly * exp_neg(az * az);
+        const float erf_abs = 1.f - poly * mq_exp_neg(az * az);
         v[i] = 0.5f * x * (1.f + (z < 0.f ? -erf_abs : erf_abs));
     }
 }
@@ -398,8 +377,8 @@ static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, 
                             N, ncols};
         const wo_out *o = k1 == K ? &out : NULL;
         switch (w->isa) {
-            case WO_ISA_AVX512: tile_avx512(mr, src, w, p, &sp, a, o); break;
-            case WO_ISA_AVX2: tile_avx2(mr, src, w, p, &sp, a, o); break;
+            case MQ_VEC_AVX512: tile_avx512(mr, src, w, p, &sp, a, o); break;
+            case MQ_VEC_AVX2: tile_avx2(mr, src, w, p, &sp, a, o); break;
             default: tile_c(mr, src, w, p, &sp, a, o); break;
         }
         r0 += mr;
@@ -408,8 +387,8 @@ static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, 
 
 static void convert_slice(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, float *slice) {
     switch (w->isa) {
-        case WO_ISA_AVX512: slice_avx512(w, p, k0, k1, slice); break;
-        case WO_ISA_AVX2: slice_avx2(w, p, k0, k1, slice); break;
+        case MQ_VEC_AVX512: slice_avx512(w, p, k0, k1, slice); break;
+        case MQ_VEC_AVX2: slice_avx2(w, p, k0, k1, slice); break;
         default: slice_c(w, p, k0, k1, slice); break;
     }
 }
@@ -492,13 +471,6 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const f
 
 /* ------------------------------------------------------------------ creation */
 
-static wo_isa pick_isa(void) {
-    const unsigned isa = (unsigned)dnnl_get_effective_cpu_isa();
-    if ((isa & (unsigned)dnnl_cpu_isa_avx512_core) == (unsigned)dnnl_cpu_isa_avx512_core) return WO_ISA_AVX512;
-    if ((isa & (unsigned)dnnl_cpu_isa_avx2) == (unsigned)dnnl_cpu_isa_avx2) return WO_ISA_AVX2;
-    return WO_ISA_C;
-}
-
 /* Copies the user's weights and scales into panels (wo_matmul.h: the user layouts; this file's header: the panels). */
 static void fill_panels(mq_wo_matrix *w, const void *weight, const float *scales) {
     const int64_t K = w->lay.K, N = w->lay.N;
@@ -550,9 +522,9 @@ mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const
     }
     if (lay->format == MQ_WO_S4) memset(w->q, 0x88, (size_t)w->P * w->panel_bytes); /* padding: value 0 */
     fill_panels(w, weight, scales);
-    w->isa = pick_isa();
+    w->isa = mq_vec_isa_effective();
     w->mr = ISA_TILE_ROWS[w->isa];
-    snprintf(w->impl, sizeof w->impl, "medquant:wo_%s_%s", lay->format == MQ_WO_S8 ? "s8" : "s4", ISA_NAMES[w->isa]);
+    snprintf(w->impl, sizeof w->impl, "medquant:wo_%s_%s", lay->format == MQ_WO_S8 ? "s8" : "s4", mq_vec_isa_name(w->isa));
     *out = w;
     return MQ_OK;
 }

@@ -187,11 +187,13 @@ class Encoder:
         return self._core.site_impl(*parse_site(site))
 
     def attention_info(self) -> Dict[str, object]:
-        """The precision attention computes in (the scheme's ``attention``) and whether, for bf16, this CPU runs it
-        emulated in f32 on the same bf16-rounded operands (no optimized bf16 kernel here)."""
-        precision, emulated = self._core.attention_info()
+        """The precision attention computes in (the scheme's ``attention``; bf16 multiplies bf16-rounded Q, K, V and
+        probabilities with f32 accumulation, on f32 arithmetic) and the kernel that runs it: medquant's fused
+        attention, ``'medquant:attention_avx2'`` (also on AVX-512 CPUs) or ``'medquant:attention_c'`` (CPUs without
+        AVX2), which give the same bits."""
+        precision, kernel = self._core.attention_info()
         names = {v: k for k, v in _storage.ATTENTION_PRECISION.items()}
-        return {"precision": names[precision], "emulated": bool(emulated)}
+        return {"precision": names[precision], "kernel": kernel}
 
     def size_bytes(self) -> int:
         """Bytes the encoder's parameters take in memory (prepacked weights, scales, embeddings)."""

@@ -1,0 +1,145 @@
+"""The fused attention kernel alone (``medquant._core.attention``, the kernel the encoder runs): against a float64
+reference, bf16 rounding, bits independent of thread count, batch composition and kernel path, NaN propagation and
+bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from medquant import _core
+
+LENGTHS = np.array([1, 5, 16, 17, 40, 100, 3, 33], np.int32)
+
+
+def make_qkv(lengths, heads, d, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((int(lengths.sum()), 3 * heads * d)) * scale).astype(np.float32)
+
+
+def bf16_round(x):
+    """Round to bf16, nearest even, back to float32 (what the core does)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+def reference(qkv, lengths, heads, bf16=False):
+    """Softmax(Q K^T / sqrt(d)) V per sequence and head in float64 (bf16: Q, K, V and P rounded first)."""
+    T, H3 = qkv.shape
+    H = H3 // 3
+    d = H // heads
+    x = bf16_round(qkv) if bf16 else qkv
+    out = np.zeros((T, H))
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        for h in range(heads):
+            q = x[rows, h * d:(h + 1) * d].astype(np.float64)
+            k = x[rows, H + h * d:H + (h + 1) * d].astype(np.float64)
+            v = x[rows, 2 * H + h * d:2 * H + (h + 1) * d].astype(np.float64)
+            s = q @ k.T / np.sqrt(d)
+            p = np.exp(s - s.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            if bf16:
+                p = bf16_round(p.astype(np.float32)).astype(np.float64)
+            out[rows, h * d:(h + 1) * d] = p @ v
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("heads,d", [(4, 32), (3, 24), (2, 64), (1, 7)])
+def test_attention_matches_float64(heads, d):
+    """Head dims that are and are not multiples of the kernel's 16-wide blocks, sequence lengths around its 6-row
+    tiles and 16-column blocks; scores spread wide enough (scale 2) that the softmax is far from uniform."""
+    qkv = make_qkv(LENGTHS, heads, d, seed=d, scale=2.0)
+    got = _core.attention(qkv, LENGTHS, heads, n_threads=2)
+    want = reference(qkv, LENGTHS, heads)
+    assert got.dtype == np.float32 and got.shape == (qkv.shape[0], heads * d)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_bf16_attention_rounds_q_k_v_and_p():
+    heads, d = 4, 32
+    qkv = make_qkv(LENGTHS, heads, d, seed=3, scale=2.0)
+    got = _core.attention(qkv, LENGTHS, heads, bf16=True, n_threads=2)
+    want = reference(qkv, LENGTHS, heads, bf16=True)
+    exact = reference(qkv, LENGTHS, heads)
+    scale = np.abs(want).max()
+    # f32 accumulation vs float64, and a probability rounded on the other side of a bf16 tie now and then
+    assert np.abs(got - want).max() < 4e-3 * scale
+    assert np.abs(got - want).mean() < 1e-5 * scale
+    assert np.abs(got - exact).mean() > 20 * np.abs(got - want).mean()  # the rounding happened
+
+
+def test_attention_bits_do_not_depend_on_threads_or_batch():
+    """One thread, two, three (as far as this machine has CPUs); the whole batch (a task per sequence) or each sequence alone (a task per head)."""
+    heads, d = 4, 32
+    qkv = make_qkv(LENGTHS, heads, d, seed=7)
+    base = _core.attention(qkv, LENGTHS, heads, n_threads=1)
+    for n in range(2, min(4, len(os.sched_getaffinity(0))) + 1):
+        assert np.array_equal(_core.attention(qkv, LENGTHS, heads, n_threads=n).view(np.uint32), base.view(np.uint32))
+    start = 0
+    for n in LENGTHS:
+        alone = _core.attention(qkv[start:start + n], np.array([n], np.int32), heads, n_threads=2)
+        assert np.array_equal(alone.view(np.uint32), base[start:start + n].view(np.uint32)), n
+        start += n
+
+
+def test_attention_portable_path_gives_the_same_bits(tmp_path):
+    """The portable C kernel (ISA capped below AVX2) and this CPU's kernel give the same bits."""
+    heads, d = 3, 24
+    qkv = make_qkv(LENGTHS, heads, d, seed=11, scale=2.0)
+    np.save(tmp_path / "qkv.npy", qkv)
+    np.save(tmp_path / "lengths.npy", LENGTHS)
+    code = ("import json, sys, numpy as np, medquant; from medquant import _core; d = sys.argv[1]; "
+            "q = np.load(d + '/qkv.npy'); n = np.load(d + '/lengths.npy'); "
+            f"np.save(d + '/ctx.npy', _core.attention(q, n, {heads}, n_threads=2)); "
+            f"np.save(d + '/ctx_bf16.npy', _core.attention(q, n, {heads}, bf16=True, n_threads=2)); "
+            "print(json.dumps(medquant.runtime_info()['cpu_isa']))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) in ("sse41", "default")
+    for name, bf16 in (("ctx", False), ("ctx_bf16", True)):
+        native = _core.attention(qkv, LENGTHS, heads, bf16=bf16, n_threads=2)
+        capped = np.load(tmp_path / f"{name}.npy")
+        assert np.array_equal(native.view(np.uint32), capped.view(np.uint32)), name
+
+
+def test_nan_stays_in_its_sequence_and_head():
+    heads, d = 2, 16
+    lengths = np.array([9, 20], np.int32)
+    qkv = make_qkv(lengths, heads, d, seed=5)
+    H = heads * d
+    qkv[4, H + 3] = np.nan  # a key of sequence 0, head 0
+    got = _core.attention(qkv, lengths, heads, n_threads=2)
+    assert np.isnan(got[:9, :d]).all()
+    assert np.isfinite(got[:9, d:]).all() and np.isfinite(got[9:]).all()
+    qkv[4, H + 3] = np.inf  # a score of +inf makes its row NaN (inf - inf); one of -inf is a probability of 0
+    got = _core.attention(qkv, lengths, heads)
+    pos, neg = qkv[:9, 3] > 0, qkv[:9, 3] < 0
+    assert pos.any() and neg.any()
+    assert np.isnan(got[:9][pos, :d]).all() and np.isfinite(got[:9][neg, :d]).all()
+    without = qkv[[i for i in range(9) if i != 4]]
+    ref = reference(without, np.array([8], np.int32), heads)  # the key gone, its row as a query gone too
+    rows = [i for i in range(9) if neg[i] and i != 4]
+    np.testing.assert_allclose(got[rows, :d], ref[[i - (i > 4) for i in rows], :d], atol=2e-6)
+
+
+@pytest.mark.parametrize("qkv,lengths,heads,match", [
+    (np.zeros((10, 96), np.float32), np.array([4, 5], np.int32), 2, "lengths add up to 9"),
+    (np.zeros((10, 96), np.float32), np.array([10], np.int32), 5, "not 3 x n_heads"),
+    (np.zeros((10, 96), np.float32), np.array([10, 0], np.int32), 2, "length 0 outside"),
+    (np.zeros((10, 96), np.float64), np.array([10], np.int32), 2, "qkv"),
+    (np.zeros((10, 96), np.float32), np.array([10], np.int64), 2, "lengths"),
+    (np.zeros((10, 96), np.float32)[:, ::2], np.array([10], np.int32), 2, "qkv"),
+])
+def test_bad_input_is_a_python_error(qkv, lengths, heads, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _core.attention(qkv, lengths, heads)
