@@ -1,12 +1,14 @@
-/* attention.c - the fused attention kernel (attention.h): one task per (sequence, head).
+/* attention.c - the fused attention kernel (attention.h): a task is a sequence, or a (sequence, head) pair when the
+ * batch has fewer than two sequences per thread (make_plan).
  *
- * Per task, in per-thread scratch: q [len, d] and v [len, dv] dense (dv = d rounded up to 16, zero columns past d),
- * kt [d, ldk] the keys transposed (ldk = len rounded up to 16, zero columns past len); per tile of query rows,
- * s [rows, ldk] the scores, then in place the probabilities, and c [rows, dv] the context.
+ * Per head of a task, in per-thread scratch: q [len, d] and v [len, dv] dense (dv = d rounded up to 16, zero columns
+ * past d), kt [d, ldk] the keys transposed (ldk = len rounded up to 16, zero columns past len); per tile of query
+ * rows, s [rows, ldk] the scores, then in place exp(score - max) (or, for BF16, the rounded probabilities), and
+ * c [rows, dv] the context.
  *
- * Two paths, picked by mq_vec_isa_effective (so ONEDNN_MAX_CPU_ISA caps them): AVX2 + FMA intrinsics, tiles of 6
- * query rows x 16 columns (AVX-512 CPUs run it too), and portable C, one row at a time with fmaf. Both do the same
- * IEEE operations in the same order - an fma chain per score over the head dimension, the exp of vecmath.h, the
+ * Three paths, picked by mq_vec_isa_effective (so ONEDNN_MAX_CPU_ISA caps them): AVX-512 (tiles of 8 query rows x
+ * 16 columns, one zmm each) and AVX2 + FMA (6 rows x 16 columns, two ymm each), both attention_kernel.inc, and
+ * portable C, one row at a time with fmaf. All do the same IEEE operations in the same order - an fma chain per score over the head dimension, the exp of vecmath.h, the
  * softmax sum in 16 partial sums added in a fixed tree, an fma chain per context value over the keys - so they give
  * the same bits, and a row's result depends on nothing but its sequence and head.
  */
@@ -24,8 +26,9 @@
 
 #define MQ_ATTN_MAX_THREADS 64
 #define VEC 16       /* ldk and dv are multiples of this */
-#define ROWS_AVX2 6  /* query rows per tile of the AVX2 path: 12 ymm accumulators */
-#define ROWS_MAX ROWS_AVX2
+#define ROWS_AVX2 6   /* query rows per tile of the AVX2 path: 6 x 2 ymm accumulators */
+#define ROWS_AVX512 8 /* of the AVX-512 path: 8 zmm accumulators */
+#define ROWS_MAX 8
 #define AI inline __attribute__((always_inline))
 
 struct mq_attention {
@@ -71,7 +74,7 @@ mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, i
     a->head_dim = head_dim;
     a->max_len = max_len;
     a->scale = 1.f / sqrtf((float)head_dim);
-    a->isa = mq_vec_isa_effective() >= MQ_VEC_AVX2 ? MQ_VEC_AVX2 : MQ_VEC_C;
+    a->isa = mq_vec_isa_effective();
     snprintf(a->impl, sizeof a->impl, "medquant:attention_%s", mq_vec_isa_name(a->isa));
     *out = a;
     return MQ_OK;
@@ -169,15 +172,20 @@ static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, int
 static void stage_heads(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0, int heads, float *buf) {
     const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H;
     const int round = job->round;
-    for (int64_t j = 0; j < len; j++) {
-        const float *row = job->qkv + (offset + j) * ld + h0 * d;
+    const float *rows = job->qkv + offset * ld + h0 * d;
+    for (int64_t j0 = 0; j0 < len; j0 += 16) { /* 16 rows at a time: the transposed writes fill whole lines */
+        const int64_t j1 = j0 + 16 < len ? j0 + 16 : len;
         for (int k = 0; k < heads; k++) {
             const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
-            const float *qs = row + k * d, *ks = qs + H, *vs = qs + 2 * H;
-            for (int64_t c = 0; c < d; c++) b.q[j * d + c] = maybe_round(qs[c], round);
-            for (int64_t c = 0; c < d; c++) b.kt[c * b.ldk + j] = maybe_round(ks[c], round);
-            for (int64_t c = 0; c < d; c++) b.v[j * dv + c] = maybe_round(vs[c], round);
-            for (int64_t c = d; c < dv; c++) b.v[j * dv + c] = 0.f;
+            for (int64_t j = j0; j < j1; j++) {
+                const float *qs = rows + j * ld + k * d, *vs = qs + 2 * H;
+                for (int64_t c = 0; c < d; c++) b.q[j * d + c] = maybe_round(qs[c], round);
+                for (int64_t c = 0; c < d; c++) b.v[j * dv + c] = maybe_round(vs[c], round);
+                for (int64_t c = d; c < dv; c++) b.v[j * dv + c] = 0.f;
+            }
+            const float *ks = rows + H + k * d;
+            for (int64_t c = 0; c < d; c++)
+                for (int64_t j = j0; j < j1; j++) b.kt[c * b.ldk + j] = maybe_round(ks[j * ld + c], round);
         }
     }
     for (int k = 0; k < heads; k++) {
@@ -205,11 +213,12 @@ static MQ_INLINE void write_row(const mq_attn_job *job, const float *src, int64_
         memcpy(o->ctx + at, src, (size_t)job->d * sizeof(float));
 }
 
-/* ---- portable path: one query row at a time, fmaf chains (the same operations as the AVX2 path, so the same bits) */
+/* ---- portable path: one query row at a time, fmaf chains (the operations of the vector paths, so the same bits) */
 
-/* Scores of one query row into s[0, len), probabilities in place (exp(s - max) / sum, rounded to bf16 if asked;
-   s[len, ldk) zero). A NaN or infinite score makes the row NaN, as the formula does. */
-static void softmax_row_c(float *s, int64_t len, int64_t ldk, int round) {
+/* Scores of one query row in s[0, len) into e = exp(s - max) in place (s[len, ldk) zero); returns 1 / sum(e), the
+   factor the context is multiplied with. With round (BF16), the probabilities e / sum themselves, rounded to bf16,
+   are left in s and the factor is 1. A NaN score, or one of +inf, makes the row NaN, as the formula does. */
+static float softmax_row_c(float *s, int64_t len, int64_t ldk, int round) {
     float mx = s[0];
     for (int64_t j = 1; j < len; j++) mx = s[j] > mx ? s[j] : mx;
     for (int64_t j = 0; j < len; j++) s[j] = mq_exp_neg(mx - s[j]);
@@ -217,7 +226,9 @@ static void softmax_row_c(float *s, int64_t len, int64_t ldk, int round) {
     float part[16] = {0};
     for (int64_t j = 0; j < ldk; j++) part[j % 16] += s[j];
     const float inv = 1.f / sum16(part);
-    for (int64_t j = 0; j < len; j++) s[j] = maybe_round(s[j] * inv, round);
+    if (!round) return inv;
+    for (int64_t j = 0; j < len; j++) s[j] = maybe_round(s[j] * inv, 1);
+    return 1.f;
 }
 
 /* Head h of the sequence at rows offset.., staged in b. */
@@ -231,131 +242,109 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
             for (int64_t c = 0; c < d; c++) acc = fmaf(qi[c], b.kt[c * b.ldk + j], acc);
             b.s[j] = acc * job->scale;
         }
-        softmax_row_c(b.s, len, b.ldk, job->round);
+        const float f = softmax_row_c(b.s, len, b.ldk, job->round);
         for (int64_t c = 0; c < d; c++) {
             float acc = 0.f;
             for (int64_t j = 0; j < len; j++) acc = fmaf(b.s[j], b.v[j * dv + c], acc);
-            b.c[c] = acc;
+            b.c[c] = acc * f;
         }
         write_row(job, b.c, offset + i, h);
     }
 }
 
-/* ---- AVX2 path (also what AVX-512 CPUs run): tiles of ROWS_AVX2 query rows x 16 columns in 12 ymm accumulators */
+/* ---- vector paths: attention_kernel.inc once per ISA */
 
-/* mq_exp_neg(t) on 8 lanes, operation for operation (no fused multiply-add: the same bits). */
-static AI MQ_TARGET_AVX2 __m256 exp_neg8(__m256 t) {
-    const __m256 magic = _mm256_set1_ps(12582912.f);
-    __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), t);
-    z = _mm256_max_ps(_mm256_set1_ps(-87.f), z); /* z < -87 ? -87 : z (NaN kept) */
-    const __m256 shifted = _mm256_add_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)), magic);
-    const __m256 fn = _mm256_sub_ps(shifted, magic);
-    const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B400000));
-    __m256 r = _mm256_sub_ps(z, _mm256_mul_ps(fn, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(fn, _mm256_set1_ps(-2.12194440e-4f)));
-    __m256 p = _mm256_mul_ps(r, _mm256_set1_ps(1.f / 720.f));
-    p = _mm256_mul_ps(r, _mm256_add_ps(_mm256_set1_ps(1.f / 120.f), p));
-    p = _mm256_mul_ps(r, _mm256_add_ps(_mm256_set1_ps(1.f / 24.f), p));
-    p = _mm256_mul_ps(r, _mm256_add_ps(_mm256_set1_ps(1.f / 6.f), p));
-    p = _mm256_mul_ps(r, _mm256_add_ps(_mm256_set1_ps(0.5f), p));
-    p = _mm256_mul_ps(r, _mm256_add_ps(_mm256_set1_ps(1.f), p));
-    p = _mm256_add_ps(_mm256_set1_ps(1.f), p);
-    const __m256i eb = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(eb));
-}
+#define TARGET MQ_TARGET_AVX2
+#define SFX avx2
+#define VF __m256
+#define VI __m256i
+#define VW 8
+#define NV 2
+#define ROWS ROWS_AVX2
+#define V_LOAD _mm256_loadu_ps
+#define V_STORE _mm256_storeu_ps
+#define V_SET1 _mm256_set1_ps
+#define V_SET1I _mm256_set1_epi32
+#define V_ZERO _mm256_setzero_ps
+#define V_FMA _mm256_fmadd_ps
+#define V_MUL _mm256_mul_ps
+#define V_ADD _mm256_add_ps
+#define V_SUB _mm256_sub_ps
+#define V_MAX _mm256_max_ps
+#define V_SUBI _mm256_sub_epi32
+#define V_ADDI _mm256_add_epi32
+#define V_SLLI _mm256_slli_epi32
+#define V_F2I _mm256_castps_si256
+#define V_I2F _mm256_castsi256_ps
+#include "attention_kernel.inc"
+#undef TARGET
+#undef SFX
+#undef VF
+#undef VI
+#undef VW
+#undef NV
+#undef ROWS
+#undef V_LOAD
+#undef V_STORE
+#undef V_SET1
+#undef V_SET1I
+#undef V_ZERO
+#undef V_FMA
+#undef V_MUL
+#undef V_ADD
+#undef V_SUB
+#undef V_MAX
+#undef V_SUBI
+#undef V_ADDI
+#undef V_SLLI
+#undef V_F2I
+#undef V_I2F
 
-/* s[r, j] = (q_r . kt[:, j]) * scale for the rows qr[r], j < ldk (one fma chain over c per score). */
-static AI MQ_TARGET_AVX2 void scores_tile_avx2(const float *const *qr, const float *kt, int64_t d, int64_t ldk,
-                                              float scale, float *s) {
-    const __m256 vs = _mm256_set1_ps(scale);
-    for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
-        __m256 acc[ROWS_AVX2][2];
-        for (int r = 0; r < ROWS_AVX2; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < d; c++) {
-            const __m256 k0 = _mm256_loadu_ps(kt + c * ldk + j0), k1 = _mm256_loadu_ps(kt + c * ldk + j0 + 8);
-            for (int r = 0; r < ROWS_AVX2; r++) {
-                const __m256 b = _mm256_broadcast_ss(qr[r] + c);
-                acc[r][0] = _mm256_fmadd_ps(b, k0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(b, k1, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < ROWS_AVX2; r++) {
-            _mm256_storeu_ps(s + r * ldk + j0, _mm256_mul_ps(acc[r][0], vs));
-            _mm256_storeu_ps(s + r * ldk + j0 + 8, _mm256_mul_ps(acc[r][1], vs));
-        }
-    }
-}
-
-/* softmax_row_c on 8 lanes (the same bits). */
-static AI MQ_TARGET_AVX2 void softmax_row_avx2(float *s, int64_t len, int64_t ldk, int round) {
-    const int64_t n8 = len / 8 * 8;
-    float mx = s[0];
-    if (n8) {
-        __m256 m = _mm256_loadu_ps(s);
-        for (int64_t j = 8; j < n8; j += 8) m = _mm256_max_ps(_mm256_loadu_ps(s + j), m);
-        float lanes[8];
-        _mm256_storeu_ps(lanes, m);
-        for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
-    }
-    for (int64_t j = n8; j < len; j++) mx = s[j] > mx ? s[j] : mx;
-    const __m256 vmx = _mm256_set1_ps(mx);
-    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(s + j, exp_neg8(_mm256_sub_ps(vmx, _mm256_loadu_ps(s + j))));
-    for (int64_t j = n8; j < len; j++) s[j] = mq_exp_neg(mx - s[j]);
-    for (int64_t j = len; j < ldk; j++) s[j] = 0.f;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int64_t j = 0; j < ldk; j += 16) {
-        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(s + j));
-        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(s + j + 8));
-    }
-    float part[16];
-    _mm256_storeu_ps(part, a0);
-    _mm256_storeu_ps(part + 8, a1);
-    const float inv = 1.f / sum16(part);
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), vinv));
-    for (int64_t j = n8; j < len; j++) s[j] *= inv;
-    if (round)
-        for (int64_t j = 0; j < len; j++) s[j] = maybe_round(s[j], 1);
-}
-
-/* c[r, :] = sum_j pr[r][j] v[j, :] for the rows pr[r], 16 columns at a time (one fma chain over j per value). */
-static AI MQ_TARGET_AVX2 void context_tile_avx2(const float *const *pr, const float *v, int64_t len, int64_t dv,
-                                               float *c) {
-    for (int64_t c0 = 0; c0 < dv; c0 += 16) {
-        __m256 acc[ROWS_AVX2][2];
-        for (int r = 0; r < ROWS_AVX2; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < len; j++) {
-            const __m256 x0 = _mm256_loadu_ps(v + j * dv + c0), x1 = _mm256_loadu_ps(v + j * dv + c0 + 8);
-            for (int r = 0; r < ROWS_AVX2; r++) {
-                const __m256 b = _mm256_broadcast_ss(pr[r] + j);
-                acc[r][0] = _mm256_fmadd_ps(b, x0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < ROWS_AVX2; r++) {
-            _mm256_storeu_ps(c + r * dv + c0, acc[r][0]);
-            _mm256_storeu_ps(c + r * dv + c0 + 8, acc[r][1]);
-        }
-    }
-}
-
-static MQ_TARGET_AVX2 void attention_head_avx2(const mq_attn_job *job, const mq_attn_bufs *pb, int64_t offset,
-                                               int64_t len, int64_t h) {
-    const int64_t d = job->d, dv = job->dv;
-    const mq_attn_bufs b = *pb;
-    for (int64_t i0 = 0; i0 < len; i0 += ROWS_AVX2) {
-        const int nr = len - i0 < ROWS_AVX2 ? (int)(len - i0) : ROWS_AVX2;
-        const float *qr[ROWS_AVX2], *pr[ROWS_AVX2];
-        for (int r = 0; r < ROWS_AVX2; r++) { /* rows past the sequence repeat its last row; their results are dropped */
-            qr[r] = b.q + (i0 + (r < nr ? r : nr - 1)) * d;
-            pr[r] = b.s + (r < nr ? r : nr - 1) * b.ldk;
-        }
-        scores_tile_avx2(qr, b.kt, d, b.ldk, job->scale, b.s);
-        for (int r = 0; r < nr; r++) softmax_row_avx2(b.s + r * b.ldk, len, b.ldk, job->round);
-        context_tile_avx2(pr, b.v, len, dv, b.c);
-        for (int r = 0; r < nr; r++) write_row(job, b.c + r * dv, offset + i0 + r, h);
-    }
-}
+#define TARGET MQ_TARGET_AVX512
+#define SFX avx512
+#define VF __m512
+#define VI __m512i
+#define VW 16
+#define NV 1
+#define ROWS ROWS_AVX512
+#define V_LOAD _mm512_loadu_ps
+#define V_STORE _mm512_storeu_ps
+#define V_SET1 _mm512_set1_ps
+#define V_SET1I _mm512_set1_epi32
+#define V_ZERO _mm512_setzero_ps
+#define V_FMA _mm512_fmadd_ps
+#define V_MUL _mm512_mul_ps
+#define V_ADD _mm512_add_ps
+#define V_SUB _mm512_sub_ps
+#define V_MAX _mm512_max_ps
+#define V_SUBI _mm512_sub_epi32
+#define V_ADDI _mm512_add_epi32
+#define V_SLLI _mm512_slli_epi32
+#define V_F2I _mm512_castps_si512
+#define V_I2F _mm512_castsi512_ps
+#include "attention_kernel.inc"
+#undef TARGET
+#undef SFX
+#undef VF
+#undef VI
+#undef VW
+#undef NV
+#undef ROWS
+#undef V_LOAD
+#undef V_STORE
+#undef V_SET1
+#undef V_SET1I
+#undef V_ZERO
+#undef V_FMA
+#undef V_MUL
+#undef V_ADD
+#undef V_SUB
+#undef V_MAX
+#undef V_SUBI
+#undef V_ADDI
+#undef V_SLLI
+#undef V_F2I
+#undef V_I2F
 
 /* ------------------------------------------------------------------ forward */
 
@@ -367,10 +356,11 @@ static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn
     stage_heads(job, offset, len, h0, heads, buf);
     for (int k = 0; k < heads; k++) {
         const mq_attn_bufs tb = task_bufs(job, len, heads, k, buf);
-        if (a->isa == MQ_VEC_AVX2)
-            attention_head_avx2(job, &tb, offset, len, h0 + k);
-        else
-            attention_head_c(job, &tb, offset, len, h0 + k);
+        switch (a->isa) {
+            case MQ_VEC_AVX512: attention_head_avx512(job, &tb, offset, len, h0 + k); break;
+            case MQ_VEC_AVX2: attention_head_avx2(job, &tb, offset, len, h0 + k); break;
+            default: attention_head_c(job, &tb, offset, len, h0 + k); break;
+        }
     }
 }
 

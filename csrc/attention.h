@@ -1,15 +1,17 @@
 /* attention.h - scaled dot-product self-attention over packed sequences, in one fused kernel.
  *
  * The fused QKV projection writes one row per real token: [T, 3H] = [Q | K | V], heads contiguous inside each.
- * Each sequence occupies rows [offset, offset + length). The work is one task per (sequence, head), spread over the
- * engine's threads: the task copies its head's queries, keys (transposed) and values into small dense blocks, then
- * for each tile of query rows computes the scores S = (Q K^T) * 1/sqrt(d) against exactly the sequence's keys, the
- * softmax of each row (max, exp, sum, scale) and the context P V, all in cache, and writes the tile's rows of the
- * packed [T, H] context (f32, or quantized to u8 for the next layer). No length is padded, no mask is needed and
- * nothing of size L x L leaves the task.
+ * Each sequence occupies rows [offset, offset + length). The work is one task per sequence, spread over the engine's
+ * threads, or one per (sequence, head) when the batch has fewer than two sequences per thread (so a single query
+ * still uses every thread, up to its number of heads): a task reads its rows once, copying each head's queries, keys
+ * (transposed) and values into small dense blocks, then for each tile of query rows computes the scores
+ * S = (Q K^T) * 1/sqrt(d) against exactly the sequence's keys, the softmax of each row and the context P V, all in
+ * cache, and writes the tile's rows of the packed [T, H] context (f32, or quantized to u8 for the next layer). No
+ * length is padded, no mask is needed and nothing of size L x L leaves the task.
  *
  * Results: every value is computed by one thread in a fixed order (one fused multiply-add chain per score over the
- * head dimension, one per context value over the keys, a fixed-order sum in the softmax), so the context is
+ * head dimension, a fixed-order sum in the softmax, one fma chain per context value over the keys of
+ * exp(score - max), times 1 / sum at the end; for BF16 over the rounded probabilities), so the context is
  * bit-identical for any thread count, any batch composition and either kernel path (AVX2 or portable C).
  *
  * Precision: F32 computes in f32. BF16 rounds Q, K, V and the probabilities to bf16 (nearest even) and accumulates in

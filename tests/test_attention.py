@@ -90,8 +90,10 @@ def test_attention_bits_do_not_depend_on_threads_or_batch():
         start += n
 
 
-def test_attention_portable_path_gives_the_same_bits(tmp_path):
-    """The portable C kernel (ISA capped below AVX2) and this CPU's kernel give the same bits."""
+@pytest.mark.parametrize("cap", ["SSE41", "AVX2"])
+def test_attention_paths_give_the_same_bits(tmp_path, cap):
+    """The kernel another ISA takes (the portable C one below AVX2; the AVX2 one where this CPU has AVX-512, else
+    this CPU's own again) and this CPU's kernel give the same bits."""
     heads, d = 3, 24
     qkv = make_qkv(LENGTHS, heads, d, seed=11, scale=2.0)
     np.save(tmp_path / "qkv.npy", qkv)
@@ -101,11 +103,12 @@ def test_attention_portable_path_gives_the_same_bits(tmp_path):
             f"np.save(d + '/ctx.npy', _core.attention(q, n, {heads}, n_threads=2)); "
             f"np.save(d + '/ctx_bf16.npy', _core.attention(q, n, {heads}, bf16=True, n_threads=2)); "
             "print(json.dumps(medquant.runtime_info()['cpu_isa']))")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1]) in ("sse41", "default")
+    isa = json.loads(r.stdout.strip().splitlines()[-1])
+    assert isa in (("sse41", "default") if cap == "SSE41" else ("avx2", "avx", "sse41", "default")), isa
     for name, bf16 in (("ctx", False), ("ctx_bf16", True)):
         native = _core.attention(qkv, LENGTHS, heads, bf16=bf16, n_threads=2)
         capped = np.load(tmp_path / f"{name}.npy")
