@@ -71,7 +71,7 @@ cflags, ldflags = _flags()
 core = Extension(
     "medquant._core",
     sources=sorted(glob.glob(os.path.join("csrc", "*.c"))),
-    depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
+    depends=sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.inc"))),
     include_dirs=["csrc", inc_dir, numpy.get_include()],
     library_dirs=[lib_dir],
     # link against the soname so the runtime wheel's libdnnl.so.3 satisfies it

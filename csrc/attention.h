@@ -12,7 +12,7 @@
  * Results: every value is computed by one thread in a fixed order (one fused multiply-add chain per score over the
  * head dimension, a fixed-order sum in the softmax, one fma chain per context value over the keys of
  * exp(score - max), times 1 / sum at the end; for BF16 over the rounded probabilities), so the context is
- * bit-identical for any thread count, any batch composition and either kernel path (AVX2 or portable C).
+ * bit-identical for any thread count, any batch composition and any kernel path (AVX-512, AVX2 or portable C).
  *
  * Precision: F32 computes in f32. BF16 rounds Q, K, V and the probabilities to bf16 (nearest even) and accumulates in
  * f32: the products a bf16 matmul with f32 accumulation computes, on f32 arithmetic.
@@ -31,7 +31,7 @@ void mq_attention_destroy(mq_attention *a);
 /* The precision the next forwards compute in (F32 after create). */
 mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precision);
 mq_attn_precision mq_attention_precision(const mq_attention *a);
-/* The kernel that runs: "medquant:attention_avx2" (also on AVX-512 CPUs) or "medquant:attention_c". */
+/* The kernel that runs: "medquant:attention_avx512", "medquant:attention_avx2" or "medquant:attention_c". */
 const char *mq_attention_impl(const mq_attention *a);
 
 /* Bytes of per-thread scratch a forward over `batch` sequences of at most `max_len` tokens allocates (an upper bound),

@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "attention.h"
 #include "embeddings.h"
@@ -47,7 +48,28 @@ struct mq_encoder {
     _Atomic size_t scratchpad_seen; /* the oneDNN scratchpad after the last forward: read by mq_encoder_call_bytes
                                        without the lock, while a forward may be running */
     mq_encoder *prev_live, *next_live; /* the list of live encoders (see "fork" below), under live_lock */
+    uint64_t stage_ns[MQ_STAGE_COUNT];  /* mq_encoder_stage_seconds, under the lock */
 };
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+const char *mq_stage_name(int stage) {
+    static const char *const names[MQ_STAGE_COUNT] = {"forward", "embeddings", "layernorm", "attention", "pooling"};
+    return stage >= 0 && stage < MQ_STAGE_COUNT ? names[stage] : "?";
+}
+
+void mq_encoder_stage_seconds(mq_encoder *e, double *out, int reset) {
+    pthread_mutex_lock(&e->lock);
+    for (int s = 0; s < MQ_STAGE_COUNT; s++) {
+        out[s] = (double)e->stage_ns[s] * 1e-9;
+        if (reset) e->stage_ns[s] = 0;
+    }
+    pthread_mutex_unlock(&e->lock);
+}
 
 /* The encoder's own workspace buffers, in one list for sizing and releasing. */
 #define MQ_ENCODER_BUFFERS(e) {&(e)->x, &(e)->qkv, &(e)->ctx, &(e)->tmp, &(e)->ffn, &(e)->deq, &(e)->offsets, &(e)->xq}
@@ -493,8 +515,11 @@ static mq_status show_u8(mq_encoder *e, const mq_pass *p, int64_t l, int produce
 static mq_status layernorm(mq_encoder *e, const mq_pass *p, const float *src, const float *gamma, const float *beta,
                            const mq_u8_input *u) {
     const int q = u && u->on;
-    return mq_layernorm_forward(e->ln, p->T, src, e->x.ptr, gamma, beta, q ? (uint8_t *)e->xq.ptr : NULL,
-                                q ? u->scale : 0.f, q ? u->zp : 0);
+    const uint64_t t0 = now_ns();
+    const mq_status st = mq_layernorm_forward(e->ln, p->T, src, e->x.ptr, gamma, beta,
+                                              q ? (uint8_t *)e->xq.ptr : NULL, q ? u->scale : 0.f, q ? u->zp : 0);
+    e->stage_ns[MQ_STAGE_LAYERNORM] += now_ns() - t0;
+    return st;
 }
 
 /* A site fed by a LayerNorm (QKV, FFN_IN): from the u8 input that LayerNorm wrote into xq (u on), else from x. */
@@ -516,13 +541,16 @@ static mq_status attention_block(mq_encoder *e, const mq_pass *p, int64_t l) {
     const mq_forward_args *a = p->a;
     MQ_TRY(after_layernorm(e, p, l, MQ_SITE_QKV, &L->qkv_q, qkv));
     MQ_TRY(show(p, l, MQ_SITE_QKV, MQ_SITE_OUTPUT, qkv, 3 * H));
+    const uint64_t t0 = now_ns();
+    const mq_status st = mq_attention_forward(e->attn, qkv, L->ctx_q.on ? NULL : ctx, L->ctx_q.on ? (uint8_t *)ctx : NULL,
+                                              L->ctx_q.scale, L->ctx_q.zp, p->off, a->lengths, a->batch);
+    e->stage_ns[MQ_STAGE_ATTENTION] += now_ns() - t0;
+    MQ_TRY(st);
     if (L->ctx_q.on) {
         uint8_t *cq = (uint8_t *)ctx;
-        MQ_TRY(mq_attention_forward(e->attn, qkv, NULL, cq, L->ctx_q.scale, L->ctx_q.zp, p->off, a->lengths, a->batch));
         MQ_TRY(show_u8(e, p, l, -1, MQ_SITE_ATTN_OUT, cq, H, &L->ctx_q));
         MQ_TRY(mq_linear_forward_u8(L->site[MQ_SITE_ATTN_OUT], &e->scratch, cq, T, x, tmp));
     } else {
-        MQ_TRY(mq_attention_forward(e->attn, qkv, ctx, NULL, 0.f, 0, p->off, a->lengths, a->batch));
         MQ_TRY(show_input(e, p, l, MQ_SITE_ATTN_OUT, ctx));
         MQ_TRY(mq_linear_forward(L->site[MQ_SITE_ATTN_OUT], &e->scratch, ctx, T, x, tmp));
     }
@@ -589,7 +617,9 @@ static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
     MQ_TRY(check_inputs(e, a));
     MQ_TRY(reserve_pass(e, a, &p));
     mq_engine_enter(e->eng);
+    const uint64_t t0 = now_ns();
     mq_embeddings_forward(e->emb, a->ids, a->type_ids, a->lengths, a->batch, a->seq, p.off, e->tmp.ptr);
+    e->stage_ns[MQ_STAGE_EMBEDDINGS] += now_ns() - t0;
     MQ_TRY(layernorm(e, &p, e->tmp.ptr, e->emb_gamma, e->emb_beta, &e->layers[0].qkv_q));
     for (int64_t l = 0; l < e->cfg.n_layers; l++) {
         MQ_TRY(attention_block(e, &p, l));
@@ -601,13 +631,18 @@ static mq_status forward_locked(mq_encoder *e, const mq_forward_args *a) {
         return mq_set_error(MQ_ERR_NUMERIC, "forward: the encoder produced non-finite activations (float32 overflow: "
                                             "finite but extreme weights?)");
     if (a->hidden) copy_hidden(e, &p, a->hidden);
-    return mq_pool_rows(e->x.ptr, H, p.off, a->lengths, a->batch, a->pooling, a->normalize, a->pooled);
+    const uint64_t t1 = now_ns();
+    const mq_status st = mq_pool_rows(e->x.ptr, H, p.off, a->lengths, a->batch, a->pooling, a->normalize, a->pooled);
+    e->stage_ns[MQ_STAGE_POOLING] += now_ns() - t1;
+    return st;
 }
 
 mq_status mq_encoder_forward(mq_encoder *e, const mq_forward_args *a) {
     if (!e) return mq_set_error(MQ_ERR_ARG, "encoder is NULL");
     pthread_mutex_lock(&e->lock);
+    const uint64_t t0 = now_ns();
     mq_status st = e->finalized ? forward_locked(e, a) : mq_set_error(MQ_ERR_STATE, "encoder is not finalized");
+    e->stage_ns[MQ_STAGE_FORWARD] += now_ns() - t0;
     atomic_store_explicit(&e->scratchpad_seen, e->scratch.scratchpad.bytes, memory_order_relaxed);
     if (workspace_bytes(e) > e->keep_bytes) release_workspace(e);
     pthread_mutex_unlock(&e->lock);

@@ -1,7 +1,7 @@
 /* encoder.h - a BERT encoder: embeddings + LayerNorm, N transformer layers, pooling; one call runs everything.
  *
  * Tokens are processed packed: the rows of all sequences of a batch are stacked ([T, H], T = sum of lengths), so
- * the linear layers never compute padding; attention runs per sequence (attention.h).
+ * the linear layers never compute padding; attention runs fused per sequence or (sequence, head) (attention.h).
  *
  * Static int8 layers take their input quantization from the producer where one exists: the LayerNorm before QKV
  * and FFN_IN writes their u8 input in the same pass as its f32 output (kept for the residual), FFN_IN writes
@@ -122,5 +122,21 @@ mq_status mq_encoder_check_call(const mq_encoder *enc, const mq_call_shape *shap
 mq_status mq_encoder_set_memory_limits(mq_encoder *enc, size_t max_bytes, size_t keep_bytes);
 /* Bytes the workspace holds now (between calls: what the last call left). */
 size_t mq_encoder_workspace_bytes(mq_encoder *enc);
+
+/* Where the forwards' time went: wall seconds summed over the forwards since the encoder was created or the last
+   reset, for the whole forward (inside the encoder's lock) and for the encoder's own stages inside it. What the
+   stages leave of the forward is the linear layers (with their activation quantization), plus the site hook when
+   one is registered (calibration) and the final checks. */
+typedef enum {
+    MQ_STAGE_FORWARD = 0,
+    MQ_STAGE_EMBEDDINGS, /* gather and sum */
+    MQ_STAGE_LAYERNORM,  /* every LayerNorm, with its fused u8 output */
+    MQ_STAGE_ATTENTION,  /* the fused attention kernel */
+    MQ_STAGE_POOLING,
+    MQ_STAGE_COUNT
+} mq_stage;
+/* out[MQ_STAGE_COUNT]; with reset, the sums start again from zero afterwards. */
+void mq_encoder_stage_seconds(mq_encoder *enc, double *out, int reset);
+const char *mq_stage_name(int stage);
 
 #endif

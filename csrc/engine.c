@@ -1,6 +1,5 @@
 /* engine.c - the oneDNN CPU engine and stream, thread count, primitive creation helpers and runtime facts (engine.h). */
 #include "engine.h"
-#include "vecmath.h"
 
 #include <omp.h>
 #include <pthread.h>
@@ -137,16 +136,4 @@ void mq_runtime_info_get(mq_runtime_info *info) {
     info->cpu_runtime = runtime_name(v->cpu_runtime);
     info->cpu_isa = isa_name(dnnl_get_effective_cpu_isa());
     info->max_threads = omp_get_max_threads();
-}
-
-mq_vec_isa mq_vec_isa_effective(void) {
-    const unsigned isa = (unsigned)dnnl_get_effective_cpu_isa();
-    if ((isa & (unsigned)dnnl_cpu_isa_avx512_core) == (unsigned)dnnl_cpu_isa_avx512_core) return MQ_VEC_AVX512;
-    if ((isa & (unsigned)dnnl_cpu_isa_avx2) == (unsigned)dnnl_cpu_isa_avx2) return MQ_VEC_AVX2;
-    return MQ_VEC_C;
-}
-
-const char *mq_vec_isa_name(mq_vec_isa isa) {
-    static const char *const names[] = {[MQ_VEC_C] = "c", [MQ_VEC_AVX2] = "avx2", [MQ_VEC_AVX512] = "avx512"};
-    return (unsigned)isa <= MQ_VEC_AVX512 ? names[isa] : "?";
 }

@@ -359,6 +359,25 @@ static PyObject *Encoder_workspace_bytes(EncoderObject *self, PyObject *Py_UNUSE
     return PyLong_FromSize_t(n);
 }
 
+/* stage_seconds(reset=False) -> {stage: seconds} (mq_encoder_stage_seconds) */
+static PyObject *Encoder_stage_seconds(EncoderObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &reset)) return NULL;
+    if (!enc_cfg(self)) return NULL;
+    double s[MQ_STAGE_COUNT];
+    Py_BEGIN_ALLOW_THREADS /* waits for a forward running in another thread */
+    mq_encoder_stage_seconds(self->enc, s, reset);
+    Py_END_ALLOW_THREADS
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < MQ_STAGE_COUNT; i++) {
+        PyObject *v = PyFloat_FromDouble(s[i]);
+        if (!v || PyDict_SetItemString(d, mq_stage_name(i), v) < 0) { Py_XDECREF(v); Py_CLEAR(d); break; }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
 static PyObject *Encoder_site_impl(EncoderObject *self, PyObject *args) {
     int layer, site;
     if (!enc_cfg(self) || !PyArg_ParseTuple(args, "ii", &layer, &site)) return NULL;
@@ -407,6 +426,8 @@ static PyMethodDef Encoder_methods[] = {
     {"call_bytes", (PyCFunction)(void (*)(void))Encoder_call_bytes, METH_VARARGS | METH_KEYWORDS,
      "call_bytes(batch, seq, tokens, hidden=False, taps=False, hook=False) -> bytes a forward of that shape allocates"},
     {"workspace_bytes", (PyCFunction)Encoder_workspace_bytes, METH_NOARGS, "bytes the workspace holds now"},
+    {"stage_seconds", (PyCFunction)(void (*)(void))Encoder_stage_seconds, METH_VARARGS | METH_KEYWORDS,
+     "stage_seconds(reset=False) -> {stage: seconds} summed over the forwards since creation or the last reset"},
     {NULL, NULL, 0, NULL}};
 
 static PyType_Slot Encoder_slots[] = {

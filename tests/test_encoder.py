@@ -7,7 +7,6 @@ import torch
 
 import medquant
 import quant_reference as ref
-from kernel_support import SUPPORT
 from tiny_bert import random_texts, write_tiny_bert
 
 torch.set_num_threads(2)
@@ -208,3 +207,22 @@ def test_bf16_attention_matches_a_bf16_rounding_reference(tmp_path):
     tol = 2e-5 * np.abs(want).max()
     assert np.mean(errs[True] <= tol) > 0.99 and errs[True].max() < 4 * tol, float(errs[True].max())
     assert errs[False].max() > 5 * errs[True].max(), "no bf16 rounding is visible"
+
+
+def test_stage_seconds_account_for_the_forward(tmp_path):
+    """stage_seconds: every stage takes time inside the forward, the stages never add up to more than the forward, the
+    sums grow with each call and start again after a reset."""
+    d = write_tiny_bert(tmp_path, hidden=64, layers=2, heads=4, intermediate=128)
+    enc = medquant.Encoder.from_pretrained(d, n_threads=2)
+    enc.stage_seconds(reset=True)
+    texts = random_texts(16, seed=3, max_words=40)
+    enc.encode(texts, batch_size=8, show_progress_bar=False)
+    first = enc.stage_seconds()
+    assert set(first) == {"forward", "embeddings", "layernorm", "attention", "pooling", "linear"}
+    assert all(first[k] > 0 for k in ("forward", "embeddings", "layernorm", "attention", "pooling"))
+    parts = sum(v for k, v in first.items() if k not in ("forward", "linear"))
+    assert parts <= first["forward"] and first["linear"] == pytest.approx(first["forward"] - parts)
+    enc.encode(texts, batch_size=8, show_progress_bar=False)
+    second = enc.stage_seconds(reset=True)
+    assert all(second[k] > first[k] for k in ("forward", "attention", "layernorm"))
+    assert all(v == 0 for v in enc.stage_seconds().values())

@@ -189,11 +189,21 @@ class Encoder:
     def attention_info(self) -> Dict[str, object]:
         """The precision attention computes in (the scheme's ``attention``; bf16 multiplies bf16-rounded Q, K, V and
         probabilities with f32 accumulation, on f32 arithmetic) and the kernel that runs it: medquant's fused
-        attention, ``'medquant:attention_avx2'`` (also on AVX-512 CPUs) or ``'medquant:attention_c'`` (CPUs without
-        AVX2), which give the same bits."""
+        attention, ``'medquant:attention_avx512'``, ``'medquant:attention_avx2'`` or ``'medquant:attention_c'`` (by
+        the ISA oneDNN reports, so ``ONEDNN_MAX_CPU_ISA`` caps it), which give the same bits."""
         precision, kernel = self._core.attention_info()
         names = {v: k for k, v in _storage.ATTENTION_PRECISION.items()}
         return {"precision": names[precision], "kernel": kernel}
+
+    def stage_seconds(self, reset: bool = False) -> Dict[str, float]:
+        """Where the forwards' time went, in wall seconds summed over the forwards since the encoder was made (or the
+        last ``reset=True``): ``forward`` (each whole call into the core), the core's own stages inside it -
+        ``embeddings``, ``layernorm`` (with its fused u8 output), ``attention`` (the fused kernel), ``pooling`` - and
+        ``linear`` = forward minus those stages: the linear layers with their activation quantization (plus the site
+        hooks of a calibration pass). Tokenization and Python are outside ``forward``."""
+        s = self._core.stage_seconds(reset=reset)
+        s["linear"] = max(0.0, s["forward"] - sum(v for k, v in s.items() if k != "forward"))
+        return s
 
     def size_bytes(self) -> int:
         """Bytes the encoder's parameters take in memory (prepacked weights, scales, embeddings)."""
