@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine_info  # noqa: E402
+from common import machine_info, save_results  # noqa: E402
 
 SHAPES = [("minilm", 12, 32), ("bert-base", 12, 64)]
 
@@ -208,12 +208,8 @@ def main(argv=None) -> int:
     res["encoder_rows"] = bench_encoder(args.quick)
     if args.compare:
         res["compare"] = compare(args.compare, args.rounds, args.quick)
-    out_dir = args.out / res["machine"]["slug"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "attention" + ("-quick" if args.quick else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
-    (out_dir / f"{stem}.md").write_text(md)
+    save_results(args.out, res, "attention" + ("-quick" if args.quick else ""), md)
     print(md)
     return 0
 

@@ -5,6 +5,7 @@ for the runtime it measures.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -251,6 +252,15 @@ def machine_info() -> Dict[str, object]:
         "amx": isa["amx_int8"],
         "mem_bytes": mem,
     }
+
+
+def save_results(out_root: Path, res: dict, stem: str, md: str) -> Path:
+    """res as OUT/<machine>/<stem>.json and md as <stem>.md (<machine>: res["machine"]["slug"]); returns the folder."""
+    out_dir = Path(out_root) / res["machine"]["slug"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out_dir / f"{stem}.md").write_text(md)
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------- oneDNN verbose

@@ -20,7 +20,6 @@ Results: OUT/<machine>/weight_only[-quick].{json,md}, <machine> from the CPU mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import THREADS, machine_info  # noqa: E402
+from common import THREADS, machine_info, save_results  # noqa: E402
 
 LAYERS = [  # (name, in, out, epilogue)
     ("minilm-qkv", 384, 1152, "none"),
@@ -153,12 +152,8 @@ def main(argv=None) -> int:
            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "threads": THREADS}
     res["layers"] = bench_layers(ms, reps)
     res["encoder"] = bench_encoder(n_texts, reps, batches)
-    out_dir = args.out / res["machine"]["slug"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "weight_only" + ("-quick" if args.quick else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
-    (out_dir / f"{stem}.md").write_text(md)
+    save_results(args.out, res, "weight_only" + ("-quick" if args.quick else ""), md)
     print(md)
     return 0
 

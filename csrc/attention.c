@@ -252,7 +252,7 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
     }
 }
 
-/* ---- vector paths: attention_kernel.inc once per ISA */
+/* ---- vector paths: attention_kernel.inc once per ISA (it undefines its parameters at its end) */
 
 #define TARGET MQ_TARGET_AVX2
 #define SFX avx2
@@ -277,28 +277,6 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
 #define V_F2I _mm256_castps_si256
 #define V_I2F _mm256_castsi256_ps
 #include "attention_kernel.inc"
-#undef TARGET
-#undef SFX
-#undef VF
-#undef VI
-#undef VW
-#undef NV
-#undef ROWS
-#undef V_LOAD
-#undef V_STORE
-#undef V_SET1
-#undef V_SET1I
-#undef V_ZERO
-#undef V_FMA
-#undef V_MUL
-#undef V_ADD
-#undef V_SUB
-#undef V_MAX
-#undef V_SUBI
-#undef V_ADDI
-#undef V_SLLI
-#undef V_F2I
-#undef V_I2F
 
 #define TARGET MQ_TARGET_AVX512
 #define SFX avx512
@@ -323,28 +301,6 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
 #define V_F2I _mm512_castps_si512
 #define V_I2F _mm512_castsi512_ps
 #include "attention_kernel.inc"
-#undef TARGET
-#undef SFX
-#undef VF
-#undef VI
-#undef VW
-#undef NV
-#undef ROWS
-#undef V_LOAD
-#undef V_STORE
-#undef V_SET1
-#undef V_SET1I
-#undef V_ZERO
-#undef V_FMA
-#undef V_MUL
-#undef V_ADD
-#undef V_SUB
-#undef V_MAX
-#undef V_SUBI
-#undef V_ADDI
-#undef V_SLLI
-#undef V_F2I
-#undef V_I2F
 
 /* ------------------------------------------------------------------ forward */
 

@@ -80,10 +80,12 @@ def test_objective_matches_evaluate(small_objective, minilm, int8, small):
     df = medquant.evaluate([minilm, int8], small, ks=(10,), max_length=MAX_LENGTH, main_metrics=("nDCG@10",),
                            index_kinds=(), measure_disk=False)
     row = df.set_index("scheme").loc["int8-dynamic"]
-    assert r.value == row["nDCG@10"] and r.delta != 0.0
+    # the int8 model differs from fp32 (emb_cosine below); whether that moves nDCG@10 on 30 queries depends on the
+    # kernels' rounding (it did not on the AVX2 EPYC with the fused attention), so the delta may be 0 and p NaN
+    assert r.value == row["nDCG@10"]
     assert small_objective.reference_result.value == df.set_index("scheme").loc["fp32", "nDCG@10"]
-    assert (r.delta, r.ci_low, r.ci_high, r.p_value) == (row["nDCG@10_delta"], row["nDCG@10_ci_low"],
-                                                          row["nDCG@10_ci_high"], row["nDCG@10_p"])
+    np.testing.assert_equal((r.delta, r.ci_low, r.ci_high, r.p_value),
+                            (row["nDCG@10_delta"], row["nDCG@10_ci_low"], row["nDCG@10_ci_high"], row["nDCG@10_p"]))
     assert r.emb_cosine_mean == pytest.approx(row["emb_cosine"], abs=1e-6)
     pd.testing.assert_frame_equal(r.per_query, df.attrs["per_query"]["int8-dynamic"])
     assert r.relative_loss == pytest.approx(-r.delta / r.reference)
