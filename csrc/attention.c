@@ -195,12 +195,11 @@ static void stage_heads(const mq_attn_job *job, int64_t offset, int64_t len, int
     }
 }
 
-/* The softmax's sum: 16 partial sums (element j into partial j % 16, in order of j), added as mq_v16_sum does. */
+/* The softmax's sum: 16 partial sums (element j into partial j % 16, in order of j), added by mq_v16_sum. */
 static MQ_INLINE float sum16(const float *part) {
-    float h[8], q[4];
-    for (int i = 0; i < 8; i++) h[i] = part[i] + part[i + 8];
-    for (int i = 0; i < 4; i++) q[i] = h[i] + h[i + 4];
-    return (q[0] + q[2]) + (q[1] + q[3]);
+    mq_v16 a;
+    memcpy(&a, part, sizeof a);
+    return mq_v16_sum(&a);
 }
 
 /* Row `row` of the packed output, head h, from the d context values at src. */

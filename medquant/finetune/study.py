@@ -196,12 +196,13 @@ def _table(labels: List[str], pq: Dict[str, pd.DataFrame], schemes: List[str], t
     """The study's table from the per-query metrics ``pq`` of the evaluated systems ``labels``; ``seed_runs``:
     per scheme the labels of its quantization-aware runs, averaged per query into one more row (added to pq)."""
     m = "nDCG@10"
+    seed_runs = seed_runs or {}
     rows = {}
     unseen = None
     if exclude_sources and test.metadata is not None:
         unseen = [q for q in test.metadata.index[test.metadata["source"].isin(list(exclude_sources))]]
     labels = list(labels)
-    for s, runs in (seed_runs or {}).items():
+    for s, runs in seed_runs.items():
         mean = seed_mean_label(s, len(runs))
         pq[mean] = sum(pq[r][list(METRICS)] for r in runs) / len(runs)
         labels.insert(labels.index(runs[-1]) + 1, mean)
@@ -221,8 +222,8 @@ def _table(labels: List[str], pq: Dict[str, pd.DataFrame], schemes: List[str], t
     for s in schemes:  # the fraction of the post-training gap after fine-tuning that QAT closed
         ptq = f"fine-tuned + {s}"
         gap = table.loc["fine-tuned fp32", m] - table.loc[ptq, m]
-        runs = (seed_runs or {}).get(s, [f"QAT + {s}"])
-        for qat in runs + ([seed_mean_label(s, len(runs))] if s in (seed_runs or {}) else []):
+        runs = seed_runs.get(s, [f"QAT + {s}"])
+        for qat in runs + ([seed_mean_label(s, len(runs))] if s in seed_runs else []):
             table.loc[qat, "gap_closed"] = (table.loc[qat, m] - table.loc[ptq, m]) / gap if gap > 0 else np.nan
     table.attrs["n_queries"] = len(test.queries)
     table.attrs["unseen_queries"] = len(unseen) if unseen else 0
