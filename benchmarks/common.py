@@ -214,10 +214,20 @@ def _int_or_none(text: Optional[str]) -> Optional[int]:
         return None
 
 
-def machine_slug(cpu_model: str) -> str:
-    """Directory name for a machine's results: the CPU model with every run of other characters as one '-' (the
-    rule distributed_encode.py uses, e.g. 'AMD EPYC' -> 'AMD-EPYC')."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", cpu_model).strip("-") or "unknown-cpu"
+def isa_tier(isa: Dict[str, bool]) -> str:
+    """The vector ISA class that decides medquant's kernels: amx, avx512 (VNNI / BF16 or not), avx2, or baseline."""
+    if isa.get("amx_int8"):
+        return "amx"
+    if isa.get("avx512f"):
+        return "avx512"
+    return "avx2" if isa.get("avx2") else "baseline"
+
+
+def machine_slug(cpu_model: str, isa: Dict[str, bool]) -> str:
+    """Directory name for a machine's results: the CPU model with every run of other characters as one '-', then its
+    ISA tier ('AMD EPYC' with AVX-512 -> 'AMD-EPYC-avx512'): one model name covers CPUs of different generations
+    (the AVX2 and the AVX-512 EPYCs here both report 'AMD EPYC'), whose results must not share a folder."""
+    return (re.sub(r"[^A-Za-z0-9]+", "-", cpu_model).strip("-") or "unknown-cpu") + "-" + isa_tier(isa)
 
 
 def machine_info() -> Dict[str, object]:
@@ -234,7 +244,7 @@ def machine_info() -> Dict[str, object]:
     max_mhz = _cpufreq_mhz("cpuinfo_max_freq") or (float(ls["CPU max MHz"]) if ls.get("CPU max MHz") else None)
     return {
         "cpu_model": model,
-        "slug": machine_slug(model),
+        "slug": machine_slug(model, isa),
         "vendor": ls.get("Vendor ID"),
         "family_model_stepping": "/".join(ls.get(k, "?") for k in ("CPU family", "Model", "Stepping")),
         "hypervisor": ls.get("Hypervisor vendor"),

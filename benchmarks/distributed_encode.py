@@ -10,18 +10,21 @@ one process, Dask 2x1, Dask 1x2, one process again (the two single-process runs 
 Every Dask run's shards are checked bit for bit against the single-process embeddings. Cluster start-up is
 timed separately; a Dask run's time is encode_corpus's wall time (scheduling, each worker's model load, encoding,
 shard writes). Writes ``results.json`` and ``results.md`` under ``--out`` (default
-``benchmarks/results/distributed/<cpu model>``). Takes about 10 minutes for 20,000 texts on 2 cores.
+``benchmarks/results/distributed/<machine>``, <machine> as in common.machine_slug). Takes about 10 minutes for 20,000 texts on 2 cores.
 """
 import argparse
 import json
-import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info as bench_machine_info  # noqa: E402
 
 PUBMED_ABSTRACTS = 36_000_000  # PubMed's size as the issue states it ("about 36 million abstracts")
 
@@ -88,8 +91,7 @@ def main():
     from medquant.eval.runinfo import load_average, machine_info
 
     info = machine_info()
-    out = args.out or Path(__file__).parent / "results" / "distributed" / re.sub(r"[^A-Za-z0-9]+", "-",
-                                                                                  info["cpu_model"]).strip("-")
+    out = args.out or Path(__file__).parent / "results" / "distributed" / bench_machine_info()["slug"]
     out.mkdir(parents=True, exist_ok=True)
     df = passages(args.texts, args.seed)
     texts = df["text"].tolist()

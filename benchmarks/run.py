@@ -40,7 +40,7 @@ Workloads
 
 The models and texts are built once into --workdir (default ~/.cache/medquant-bench) by prepare.py and reused.
 Results are kept per machine: benchmarks/results/<machine>/benchmark[-quick].{json,md}, <machine> = the CPU model name
-with every run of other characters as '-' (e.g. AMD-EPYC, as benchmarks/results/distributed/ does); the Machine
+with every run of other characters as '-', then the ISA tier (common.machine_slug, e.g. AMD-EPYC-avx512); the Machine
 section records the CPU model, clocks, topology and the ISA flags that decide the kernels.
 """
 from __future__ import annotations
@@ -638,7 +638,7 @@ def parse_args(argv):
                     default=Path(os.environ.get("MEDQUANT_BENCH_CACHE", Path.home() / ".cache" / "medquant-bench")),
                     help="where prepared models and texts are cached")
     ap.add_argument("--out", type=Path, default=HERE / "results",
-                    help="results go to OUT/<machine>/ (<machine> from the CPU model name, e.g. AMD-EPYC)")
+                    help="results go to OUT/<machine>/ (<machine>: CPU model and ISA tier, e.g. AMD-EPYC-avx512)")
     return ap.parse_args(argv)
 
 

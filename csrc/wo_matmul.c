@@ -90,22 +90,46 @@ static inline size_t bytes_per_k(wo_src src) { return src == SRC_S4 ? NR / 2 : N
 
 /* ------------------------------------------------------------------ epilogue */
 
-MQ_HOT void mq_gelu_erf_inplace(float *v, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        const float x = v[i];
-        const float z = x * 0.70710678118654752f;
-        const float az = fabsf(z);
-        const float t = 1.f / (1.f + 0.3275911f * az);
-        const float poly =
-            ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-        const float erf_abs = 1.f - poly * mq_exp_neg(az * az);
-        v[i] = 0.5f * x * (1.f + (z < 0.f ? -erf_abs : erf_abs));
-    }
+/* GELU-erf of one value; every ISA's loop below inlines it, so the same operations vectorize at each width (no
+   fused multiply-adds: -std=c11 keeps contraction off), and give the same bits. */
+static MQ_INLINE float gelu_erf_one(float x) {
+    const float z = x * 0.70710678118654752f;
+    const float az = fabsf(z);
+    const float t = 1.f / (1.f + 0.3275911f * az);
+    const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+    const float erf_abs = 1.f - poly * mq_exp_neg(az * az);
+    return 0.5f * x * (1.f + (z < 0.f ? -erf_abs : erf_abs));
 }
 
-/* The finish of a tile from its sums in `tile` (the AVX2 and portable paths; AVX-512 does the same from registers). */
-MQ_HOT static void finish_tile(const float *tile, int mr, const wo_out *o) {
+MQ_HOT void mq_gelu_erf_inplace(float *v, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) v[i] = gelu_erf_one(v[i]);
+}
+
+/* The same loop for AVX-512 (the baseline build's runs 4 lanes wide with SSE); GCC vectorizes it with masked selects.
+   Not for AVX2: there GCC branches around the exp's clamp and leaves the loop scalar, hence gelu_v8. */
+static AVX512 void gelu_avx512(float *v, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) v[i] = gelu_erf_one(v[i]);
+}
+
+/* gelu_erf_one on 8 lanes in place, operation for operation (the same bits). */
+static AI AVX2 void gelu_v8(mq_v8 *v) {
+    const mq_v8 zero = {0}, x = *v;
+    const mq_v8 z = x * 0.70710678118654752f;
+    const mq_v8 az = (mq_v8)((mq_v8i)z & 0x7fffffff);
+    const mq_v8 t = 1.f / (1.f + 0.3275911f * az);
+    const mq_v8 poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+    mq_v8 e = az * az;
+    mq_exp_neg_v8(&e);
+    const mq_v8 erf_abs = 1.f - poly * e;
+    const mq_v8i neg = z < zero;
+    const mq_v8 erf = (mq_v8)(((mq_v8i)erf_abs & ~neg) | ((mq_v8i)(-erf_abs) & neg));
+    *v = 0.5f * x * (1.f + erf);
+}
+
+/* The finish of a tile from its sums in `tile` (the portable path; AVX-512 and AVX2 do the same from registers). */
+static void finish_tile(const float *tile, int mr, const wo_out *o) {
     for (int r = 0; r < mr; r++) {
         const float *t = tile + r * NR, *res = o->res ? o->res + r * o->ldy : NULL;
         float *y = o->y + r * o->ldy;
@@ -204,7 +228,7 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_
             _mm512_mask_storeu_ps(o->y + r * o->ldy + 16 * h, m[h], v);
         }
     if (o->epi == MQ_EPI_GELU)
-        for (int r = 0; r < mr; r++) mq_gelu_erf_inplace(o->y + r * o->ldy, o->ncols);
+        for (int r = 0; r < mr; r++) gelu_avx512(o->y + r * o->ldy, o->ncols);
 }
 
 #define TILE_CASE(isa, n)                                                                                              \
@@ -260,6 +284,38 @@ static AI AVX2 void cvt_avx2(wo_src src, const uint8_t *q, const __m256 s[4], __
     for (int j = 0; j < 4; j++) b[j] = src == SRC_S4 ? _mm256_mul_ps(_mm256_cvtepi32_ps(i[j]), s[j]) : _mm256_cvtepi32_ps(i[j]);
 }
 
+/* 8 floats at p, of which the first n are read (n < 8: masked; the rest zero). */
+static AI AVX2 __m256 load_avx2(const float *p, int n, __m256i mask) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
+}
+
+/* finish_tile from the accumulators [mr][4 x 8 columns], GELU in registers (reading back the row just stored would
+   stall on store forwarding). */
+static AI AVX2 void finish_avx2(const __m256 acc[][4], int mr, const wo_out *o) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j = 0; j < 4 && 8 * j < o->ncols; j++) {
+        const int n = o->ncols - 8 * j;
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes);
+        const __m256 cs = o->colscale ? load_avx2(o->colscale + 8 * j, n, mask) : _mm256_setzero_ps();
+        const __m256 b = o->bias ? load_avx2(o->bias + 8 * j, n, mask) : _mm256_setzero_ps();
+        for (int r = 0; r < mr; r++) {
+            __m256 v = acc[r][j];
+            if (o->colscale) v = _mm256_mul_ps(v, cs);
+            if (o->bias) v = _mm256_add_ps(v, b);
+            if (o->res) v = _mm256_add_ps(v, load_avx2(o->res + r * o->ldy + 8 * j, n, mask));
+            if (o->epi == MQ_EPI_GELU) {
+                mq_v8 g = (mq_v8)v;
+                gelu_v8(&g);
+                v = (__m256)g;
+            }
+            if (n >= 8)
+                _mm256_storeu_ps(o->y + r * o->ldy + 8 * j, v);
+            else
+                _mm256_maskstore_ps(o->y + r * o->ldy + 8 * j, mask, v);
+        }
+    }
+}
+
 static AI AVX2 void tile_avx2_n(const int mr, const wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp,
                                 const float *a, const wo_out *o) {
     const int64_t group = src == SRC_F32 ? sp->k1 - sp->k0 : w->group;
@@ -284,10 +340,11 @@ static AI AVX2 void tile_avx2_n(const int mr, const wo_src src, const mq_wo_matr
             }
         }
     }
-    float tile[MR_AVX2 * NR];
-    for (int r = 0; r < mr; r++)
-        for (int j = 0; j < 4; j++) _mm256_storeu_ps((o ? tile : sp->part) + r * NR + 8 * j, acc[r][j]);
-    if (o) finish_tile(tile, mr, o);
+    if (o)
+        finish_avx2(acc, mr, o);
+    else
+        for (int r = 0; r < mr; r++)
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(sp->part + r * NR + 8 * j, acc[r][j]);
 }
 
 static AVX2 void tile_avx2(int mr, wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp, const float *a,

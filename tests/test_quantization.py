@@ -243,13 +243,19 @@ def test_weight_only_kernel_against_float64():
 def test_weight_only_gelu_is_accurate_everywhere():
     """The kernel's own GELU-erf (no libm, vectorized) against float64 on [-12, 12] and at the edges."""
     v = np.concatenate([np.linspace(-12, 12, 48001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e30, -1e30]])
-    v = v.astype(np.float32)
+    v = np.concatenate([v, np.zeros(-len(v) % 32)]).astype(np.float32)
+    # y = x through a 32 x 32 identity: every column of a 32-wide panel (the vector GELU's lanes), and 1 column of 1
+    # (its scalar tail)
+    eye = _core.Linear(_core.LINEAR_W8, np.eye(32, dtype=np.int8), np.ones(32, np.float32), epilogue=_core.EPI_GELU)
     one = _core.Linear(_core.LINEAR_W8, np.ones((1, 1), np.int8), np.ones(1, np.float32), epilogue=_core.EPI_GELU)
-    got = one.forward(v[:, None])[:, 0]
     want = _gelu64(v.astype(np.float64))
-    err = np.abs(got - want)
-    assert np.all(err <= 4e-7 * np.maximum(1.0, np.abs(want))), float((err / np.maximum(1.0, np.abs(want))).max())
-    assert np.isnan(one.forward(np.full((1, 1), np.nan, np.float32))).all()
+    for got in (eye.forward(v.reshape(-1, 32)).ravel(), one.forward(v[:, None])[:, 0]):
+        err = np.abs(got - want)
+        assert np.all(err <= 4e-7 * np.maximum(1.0, np.abs(want))), float((err / np.maximum(1.0, np.abs(want))).max())
+    np.testing.assert_array_equal(eye.forward(v.reshape(-1, 32)).ravel().view(np.uint32),
+                                  one.forward(v[:, None])[:, 0].view(np.uint32))
+    for lin, shape in ((eye, (3, 32)), (one, (1, 1))):
+        assert np.isnan(lin.forward(np.full(shape, np.nan, np.float32))).all()
 
 
 def test_weight_only_bits_do_not_depend_on_isa_or_threads():
