@@ -7,7 +7,8 @@ Target (issue: speed vs OpenVINO): w8 / w4 weight-only never slower than fp32 at
 1. Layers: medquant's Linear (the C core's layer) at the shapes of all-MiniLM-L6-v2 (QKV 384->1152, FFN in
    384->1536 with GELU, FFN out 1536->384 with the residual add) and BERT-base's FFN (768->3072, 3072->768), for
    M = 1 .. 4096 rows. Random weights (a speed test), quantized by medquant (s8 per channel; int4 groups of 32).
-   fp32 is oneDNN's prepacked f32 matmul; w8 / w4 are medquant's weight-only kernels (csrc/wo_matmul.h). Systems
+   fp32 is the f32 Linear: oneDNN's prepacked f32 matmul, or below avx512_core (where oneDNN's rows vary) medquant's
+   panel matmul on f32 panels; w8 / w4 are medquant's weight-only kernels (csrc/wo_matmul.h). Systems
    are interleaved within each repetition (machine load hits all alike); the median over repetitions is reported.
    Note that the layer repeats on the same weights, so fp32's 1.8-9.4 MB matrix sits in cache here: in a model
    (MiniLM's six layers hold 42 MB of f32 weights) small-M fp32 reads them from memory.

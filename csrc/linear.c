@@ -33,7 +33,8 @@ struct mq_linear {
     mq_linear_spec spec;
     dnnl_memory_desc_t w_md; /* prepacked weights as the primitives take them */
     dnnl_memory_t w_mem;     /* prepacked weights (owns its buffer) */
-    mq_wo_matrix *wo;        /* weight-only kinds: the quantized weights in panels (wo_matmul.h), no oneDNN matmul */
+    mq_wo_matrix *wo;        /* the weights in medquant's panels (wo_matmul.h), no oneDNN matmul: weight-only kinds,
+                                and layers computed in f32 where oneDNN's rows vary (uses_panels) */
     float *w_scales;
     int64_t n_wscales;
     float *bias;
@@ -353,9 +354,17 @@ static mq_status choose_weight_layout(mq_linear *l) {
     return st;
 }
 
+/* Whether the layer runs on medquant's panel matmul instead of oneDNN's: weight-only kinds, and layers computed in f32
+   (F32, emulated INT8 / BF16) where oneDNN's rows vary (there a row's bits would depend on the call's row count, so
+   oneDNN ran uniform 64-row pieces: a one-row call cost 64 rows; the panel kernel's rows never vary). */
+static int uses_panels(const mq_linear *l) {
+    return traits(l)->weight_only || (l->uniform && (l->emulated || l->spec.kind == MQ_LINEAR_F32));
+}
+
 /* Prepacks the user's weights; an emulated layer prepacks, as f32, exactly the values the native kernel would
-   multiply (the kind's widen function). */
+   multiply (the kind's widen function). Layers on the panel matmul store them there instead. */
 static mq_status weights_prepacked(mq_linear *l, const void *weight) {
+    if (uses_panels(l)) return weights_stored(l, weight);
     MQ_TRY(choose_weight_layout(l));
     if (!l->emulated)
         return prepack(l, weight, traits(l)->weight_format == MQ_WEIGHTS_S8 ? dnnl_s8 : dnnl_f32);
@@ -367,16 +376,27 @@ static mq_status weights_prepacked(mq_linear *l, const void *weight) {
     return st;
 }
 
-/* Weight-only: keeps the quantized weights, in the panels of the weight-only matmul (which holds its own copy of the
-   scales); no oneDNN matmul. */
+/* The panel matmul's copy of the weights (which holds its own copy of the scales): quantized as they are (S8 also for
+   emulated INT8, whose f32 inputs are the integers q - zero point), f32 as they are, and for emulated BF16 the
+   bf16-rounded values; no oneDNN matmul. */
 static mq_status weights_stored(mq_linear *l, const void *weight) {
-    const mq_wo_layout lay = {traits(l)->weight_format == MQ_WEIGHTS_S8 ? MQ_WO_S8 : MQ_WO_S4, l->K, l->N,
-                              l->spec.w_per_channel, l->spec.group_size};
-    MQ_TRY(mq_wo_matrix_create(&l->wo, &lay, weight, l->w_scales));
+    const mq_weight_format f = traits(l)->weight_format;
+    const mq_wo_layout lay = {f == MQ_WEIGHTS_S8 ? MQ_WO_S8 : f == MQ_WEIGHTS_S4_PACKED ? MQ_WO_S4 : MQ_WO_F32, l->K,
+                              l->N, l->spec.w_per_channel, l->spec.group_size};
+    float *widened = NULL;
+    if (lay.format == MQ_WO_F32 && l->emulated) {
+        widened = mq_alloc((size_t)l->N * (size_t)l->K, sizeof(float));
+        if (!widened) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the weights");
+        l->kind->widen(l, weight, widened);
+        weight = widened;
+    }
+    const mq_status st = mq_wo_matrix_create(&l->wo, &lay, weight, l->w_scales);
+    mq_free(widened);
+    MQ_TRY(st);
     mq_free(l->w_scales);
     l->w_scales = NULL;
     l->n_wscales = 0;
-    snprintf(l->impl, sizeof l->impl, "%s", mq_wo_matrix_impl(l->wo));
+    snprintf(l->impl, sizeof l->impl, "%s%s", mq_wo_matrix_impl(l->wo), l->emulated ? " (emulated in f32)" : "");
     return MQ_OK;
 }
 
@@ -429,14 +449,16 @@ static mq_status take_vectors(mq_linear *l, const mq_linear_weights *w) {
 
 /* Memories of the attribute arguments; their handles point into this struct and its arrays. */
 static mq_status attr_memories(mq_linear *l) {
-    if (traits(l)->weight_only) return MQ_OK; /* no oneDNN matmul */
+    if (traits(l)->quantized_input) {
+        l->src_scale = l->spec.act_scale;
+        l->src_zp = l->spec.act_symmetric ? 128 : l->spec.act_zero_point;
+    }
+    if (l->wo) return MQ_OK; /* no oneDNN matmul */
     if (l->bias) MQ_TRY(make_mem(per_token(l) ? &l->bias_po_mem : &l->bias_mem, l, 1, l->N, dnnl_f32, l->bias));
     if (!traits(l)->quantized_input) return MQ_OK;
     MQ_TRY(vector_mem(&l->w_scale_mem, l, l->n_wscales, dnnl_f32, l->w_scales));
     MQ_TRY(vector_mem(&l->src_scale_mem, l, 1, dnnl_f32, &l->src_scale));
     MQ_TRY(vector_mem(&l->zp_mem, l, 1, dnnl_s32, &l->src_zp));
-    l->src_scale = l->spec.act_scale;
-    l->src_zp = l->spec.act_symmetric ? 128 : l->spec.act_zero_point;
     return MQ_OK;
 }
 
@@ -637,10 +659,13 @@ static mq_status execute_piece(mq_linear *l, mq_linear_scratch *s, mq_lin_prim *
    the whole call shares (the weight-only dequantization, the input conversion and its scales) is done once, before. */
 static mq_status execute(mq_linear *l, mq_linear_scratch *s, const void *src, int64_t M, const float *residual,
                          void *y) {
-    if (traits(l)->weight_only) {
+    if (l->wo) { /* the panel matmul: INT8's scales (input's, or per row, times the weights' per column) are its output's */
         const int nthr = mq_engine_threads(l->eng);
+        const int q = traits(l)->quantized_input;
+        const mq_wo_output out = {q && !per_token(l) ? l->src_scale : 1.f, q && per_token(l) ? s->row_scale.ptr : NULL,
+                                  l->bias, l->spec.epilogue, residual};
         MQ_TRY(mq_buffer_reserve(&s->wo_panels, mq_wo_scratch_floats(l->N, nthr), sizeof(float)));
-        return mq_wo_matmul(l->wo, src, M, l->bias, l->spec.epilogue, residual, y, s->wo_panels.ptr, nthr);
+        return mq_wo_matmul(l->wo, src, M, &out, y, s->wo_panels.ptr, nthr);
     }
     size_t scratch_bytes = 1;
     for (int64_t off = 0, n; off < M; off += n) {

@@ -11,18 +11,23 @@
  *           DYNAMIC_TOKEN  one symmetric scale per row (token), applied as a per-row multiply post-op
  *           STATIC         scale and zero point fixed by calibration
  *   W8    weight-only: s8 weights (per tensor or per output channel) with f32 activations, on medquant's own
- *         weight-only matmul (wo_matmul.h: weights dequantized in registers or one panel slice at a time, never a
- *         whole matrix; oneDNN 3.2 has no weight decompression); no oneDNN matmul, no row plan
+ *         panel matmul (wo_matmul.h: weights dequantized in registers or one panel slice at a time, never a whole
+ *         matrix; oneDNN 3.2 has no weight decompression); no oneDNN matmul, no row plan
  *   W4    weight-only: int4 weights with group-wise scales, on the same weight-only matmul
  * Emulation on CPUs without the kernels (decided at creation; the numbers stay those of the scheme):
  *   INT8  oneDNN's int8 kernels without VNNI/AMX add pairs of u8*s8 products in saturating 16-bit arithmetic
  *         (vpmaddubsw), which a check run once per engine detects; an int8 layer there runs an f32 matmul on the
- *         same integers, s8 weights and (q - zero point) activations, with the same scales as attributes: the same
- *         quantization, the same results up to f32 summation order.
+ *         same integers, s8 weights and (q - zero point) activations, with the same scales: the same quantization,
+ *         the same results up to f32 summation order.
  *   BF16  no bf16 matmul on this CPU (oneDNN 3.2 needs avx512_core): an f32 matmul on bf16-rounded operands.
- *   Emulated layers run at f32 speed, hold f32 weights and take no u8 output (mq_linear_set_output_u8).
- * Epilogues (bias, GELU-erf, residual add) are matmul post-ops (weight-only: applied by its kernel); all scratch comes
- * from the caller's mq_linear_scratch.
+ *   Emulated layers run at f32 speed and take no u8 output (mq_linear_set_output_u8).
+ * Where oneDNN's rows vary (below avx512_core, mq_engine_rows_vary: its kernels round a row differently by the call's
+ * row count), every layer computed in f32 - F32, and the emulated INT8 / BF16 - runs on the panel matmul of the
+ * weight-only kinds instead (wo_matmul.h: emulated INT8 keeps its s8 weights there, the input's and the weights'
+ * scales applied to each sum; BF16 its bf16-rounded weights as f32), whose rows never vary: no row plan, a one-row
+ * call computes one row. Elsewhere emulated layers are oneDNN f32 matmuls holding f32 weights (scales as attributes).
+ * Epilogues (bias, GELU-erf, residual add) are matmul post-ops (on the panel matmul: applied by its kernel); all
+ * scratch comes from the caller's mq_linear_scratch.
  *
  * Row plan: a call computes exactly its M rows, never padding. oneDNN primitives have fixed shapes (runtime dims,
  * DNNL_RUNTIME_DIM_VAL, fall back from brgemm to a ~2x slower gemm:jit) and cost JIT time to create, so a call runs
@@ -33,9 +38,10 @@
  * the whole call (dynamic scale and zero point, input quantization or bf16 conversion, weight-only dequantization)
  * is done once before the pieces, so a row's result depends on the other rows of the call only through the scheme
  * itself (the per-call dynamic scale). Where oneDNN's kernels round a row differently by row count or position
- * (below avx512_core, mq_engine_rows_vary), the plan is uniform instead: pieces of MQ_ROW_UNIT (64) rows, the last
- * one zero-padded, so results do not depend on the batch there either. The weights are prepacked once in the layout oneDNN picks for a
- * MQ_ROW_CHUNK-row matmul, and every piece's primitive is created for that layout (not format any).
+ * (below avx512_core, mq_engine_rows_vary) and a oneDNN matmul still runs (native INT8 on AVX-VNNI CPUs), the plan is
+ * uniform instead: pieces of MQ_ROW_UNIT (64) rows, the last one zero-padded, so results do not depend on the batch
+ * there either. The weights are prepacked once in the layout oneDNN picks for a MQ_ROW_CHUNK-row matmul, and every
+ * piece's primitive is created for that layout (not format any).
  */
 #ifndef MQ_LINEAR_H
 #define MQ_LINEAR_H

@@ -12,6 +12,7 @@
 #include "linear.h"
 #include "observer.h"
 #include "qparams.h"
+#include "wo_matmul.h"
 
 static PyObject *py_runtime_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
     mq_runtime_info info;
@@ -192,6 +193,53 @@ static PyObject *py_attention(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     return ctx;
 }
 
+/* panel_matmul(w, x, scales=None, alpha=1.0, row_scale=None, bias=None, epilogue=EPI_NONE, residual=None,
+   n_threads=1) -> y [M, N] f32: medquant's panel matmul (wo_matmul.h) alone, for tests and benchmarks, on any CPU
+   (Linear uses it only for some kinds on some CPUs): w f32 [N, K] (F32 panels) or int8 [N, K] with per-column
+   scales [N] (S8); x f32 [M, K]; row_scale [M], bias [N], residual [M, N] as in mq_wo_output. */
+static PyObject *py_panel_matmul(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"w", "x", "scales", "alpha", "row_scale", "bias", "epilogue", "residual", "n_threads", NULL};
+    PyObject *wo, *xo, *so = Py_None, *ro = Py_None, *bo = Py_None, *reso = Py_None;
+    float alpha = 1.f;
+    int epi = MQ_EPI_NONE, nthr = 1, ok = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OfOOiOi", kw, &wo, &xo, &so, &alpha, &ro, &bo, &epi, &reso, &nthr))
+        return NULL;
+    const int s8 = PyArray_Check(wo) && PyArray_TYPE((PyArrayObject *)wo) == NPY_INT8;
+    PyArrayObject *w = mq_py_array(wo, s8 ? NPY_INT8 : NPY_FLOAT32, 2, NULL, "w");
+    if (!w) return NULL;
+    const npy_intp N = PyArray_DIM(w, 0), K = PyArray_DIM(w, 1), xd[2] = {-1, K};
+    PyArrayObject *x = mq_py_array(xo, NPY_FLOAT32, 2, xd, "x");
+    if (!x) return NULL;
+    const npy_intp M = PyArray_DIM(x, 0), nd[1] = {N}, md[1] = {M}, yd[2] = {M, N};
+    PyArrayObject *sc = mq_py_opt_array(so, NPY_FLOAT32, 1, nd, "scales", &ok);
+    PyArrayObject *rs = ok ? mq_py_opt_array(ro, NPY_FLOAT32, 1, md, "row_scale", &ok) : NULL;
+    PyArrayObject *b = ok ? mq_py_opt_array(bo, NPY_FLOAT32, 1, nd, "bias", &ok) : NULL;
+    PyArrayObject *res = ok ? mq_py_opt_array(reso, NPY_FLOAT32, 2, yd, "residual", &ok) : NULL;
+    if (!ok) return NULL;
+    if (s8 != (sc != NULL)) return PyErr_Format(PyExc_ValueError, "panel_matmul: scales go with int8 weights, only");
+    if (epi < 0 || epi >= MQ_EPI_COUNT || (epi == MQ_EPI_RESIDUAL) != (res != NULL))
+        return PyErr_Format(PyExc_ValueError, "panel_matmul: epilogue %d and residual do not match", epi);
+    if (nthr < 1 || M < 1) return PyErr_Format(PyExc_ValueError, "panel_matmul: need rows and n_threads >= 1");
+    PyObject *y = PyArray_ZEROS(2, yd, NPY_FLOAT32, 0);
+    if (!y) return NULL;
+    const mq_wo_layout lay = {s8 ? MQ_WO_S8 : MQ_WO_F32, K, N, 1, 0};
+    const mq_wo_output out = {alpha, rs ? PyArray_DATA(rs) : NULL, b ? PyArray_DATA(b) : NULL, (mq_epilogue)epi,
+                              res ? PyArray_DATA(res) : NULL};
+    mq_wo_matrix *mat = NULL;
+    float *scratch = NULL;
+    mq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = mq_wo_matrix_create(&mat, &lay, PyArray_DATA(w), sc ? PyArray_DATA(sc) : NULL);
+    if (st == MQ_OK && !(scratch = mq_alloc(mq_wo_scratch_floats(N, nthr), sizeof(float))))
+        st = mq_set_error(MQ_ERR_NOMEM, "panel_matmul: out of memory for the scratch");
+    if (st == MQ_OK) st = mq_wo_matmul(mat, PyArray_DATA(x), M, &out, PyArray_DATA((PyArrayObject *)y), scratch, nthr);
+    mq_free(scratch);
+    mq_wo_matrix_destroy(mat);
+    Py_END_ALLOW_THREADS
+    if (st != MQ_OK) { Py_DECREF(y); return mq_py_raise(st); }
+    return y;
+}
+
 static PyMethodDef module_methods[] = {
     {"runtime_info", py_runtime_info, METH_NOARGS, "oneDNN version, threading runtime, effective ISA, threads"},
     {"kernel_support", py_kernel_support, METH_NOARGS,
@@ -205,6 +253,9 @@ static PyMethodDef module_methods[] = {
      "(table f32[R,C], scales=None) -> (q i8[R,C], row scales): scales chosen, or given and rounded with"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_VARARGS | METH_KEYWORDS,
      "attention(qkv, lengths, n_heads, bf16=False, n_threads=1) -> context: the encoder's attention kernel alone"},
+    {"panel_matmul", (PyCFunction)(void (*)(void))py_panel_matmul, METH_VARARGS | METH_KEYWORDS,
+     "panel_matmul(w, x, scales=None, alpha=1.0, row_scale=None, bias=None, epilogue=EPI_NONE, residual=None, "
+     "n_threads=1) -> y: medquant's panel matmul alone (f32 or int8 weights)"},
     {"qparams", py_qparams, METH_VARARGS, "(lo, hi, symmetric) -> (scale, zero_point) of the u8 activation grid"},
     {NULL, NULL, 0, NULL}};
 

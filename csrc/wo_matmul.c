@@ -1,8 +1,9 @@
 /* wo_matmul.c - the weight-only matmul (wo_matmul.h).
  *
  * Storage: panel p holds output columns [32 p, 32 p + 32), k-major: S8 as 32 int8 per k; S4 as 16 bytes per k, byte j
- * holding column j (low nibble) and column j + 16 (high nibble); scales as [panel][scale row][32] (one scale row for
- * S8, K / group_size for S4). Columns past N are zero weights with zero scales.
+ * holding column j (low nibble) and column j + 16 (high nibble); F32 as 32 floats per k; scales as [panel][scale
+ * row][32] (one scale row for S8, K / group_size for S4, none for F32). Columns past N are zero weights with zero
+ * scales.
  *
  * Kernels: a tile is mr rows x 32 columns, accumulated in registers over k (AVX-512: up to 12 rows x 2 zmm; AVX2:
  * up to 3 rows x 4 ymm; portable C: up to 4 rows with fmaf), its B operand read from an f32 slice buffer or converted
@@ -52,10 +53,11 @@ typedef struct {
     float *part;
 } wo_span;
 
-/* Where a finished tile goes, every pointer at the tile's first row and column: y = acc (* colscale, S8) (+ bias),
-   then + residual or GELU; ncols valid columns of the 32. */
+/* Where a finished tile goes, every pointer at the tile's first row and column: y = acc (* colscale, S8) (* alpha
+   unless 1) (* rs[r]) (+ bias), then + residual or GELU (mq_wo_output); ncols valid columns of the 32. */
 typedef struct {
-    const float *colscale, *bias, *res;
+    const float *colscale, *rs, *bias, *res;
+    float alpha;
     mq_epilogue epi;
     float *y;
     int64_t ldy;
@@ -85,7 +87,13 @@ static inline int64_t scale_row_end(const mq_wo_matrix *w, int64_t k, int64_t k1
     const int64_t end = (k / w->group + 1) * w->group;
     return end < k1 ? end : k1;
 }
-static inline wo_src stored_src(const mq_wo_matrix *w) { return w->lay.format == MQ_WO_S8 ? SRC_S8 : SRC_S4; }
+static inline wo_src stored_src(const mq_wo_matrix *w) {
+    return w->lay.format == MQ_WO_S8 ? SRC_S8 : w->lay.format == MQ_WO_S4 ? SRC_S4 : SRC_F32;
+}
+/* F32: panel p's weights from k0 on, read in place (no conversion). */
+static inline const float *panel_f32(const mq_wo_matrix *w, int64_t p, int64_t k0) {
+    return (const float *)panel_weights(w, p) + k0 * NR;
+}
 static inline size_t bytes_per_k(wo_src src) { return src == SRC_S4 ? NR / 2 : NR; }
 
 /* ------------------------------------------------------------------ epilogue */
@@ -136,6 +144,8 @@ static void finish_tile(const float *tile, int mr, const wo_out *o) {
 #pragma omp simd
         for (int c = 0; c < o->ncols; c++) {
             float v = o->colscale ? t[c] * o->colscale[c] : t[c];
+            if (o->alpha != 1.f) v *= o->alpha;
+            if (o->rs) v *= o->rs[r];
             if (o->bias) v += o->bias[c];
             if (res) v += res[c];
             y[c] = v;
@@ -223,6 +233,8 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_
         for (int h = 0; h < 2; h++) {
             __m512 v = acc[r][h];
             if (o->colscale) v = _mm512_mul_ps(v, cs[h]);
+            if (o->alpha != 1.f) v = _mm512_mul_ps(v, _mm512_set1_ps(o->alpha));
+            if (o->rs) v = _mm512_mul_ps(v, _mm512_set1_ps(o->rs[r]));
             if (o->bias) v = _mm512_add_ps(v, b[h]);
             if (o->res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[h], o->res + r * o->ldy + 16 * h));
             _mm512_mask_storeu_ps(o->y + r * o->ldy + 16 * h, m[h], v);
@@ -301,6 +313,8 @@ static AI AVX2 void finish_avx2(const __m256 acc[][4], int mr, const wo_out *o) 
         for (int r = 0; r < mr; r++) {
             __m256 v = acc[r][j];
             if (o->colscale) v = _mm256_mul_ps(v, cs);
+            if (o->alpha != 1.f) v = _mm256_mul_ps(v, _mm256_set1_ps(o->alpha));
+            if (o->rs) v = _mm256_mul_ps(v, _mm256_set1_ps(o->rs[r]));
             if (o->bias) v = _mm256_add_ps(v, b);
             if (o->res) v = _mm256_add_ps(v, load_avx2(o->res + r * o->ldy + 8 * j, n, mask));
             if (o->epi == MQ_EPI_GELU) {
@@ -417,11 +431,11 @@ static void slice_c(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, fl
 
 /* Rows [m0, m0 + rows) of panel p's columns, k in [k0, k1), in tiles of nearly equal height, at most w->mr rows
    (a 12 + 4 split would waste the 4-row tile's registers); the tiles are finished into y when k1 = K, else their
-   sums are left in `part` [rows, NR]. x's row m0 at column k0 is a0, its rows lda apart. B from the converted slice
-   `slice` (SRC_F32) or the stored weights. */
+   sums are left in `part` [rows, NR]. x's row m0 at column k0 is a0, its rows lda apart. B from `slice` (SRC_F32: a
+   converted slice or F32 panels from k0 on) or the stored weights. */
 static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, int64_t k1, const float *slice,
-                      float *part, const float *a0, int64_t lda, int64_t m0, int64_t rows, const float *bias,
-                      mq_epilogue epi, const float *res, float *y) {
+                      float *part, const float *a0, int64_t lda, int64_t m0, int64_t rows, const mq_wo_output *out,
+                      float *y) {
     const int64_t K = w->lay.K, N = w->lay.N, n0 = p * NR;
     const int ncols = (int)(N - n0 < NR ? N - n0 : NR);
     const float *colscale = w->lay.format == MQ_WO_S8 ? w->scales + (size_t)p * NR : NULL;
@@ -430,9 +444,10 @@ static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, 
         const int mr = (int)(rows / ntiles + (i < rows % ntiles));
         const float *a = a0 + (r0 - m0) * lda;
         const wo_span sp = {slice, k0, k1, lda, part ? part + (r0 - m0) * NR : NULL};
-        const wo_out out = {colscale, bias ? bias + n0 : NULL, res ? res + r0 * N + n0 : NULL, epi, y + r0 * N + n0,
-                            N, ncols};
-        const wo_out *o = k1 == K ? &out : NULL;
+        const wo_out fin = {colscale, out->row_scale ? out->row_scale + r0 : NULL, out->bias ? out->bias + n0 : NULL,
+                            out->residual ? out->residual + r0 * N + n0 : NULL, out->alpha, out->epilogue,
+                            y + r0 * N + n0, N, ncols};
+        const wo_out *o = k1 == K ? &fin : NULL;
         switch (w->isa) {
             case MQ_VEC_AVX512: tile_avx512(mr, src, w, p, &sp, a, o); break;
             case MQ_VEC_AVX2: tile_avx2(mr, src, w, p, &sp, a, o); break;
@@ -456,8 +471,7 @@ static void convert_slice(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t 
    multiple of 4 KB (K = 1024, 2048, 3072 ...), a tile's rows of x all map to the same L1 sets (more rows than ways),
    so each block's columns of the rows are first copied to `apack` [rows, APACK_LD]. */
 static void run_task(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *slice, float *part, float *apack,
-                     const float *x, int64_t m0, int64_t rows, const float *bias, mq_epilogue epi, const float *res,
-                     float *y) {
+                     const float *x, int64_t m0, int64_t rows, const mq_wo_output *out, float *y) {
     const int64_t K = w->lay.K, kc = K <= KC_ONE ? K : KC;
     const int pack = K % 1024 == 0;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
@@ -469,9 +483,13 @@ static void run_task(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *slice
             a0 = apack;
         }
         for (int64_t p = p0; p < p1; p++) {
-            convert_slice(w, p, k0, k1, slice);
-            run_tiles(w, SRC_F32, p, k0, k1, slice, part + (size_t)(p - p0) * CHUNK_ROWS * NR, a0, pack ? APACK_LD : K,
-                      m0, rows, bias, epi, res, y);
+            const float *b = slice;
+            if (w->lay.format == MQ_WO_F32)
+                b = panel_f32(w, p, k0);
+            else
+                convert_slice(w, p, k0, k1, slice);
+            run_tiles(w, SRC_F32, p, k0, k1, b, part + (size_t)(p - p0) * CHUNK_ROWS * NR, a0, pack ? APACK_LD : K,
+                      m0, rows, out, y);
         }
     }
 }
@@ -487,17 +505,19 @@ size_t mq_wo_scratch_floats(int64_t N, int n_threads) {
     return (size_t)(n_threads > 0 ? n_threads : 1) * thread_floats(N > 0 ? (N + NR - 1) / NR : 1);
 }
 
-mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const float *bias, mq_epilogue epilogue,
-                       const float *residual, float *y, float *scratch, int n_threads) {
-    if (!w || !x || !y || !scratch || M <= 0 || n_threads <= 0)
+mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const mq_wo_output *out, float *y,
+                       float *scratch, int n_threads) {
+    if (!w || !x || !out || !y || !scratch || M <= 0 || n_threads <= 0)
         return mq_set_error(MQ_ERR_ARG, "weight-only matmul: bad arguments");
-    if (epilogue == MQ_EPI_RESIDUAL && !residual) return mq_set_error(MQ_ERR_ARG, "weight-only matmul: residual missing");
+    if (out->epilogue == MQ_EPI_RESIDUAL && !out->residual)
+        return mq_set_error(MQ_ERR_ARG, "weight-only matmul: residual missing");
     const wo_src fused = stored_src(w);
     const int64_t P = w->P;
     if (M <= FUSED_BLOCKS * w->mr) { /* a few row blocks: dequantize in registers */
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && P > 1)
         for (int64_t p = 0; p < P; p++)
-            run_tiles(w, fused, p, 0, w->lay.K, NULL, NULL, x, w->lay.K, 0, M, bias, epilogue, residual, y);
+            run_tiles(w, fused, p, 0, w->lay.K, fused == SRC_F32 ? panel_f32(w, p, 0) : NULL, NULL, x, w->lay.K, 0, M,
+                      out, y);
         return MQ_OK;
     }
     /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major; the panels split into groups only
@@ -520,7 +540,7 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const f
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t m0 = (t / groups) * chunk_rows, p0 = (t % groups) * group_panels;
             run_task(w, p0, p0 + group_panels < P ? p0 + group_panels : P, slice, part, apack, x, m0,
-                     M - m0 < chunk_rows ? M - m0 : chunk_rows, bias, epilogue, residual, y);
+                     M - m0 < chunk_rows ? M - m0 : chunk_rows, out, y);
         }
     }
     return MQ_OK;
@@ -535,7 +555,11 @@ static void fill_panels(mq_wo_matrix *w, const void *weight, const float *scales
         const int64_t p = n / NR, c = n % NR;
         uint8_t *q = w->q + (size_t)p * w->panel_bytes;
         float *sc = w->scales + (size_t)p * (size_t)w->n_groups * NR + c;
-        if (w->lay.format == MQ_WO_S8) {
+        if (w->lay.format == MQ_WO_F32) {
+            const float *src = (const float *)weight + n * K;
+            float *f = (float *)q;
+            for (int64_t k = 0; k < K; k++) f[k * NR + c] = src[k];
+        } else if (w->lay.format == MQ_WO_S8) {
             const int8_t *src = (const int8_t *)weight + n * K;
             for (int64_t k = 0; k < K; k++) q[k * NR + c] = (uint8_t)src[k];
             sc[0] = scales[w->lay.per_channel ? n : 0];
@@ -553,7 +577,8 @@ static void fill_panels(mq_wo_matrix *w, const void *weight, const float *scales
 }
 
 mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const void *weight, const float *scales) {
-    if (!out || !lay || !weight || !scales) return mq_set_error(MQ_ERR_ARG, "weight-only matrix: NULL argument");
+    if (!out || !lay || !weight || (!scales && lay->format != MQ_WO_F32))
+        return mq_set_error(MQ_ERR_ARG, "weight-only matrix: NULL argument");
     *out = NULL;
     const int64_t K = lay->K, N = lay->N;
     if (K <= 0 || N <= 0 || K > (1 << 20) || N > (1 << 20))
@@ -561,15 +586,15 @@ mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const
     if (lay->format == MQ_WO_S4 && (lay->group_size <= 0 || lay->group_size % 2 || K % lay->group_size))
         return mq_set_error(MQ_ERR_ARG, "weight-only matrix: int4 group size %lld must be even and divide %lld",
                             (long long)lay->group_size, (long long)K);
-    if (lay->format != MQ_WO_S8 && lay->format != MQ_WO_S4)
+    if (lay->format != MQ_WO_S8 && lay->format != MQ_WO_S4 && lay->format != MQ_WO_F32)
         return mq_set_error(MQ_ERR_ARG, "weight-only matrix: unknown format %d", (int)lay->format);
     mq_wo_matrix *w = calloc(1, sizeof *w);
     if (!w) return mq_set_error(MQ_ERR_NOMEM, "weight-only matrix: out of memory");
     w->lay = *lay;
     w->P = (N + NR - 1) / NR;
-    w->group = lay->format == MQ_WO_S8 ? K : lay->group_size;
-    w->n_groups = K / w->group;
-    w->panel_bytes = (size_t)K * (lay->format == MQ_WO_S8 ? NR : NR / 2);
+    w->group = lay->format == MQ_WO_S4 ? lay->group_size : K;
+    w->n_groups = lay->format == MQ_WO_F32 ? 0 : K / w->group;
+    w->panel_bytes = (size_t)K * (lay->format == MQ_WO_F32 ? NR * sizeof(float) : lay->format == MQ_WO_S8 ? NR : NR / 2);
     w->q = mq_alloc((size_t)w->P, w->panel_bytes);
     w->scales = mq_alloc((size_t)w->P * (size_t)w->n_groups * NR, sizeof(float)); /* zero: padding columns */
     if (!w->q || !w->scales) {
@@ -581,7 +606,8 @@ mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const
     fill_panels(w, weight, scales);
     w->isa = mq_vec_isa_effective();
     w->mr = ISA_TILE_ROWS[w->isa];
-    snprintf(w->impl, sizeof w->impl, "medquant:wo_%s_%s", lay->format == MQ_WO_S8 ? "s8" : "s4", mq_vec_isa_name(w->isa));
+    static const char *const names[] = {[MQ_WO_S8] = "wo_s8", [MQ_WO_S4] = "wo_s4", [MQ_WO_F32] = "panel_f32"};
+    snprintf(w->impl, sizeof w->impl, "medquant:%s_%s", names[lay->format], mq_vec_isa_name(w->isa));
     *out = w;
     return MQ_OK;
 }

@@ -1,17 +1,22 @@
-/* wo_matmul.h - the weight-only matmul: y = epilogue(x * dequant(W)^T + bias), W kept as int8 or int4.
+/* wo_matmul.h - medquant's own matmul on panels: y = epilogue(scaling(x * W^T) + bias), W kept as int8, int4 or f32.
  *
- * oneDNN 3.2 has no weight decompression, and dequantizing a whole matrix per call costs more than the f32 matmul it
- * feeds (at batch 1, 30x). Here the quantized weights are stored once in panels of MQ_WO_PANEL output columns
- * (k-major inside a panel), and a call dequantizes one panel at a time:
+ * Two uses. Weight-only layers (W8, W4): oneDNN 3.2 has no weight decompression, and dequantizing a whole matrix per
+ * call costs more than the f32 matmul it feeds (at batch 1, 30x). And layers computed in f32 where oneDNN's rows vary
+ * (below avx512_core, engine.h): there oneDNN would round a row differently by the call's row count, so it ran
+ * uniform 64-row pieces (a query's one row cost 64), while this kernel gives a row the same bits for any M
+ * (linear.h: F32 layers, and the f32 emulation of INT8 / BF16 layers).
+ * The weights are stored once in panels of MQ_WO_PANEL output columns (k-major inside a panel), and a call
+ * dequantizes one panel at a time:
  *   - up to three row blocks (M <= 36 rows on AVX-512): in registers, inside the multiply loop, so the int8 / int4
  *     weights are the only weight bytes read;
  *   - more rows: tasks of (row chunk, group of panels), k in blocks of 256 outermost (K > 512); per block and panel
  *     the panel's 256 x MQ_WO_PANEL slice is converted into a per-thread f32 buffer and runs every row block of the
- *     chunk (at most one slice per thread exists at a time).
+ *     chunk (at most one slice per thread exists at a time). F32 panels are read as they are.
  * Both paths multiply the same values in the same order: every output is one fused multiply-add chain over
- * k = 0..K-1 from 0, of x by (float)q (S8; the column scale multiplies the sum) or by (float)(q - 8) * group scale
- * (S4), then + bias, then GELU-erf or + residual. So a row's result does not depend on M, on the other rows, on the
- * thread count or on the ISA path (AVX-512, AVX2, or portable C with fmaf): the same bits.
+ * k = 0..K-1 from 0, of x by (float)q (S8; the column scale multiplies the sum), by (float)(q - 8) * group scale
+ * (S4) or by w (F32), then the output's scaling (mq_wo_output), + bias, then GELU-erf or + residual. So a row's
+ * result does not depend on M, on the other rows, on the thread count or on the ISA path (AVX-512, AVX2, or portable
+ * C with fmaf): the same bits.
  *
  * The ISA path is chosen at creation from oneDNN's effective ISA (dnnl_get_effective_cpu_isa), so ONEDNN_MAX_CPU_ISA
  * caps it the same way it caps oneDNN's kernels.
@@ -27,7 +32,7 @@
 
 #define MQ_WO_PANEL 32 /* output columns per stored panel */
 
-typedef enum { MQ_WO_S8, MQ_WO_S4 } mq_wo_format;
+typedef enum { MQ_WO_S8, MQ_WO_S4, MQ_WO_F32 } mq_wo_format;
 
 typedef struct {
     mq_wo_format format;
@@ -39,7 +44,8 @@ typedef struct {
 typedef struct mq_wo_matrix mq_wo_matrix;
 
 /* Repacks the user's weights into panels. S8: weight int8 [N, K], scales [N] or [1]. S4: weight uint8 [N, K / 2], two
-   values per byte (value = nibble - 8, even k in the low nibble), scales [N, K / group_size]. Copies everything. */
+   values per byte (value = nibble - 8, even k in the low nibble), scales [N, K / group_size]. F32: weight float
+   [N, K], scales NULL. Copies everything. */
 mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *layout, const void *weight, const float *scales);
 void mq_wo_matrix_destroy(mq_wo_matrix *w);
 
@@ -48,14 +54,25 @@ void mq_wo_matrix_destroy(mq_wo_matrix *w);
    block (at most (512 + 240 min(ceil(N / 32), 64)) 32 + 240 x 272 floats, 2.3 MB). */
 size_t mq_wo_scratch_floats(int64_t N, int n_threads);
 
-/* y [M, N] = epilogue(x [M, K] * dequant(W)^T + bias): bias [N] or NULL; epilogue NONE, GELU (erf) or RESIDUAL (adds
-   residual [M, N]). Runs on n_threads OpenMP threads with scratch of mq_wo_scratch_floats(w, n_threads) floats. */
-mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const float *bias, mq_epilogue epilogue,
-                       const float *residual, float *y, float *scratch, int n_threads);
+/* What a call does to each output's sum s (S8: s already times its column scale), in this order:
+   s * alpha (skipped when alpha is 1), * row_scale[m] (if given), + bias[n] (if given), then + residual[m, n]
+   (MQ_EPI_RESIDUAL) or GELU-erf (MQ_EPI_GELU). */
+typedef struct {
+    float alpha;
+    const float *row_scale; /* [M] or NULL */
+    const float *bias;      /* [N] or NULL */
+    mq_epilogue epilogue;
+    const float *residual; /* [M, N]: MQ_EPI_RESIDUAL */
+} mq_wo_output;
+
+/* y [M, N] = out(x [M, K] * dequant(W)^T). Runs on n_threads OpenMP threads with scratch of
+   mq_wo_scratch_floats(N, n_threads) floats. */
+mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const mq_wo_output *out, float *y,
+                       float *scratch, int n_threads);
 
 /* Bytes of weights and scales held. */
 size_t mq_wo_matrix_nbytes(const mq_wo_matrix *w);
-/* The kernel path, e.g. "medquant:wo_s8_avx512". */
+/* The kernel path, e.g. "medquant:wo_s8_avx512" or "medquant:panel_f32_avx2". */
 const char *mq_wo_matrix_impl(const mq_wo_matrix *w);
 
 /* GELU-erf in place on n values: 0.5 v (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error

@@ -202,9 +202,29 @@ def _gelu64(v):
     return 0.5 * v * (1.0 + np.vectorize(erf)(v / np.sqrt(2.0)))
 
 
+def _panel_kinds(w, qw, sw, n_threads):
+    """The panel matmul alone (``_core.panel_matmul``; Linear takes it for f32 layers only on some CPUs): f32 panels,
+    and s8 panels with an input scale and per-row scales as emulated int8 layers apply them. {name: (forward(x, bias,
+    epilogue, residual), float64 reference before the bias)}."""
+    rows = np.random.default_rng(w.shape[0]).uniform(0.5, 2.0, max(WO_MS)).astype(np.float32)
+
+    def f32(x, b, epi, r):
+        return _core.panel_matmul(w, x, bias=b, epilogue=epi, residual=r, n_threads=n_threads)
+
+    def s8(x, b, epi, r):
+        return _core.panel_matmul(qw, x, scales=sw, alpha=0.75, row_scale=rows[:len(x)], bias=b, epilogue=epi,
+                                  residual=r, n_threads=n_threads)
+
+    def s8_ref(x):
+        return (x.astype(np.float64) @ qw.T.astype(np.float64)) * sw * 0.75 * rows[:len(x), None]
+
+    return {"panel-f32": (f32, lambda x: x.astype(np.float64) @ w.T.astype(np.float64)), "panel-s8": (s8, s8_ref)}
+
+
 def weight_only_outputs(seed=5, n_threads=0):
-    """{key: y} for w8 (per channel and per tensor) and w4 layers over WO_SHAPES x WO_MS x WO_EPILOGUES, with the
-    float64 reference of each (x times the dequantized weights, + bias, epilogue)."""
+    """{key: y} for w8 (per channel and per tensor) and w4 layers over WO_SHAPES x WO_MS x WO_EPILOGUES, and for the
+    same kernel on f32 and scaled s8 panels (_panel_kinds), with the float64 reference of each (x times the
+    dequantized weights (scaled), + bias, epilogue)."""
     rng = np.random.default_rng(seed)
     out, refs = {}, {}
     for k, n in WO_SHAPES:
@@ -225,6 +245,12 @@ def weight_only_outputs(seed=5, n_threads=0):
                     key = f"{kname}_{k}x{n}_m{m}_{ename}"
                     out[key] = lin.forward(x, r if ename == "residual" else None)
                     y = x.astype(np.float64) @ deq.astype(np.float64).T + b
+                    refs[key] = _gelu64(y) if ename == "gelu" else (y + r if ename == "residual" else y)
+            for kname, (forward, reference) in _panel_kinds(w, qw, sw, n_threads or 2).items():
+                for ename, epi in WO_EPILOGUES.items():
+                    key = f"{kname}_{k}x{n}_m{m}_{ename}"
+                    out[key] = forward(x, b, epi, r if ename == "residual" else None)
+                    y = reference(x) + b
                     refs[key] = _gelu64(y) if ename == "gelu" else (y + r if ename == "residual" else y)
     return out, refs
 
@@ -279,6 +305,29 @@ def test_weight_only_bits_do_not_depend_on_isa_or_threads():
             assert set(there) == set(here)
             for key, y in here.items():
                 np.testing.assert_array_equal(y.view(np.uint32), there[key].view(np.uint32), err_msg=f"{isa} {key}")
+
+
+def test_panel_matmul_rejects_bad_arguments():
+    w, b, x, r = layer_data()
+    q, s = _core.quantize_weight_s8(w, True)
+    with pytest.raises(ValueError, match="scales"):
+        _core.panel_matmul(q, x)
+    with pytest.raises(ValueError, match="scales"):
+        _core.panel_matmul(w, x, scales=s)
+    with pytest.raises(ValueError, match="residual"):
+        _core.panel_matmul(w, x, epilogue=_core.EPI_RESIDUAL)
+    with pytest.raises(ValueError, match="residual"):
+        _core.panel_matmul(w, x, residual=r)
+    with pytest.raises(ValueError):
+        _core.panel_matmul(w, x[:, :10].copy())
+    with pytest.raises(ValueError):
+        _core.panel_matmul(w, x, row_scale=np.ones(3, np.float32))
+    with pytest.raises(TypeError):
+        _core.panel_matmul(w, x.astype(np.float64))
+    with pytest.raises(ValueError):
+        _core.panel_matmul(w, x, n_threads=0)
+    np.testing.assert_array_equal(_core.panel_matmul(w, x, bias=b, epilogue=_core.EPI_RESIDUAL, residual=r),
+                                  _core.panel_matmul(w, x, bias=b, epilogue=_core.EPI_RESIDUAL, residual=r, n_threads=2))
 
 
 def test_zero_and_denormal_rows_get_positive_scales():
@@ -393,7 +442,9 @@ def test_rows_do_not_depend_on_the_call(name, lin, residual, u8_in):
     for M in ROW_PLAN_MS:
         y = run(0, M)
         assert y.shape == (M, N) and y.dtype == alone.dtype
-        if y.dtype == np.uint8 or name in ("w8", "w4"):  # weight-only: one k order for every M (wo_matmul.h)
+        # medquant's panel matmul (weight-only kinds; f32-computed layers where oneDNN's rows vary): one k order for
+        # every M (wo_matmul.h)
+        if y.dtype == np.uint8 or name in ("w8", "w4") or lin.impl().startswith("medquant:"):
             np.testing.assert_array_equal(y, alone[:M], err_msg=f"{name} M={M}")
         else:
             err = np.abs(y - alone[:M]).max()
