@@ -130,7 +130,7 @@ def markdown(res: dict) -> str:
                      f"{r['w8_texts_per_s']:.1f} ({r['w8_speedup']:.2f}x) | "
                      f"{r['w4_texts_per_s']:.1f} ({r['w4_speedup']:.2f}x) |")
     worst = {s: min(r[f"{s}_speedup"] for r in e["rows"]) for s in SYSTEMS[1:]}
-    lines += ["", f"Model size: " + ", ".join(f"{s} {e['size_bytes'][s] / 1e6:.1f} MB" for s in SYSTEMS)
+    lines += ["", "Model size: " + ", ".join(f"{s} {e['size_bytes'][s] / 1e6:.1f} MB" for s in SYSTEMS)
               + "; mean cosine to fp32 embeddings: "
               + ", ".join(f"{s} {e['cosine_to_fp32'][s]:.5f}" for s in SYSTEMS[1:]) + ".", "",
               "Target w8 / w4 never slower than fp32 at any batch size (end to end): worst w8 "

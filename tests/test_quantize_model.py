@@ -86,9 +86,10 @@ def test_model_file_sizes(minilm, calibration, tmp_path):
     q = minilm.quantize("int8-static-asym", calibration=calibration)
     int8_bytes = (q.save_pretrained(tmp_path / "int8") / "model.safetensors").stat().st_size
     assert int8_bytes <= 0.3 * fp32_bytes
-    if SUPPORT["int8_exact"]:
+    # exact int8 kernels, or medquant's panel matmul (emulated int8 below avx512_core) hold the int8 weights
+    if SUPPORT["int8_exact"] or q.site_impl("encoder.layer.0.intermediate.dense").startswith("medquant:"):
         assert q.size_bytes() <= 0.3 * minilm.size_bytes()
-    else:  # int8 layers emulated in f32 hold f32 weights (what memory really holds); the int8 embedding table shrinks
+    else:  # int8 layers emulated on oneDNN's f32 matmul hold f32 weights; the int8 embedding table shrinks
         emb = minilm.config.vocab_size * minilm.hidden_size
         assert q.size_bytes() <= minilm.size_bytes() - 3 * emb + 0.01 * minilm.size_bytes()  # + scales
     # an fp32 save is a plain Hugging Face checkpoint
