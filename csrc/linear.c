@@ -354,6 +354,15 @@ static mq_status choose_weight_layout(mq_linear *l) {
     return st;
 }
 
+/* The values the native kernel would multiply, as f32 [N, K] in a new buffer *out (the kind's widen function); the
+   caller frees it. */
+static mq_status widened_weights(const mq_linear *l, const void *weight, float **out) {
+    *out = mq_alloc((size_t)l->N * (size_t)l->K, sizeof(float));
+    if (!*out) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the weights");
+    l->kind->widen(l, weight, *out);
+    return MQ_OK;
+}
+
 /* Whether the layer runs on medquant's panel matmul instead of oneDNN's: weight-only kinds, and layers computed in f32
    (F32, emulated INT8 / BF16) where oneDNN's rows vary (there a row's bits would depend on the call's row count, so
    oneDNN ran uniform 64-row pieces: a one-row call cost 64 rows; the panel kernel's rows never vary). */
@@ -368,9 +377,8 @@ static mq_status weights_prepacked(mq_linear *l, const void *weight) {
     MQ_TRY(choose_weight_layout(l));
     if (!l->emulated)
         return prepack(l, weight, traits(l)->weight_format == MQ_WEIGHTS_S8 ? dnnl_s8 : dnnl_f32);
-    float *tmp = mq_alloc((size_t)l->N * (size_t)l->K, sizeof(float));
-    if (!tmp) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the weights");
-    l->kind->widen(l, weight, tmp);
+    float *tmp = NULL;
+    MQ_TRY(widened_weights(l, weight, &tmp));
     mq_status st = prepack(l, tmp, dnnl_f32);
     mq_free(tmp);
     return st;
@@ -385,9 +393,7 @@ static mq_status weights_stored(mq_linear *l, const void *weight) {
                               l->N, l->spec.w_per_channel, l->spec.group_size};
     float *widened = NULL;
     if (lay.format == MQ_WO_F32 && l->emulated) {
-        widened = mq_alloc((size_t)l->N * (size_t)l->K, sizeof(float));
-        if (!widened) return mq_set_error(MQ_ERR_NOMEM, "linear: out of memory for the weights");
-        l->kind->widen(l, weight, widened);
+        MQ_TRY(widened_weights(l, weight, &widened));
         weight = widened;
     }
     const mq_status st = mq_wo_matrix_create(&l->wo, &lay, weight, l->w_scales);
