@@ -111,7 +111,9 @@ def test_embeddings_bit_identical_to_recorded(current):
     refs = load_references()
     key = machine_key()
     exact = key in refs
-    ref = refs[key] if exact else refs[closest_reference(key, refs)]
+    ref_key = key if exact else closest_reference(key, refs)
+    ref = refs[ref_key]
+    same_int8_path = key.split("_")[1] == ref_key.split("_")[1]
     for name, emb in current.items():
         want = ref[name]
         assert emb.shape == want.shape and emb.dtype == want.dtype, name
@@ -121,8 +123,12 @@ def test_embeddings_bit_identical_to_recorded(current):
                                     f"{np.abs(emb - want).max():.3g}")
         else:
             # statically calibrated ranges move with the float rounding of the calibration pass (measured: cosine
-            # 0.994-0.996 between ISAs on these texts); everything else stays above 0.9999
-            floor = 0.99 if PRESETS[name.split("/")[0]].needs_calibration else 0.9995
+            # 0.994-0.996 between ISAs on these texts), and so do dynamic activation grids between exact and
+            # emulated int8 (measured: per-token 0.997 on AVX-512 VNNI against AVX2, both 0.996-0.998 to fp32);
+            # everything else stays above 0.9999
+            scheme = PRESETS[name.split("/")[0]]
+            int8_acts = scheme.activations == "int8"
+            floor = 0.99 if scheme.needs_calibration or (int8_acts and not same_int8_path) else 0.9995
             cos = np.sum(emb * want, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(want, axis=1))
             assert cos.min() > floor, f"{name}: cosine to the recorded embeddings {cos.min():.6f} (no exact key {key})"
 

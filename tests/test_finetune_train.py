@@ -178,7 +178,9 @@ def test_embedding_distillation(tmp_path, data, minilm_dir):
                            teacher_embed=embedder(0.0))
         texts = [p.query for p in batch] + [p.positive for p in batch] + [p.negatives[0] for p in batch]
         cos = (embedder(0.05)(texts) * embedder(0.0)(texts)).sum(-1)
-    assert float(same) == pytest.approx(float(plain), rel=1e-6)
+    # student = teacher, but 1 - cos is 1 - |e|^2 of unit vectors, zero only up to float rounding, times
+    # distill_weight x scale: measured 2.2e-6 of 0.149 on an AVX-512 EPYC (under 1.5e-7 on AVX2)
+    assert float(same) == pytest.approx(float(plain), rel=1e-4)
     assert float(only) == pytest.approx(2.0 * TINY_SCALE * float((1 - cos).mean()), rel=1e-5) and float(only) > 0
     # in-batch margins: zero for the teacher itself, else scale^2 x the squared error of each query's centred scores
     sc = dict(emb, distill_loss="scores", contrastive_weight=0.0)
