@@ -38,7 +38,8 @@ struct mq_attention {
     float scale;
     mq_attn_precision precision;
     mq_vec_isa isa;
-    char impl[40];
+    int bf16_dot; /* BF16 runs on vdpbf16ps (mq_vec_bf16_dot) */
+    char impl[48];
     mq_buffer scratch[MQ_ATTN_MAX_THREADS];
 };
 
@@ -56,6 +57,7 @@ typedef struct {
     int64_t H, d, dv;
     float scale;
     int round; /* BF16: operands rounded to bf16 */
+    int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_heads_bf16) */
     mq_attn_out out;
 } mq_attn_job;
 
@@ -75,6 +77,7 @@ mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, i
     a->max_len = max_len;
     a->scale = 1.f / sqrtf((float)head_dim);
     a->isa = mq_vec_isa_effective();
+    a->bf16_dot = a->isa == MQ_VEC_AVX512 && mq_vec_bf16_dot();
     snprintf(a->impl, sizeof a->impl, "medquant:attention_%s", mq_vec_isa_name(a->isa));
     *out = a;
     return MQ_OK;
@@ -101,6 +104,8 @@ mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precisio
     if ((int)precision < 0 || precision >= MQ_ATTN_PRECISION_COUNT)
         return mq_set_error(MQ_ERR_ARG, "attention: unknown precision %d", (int)precision);
     a->precision = precision;
+    const int dot = precision == MQ_ATTN_BF16 && a->bf16_dot;
+    snprintf(a->impl, sizeof a->impl, "medquant:attention_%s%s", mq_vec_isa_name(a->isa), dot ? "_bf16dot" : "");
     return MQ_OK;
 }
 
@@ -129,13 +134,19 @@ static mq_attn_plan make_plan(const mq_attention *a, int64_t batch) {
     return p;
 }
 
-/* Floats of one head's staged q, kt and v for a sequence of L tokens (each part a multiple of 16). */
-static int64_t head_floats(int64_t L, int64_t d) { return round16(L * d) + d * round16(L) + L * round16(d); }
+/* Floats (4-byte words) of one head's staged q, kt and v for a sequence of L tokens, each part a multiple of 16:
+   f32 values, or for bf16 pairs (stage_heads_bf16) d2 = ceil(d / 2) pairs per query / key and ldk / 2 pairs of
+   keys per value column; the larger of the two. */
+static int64_t head_floats(int64_t L, int64_t d) {
+    const int64_t f32 = round16(L * d) + d * round16(L) + L * round16(d), d2 = (d + 1) / 2;
+    const int64_t pairs = round16(L * d2) + d2 * round16(L) + round16(L) / 2 * round16(d);
+    return f32 > pairs ? f32 : pairs;
+}
 
 /* Floats of one thread's scratch for tasks of `heads` heads of sequences of at most L tokens: the heads' q, kt, v,
-   then one tile's s and c. */
+   then one tile's s, the bf16 pairs of its probabilities (vdpbf16ps path) and c. */
 static size_t scratch_floats(int64_t L, int64_t d, int heads) {
-    return (size_t)(heads * head_floats(L, d) + ROWS_MAX * (round16(L) + round16(d)));
+    return (size_t)(heads * head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)));
 }
 
 size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch) {
@@ -149,9 +160,11 @@ size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t
 
 static MQ_INLINE float maybe_round(float x, int round) { return round ? mq_bf16_to_f32(mq_f32_to_bf16(x)) : x; }
 
-/* One head's staged blocks and the tile buffers of a task (this file's header). */
+/* One head's staged blocks and the tile buffers of a task (this file's header); on the vdpbf16ps path q, kt and v
+   hold bf16 pairs (stage_heads_bf16) and p the probabilities' pairs. */
 typedef struct {
     float *q, *kt, *v, *s, *c;
+    uint32_t *p;
     int64_t ldk;
 } mq_attn_bufs;
 
@@ -162,8 +175,14 @@ static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, int
     b.q = buf + k * head_floats(len, job->d);
     b.kt = b.q + round16(len * job->d);
     b.v = b.kt + job->d * b.ldk;
+    if (job->dot) {
+        const int64_t d2 = (job->d + 1) / 2;
+        b.kt = b.q + round16(len * d2);
+        b.v = b.kt + d2 * b.ldk;
+    }
     b.s = buf + heads * head_floats(len, job->d);
-    b.c = b.s + ROWS_MAX * b.ldk;
+    b.p = (uint32_t *)(b.s + ROWS_MAX * b.ldk);
+    b.c = b.s + ROWS_MAX * (b.ldk + b.ldk / 2);
     return b;
 }
 
@@ -301,6 +320,128 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
 #define V_I2F _mm512_castsi512_ps
 #include "attention_kernel.inc"
 
+/* ---- AVX-512 with vdpbf16ps (BF16): the AVX-512 tile on bf16 pairs, half the multiply instructions. Each
+   vdpbf16ps lane does acc += hi * hi', then acc += lo * lo' (fused, denormals flushed in and out), which is what the
+   f32 paths do on the same bf16 values in the pairs' order under FTZ / DAZ (run_task sets them for BF16): the same
+   bits, measured against the AVX2 and portable paths by the tests. */
+
+/* mq_f32_to_bf16 on 16 lanes: each lane's bf16 in its high 16 bits (the low 16 bits are not cleared). */
+static AI MQ_TARGET_AVX512_BF16 __m512i round_bf16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(u, _mm512_set1_epi32(0x400000))); /* NaN: quiet */
+}
+
+/* Pairs (x[2m], x[2m + 1]) of the rounded lanes as 8 dwords, x[2m] in the high half: vdpbf16ps adds the product of a
+   pair's high half first, then of its low half, so the products are accumulated in the order of the f32 paths. */
+static AI MQ_TARGET_AVX512_BF16 __m256i pair_lanes(__m512i r) {
+    const __m512i x = _mm512_or_si512(_mm512_and_si512(r, _mm512_set1_epi64(0xffff0000)), _mm512_srli_epi64(r, 48));
+    return _mm512_cvtepi64_epi32(x);
+}
+
+/* Dwords pairing the lanes of a (high half, added first) with those of b: pairs of two rows' values per column. */
+static AI MQ_TARGET_AVX512_BF16 __m512i pair_rows(__m512i a, __m512i b) {
+    return _mm512_or_si512(_mm512_and_si512(a, _mm512_set1_epi32((int)0xffff0000)), _mm512_srli_epi32(b, 16));
+}
+
+/* stage_heads for the vdpbf16ps path: per head, q as [len, d2] pairs of dimensions (2m, 2m + 1), kt as [d2, ldk]
+   the keys' pairs (zero past len), v as [ceil(len / 2), dv] pairs of keys (2m, 2m + 1) per column (zero past len and
+   d); d2 = ceil(d / 2), a missing dimension zero. Values rounded as maybe_round rounds them. */
+static MQ_TARGET_AVX512_BF16 void stage_heads_bf16(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
+                                                   int heads, float *buf) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d2 = (d + 1) / 2;
+    const float *rows = job->qkv + offset * ld + h0 * d;
+    uint32_t kp[8];
+    for (int k = 0; k < heads; k++) {
+        const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
+        uint32_t *q = (uint32_t *)b.q, *kt = (uint32_t *)b.kt, *v = (uint32_t *)b.v;
+        for (int64_t j = 0; j < len; j++) {
+            const float *qs = rows + j * ld + k * d, *ks = qs + H;
+            for (int64_t c = 0; c < d; c += 16) {
+                const __mmask16 m = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
+                const __mmask8 m2 = (__mmask8)((1u << ((d - c + 1 < 16 ? d - c + 1 : 16) / 2)) - 1u);
+                _mm256_mask_storeu_epi32(q + j * d2 + c / 2, m2, pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, qs + c))));
+                _mm256_storeu_si256((__m256i *)kp, pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, ks + c))));
+                for (int i = 0; i < 8 && c / 2 + i < d2; i++) kt[(c / 2 + i) * b.ldk + j] = kp[i];
+            }
+        }
+        for (int64_t m = 0; m < d2; m++)
+            for (int64_t j = len; j < b.ldk; j++) kt[m * b.ldk + j] = 0;
+        for (int64_t m = 0; m < (len + 1) / 2; m++) {
+            const float *v0 = rows + 2 * m * ld + 2 * H + k * d, *v1 = 2 * m + 1 < len ? v0 + ld : NULL;
+            for (int64_t c = 0; c < dv; c += 16) {
+                const __mmask16 mk = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
+                const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(mk, v0 + c));
+                const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(mk, v1 + c)) : _mm512_setzero_si512();
+                _mm512_storeu_si512(v + m * dv + c, _mm512_maskz_mov_epi32(mk, pair_rows(r0, r1)));
+            }
+        }
+    }
+}
+
+static AI MQ_TARGET_AVX512_BF16 __m512 dot_bf16(__m512 acc, uint32_t a, const uint32_t *b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)_mm512_loadu_si512(b));
+}
+
+/* s[r, j] = (q_r . k_j) * scale for the pair rows qr[r] (d2 pairs), j < ldk. */
+static AI MQ_TARGET_AVX512_BF16 void scores_tile_bf16(const uint32_t *const *qr, const uint32_t *kt, int64_t d2,
+                                                      int64_t ldk, float scale, float *s) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
+        __m512 acc[ROWS_AVX512];
+        for (int r = 0; r < ROWS_AVX512; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t m = 0; m < d2; m++)
+            for (int r = 0; r < ROWS_AVX512; r++) acc[r] = dot_bf16(acc[r], qr[r][m], kt + m * ldk + j0);
+        for (int r = 0; r < ROWS_AVX512; r++) _mm512_storeu_ps(s + r * ldk + j0, _mm512_mul_ps(acc[r], vs));
+    }
+}
+
+/* A row of ldk bf16-exact probabilities into ldk / 2 pairs (2m, 2m + 1): the high 16 bits of each f32. */
+static AI MQ_TARGET_AVX512_BF16 void pair_row(const float *s, int64_t ldk, uint32_t *p) {
+    for (int64_t j = 0; j < ldk; j += 16)
+        _mm256_storeu_si256((__m256i *)(p + j / 2), pair_lanes(_mm512_loadu_si512(s + j)));
+}
+
+/* c[r, :] = (sum_j pr[r][j] v[j, :]) * f[r] over the pair rows pr[r] (np pairs of keys). */
+static AI MQ_TARGET_AVX512_BF16 void context_tile_bf16(const uint32_t *const *pr, const float *f, const uint32_t *v,
+                                                       int64_t np, int64_t dv, float *c) {
+    for (int64_t c0 = 0; c0 < dv; c0 += 16) {
+        __m512 acc[ROWS_AVX512];
+        for (int r = 0; r < ROWS_AVX512; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t m = 0; m < np; m++)
+            for (int r = 0; r < ROWS_AVX512; r++) acc[r] = dot_bf16(acc[r], pr[r][m], v + m * dv + c0);
+        for (int r = 0; r < ROWS_AVX512; r++)
+            _mm512_storeu_ps(c + r * dv + c0, _mm512_mul_ps(acc[r], _mm512_set1_ps(f[r])));
+    }
+}
+
+static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job, const mq_attn_bufs *pb,
+                                                         int64_t offset, int64_t len, int64_t h) {
+    const int64_t d2 = (job->d + 1) / 2, dv = job->dv;
+    const mq_attn_bufs b = *pb;
+    const uint32_t *q = (const uint32_t *)b.q;
+    for (int64_t i0 = 0; i0 < len; i0 += ROWS_AVX512) {
+        const int nr = len - i0 < ROWS_AVX512 ? (int)(len - i0) : ROWS_AVX512;
+        const uint32_t *qr[ROWS_AVX512], *pr[ROWS_AVX512];
+        float f[ROWS_AVX512];
+        for (int r = 0; r < ROWS_AVX512; r++) { /* rows past the sequence repeat its last row, dropped */
+            qr[r] = q + (i0 + (r < nr ? r : nr - 1)) * d2;
+            pr[r] = b.p + (r < nr ? r : nr - 1) * (b.ldk / 2);
+        }
+        scores_tile_bf16(qr, (const uint32_t *)b.kt, d2, b.ldk, job->scale, b.s);
+        for (int r = 0; r < nr; r++) {
+            f[r] = softmax_row_avx512(b.s + r * b.ldk, len, b.ldk, 1);
+            pair_row(b.s + r * b.ldk, b.ldk, b.p + r * (b.ldk / 2));
+        }
+        for (int r = nr; r < ROWS_AVX512; r++) f[r] = f[nr - 1];
+        context_tile_bf16(pr, f, (const uint32_t *)b.v, (len + 1) / 2, dv, b.c);
+        for (int r = 0; r < nr; r++) write_row(job, b.c + r * dv, offset + i0 + r, h);
+    }
+}
+
 /* ------------------------------------------------------------------ forward */
 
 static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn_job *job, const int64_t *offsets,
@@ -308,15 +449,26 @@ static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn
     const int heads = p->heads_per_task;
     const int64_t b = task / (a->n_heads / heads), h0 = task % (a->n_heads / heads) * heads;
     const int64_t offset = offsets[b], len = lengths[b];
-    stage_heads(job, offset, len, h0, heads, buf);
+    /* BF16 flushes denormals, in and out, on every path, as vdpbf16ps does (MXCSR is per thread) */
+    const unsigned csr = _mm_getcsr();
+    if (job->round) _mm_setcsr(csr | 0x8040u);
+    if (job->dot)
+        stage_heads_bf16(job, offset, len, h0, heads, buf);
+    else
+        stage_heads(job, offset, len, h0, heads, buf);
     for (int k = 0; k < heads; k++) {
         const mq_attn_bufs tb = task_bufs(job, len, heads, k, buf);
+        if (job->dot) {
+            attention_head_bf16dot(job, &tb, offset, len, h0 + k);
+            continue;
+        }
         switch (a->isa) {
             case MQ_VEC_AVX512: attention_head_avx512(job, &tb, offset, len, h0 + k); break;
             case MQ_VEC_AVX2: attention_head_avx2(job, &tb, offset, len, h0 + k); break;
             default: attention_head_c(job, &tb, offset, len, h0 + k); break;
         }
     }
+    if (job->round) _mm_setcsr(csr);
 }
 
 mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, uint8_t *ctx_q, float q_scale,
@@ -333,7 +485,8 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
         if (lengths[b] > max_len) max_len = lengths[b];
     }
     const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
-                             a->precision == MQ_ATTN_BF16, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
+                             a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
+                             {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
     const mq_attn_plan p = make_plan(a, batch);
     for (int t = 0; t < p.nthr; t++) /* before the parallel region: nothing inside it can fail */
         MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(max_len, a->head_dim, p.heads_per_task), sizeof(float)));

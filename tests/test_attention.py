@@ -90,29 +90,40 @@ def test_attention_bits_do_not_depend_on_threads_or_batch():
         start += n
 
 
-@pytest.mark.parametrize("cap", ["SSE41", "AVX2"])
+# (heads, head_dim, scale of Q/K/V): the encoder's kind of shape; an odd head dimension (a bf16 pair half empty);
+# tiny values whose products are denormal (bf16 attention flushes them, as vdpbf16ps does, on every path)
+PATH_CASES = [(3, 24, 2.0), (2, 7, 1.0), (2, 16, 1e-19)]
+
+
+@pytest.mark.parametrize("cap", ["SSE41", "AVX2", "AVX512_CORE"])
 def test_attention_paths_give_the_same_bits(tmp_path, cap):
-    """The kernel another ISA takes (the portable C one below AVX2; the AVX2 one where this CPU has AVX-512, else
-    this CPU's own again) and this CPU's kernel give the same bits."""
-    heads, d = 3, 24
-    qkv = make_qkv(LENGTHS, heads, d, seed=11, scale=2.0)
-    np.save(tmp_path / "qkv.npy", qkv)
+    """The kernel another ISA takes and this CPU's kernel give the same bits: the portable C one (cap SSE41), AVX2,
+    and AVX-512 on f32 arithmetic (cap AVX512_CORE: for bf16 attention the emulation of the vdpbf16ps path that
+    CPUs with avx512_bf16 take). A cap at or above this CPU's ISA runs this CPU's own kernel again."""
+    for i, (heads, d, scale) in enumerate(PATH_CASES):
+        np.save(tmp_path / f"qkv{i}.npy", make_qkv(LENGTHS, heads, d, seed=11 + i, scale=scale))
     np.save(tmp_path / "lengths.npy", LENGTHS)
     code = ("import json, sys, numpy as np, medquant; from medquant import _core; d = sys.argv[1]; "
-            "q = np.load(d + '/qkv.npy'); n = np.load(d + '/lengths.npy'); "
-            f"np.save(d + '/ctx.npy', _core.attention(q, n, {heads}, n_threads=2)); "
-            f"np.save(d + '/ctx_bf16.npy', _core.attention(q, n, {heads}, bf16=True, n_threads=2)); "
+            "n = np.load(d + '/lengths.npy')\n"
+            f"for i, (h, _, _) in enumerate({PATH_CASES!r}):\n"
+            "    q = np.load(d + f'/qkv{i}.npy')\n"
+            "    np.save(d + f'/ctx{i}.npy', _core.attention(q, n, h, n_threads=2))\n"
+            "    np.save(d + f'/ctx_bf16{i}.npy', _core.attention(q, n, h, bf16=True, n_threads=2))\n"
             "print(json.dumps(medquant.runtime_info()['cpu_isa']))")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     isa = json.loads(r.stdout.strip().splitlines()[-1])
-    assert isa in (("sse41", "default") if cap == "SSE41" else ("avx2", "avx", "sse41", "default")), isa
-    for name, bf16 in (("ctx", False), ("ctx_bf16", True)):
-        native = _core.attention(qkv, LENGTHS, heads, bf16=bf16, n_threads=2)
-        capped = np.load(tmp_path / f"{name}.npy")
-        assert np.array_equal(native.view(np.uint32), capped.view(np.uint32)), name
+    allowed = {"SSE41": ("sse41", "default"), "AVX2": ("avx2", "avx", "sse41", "default"),
+               "AVX512_CORE": ("avx512_core", "avx2", "avx", "sse41", "default")}[cap]
+    assert isa in allowed, isa
+    for i, (heads, d, scale) in enumerate(PATH_CASES):
+        qkv = np.load(tmp_path / f"qkv{i}.npy")
+        for name, bf16 in (("ctx", False), ("ctx_bf16", True)):
+            native = _core.attention(qkv, LENGTHS, heads, bf16=bf16, n_threads=2)
+            capped = np.load(tmp_path / f"{name}{i}.npy")
+            assert np.array_equal(native.view(np.uint32), capped.view(np.uint32)), (name, heads, d, scale)
 
 
 def test_nan_stays_in_its_sequence_and_head():
