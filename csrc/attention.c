@@ -160,6 +160,26 @@ size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t
 
 static MQ_INLINE float maybe_round(float x, int round) { return round ? mq_bf16_to_f32(mq_f32_to_bf16(x)) : x; }
 
+typedef uint32_t mq_v16u __attribute__((vector_size(64)));
+
+/* x[j] = maybe_round(x[j] * f, 1) for j < n: 16 lanes at a time with the integer operations of mq_f32_to_bf16 (the
+   same bits; GCC lowers them to the caller's vector ISA), the rest one by one. */
+static MQ_INLINE void scale_round_bf16(float *x, int64_t n, float f) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        mq_v16 v;
+        memcpy(&v, x + j, sizeof v);
+        v *= f;
+        mq_v16u u;
+        memcpy(&u, &v, sizeof u);
+        const mq_v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        const mq_v16u nan = (u & 0x7fffffffu) > 0x7f800000u; /* all ones where NaN: kept, quiet */
+        u = (r & ~nan) | (((u & 0xffff0000u) | 0x400000u) & nan);
+        memcpy(x + j, &u, sizeof u);
+    }
+    for (; j < n; j++) x[j] = maybe_round(x[j] * f, 1);
+}
+
 /* One head's staged blocks and the tile buffers of a task (this file's header); on the vdpbf16ps path q, kt and v
    hold bf16 pairs (stage_heads_bf16) and p the probabilities' pairs. */
 typedef struct {
@@ -239,7 +259,7 @@ static MQ_INLINE void write_row(const mq_attn_job *job, const float *src, int64_
 static float softmax_row_c(float *s, int64_t len, int64_t ldk, int round) {
     float mx = s[0];
     for (int64_t j = 1; j < len; j++) mx = s[j] > mx ? s[j] : mx;
-    for (int64_t j = 0; j < len; j++) s[j] = mq_exp_neg(mx - s[j]);
+    for (int64_t j = 0; j < len; j++) s[j] = round ? mq_exp_neg_bf16(mx - s[j]) : mq_exp_neg(mx - s[j]);
     for (int64_t j = len; j < ldk; j++) s[j] = 0.f;
     float part[16] = {0};
     for (int64_t j = 0; j < ldk; j++) part[j % 16] += s[j];
@@ -355,67 +375,100 @@ static MQ_TARGET_AVX512_BF16 void stage_heads_bf16(const mq_attn_job *job, int64
     const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d2 = (d + 1) / 2;
     const float *rows = job->qkv + offset * ld + h0 * d;
     uint32_t kp[8];
-    for (int k = 0; k < heads; k++) {
-        const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
-        uint32_t *q = (uint32_t *)b.q, *kt = (uint32_t *)b.kt, *v = (uint32_t *)b.v;
-        for (int64_t j = 0; j < len; j++) {
-            const float *qs = rows + j * ld + k * d, *ks = qs + H;
-            for (int64_t c = 0; c < d; c += 16) {
-                const __mmask16 m = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
-                const __mmask8 m2 = (__mmask8)((1u << ((d - c + 1 < 16 ? d - c + 1 : 16) / 2)) - 1u);
-                _mm256_mask_storeu_epi32(q + j * d2 + c / 2, m2, pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, qs + c))));
-                _mm256_storeu_si256((__m256i *)kp, pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, ks + c))));
-                for (int i = 0; i < 8 && c / 2 + i < d2; i++) kt[(c / 2 + i) * b.ldk + j] = kp[i];
+    for (int64_t j0 = 0; j0 < len; j0 += 16) { /* 16 rows (8 pairs) at a time for all heads: each row read once */
+        const int64_t j1 = j0 + 16 < len ? j0 + 16 : len;
+        for (int k = 0; k < heads; k++) {
+            const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
+            uint32_t *q = (uint32_t *)b.q, *kt = (uint32_t *)b.kt, *v = (uint32_t *)b.v;
+            for (int64_t j = j0; j < j1; j++) {
+                const float *qs = rows + j * ld + k * d, *ks = qs + H;
+                for (int64_t c = 0; c < d; c += 16) {
+                    const __mmask16 m = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
+                    const __mmask8 m2 = (__mmask8)((1u << ((d - c + 1 < 16 ? d - c + 1 : 16) / 2)) - 1u);
+                    _mm256_mask_storeu_epi32(q + j * d2 + c / 2, m2,
+                                             pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, qs + c))));
+                    _mm256_storeu_si256((__m256i *)kp, pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, ks + c))));
+                    for (int i = 0; i < 8 && c / 2 + i < d2; i++) kt[(c / 2 + i) * b.ldk + j] = kp[i];
+                }
             }
-        }
-        for (int64_t m = 0; m < d2; m++)
-            for (int64_t j = len; j < b.ldk; j++) kt[m * b.ldk + j] = 0;
-        for (int64_t m = 0; m < (len + 1) / 2; m++) {
-            const float *v0 = rows + 2 * m * ld + 2 * H + k * d, *v1 = 2 * m + 1 < len ? v0 + ld : NULL;
-            for (int64_t c = 0; c < dv; c += 16) {
-                const __mmask16 mk = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
-                const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(mk, v0 + c));
-                const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(mk, v1 + c)) : _mm512_setzero_si512();
-                _mm512_storeu_si512(v + m * dv + c, _mm512_maskz_mov_epi32(mk, pair_rows(r0, r1)));
+            for (int64_t mp = j0 / 2; mp < (j1 + 1) / 2; mp++) {
+                const float *v0 = rows + 2 * mp * ld + 2 * H + k * d, *v1 = 2 * mp + 1 < len ? v0 + ld : NULL;
+                for (int64_t c = 0; c < dv; c += 16) {
+                    const __mmask16 mk = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
+                    const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(mk, v0 + c));
+                    const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(mk, v1 + c)) : _mm512_setzero_si512();
+                    _mm512_storeu_si512(v + mp * dv + c, _mm512_maskz_mov_epi32(mk, pair_rows(r0, r1)));
+                }
             }
         }
     }
+    for (int k = 0; k < heads; k++) {
+        const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
+        uint32_t *kt = (uint32_t *)b.kt;
+        for (int64_t m = 0; m < d2; m++)
+            for (int64_t j = len; j < b.ldk; j++) kt[m * b.ldk + j] = 0;
+    }
 }
 
-static AI MQ_TARGET_AVX512_BF16 __m512 dot_bf16(__m512 acc, uint32_t a, const uint32_t *b) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)_mm512_loadu_si512(b));
+/* s[r, j] = (q_r . k_j) * scale for the pair rows qr[r] (d2 pairs), j0 <= j < j0 + 16 nb: nb blocks of 16 keys
+   (16 accumulators for two; each broadcast pair then feeds two vdpbf16ps). */
+static AI MQ_TARGET_AVX512_BF16 void scores_block_bf16(const int nb, const uint32_t *const *qr, const uint32_t *kt,
+                                                       int64_t d2, int64_t ldk, int64_t j0, __m512 vs, float *s) {
+    __m512 acc[ROWS_AVX512][2];
+    for (int r = 0; r < ROWS_AVX512; r++)
+        for (int i = 0; i < nb; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t m = 0; m < d2; m++)
+        for (int r = 0; r < ROWS_AVX512; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)qr[r][m]);
+            for (int i = 0; i < nb; i++)
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], a, (__m512bh)_mm512_loadu_si512(kt + m * ldk + j0 + 16 * i));
+        }
+    for (int r = 0; r < ROWS_AVX512; r++)
+        for (int i = 0; i < nb; i++) _mm512_storeu_ps(s + r * ldk + j0 + 16 * i, _mm512_mul_ps(acc[r][i], vs));
 }
 
 /* s[r, j] = (q_r . k_j) * scale for the pair rows qr[r] (d2 pairs), j < ldk. */
 static AI MQ_TARGET_AVX512_BF16 void scores_tile_bf16(const uint32_t *const *qr, const uint32_t *kt, int64_t d2,
                                                       int64_t ldk, float scale, float *s) {
     const __m512 vs = _mm512_set1_ps(scale);
-    for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
-        __m512 acc[ROWS_AVX512];
-        for (int r = 0; r < ROWS_AVX512; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t m = 0; m < d2; m++)
-            for (int r = 0; r < ROWS_AVX512; r++) acc[r] = dot_bf16(acc[r], qr[r][m], kt + m * ldk + j0);
-        for (int r = 0; r < ROWS_AVX512; r++) _mm512_storeu_ps(s + r * ldk + j0, _mm512_mul_ps(acc[r], vs));
-    }
+    int64_t j0 = 0;
+    for (; j0 + 32 <= ldk; j0 += 32) scores_block_bf16(2, qr, kt, d2, ldk, j0, vs, s);
+    if (j0 < ldk) scores_block_bf16(1, qr, kt, d2, ldk, j0, vs, s);
 }
 
-/* A row of ldk bf16-exact probabilities into ldk / 2 pairs (2m, 2m + 1): the high 16 bits of each f32. */
-static AI MQ_TARGET_AVX512_BF16 void pair_row(const float *s, int64_t ldk, uint32_t *p) {
+/* The probabilities s[j] * inv of a row (zero past its length), rounded to bf16 as maybe_round rounds them, as
+   ldk / 2 pairs (2m, 2m + 1). */
+static AI MQ_TARGET_AVX512_BF16 void pair_row(const float *s, int64_t ldk, float inv, uint32_t *p) {
+    const __m512 f = _mm512_set1_ps(inv);
     for (int64_t j = 0; j < ldk; j += 16)
-        _mm256_storeu_si256((__m256i *)(p + j / 2), pair_lanes(_mm512_loadu_si512(s + j)));
+        _mm256_storeu_si256((__m256i *)(p + j / 2), pair_lanes(round_bf16(_mm512_mul_ps(_mm512_loadu_ps(s + j), f))));
+}
+
+/* c[r, c0 + :16 nb] = (sum_j pr[r][j] v[j, :]) * f[r] over the pair rows pr[r] (np pairs of keys), nb blocks of 16
+   columns. */
+static AI MQ_TARGET_AVX512_BF16 void context_block_bf16(const int nb, const uint32_t *const *pr, const float *f,
+                                                        const uint32_t *v, int64_t np, int64_t dv, int64_t c0,
+                                                        float *c) {
+    __m512 acc[ROWS_AVX512][2];
+    for (int r = 0; r < ROWS_AVX512; r++)
+        for (int i = 0; i < nb; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t m = 0; m < np; m++)
+        for (int r = 0; r < ROWS_AVX512; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pr[r][m]);
+            for (int i = 0; i < nb; i++)
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], a, (__m512bh)_mm512_loadu_si512(v + m * dv + c0 + 16 * i));
+        }
+    for (int r = 0; r < ROWS_AVX512; r++)
+        for (int i = 0; i < nb; i++)
+            _mm512_storeu_ps(c + r * dv + c0 + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(f[r])));
 }
 
 /* c[r, :] = (sum_j pr[r][j] v[j, :]) * f[r] over the pair rows pr[r] (np pairs of keys). */
 static AI MQ_TARGET_AVX512_BF16 void context_tile_bf16(const uint32_t *const *pr, const float *f, const uint32_t *v,
                                                        int64_t np, int64_t dv, float *c) {
-    for (int64_t c0 = 0; c0 < dv; c0 += 16) {
-        __m512 acc[ROWS_AVX512];
-        for (int r = 0; r < ROWS_AVX512; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t m = 0; m < np; m++)
-            for (int r = 0; r < ROWS_AVX512; r++) acc[r] = dot_bf16(acc[r], pr[r][m], v + m * dv + c0);
-        for (int r = 0; r < ROWS_AVX512; r++)
-            _mm512_storeu_ps(c + r * dv + c0, _mm512_mul_ps(acc[r], _mm512_set1_ps(f[r])));
-    }
+    int64_t c0 = 0;
+    for (; c0 + 32 <= dv; c0 += 32) context_block_bf16(2, pr, f, v, np, dv, c0, c);
+    if (c0 < dv) context_block_bf16(1, pr, f, v, np, dv, c0, c);
 }
 
 static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job, const mq_attn_bufs *pb,
@@ -433,10 +486,11 @@ static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job,
         }
         scores_tile_bf16(qr, (const uint32_t *)b.kt, d2, b.ldk, job->scale, b.s);
         for (int r = 0; r < nr; r++) {
-            f[r] = softmax_row_avx512(b.s + r * b.ldk, len, b.ldk, 1);
-            pair_row(b.s + r * b.ldk, b.ldk, b.p + r * (b.ldk / 2));
+            const float inv = softmax_row_avx512(b.s + r * b.ldk, len, b.ldk, 2);
+            pair_row(b.s + r * b.ldk, b.ldk, inv, b.p + r * (b.ldk / 2));
+            f[r] = 1.f;
         }
-        for (int r = nr; r < ROWS_AVX512; r++) f[r] = f[nr - 1];
+        for (int r = nr; r < ROWS_AVX512; r++) f[r] = 1.f;
         context_tile_bf16(pr, f, (const uint32_t *)b.v, (len + 1) / 2, dv, b.c);
         for (int r = 0; r < nr; r++) write_row(job, b.c + r * dv, offset + i0 + r, h);
     }
