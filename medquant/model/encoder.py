@@ -188,9 +188,10 @@ class Encoder:
 
     def attention_info(self) -> Dict[str, object]:
         """The precision attention computes in (the scheme's ``attention``; bf16 multiplies bf16-rounded Q, K, V and
-        probabilities with f32 accumulation, on f32 arithmetic) and the kernel that runs it: medquant's fused
-        attention, ``'medquant:attention_avx512'``, ``'medquant:attention_avx2'`` or ``'medquant:attention_c'`` (by
-        the ISA oneDNN reports, so ``ONEDNN_MAX_CPU_ISA`` caps it), which give the same bits."""
+        probabilities with f32 accumulation) and the kernel that runs it: medquant's fused attention,
+        ``'medquant:attention_avx512'``, ``'medquant:attention_avx2'`` or ``'medquant:attention_c'`` (by the ISA
+        oneDNN reports, so ``ONEDNN_MAX_CPU_ISA`` caps it), and for bf16 on CPUs with avx512_bf16
+        ``'medquant:attention_avx512_bf16dot'`` (vdpbf16ps); all give the same bits."""
         precision, kernel = self._core.attention_info()
         names = {v: k for k, v in _storage.ATTENTION_PRECISION.items()}
         return {"precision": names[precision], "kernel": kernel}
