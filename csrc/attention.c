@@ -8,9 +8,12 @@
  *
  * Three paths, picked by mq_vec_isa_effective (so ONEDNN_MAX_CPU_ISA caps them): AVX-512 (tiles of 8 query rows x
  * 16 columns, one zmm each) and AVX2 + FMA (6 rows x 16 columns, two ymm each), both attention_kernel.inc, and
- * portable C, one row at a time with fmaf. All do the same IEEE operations in the same order - an fma chain per score over the head dimension, the exp of vecmath.h, the
- * softmax sum in 16 partial sums added in a fixed tree, an fma chain per context value over the keys - so they give
- * the same bits, and a row's result depends on nothing but its sequence and head.
+ * portable C, one row at a time with fmaf. All do the same IEEE operations in the same order - an fma chain per
+ * score over the head dimension, the exp of vecmath.h, the softmax sum in 16 partial sums added in a fixed tree, an
+ * fma chain per context value over the keys - so they give the same bits, and a row's result depends on nothing but
+ * its sequence and head. BF16 (operands rounded to bf16) has a fourth path where the CPU has avx512_bf16 and the cap
+ * allows it (mq_vec_bf16_dot): vdpbf16ps on bf16 pairs staged by stage_heads_bf16, which does the f32 paths'
+ * operations in their order too (see attention_head_bf16dot), with denormals flushed on every path.
  */
 #include "attention.h"
 
@@ -162,8 +165,15 @@ static MQ_INLINE float maybe_round(float x, int round) { return round ? mq_bf16_
 
 typedef uint32_t mq_v16u __attribute__((vector_size(64)));
 
-/* x[j] = maybe_round(x[j] * f, 1) for j < n: 16 lanes at a time with the integer operations of mq_f32_to_bf16 (the
-   same bits; GCC lowers them to the caller's vector ISA), the rest one by one. */
+/* maybe_round(x, 1) on the f32 bits of 16 lanes: the integer operations of mq_f32_to_bf16 (the same bits; GCC lowers
+   them to the caller's vector ISA), in place, the result's low 16 bits zero. */
+static MQ_INLINE void round_bf16_bits(mq_v16u *v) {
+    const mq_v16u u = *v, r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const mq_v16u nan = (u & 0x7fffffffu) > 0x7f800000u; /* all ones where NaN: kept, quiet */
+    *v = (r & ~nan) | (((u & 0xffff0000u) | 0x400000u) & nan);
+}
+
+/* x[j] = maybe_round(x[j] * f, 1) for j < n: 16 lanes at a time, the rest one by one. */
 static MQ_INLINE void scale_round_bf16(float *x, int64_t n, float f) {
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
@@ -172,9 +182,7 @@ static MQ_INLINE void scale_round_bf16(float *x, int64_t n, float f) {
         v *= f;
         mq_v16u u;
         memcpy(&u, &v, sizeof u);
-        const mq_v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        const mq_v16u nan = (u & 0x7fffffffu) > 0x7f800000u; /* all ones where NaN: kept, quiet */
-        u = (r & ~nan) | (((u & 0xffff0000u) | 0x400000u) & nan);
+        round_bf16_bits(&u);
         memcpy(x + j, &u, sizeof u);
     }
     for (; j < n; j++) x[j] = maybe_round(x[j] * f, 1);
@@ -345,14 +353,11 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
    f32 paths do on the same bf16 values in the pairs' order under FTZ / DAZ (run_task sets them for BF16): the same
    bits, measured against the AVX2 and portable paths by the tests. */
 
-/* mq_f32_to_bf16 on 16 lanes: each lane's bf16 in its high 16 bits (the low 16 bits are not cleared). */
+/* round_bf16_bits of a zmm: each lane's bf16 in its high 16 bits. */
 static AI MQ_TARGET_AVX512_BF16 __m512i round_bf16(__m512 x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    return _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(u, _mm512_set1_epi32(0x400000))); /* NaN: quiet */
+    mq_v16u u = (mq_v16u)_mm512_castps_si512(x);
+    round_bf16_bits(&u);
+    return (__m512i)u;
 }
 
 /* Pairs (x[2m], x[2m + 1]) of the rounded lanes as 8 dwords, x[2m] in the high half: vdpbf16ps adds the product of a

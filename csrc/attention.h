@@ -31,7 +31,8 @@ void mq_attention_destroy(mq_attention *a);
 /* The precision the next forwards compute in (F32 after create). */
 mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precision);
 mq_attn_precision mq_attention_precision(const mq_attention *a);
-/* The kernel that runs: "medquant:attention_avx512", "medquant:attention_avx2" or "medquant:attention_c". */
+/* The kernel that runs: "medquant:attention_avx512", "medquant:attention_avx2" or "medquant:attention_c", and for BF16
+   on CPUs with avx512_bf16 "medquant:attention_avx512_bf16dot". */
 const char *mq_attention_impl(const mq_attention *a);
 
 /* Bytes of per-thread scratch a forward over `batch` sequences of at most `max_len` tokens allocates (an upper bound),

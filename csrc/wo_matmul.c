@@ -37,7 +37,7 @@
 #define GROUP_PANELS 64    /* at most this many panels per task (bounds its partial sums at 1.9 MB) */
 
 #define AI inline __attribute__((always_inline))
-#define AVX512 __attribute__((target("avx512f")))
+#define AVX512 MQ_TARGET_AVX512
 #define AVX2 MQ_TARGET_AVX2
 
 static const int ISA_TILE_ROWS[] = {[MQ_VEC_C] = MR_C, [MQ_VEC_AVX2] = MR_AVX2, [MQ_VEC_AVX512] = MR_AVX512};
@@ -114,13 +114,6 @@ MQ_HOT void mq_gelu_erf_inplace(float *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) v[i] = gelu_erf_one(v[i]);
 }
 
-/* The same loop for AVX-512 (the baseline build's runs 4 lanes wide with SSE); GCC vectorizes it with masked selects.
-   Not for AVX2: there GCC branches around the exp's clamp and leaves the loop scalar, hence gelu_v8. */
-static AVX512 void gelu_avx512(float *v, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) v[i] = gelu_erf_one(v[i]);
-}
-
 /* gelu_erf_one on 8 lanes in place, operation for operation (the same bits). */
 static AI AVX2 void gelu_v8(mq_v8 *v) {
     const mq_v8 zero = {0}, x = *v;
@@ -155,6 +148,14 @@ static void finish_tile(const float *tile, int mr, const wo_out *o) {
 }
 
 /* ------------------------------------------------------------------ AVX-512 */
+
+/* gelu_v8 on both halves of a zmm (the same operations, the same bits as gelu_erf_one). */
+static AI AVX512 __m512 gelu_zmm(__m512 v) {
+    mq_v8 lo = (mq_v8)_mm512_castps512_ps256(v), hi = (mq_v8)_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    gelu_v8(&lo);
+    gelu_v8(&hi);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512((__m256)lo)), _mm256_castps_pd((__m256)hi), 1));
+}
 
 static AI AVX512 void cvt_avx512(wo_src src, const uint8_t *q, __m512 s0, __m512 s1, __m512 *b0, __m512 *b1) {
     __m512i i0, i1;
@@ -237,10 +238,10 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_
             if (o->rs) v = _mm512_mul_ps(v, _mm512_set1_ps(o->rs[r]));
             if (o->bias) v = _mm512_add_ps(v, b[h]);
             if (o->res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[h], o->res + r * o->ldy + 16 * h));
+            if (o->epi == MQ_EPI_GELU) /* in registers, as two 8-lane halves (re-reading a stored row would stall) */
+                v = gelu_zmm(v);
             _mm512_mask_storeu_ps(o->y + r * o->ldy + 16 * h, m[h], v);
         }
-    if (o->epi == MQ_EPI_GELU)
-        for (int r = 0; r < mr; r++) gelu_avx512(o->y + r * o->ldy, o->ncols);
 }
 
 #define TILE_CASE(isa, n)                                                                                              \
