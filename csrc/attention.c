@@ -415,30 +415,33 @@ static MQ_TARGET_AVX512_BF16 void stage_heads_bf16(const mq_attn_job *job, int64
     }
 }
 
-/* s[r, j] = (q_r . k_j) * scale for the pair rows qr[r] (d2 pairs), j0 <= j < j0 + 16 nb: nb blocks of 16 keys
-   (16 accumulators for two; each broadcast pair then feeds two vdpbf16ps). */
-static AI MQ_TARGET_AVX512_BF16 void scores_block_bf16(const int nb, const uint32_t *const *qr, const uint32_t *kt,
-                                                       int64_t d2, int64_t ldk, int64_t j0, __m512 vs, float *s) {
+/* y[r, 16 i + c] = f[r] * sum_m dot(a[r][m], b[m ldb + 16 i + c]) for the ROWS_AVX512 pair rows a[r] (n pairs each),
+   i < nb blocks of 16 columns of b (16 accumulators for two: each broadcast pair then feeds two vdpbf16ps). The
+   scores (a: queries, b: the keys' pairs) and the context (a: probabilities, b: the values' pairs) both. */
+static AI MQ_TARGET_AVX512_BF16 void dots_bf16(const int nb, const uint32_t *const *a, const uint32_t *b, int64_t ldb,
+                                               int64_t n, const float *f, float *y, int64_t ldy) {
     __m512 acc[ROWS_AVX512][2];
     for (int r = 0; r < ROWS_AVX512; r++)
         for (int i = 0; i < nb; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t m = 0; m < d2; m++)
+    for (int64_t m = 0; m < n; m++)
         for (int r = 0; r < ROWS_AVX512; r++) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)qr[r][m]);
+            const __m512bh ar = (__m512bh)_mm512_set1_epi32((int)a[r][m]);
             for (int i = 0; i < nb; i++)
-                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], a, (__m512bh)_mm512_loadu_si512(kt + m * ldk + j0 + 16 * i));
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], ar, (__m512bh)_mm512_loadu_si512(b + m * ldb + 16 * i));
         }
     for (int r = 0; r < ROWS_AVX512; r++)
-        for (int i = 0; i < nb; i++) _mm512_storeu_ps(s + r * ldk + j0 + 16 * i, _mm512_mul_ps(acc[r][i], vs));
+        for (int i = 0; i < nb; i++)
+            _mm512_storeu_ps(y + r * ldy + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(f[r])));
 }
 
 /* s[r, j] = (q_r . k_j) * scale for the pair rows qr[r] (d2 pairs), j < ldk. */
 static AI MQ_TARGET_AVX512_BF16 void scores_tile_bf16(const uint32_t *const *qr, const uint32_t *kt, int64_t d2,
                                                       int64_t ldk, float scale, float *s) {
-    const __m512 vs = _mm512_set1_ps(scale);
+    float f[ROWS_AVX512];
+    for (int r = 0; r < ROWS_AVX512; r++) f[r] = scale;
     int64_t j0 = 0;
-    for (; j0 + 32 <= ldk; j0 += 32) scores_block_bf16(2, qr, kt, d2, ldk, j0, vs, s);
-    if (j0 < ldk) scores_block_bf16(1, qr, kt, d2, ldk, j0, vs, s);
+    for (; j0 + 32 <= ldk; j0 += 32) dots_bf16(2, qr, kt + j0, ldk, d2, f, s + j0, ldk);
+    if (j0 < ldk) dots_bf16(1, qr, kt + j0, ldk, d2, f, s + j0, ldk);
 }
 
 /* The probabilities s[j] * inv of a row (zero past its length), rounded to bf16 as maybe_round rounds them, as
@@ -449,31 +452,12 @@ static AI MQ_TARGET_AVX512_BF16 void pair_row(const float *s, int64_t ldk, float
         _mm256_storeu_si256((__m256i *)(p + j / 2), pair_lanes(round_bf16(_mm512_mul_ps(_mm512_loadu_ps(s + j), f))));
 }
 
-/* c[r, c0 + :16 nb] = (sum_j pr[r][j] v[j, :]) * f[r] over the pair rows pr[r] (np pairs of keys), nb blocks of 16
-   columns. */
-static AI MQ_TARGET_AVX512_BF16 void context_block_bf16(const int nb, const uint32_t *const *pr, const float *f,
-                                                        const uint32_t *v, int64_t np, int64_t dv, int64_t c0,
-                                                        float *c) {
-    __m512 acc[ROWS_AVX512][2];
-    for (int r = 0; r < ROWS_AVX512; r++)
-        for (int i = 0; i < nb; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t m = 0; m < np; m++)
-        for (int r = 0; r < ROWS_AVX512; r++) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pr[r][m]);
-            for (int i = 0; i < nb; i++)
-                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], a, (__m512bh)_mm512_loadu_si512(v + m * dv + c0 + 16 * i));
-        }
-    for (int r = 0; r < ROWS_AVX512; r++)
-        for (int i = 0; i < nb; i++)
-            _mm512_storeu_ps(c + r * dv + c0 + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(f[r])));
-}
-
 /* c[r, :] = (sum_j pr[r][j] v[j, :]) * f[r] over the pair rows pr[r] (np pairs of keys). */
 static AI MQ_TARGET_AVX512_BF16 void context_tile_bf16(const uint32_t *const *pr, const float *f, const uint32_t *v,
                                                        int64_t np, int64_t dv, float *c) {
     int64_t c0 = 0;
-    for (; c0 + 32 <= dv; c0 += 32) context_block_bf16(2, pr, f, v, np, dv, c0, c);
-    if (c0 < dv) context_block_bf16(1, pr, f, v, np, dv, c0, c);
+    for (; c0 + 32 <= dv; c0 += 32) dots_bf16(2, pr, v + c0, dv, np, f, c + c0, dv);
+    if (c0 < dv) dots_bf16(1, pr, v + c0, dv, np, f, c + c0, dv);
 }
 
 static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job, const mq_attn_bufs *pb,

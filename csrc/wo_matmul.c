@@ -151,10 +151,12 @@ static void finish_tile(const float *tile, int mr, const wo_out *o) {
 
 /* gelu_v8 on both halves of a zmm (the same operations, the same bits as gelu_erf_one). */
 static AI AVX512 __m512 gelu_zmm(__m512 v) {
-    mq_v8 lo = (mq_v8)_mm512_castps512_ps256(v), hi = (mq_v8)_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    const __m512d vd = _mm512_castps_pd(v);
+    mq_v8 lo = (mq_v8)_mm512_castps512_ps256(v), hi = (mq_v8)_mm256_castpd_ps(_mm512_extractf64x4_pd(vd, 1));
     gelu_v8(&lo);
     gelu_v8(&hi);
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512((__m256)lo)), _mm256_castps_pd((__m256)hi), 1));
+    const __m512d lo512 = _mm512_castps_pd(_mm512_castps256_ps512((__m256)lo));
+    return _mm512_castpd_ps(_mm512_insertf64x4(lo512, _mm256_castps_pd((__m256)hi), 1));
 }
 
 static AI AVX512 void cvt_avx512(wo_src src, const uint8_t *q, __m512 s0, __m512 s1, __m512 *b0, __m512 *b1) {
