@@ -81,9 +81,8 @@ mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, i
     a->scale = 1.f / sqrtf((float)head_dim);
     a->isa = mq_vec_isa_effective();
     a->bf16_dot = a->isa == MQ_VEC_AVX512 && mq_vec_bf16_dot();
-    snprintf(a->impl, sizeof a->impl, "medquant:attention_%s", mq_vec_isa_name(a->isa));
     *out = a;
-    return MQ_OK;
+    return mq_attention_set_precision(a, MQ_ATTN_F32); /* and its kernel's name */
 }
 
 void mq_attention_release_scratch(mq_attention *a) {
@@ -467,8 +466,9 @@ static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job,
     const uint32_t *q = (const uint32_t *)b.q;
     for (int64_t i0 = 0; i0 < len; i0 += ROWS_AVX512) {
         const int nr = len - i0 < ROWS_AVX512 ? (int)(len - i0) : ROWS_AVX512;
+        _Static_assert(ROWS_AVX512 == 8, "ones[] lists ROWS_AVX512 values");
+        static const float ones[ROWS_AVX512] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f}; /* pair_row scales */
         const uint32_t *qr[ROWS_AVX512], *pr[ROWS_AVX512];
-        float f[ROWS_AVX512];
         for (int r = 0; r < ROWS_AVX512; r++) { /* rows past the sequence repeat its last row, dropped */
             qr[r] = q + (i0 + (r < nr ? r : nr - 1)) * d2;
             pr[r] = b.p + (r < nr ? r : nr - 1) * (b.ldk / 2);
@@ -477,10 +477,8 @@ static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job,
         for (int r = 0; r < nr; r++) {
             const float inv = softmax_row_avx512(b.s + r * b.ldk, len, b.ldk, 2);
             pair_row(b.s + r * b.ldk, b.ldk, inv, b.p + r * (b.ldk / 2));
-            f[r] = 1.f;
         }
-        for (int r = nr; r < ROWS_AVX512; r++) f[r] = 1.f;
-        context_tile_bf16(pr, f, (const uint32_t *)b.v, (len + 1) / 2, dv, b.c);
+        context_tile_bf16(pr, ones, (const uint32_t *)b.v, (len + 1) / 2, dv, b.c);
         for (int r = 0; r < nr; r++) write_row(job, b.c + r * dv, offset + i0 + r, h);
     }
 }
