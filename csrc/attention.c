@@ -4,7 +4,8 @@
  * Per head of a task, in per-thread scratch: q [len, d] and v [len, dv] dense (dv = d rounded up to 16, zero columns
  * past d), kt [d, ldk] the keys transposed (ldk = len rounded up to 16, zero columns past len); per tile of query
  * rows, s [rows, ldk] the scores, then in place exp(score - max) (or, for BF16, the rounded probabilities), and
- * c [rows, dv] the context.
+ * c [rows, dv] the context. The AVX-512 and AVX2 paths stage the keys through in-register transposes (16 x 16 and
+ * 8 x 8 blocks).
  *
  * Three paths, picked by mq_vec_isa_effective (so ONEDNN_MAX_CPU_ISA caps them): AVX-512 (tiles of 8 query rows x
  * 16 columns, one zmm each) and AVX2 + FMA (6 rows x 16 columns, two ymm each), both attention_kernel.inc, and
@@ -12,7 +13,7 @@
  * score over the head dimension, the exp of vecmath.h, the softmax sum in 16 partial sums added in a fixed tree, an
  * fma chain per context value over the keys - so they give the same bits, and a row's result depends on nothing but
  * its sequence and head. BF16 (operands rounded to bf16) has a fourth path where the CPU has avx512_bf16 and the cap
- * allows it (mq_vec_bf16_dot): vdpbf16ps on bf16 pairs staged by stage_heads_bf16, which does the f32 paths'
+ * allows it (mq_vec_bf16_dot): vdpbf16ps on bf16 pairs staged by stage_head_bf16, which does the f32 paths'
  * operations in their order too (see attention_head_bf16dot), with denormals flushed on every path.
  */
 #include "attention.h"
@@ -60,7 +61,8 @@ typedef struct {
     int64_t H, d, dv;
     float scale;
     int round; /* BF16: operands rounded to bf16 */
-    int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_heads_bf16) */
+    int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_head_bf16) */
+    int n_heads_task; /* heads per task: the next head's rows are prefetched while one is computed */
     mq_attn_out out;
 } mq_attn_job;
 
@@ -115,9 +117,9 @@ mq_attn_precision mq_attention_precision(const mq_attention *a) { return a->prec
 
 const char *mq_attention_impl(const mq_attention *a) { return a->impl; }
 
-/* How a forward splits its work: with at least two sequences per thread, a task is a sequence (its rows are read
-   once, in order, for all heads); with fewer, a task is a (sequence, head) pair, so the heads of even one sequence
-   spread over the threads. */
+/* How a forward splits its work: with at least two sequences per thread, a task is a sequence (its heads one after
+   the other); with fewer, a task is a (sequence, head) pair, so the heads of even one sequence spread over the
+   threads. */
 typedef struct {
     int nthr;          /* threads */
     int heads_per_task; /* n_heads or 1 */
@@ -137,7 +139,7 @@ static mq_attn_plan make_plan(const mq_attention *a, int64_t batch) {
 }
 
 /* Floats (4-byte words) of one head's staged q, kt and v for a sequence of L tokens, each part a multiple of 16:
-   f32 values, or for bf16 pairs (stage_heads_bf16) d2 = ceil(d / 2) pairs per query / key and ldk / 2 pairs of
+   f32 values, or for bf16 pairs (stage_head_bf16) d2 = ceil(d / 2) pairs per query / key and ldk / 2 pairs of
    keys per value column; the larger of the two. */
 static int64_t head_floats(int64_t L, int64_t d) {
     const int64_t f32 = round16(L * d) + d * round16(L) + L * round16(d), d2 = (d + 1) / 2;
@@ -145,15 +147,16 @@ static int64_t head_floats(int64_t L, int64_t d) {
     return f32 > pairs ? f32 : pairs;
 }
 
-/* Floats of one thread's scratch for tasks of `heads` heads of sequences of at most L tokens: the heads' q, kt, v,
-   then one tile's s, the bf16 pairs of its probabilities (vdpbf16ps path) and c. */
-static size_t scratch_floats(int64_t L, int64_t d, int heads) {
-    return (size_t)(heads * head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)));
+/* Floats of one thread's scratch for sequences of at most L tokens: one head's q, kt, v (a task stages its heads one
+   after the other, so the blocks stay in the core's cache), then one tile's s, the bf16 pairs of its probabilities
+   (vdpbf16ps path) and c. */
+static size_t scratch_floats(int64_t L, int64_t d) {
+    return (size_t)(head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)));
 }
 
 size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch) {
     const mq_attn_plan p = make_plan(a, batch);
-    const double per_thread = (double)scratch_floats(max_len, a->head_dim, p.heads_per_task) * sizeof(float) + 64.0;
+    const double per_thread = (double)scratch_floats(max_len, a->head_dim) * sizeof(float) + 64.0;
     const double total = per_thread * p.nthr;
     return total >= (double)SIZE_MAX ? SIZE_MAX : (size_t)total;
 }
@@ -188,18 +191,18 @@ static MQ_INLINE void scale_round_bf16(float *x, int64_t n, float f) {
 }
 
 /* One head's staged blocks and the tile buffers of a task (this file's header); on the vdpbf16ps path q, kt and v
-   hold bf16 pairs (stage_heads_bf16) and p the probabilities' pairs. */
+   hold bf16 pairs (stage_head_bf16) and p the probabilities' pairs. */
 typedef struct {
     float *q, *kt, *v, *s, *c;
     uint32_t *p;
     int64_t ldk;
 } mq_attn_bufs;
 
-/* Head k (0-based within the task) of a task of `heads` heads over a sequence of len tokens, in buf. */
-static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, int heads, int k, float *buf) {
+/* The staged head and the tile buffers of a sequence of len tokens, in buf. */
+static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, float *buf) {
     mq_attn_bufs b;
     b.ldk = round16(len);
-    b.q = buf + k * head_floats(len, job->d);
+    b.q = buf;
     b.kt = b.q + round16(len * job->d);
     b.v = b.kt + job->d * b.ldk;
     if (job->dot) {
@@ -207,38 +210,72 @@ static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, int
         b.kt = b.q + round16(len * d2);
         b.v = b.kt + d2 * b.ldk;
     }
-    b.s = buf + heads * head_floats(len, job->d);
+    b.s = buf + head_floats(len, job->d);
     b.p = (uint32_t *)(b.s + ROWS_MAX * b.ldk);
     b.c = b.s + ROWS_MAX * (b.ldk + b.ldk / 2);
     return b;
 }
 
-/* Heads h0 .. h0 + heads - 1 of the sequence at rows offset.. into their q, kt and v blocks, reading each row of
-   the packed QKV once, in order (bf16-rounded for BF16). */
-static void stage_heads(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0, int heads, float *buf) {
+/* Head h of the sequence at rows offset.. into its q, kt and v blocks (bf16-rounded for BF16), zero past the
+   sequence and past d. */
+static void stage_head(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h, const mq_attn_bufs *b) {
     const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H;
     const int round = job->round;
-    const float *rows = job->qkv + offset * ld + h0 * d;
-    for (int64_t j0 = 0; j0 < len; j0 += 16) { /* 16 rows at a time: the transposed writes fill whole lines */
-        const int64_t j1 = j0 + 16 < len ? j0 + 16 : len;
-        for (int k = 0; k < heads; k++) {
-            const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
-            for (int64_t j = j0; j < j1; j++) {
-                const float *qs = rows + j * ld + k * d, *vs = qs + 2 * H;
-                for (int64_t c = 0; c < d; c++) b.q[j * d + c] = maybe_round(qs[c], round);
-                for (int64_t c = 0; c < d; c++) b.v[j * dv + c] = maybe_round(vs[c], round);
-                for (int64_t c = d; c < dv; c++) b.v[j * dv + c] = 0.f;
-            }
-            const float *ks = rows + H + k * d;
-            for (int64_t c = 0; c < d; c++)
-                for (int64_t j = j0; j < j1; j++) b.kt[c * b.ldk + j] = maybe_round(ks[j * ld + c], round);
-        }
+    const float *rows = job->qkv + offset * ld + h * d;
+    for (int64_t j = 0; j < len; j++) {
+        const float *qs = rows + j * ld, *vs = qs + 2 * H;
+        for (int64_t c = 0; c < d; c++) b->q[j * d + c] = maybe_round(qs[c], round);
+        for (int64_t c = 0; c < d; c++) b->v[j * dv + c] = maybe_round(vs[c], round);
+        for (int64_t c = d; c < dv; c++) b->v[j * dv + c] = 0.f;
     }
-    for (int k = 0; k < heads; k++) {
-        const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
+    for (int64_t j0 = 0; j0 < b->ldk; j0 += 16) /* 16 keys at a time: the transposed writes fill whole lines */
         for (int64_t c = 0; c < d; c++)
-            for (int64_t j = len; j < b.ldk; j++) b.kt[c * b.ldk + j] = 0.f;
+            for (int64_t j = j0; j < j0 + 16; j++)
+                b->kt[c * b->ldk + j] = j < len ? maybe_round(rows[j * ld + H + c], round) : 0.f;
+}
+
+/* stage_head on AVX2 for F32 (the same values): the keys transposed in 8 x 8 blocks. */
+static MQ_TARGET_AVX2 void stage_head_avx2(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h,
+                                           const mq_attn_bufs *b) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H;
+    const float *rows = job->qkv + offset * ld + h * d;
+    for (int64_t j = 0; j < len; j++) {
+        memcpy(b->q + j * d, rows + j * ld, (size_t)d * sizeof(float));
+        memcpy(b->v + j * dv, rows + j * ld + 2 * H, (size_t)d * sizeof(float));
+        memset(b->v + j * dv + d, 0, (size_t)(dv - d) * sizeof(float));
     }
+    __m256 r[8], t[8], u[8];
+    for (int64_t j0 = 0; j0 < b->ldk; j0 += 8)
+        for (int64_t c = 0; c < d; c += 8) {
+            const int n = d - c < 8 ? (int)(d - c) : 8;
+            for (int i = 0; i < 8; i++) {
+                const float *src = rows + (j0 + i) * ld + H + c;
+                if (j0 + i >= len)
+                    r[i] = _mm256_setzero_ps();
+                else if (n == 8)
+                    r[i] = _mm256_loadu_ps(src);
+                else {
+                    float tmp[8] = {0};
+                    memcpy(tmp, src, (size_t)n * sizeof(float));
+                    r[i] = _mm256_loadu_ps(tmp);
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            for (int g = 0; g < 2; g++) {
+                u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            for (int m = 0; m < 4; m++) { /* column m: the low lanes of u[m] and u[4 + m]; column 4 + m the high */
+                r[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+                r[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+            }
+            for (int i = 0; i < n; i++) _mm256_storeu_ps(b->kt + (c + i) * b->ldk + j0, r[i]);
+        }
 }
 
 /* The softmax's sum: 16 partial sums (element j into partial j % 16, in order of j), added by mq_v16_sum. */
@@ -248,8 +285,16 @@ static MQ_INLINE float sum16(const float *part) {
     return mq_v16_sum(&a);
 }
 
-/* Row `row` of the packed output, head h, from the d context values at src. */
+/* Row `row` of the packed output, head h, from the d context values at src; and a prefetch of the row's queries,
+   keys and values of head h + 1 into the core's cache when the task goes on with that head (its staging then reads
+   from cache, not memory: a row's heads are 4 d bytes apart, its rows 12 H bytes, so the hardware prefetchers, which
+   stay inside a page, see no stream). */
 static MQ_INLINE void write_row(const mq_attn_job *job, const float *src, int64_t row, int64_t h) {
+    if (h % job->n_heads_task != job->n_heads_task - 1) {
+        const float *next = job->qkv + row * 3 * job->H + (h + 1) * job->d;
+        for (int part = 0; part < 3; part++)
+            for (int64_t c = 0; c < job->d; c += 16) _mm_prefetch((const char *)(next + part * job->H + c), _MM_HINT_T0);
+    }
     const mq_attn_out *o = &job->out;
     const size_t at = (size_t)(row * job->H + h * job->d);
     if (o->ctx_q)
@@ -347,13 +392,10 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
 #define V_I2F _mm512_castsi512_ps
 #include "attention_kernel.inc"
 
-/* ---- AVX-512 with vdpbf16ps (BF16): the AVX-512 tile on bf16 pairs, half the multiply instructions. Each
-   vdpbf16ps lane does acc += hi * hi', then acc += lo * lo' (fused, denormals flushed in and out), which is what the
-   f32 paths do on the same bf16 values in the pairs' order under FTZ / DAZ (run_task sets them for BF16): the same
-   bits, measured against the AVX2 and portable paths by the tests. */
+/* ---- AVX-512 staging: the keys transposed in registers, 16 keys x 16 dwords at a time */
 
 /* round_bf16_bits of a zmm: each lane's bf16 in its high 16 bits. */
-static AI MQ_TARGET_AVX512_BF16 __m512i round_bf16(__m512 x) {
+static AI MQ_TARGET_AVX512 __m512i round_bf16(__m512 x) {
     mq_v16u u = (mq_v16u)_mm512_castps_si512(x);
     round_bf16_bits(&u);
     return (__m512i)u;
@@ -361,56 +403,130 @@ static AI MQ_TARGET_AVX512_BF16 __m512i round_bf16(__m512 x) {
 
 /* Pairs (x[2m], x[2m + 1]) of the rounded lanes as 8 dwords, x[2m] in the high half: vdpbf16ps adds the product of a
    pair's high half first, then of its low half, so the products are accumulated in the order of the f32 paths. */
-static AI MQ_TARGET_AVX512_BF16 __m256i pair_lanes(__m512i r) {
+static AI MQ_TARGET_AVX512 __m256i pair_lanes(__m512i r) {
     const __m512i x = _mm512_or_si512(_mm512_and_si512(r, _mm512_set1_epi64(0xffff0000)), _mm512_srli_epi64(r, 48));
     return _mm512_cvtepi64_epi32(x);
 }
+
+/* In place, each 256-bit half of the 8 vectors r[0..7] taken as an 8 x 8 matrix of dwords (row i = the half of
+   r[i]) is transposed: afterwards the half of r[m] holds column m. */
+static AI MQ_TARGET_AVX512 void transpose_8x8_halves(__m512i r[8]) {
+    __m512i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* per 128-bit lane: u[m] and u[4 + m] (m < 4) hold element m of rows 0-3 and 4-7 (lanes 0 and 2) and element
+       4 + m (lanes 1 and 3) */
+    for (int g = 0; g < 2; g++) {
+        u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512i x = _mm512_shuffle_i32x4(u[m], u[4 + m], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i y = _mm512_shuffle_i32x4(u[m], u[4 + m], _MM_SHUFFLE(3, 1, 3, 1));
+        r[m] = _mm512_shuffle_i32x4(x, x, _MM_SHUFFLE(3, 1, 2, 0));
+        r[4 + m] = _mm512_shuffle_i32x4(y, y, _MM_SHUFFLE(3, 1, 2, 0));
+    }
+}
+
+/* 16 x 16 dwords transposed: r[i] row i in, column i out. */
+static AI MQ_TARGET_AVX512 void transpose_16x16(__m512i r[16]) {
+    __m512i lo[8], hi[8]; /* lo[j] = columns 0-7 of rows j and 8 + j, hi[j] columns 8-15 */
+    for (int j = 0; j < 8; j++) {
+        lo[j] = _mm512_shuffle_i32x4(r[j], r[8 + j], _MM_SHUFFLE(1, 0, 1, 0));
+        hi[j] = _mm512_shuffle_i32x4(r[j], r[8 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    transpose_8x8_halves(lo);
+    transpose_8x8_halves(hi);
+    for (int j = 0; j < 8; j++) {
+        r[j] = lo[j];
+        r[8 + j] = hi[j];
+    }
+}
+
+/* Mask of the first n (<= 16) lanes. */
+static AI __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+
+/* stage_head on AVX-512 (the same values): rows copied 16 floats at a time, the keys transposed in 16 x 16
+   blocks. */
+static MQ_TARGET_AVX512 void stage_head_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h,
+                                               const mq_attn_bufs *b) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H;
+    const int round = job->round;
+    const float *rows = job->qkv + offset * ld + h * d;
+#define MQ_LOAD(m, p) (round ? round_bf16(_mm512_maskz_loadu_ps(m, p)) : _mm512_castps_si512(_mm512_maskz_loadu_ps(m, p)))
+    for (int64_t j = 0; j < len; j++) {
+        const float *qs = rows + j * ld, *vs = qs + 2 * H;
+        for (int64_t c = 0; c < dv; c += 16) {
+            const __mmask16 m = first_lanes(d - c);
+            _mm512_mask_storeu_epi32(b->q + j * d + c, m, MQ_LOAD(m, qs + c));
+            _mm512_storeu_si512(b->v + j * dv + c, MQ_LOAD(m, vs + c));
+        }
+    }
+    __m512i r[16];
+    for (int64_t j0 = 0; j0 < b->ldk; j0 += 16)
+        for (int64_t c = 0; c < d; c += 16) {
+            const __mmask16 m = first_lanes(d - c);
+            for (int i = 0; i < 16; i++)
+                r[i] = j0 + i < len ? MQ_LOAD(m, rows + (j0 + i) * ld + H + c) : _mm512_setzero_si512();
+            transpose_16x16(r);
+            for (int i = 0; i < 16 && c + i < d; i++) _mm512_storeu_si512(b->kt + (c + i) * b->ldk + j0, r[i]);
+        }
+#undef MQ_LOAD
+}
+
+/* ---- AVX-512 with vdpbf16ps (BF16): the AVX-512 tile on bf16 pairs, half the multiply instructions. Each
+   vdpbf16ps lane does acc += hi * hi', then acc += lo * lo' (fused, denormals flushed in and out), which is what the
+   f32 paths do on the same bf16 values in the pairs' order under FTZ / DAZ (run_task sets them for BF16): the same
+   bits, measured against the AVX2 and portable paths by the tests. */
 
 /* Dwords pairing the lanes of a (high half, added first) with those of b: pairs of two rows' values per column. */
 static AI MQ_TARGET_AVX512_BF16 __m512i pair_rows(__m512i a, __m512i b) {
     return _mm512_or_si512(_mm512_and_si512(a, _mm512_set1_epi32((int)0xffff0000)), _mm512_srli_epi32(b, 16));
 }
 
-/* stage_heads for the vdpbf16ps path: per head, q as [len, d2] pairs of dimensions (2m, 2m + 1), kt as [d2, ldk]
-   the keys' pairs (zero past len), v as [ceil(len / 2), dv] pairs of keys (2m, 2m + 1) per column (zero past len and
-   d); d2 = ceil(d / 2), a missing dimension zero. Values rounded as maybe_round rounds them. */
-static MQ_TARGET_AVX512_BF16 void stage_heads_bf16(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
-                                                   int heads, float *buf) {
+/* stage_head for the vdpbf16ps path: q as [len, d2] pairs of dimensions (2m, 2m + 1), kt as [d2, ldk] the keys'
+   pairs (zero past len), v as [ceil(len / 2), dv] pairs of keys (2m, 2m + 1) per column (zero past len and d);
+   d2 = ceil(d / 2), a missing dimension zero. Values rounded as maybe_round rounds them. */
+static MQ_TARGET_AVX512_BF16 void stage_head_bf16(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h,
+                                                  const mq_attn_bufs *b) {
     const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d2 = (d + 1) / 2;
-    const float *rows = job->qkv + offset * ld + h0 * d;
-    uint32_t kp[8];
-    for (int64_t j0 = 0; j0 < len; j0 += 16) { /* 16 rows (8 pairs) at a time for all heads: each row read once */
-        const int64_t j1 = j0 + 16 < len ? j0 + 16 : len;
-        for (int k = 0; k < heads; k++) {
-            const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
-            uint32_t *q = (uint32_t *)b.q, *kt = (uint32_t *)b.kt, *v = (uint32_t *)b.v;
-            for (int64_t j = j0; j < j1; j++) {
-                const float *qs = rows + j * ld + k * d, *ks = qs + H;
-                for (int64_t c = 0; c < d; c += 16) {
-                    const __mmask16 m = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
-                    const __mmask8 m2 = (__mmask8)((1u << ((d - c + 1 < 16 ? d - c + 1 : 16) / 2)) - 1u);
-                    _mm256_mask_storeu_epi32(q + j * d2 + c / 2, m2,
-                                             pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, qs + c))));
-                    _mm256_storeu_si256((__m256i *)kp, pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, ks + c))));
-                    for (int i = 0; i < 8 && c / 2 + i < d2; i++) kt[(c / 2 + i) * b.ldk + j] = kp[i];
-                }
-            }
-            for (int64_t mp = j0 / 2; mp < (j1 + 1) / 2; mp++) {
-                const float *v0 = rows + 2 * mp * ld + 2 * H + k * d, *v1 = 2 * mp + 1 < len ? v0 + ld : NULL;
-                for (int64_t c = 0; c < dv; c += 16) {
-                    const __mmask16 mk = d - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - c)) - 1u);
-                    const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(mk, v0 + c));
-                    const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(mk, v1 + c)) : _mm512_setzero_si512();
-                    _mm512_storeu_si512(v + mp * dv + c, _mm512_maskz_mov_epi32(mk, pair_rows(r0, r1)));
-                }
-            }
+    const float *rows = job->qkv + offset * ld + h * d;
+    uint32_t *q = (uint32_t *)b->q, *kt = (uint32_t *)b->kt, *v = (uint32_t *)b->v;
+    for (int64_t j = 0; j < len; j++)
+        for (int64_t c = 0; c < d; c += 16) {
+            const __mmask8 m2 = (__mmask8)first_lanes((d - c + 1) / 2);
+            _mm256_mask_storeu_epi32(q + j * d2 + c / 2, m2,
+                                     pair_lanes(round_bf16(_mm512_maskz_loadu_ps(first_lanes(d - c), rows + j * ld + c))));
         }
-    }
-    for (int k = 0; k < heads; k++) {
-        const mq_attn_bufs b = task_bufs(job, len, heads, k, buf);
-        uint32_t *kt = (uint32_t *)b.kt;
-        for (int64_t m = 0; m < d2; m++)
-            for (int64_t j = len; j < b.ldk; j++) kt[m * b.ldk + j] = 0;
+    /* 16 keys x 16 dimensions at a time: keys j0 + i and j0 + 8 + i (i < 8) in the halves of r[i], as 8 pairs each;
+       transposed, the halves of r[m] are pair m of the 16 keys */
+    __m512i r[8];
+    for (int64_t j0 = 0; j0 < b->ldk; j0 += 16)
+        for (int64_t c = 0; c < d; c += 16) {
+            const __mmask16 m = first_lanes(d - c);
+            for (int i = 0; i < 8; i++) {
+                const int64_t k0 = j0 + i, k1 = j0 + 8 + i;
+                const __m256i a = k0 < len ? pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, rows + k0 * ld + H + c)))
+                                           : _mm256_setzero_si256();
+                const __m256i e = k1 < len ? pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, rows + k1 * ld + H + c)))
+                                           : _mm256_setzero_si256();
+                r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(a), e, 1);
+            }
+            transpose_8x8_halves(r);
+            for (int i = 0; i < 8 && c / 2 + i < d2; i++) _mm512_storeu_si512(kt + (c / 2 + i) * b->ldk + j0, r[i]);
+        }
+    for (int64_t mp = 0; mp < (len + 1) / 2; mp++) {
+        const float *v0 = rows + 2 * mp * ld + 2 * H, *v1 = 2 * mp + 1 < len ? v0 + ld : NULL;
+        for (int64_t c = 0; c < dv; c += 16) {
+            const __mmask16 mk = first_lanes(d - c);
+            const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(mk, v0 + c));
+            const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(mk, v1 + c)) : _mm512_setzero_si512();
+            _mm512_storeu_si512(v + mp * dv + c, _mm512_maskz_mov_epi32(mk, pair_rows(r0, r1)));
+        }
     }
 }
 
@@ -493,20 +609,29 @@ static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn
     /* BF16 flushes denormals, in and out, on every path, as vdpbf16ps does (MXCSR is per thread) */
     const unsigned csr = _mm_getcsr();
     if (job->round) _mm_setcsr(csr | 0x8040u);
-    if (job->dot)
-        stage_heads_bf16(job, offset, len, h0, heads, buf);
-    else
-        stage_heads(job, offset, len, h0, heads, buf);
-    for (int k = 0; k < heads; k++) {
-        const mq_attn_bufs tb = task_bufs(job, len, heads, k, buf);
+    const mq_attn_bufs tb = task_bufs(job, len, buf);
+    for (int64_t h = h0; h < h0 + heads; h++) { /* one head at a time: its staged blocks stay in cache */
         if (job->dot) {
-            attention_head_bf16dot(job, &tb, offset, len, h0 + k);
+            stage_head_bf16(job, offset, len, h, &tb);
+            attention_head_bf16dot(job, &tb, offset, len, h);
             continue;
         }
         switch (a->isa) {
-            case MQ_VEC_AVX512: attention_head_avx512(job, &tb, offset, len, h0 + k); break;
-            case MQ_VEC_AVX2: attention_head_avx2(job, &tb, offset, len, h0 + k); break;
-            default: attention_head_c(job, &tb, offset, len, h0 + k); break;
+            case MQ_VEC_AVX512:
+                stage_head_avx512(job, offset, len, h, &tb);
+                attention_head_avx512(job, &tb, offset, len, h);
+                break;
+            case MQ_VEC_AVX2:
+                if (job->round) /* bf16 emulated on AVX2: the portable rounding */
+                    stage_head(job, offset, len, h, &tb);
+                else
+                    stage_head_avx2(job, offset, len, h, &tb);
+                attention_head_avx2(job, &tb, offset, len, h);
+                break;
+            default:
+                stage_head(job, offset, len, h, &tb);
+                attention_head_c(job, &tb, offset, len, h);
+                break;
         }
     }
     if (job->round) _mm_setcsr(csr);
@@ -525,12 +650,12 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
             return mq_set_error(MQ_ERR_ARG, "attention: sequence length %d outside [1, %lld]", lengths[b], (long long)a->max_len);
         if (lengths[b] > max_len) max_len = lengths[b];
     }
+    const mq_attn_plan p = make_plan(a, batch);
     const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
                              a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
-                             {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
-    const mq_attn_plan p = make_plan(a, batch);
+                             p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
     for (int t = 0; t < p.nthr; t++) /* before the parallel region: nothing inside it can fail */
-        MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(max_len, a->head_dim, p.heads_per_task), sizeof(float)));
+        MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(max_len, a->head_dim), sizeof(float)));
     if (p.nthr < 2) {
         for (int64_t k = 0; k < p.tasks; k++) run_task(a, &p, &job, offsets, lengths, k, a->scratch[0].ptr);
         return MQ_OK;

@@ -3,8 +3,9 @@
  * The fused QKV projection writes one row per real token: [T, 3H] = [Q | K | V], heads contiguous inside each.
  * Each sequence occupies rows [offset, offset + length). The work is one task per sequence, spread over the engine's
  * threads, or one per (sequence, head) when the batch has fewer than two sequences per thread (so a single query
- * still uses every thread, up to its number of heads): a task reads its rows once, copying each head's queries, keys
- * (transposed) and values into small dense blocks, then for each tile of query rows computes the scores
+ * still uses every thread, up to its number of heads): a task takes its heads one at a time, copying the head's
+ * queries, keys (transposed) and values into small dense blocks that stay in the core's cache (the next head's rows
+ * prefetched meanwhile), then for each tile of query rows computes the scores
  * S = (Q K^T) * 1/sqrt(d) against exactly the sequence's keys, the softmax of each row and the context P V, all in
  * cache, and writes the tile's rows of the packed [T, H] context (f32, or quantized to u8 for the next layer). No
  * length is padded, no mask is needed and nothing of size L x L leaves the task.
