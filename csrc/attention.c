@@ -18,6 +18,7 @@
  */
 #include "attention.h"
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -43,6 +44,7 @@ struct mq_attention {
     mq_attn_precision precision;
     mq_vec_isa isa;
     int bf16_dot; /* BF16 runs on vdpbf16ps (mq_vec_bf16_dot) */
+    int int8_dot; /* INT8 runs on vpdpbusd (mq_vec_int8_dot) */
     char impl[48];
     mq_buffer scratch[MQ_ATTN_MAX_THREADS];
 };
@@ -62,6 +64,7 @@ typedef struct {
     float scale;
     int round; /* BF16: operands rounded to bf16 */
     int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_head_bf16) */
+    int i8;           /* INT8 */
     int n_heads_task; /* heads per task: the next head's rows are prefetched while one is computed */
     mq_attn_out out;
 } mq_attn_job;
@@ -83,6 +86,7 @@ mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, i
     a->scale = 1.f / sqrtf((float)head_dim);
     a->isa = mq_vec_isa_effective();
     a->bf16_dot = a->isa == MQ_VEC_AVX512 && mq_vec_bf16_dot();
+    a->int8_dot = a->isa == MQ_VEC_AVX512 && mq_vec_int8_dot();
     *out = a;
     return mq_attention_set_precision(a, MQ_ATTN_F32); /* and its kernel's name */
 }
@@ -109,7 +113,10 @@ mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precisio
         return mq_set_error(MQ_ERR_ARG, "attention: unknown precision %d", (int)precision);
     a->precision = precision;
     const int dot = precision == MQ_ATTN_BF16 && a->bf16_dot;
-    snprintf(a->impl, sizeof a->impl, "medquant:attention_%s%s", mq_vec_isa_name(a->isa), dot ? "_bf16dot" : "");
+    if (precision == MQ_ATTN_INT8)
+        snprintf(a->impl, sizeof a->impl, "medquant:attention_int8_%s", a->int8_dot ? "vnni" : "c");
+    else
+        snprintf(a->impl, sizeof a->impl, "medquant:attention_%s%s", mq_vec_isa_name(a->isa), dot ? "_bf16dot" : "");
     return MQ_OK;
 }
 
@@ -138,13 +145,20 @@ static mq_attn_plan make_plan(const mq_attention *a, int64_t batch) {
     return p;
 }
 
+/* Words of one head's staged int8 blocks (mq_attn_i8). */
+static int64_t i8_floats(int64_t L, int64_t d) {
+    const int64_t d4 = (d + 3) / 4, ldk = round16(L);
+    return round16(L * d4) + round16(L) + d4 * ldk + 2 * ldk + ldk / 4 * round16(d) + round16(d);
+}
+
 /* Floats (4-byte words) of one head's staged q, kt and v for a sequence of L tokens, each part a multiple of 16:
    f32 values, or for bf16 pairs (stage_head_bf16) d2 = ceil(d / 2) pairs per query / key and ldk / 2 pairs of
    keys per value column; the larger of the two. */
 static int64_t head_floats(int64_t L, int64_t d) {
     const int64_t f32 = round16(L * d) + d * round16(L) + L * round16(d), d2 = (d + 1) / 2;
-    const int64_t pairs = round16(L * d2) + d2 * round16(L) + round16(L) / 2 * round16(d);
-    return f32 > pairs ? f32 : pairs;
+    const int64_t pairs = round16(L * d2) + d2 * round16(L) + round16(L) / 2 * round16(d), i8 = i8_floats(L, d);
+    const int64_t most = f32 > pairs ? f32 : pairs;
+    return most > i8 ? most : i8;
 }
 
 /* Floats of one thread's scratch for sequences of at most L tokens: one head's q, kt, v (a task stages its heads one
@@ -599,6 +613,337 @@ static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job,
     }
 }
 
+/* ---- INT8: Q and K quantized per token, V per column, symmetric int8 with scales from the values themselves
+   (absmax / 127, per sequence and head), the probabilities as u8 (255 for the row's maximum); Q K^T and P V in
+   exact int32 arithmetic, the softmax in f32. Every path does the integer products exactly and the float
+   operations of attention_head_int8_c in its order, so the paths give the same bits: vpdpbusd where the CPU has
+   avx512_vnni (the queries offset by 128 to make them unsigned, the offset taken back per key), plain C elsewhere. */
+
+/* One head's staged int8 blocks (buf's words, in this order). */
+typedef struct {
+    uint32_t *q8;  /* [len, d4]: q + 128 as u8, dimensions 4m .. 4m + 3 (128 past d) */
+    float *qs;     /* [len] the queries' scales times 1/sqrt(d) */
+    uint32_t *kt8; /* [d4, ldk]: s8 dimensions 4m .. 4m + 3 of key j (0 past len and d) */
+    float *ks;     /* [ldk] the keys' scales (0 past len) */
+    int32_t *kc;   /* [ldk] 128 x the sum of key j's s8 values */
+    uint32_t *v8;  /* [ldk / 4, dv]: s8 values of keys 4m .. 4m + 3 in column c (0 past len and d) */
+    float *vs;     /* [dv] the columns' scales (0 past d) */
+    int64_t d4, ldk;
+} mq_attn_i8;
+
+static MQ_INLINE mq_attn_i8 i8_bufs(const mq_attn_job *job, int64_t len, float *buf) {
+    mq_attn_i8 b;
+    b.d4 = (job->d + 3) / 4;
+    b.ldk = round16(len);
+    b.q8 = (uint32_t *)buf;
+    b.qs = (float *)(b.q8 + round16(len * b.d4));
+    b.kt8 = (uint32_t *)(b.qs + round16(len));
+    b.ks = (float *)(b.kt8 + b.d4 * b.ldk);
+    b.kc = (int32_t *)(b.ks + b.ldk);
+    b.v8 = (uint32_t *)(b.kc + b.ldk);
+    b.vs = (float *)(b.v8 + b.ldk / 4 * job->dv);
+    return b;
+}
+
+/* The largest |x[i * stride]| of n values; NaN (the default quiet NaN) if one is NaN. */
+static float absmax_strided(const float *x, int64_t n, int64_t stride) {
+    float m = 0.f;
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(x[i * stride]);
+        nan |= a != a;
+        m = a > m ? a : m;
+    }
+    return nan ? NAN : m;
+}
+
+/* 127 / absmax, or 0 when absmax is 0 or not finite (every value then quantizes to 0; the scale absmax / 127 is
+   0, inf or NaN and carries that into the results). */
+static MQ_INLINE float inv_scale_s8(float absmax) { return absmax > 0.f && absmax <= FLT_MAX ? 127.f / absmax : 0.f; }
+
+static MQ_INLINE int8_t quant_s8(float x, float inv) {
+    if (inv == 0.f) return 0;
+    float r = rintf(x * inv);
+    r = r > 127.f ? 127.f : r < -127.f ? -127.f : r;
+    return (int8_t)r;
+}
+
+/* Head h of the sequence at rows offset.. into its int8 blocks. */
+static void stage_head_int8(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h, const mq_attn_i8 *b) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d4 = b->d4, ldk = b->ldk;
+    const float *rows = job->qkv + offset * ld + h * d;
+    for (int64_t j = 0; j < len; j++) {
+        const float *x = rows + j * ld, am = absmax_strided(x, d, 1), inv = inv_scale_s8(am);
+        uint8_t *q = (uint8_t *)(b->q8 + j * d4);
+        for (int64_t c = 0; c < 4 * d4; c++) q[c] = (uint8_t)(c < d ? quant_s8(x[c], inv) + 128 : 128);
+        b->qs[j] = am / 127.f * job->scale;
+    }
+    for (int64_t j = 0; j < ldk; j++) {
+        const float *x = rows + j * ld + H;
+        const float am = j < len ? absmax_strided(x, d, 1) : 0.f, inv = inv_scale_s8(am);
+        int32_t sum = 0;
+        for (int64_t c = 0; c < 4 * d4; c++) {
+            const int8_t v = j < len && c < d ? quant_s8(x[c], inv) : 0;
+            ((int8_t *)(b->kt8 + c / 4 * ldk + j))[c % 4] = v;
+            sum += v;
+        }
+        b->ks[j] = am / 127.f;
+        b->kc[j] = 128 * sum;
+    }
+    for (int64_t c = 0; c < dv; c++) { /* a column at a time: one scale each */
+        const float *x = rows + 2 * H + c;
+        const float am = c < d ? absmax_strided(x, len, ld) : 0.f, inv = inv_scale_s8(am);
+        for (int64_t j = 0; j < ldk; j++)
+            ((int8_t *)(b->v8 + j / 4 * dv + c))[j % 4] = j < len && c < d ? quant_s8(x[j * ld], inv) : 0;
+        b->vs[c] = am / 127.f;
+    }
+}
+
+/* ---- stage_head_int8 on AVX-512 (the same bytes and scales) */
+
+#define I8_MAX_D 256 /* the vector staging's widest head; wider heads take stage_head_int8 */
+
+/* |x| into the running maximum / NaN lanes of absmax_strided, 16 lanes. */
+static AI MQ_TARGET_AVX512_VNNI void absmax_step(__m512 x, __m512 *m, __mmask16 *nan) {
+    const __m512 a = _mm512_abs_ps(x);
+    *m = _mm512_max_ps(a, *m); /* a NaN lane of a keeps *m */
+    *nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+}
+
+/* inv_scale_s8 of 16 lanes. */
+static AI MQ_TARGET_AVX512_VNNI __m512 inv_scale_s8_v(__m512 am) {
+    const __mmask16 ok = _mm512_cmp_ps_mask(am, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                         _mm512_cmp_ps_mask(am, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ);
+    return _mm512_maskz_div_ps(ok, _mm512_set1_ps(127.f), am);
+}
+
+/* quant_s8 of 16 lanes, as int32. */
+static AI MQ_TARGET_AVX512_VNNI __m512i quant_s8_v(__m512 x, __m512 inv) {
+    const __mmask16 on = _mm512_cmp_ps_mask(inv, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
+    return _mm512_maskz_max_epi32(on, _mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+}
+
+/* A row of d values quantized as stage_head_int8 quantizes a query or key: int32 values into q[c / 16] (0 past d);
+   returns the row's absmax. */
+static AI MQ_TARGET_AVX512_VNNI float quant_row_i8(const float *x, int64_t d, __m512i *q) {
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t c = 0; c < d; c += 16) absmax_step(_mm512_maskz_loadu_ps(first_lanes(d - c), x + c), &m, &nan);
+    const float am = nan ? NAN : _mm512_reduce_max_ps(m);
+    const __m512 inv = _mm512_set1_ps(inv_scale_s8(am));
+    for (int64_t c = 0; c < d; c += 16) q[c / 16] = quant_s8_v(_mm512_maskz_loadu_ps(first_lanes(d - c), x + c), inv);
+    return am;
+}
+
+static MQ_TARGET_AVX512_VNNI void stage_head_int8_avx512(const mq_attn_job *job, int64_t offset, int64_t len,
+                                                         int64_t h, const mq_attn_i8 *b) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d4 = b->d4, ldk = b->ldk;
+    const float *rows = job->qkv + offset * ld + h * d;
+    __m512i q[I8_MAX_D / 16];
+    for (int64_t j = 0; j < len; j++) {
+        const float am = quant_row_i8(rows + j * ld, d, q);
+        uint8_t *dst = (uint8_t *)(b->q8 + j * d4);
+        for (int64_t c = 0; c < 4 * d4; c += 16) /* 128 past d too: those lanes quantized to 0 */
+            _mm512_mask_cvtepi32_storeu_epi8(dst + c, first_lanes(4 * d4 - c),
+                                              _mm512_add_epi32(q[c / 16], _mm512_set1_epi32(128)));
+        b->qs[j] = am / 127.f * job->scale;
+    }
+    /* keys, 16 at a time: each key's s8 bytes into a row of t (zero past d), then the dword columns of t (16 keys)
+       through transpose_8x8_halves, 8 dwords at a time: keys i and 8 + i in the halves of r[i] */
+    uint32_t t[16][I8_MAX_D / 4];
+    const int64_t d8 = (d4 + 7) / 8 * 8;
+    for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
+        for (int i = 0; i < 16; i++) {
+            const int64_t j = j0 + i;
+            memset(t[i], 0, (size_t)d8 * sizeof(uint32_t));
+            if (j >= len) {
+                b->ks[j] = 0.f;
+                b->kc[j] = 0;
+                continue;
+            }
+            const float am = quant_row_i8(rows + j * ld + H, d, q);
+            int32_t sum = 0;
+            for (int64_t c = 0; c < d; c += 16) {
+                sum += _mm512_reduce_add_epi32(q[c / 16]);
+                _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)t[i] + c, first_lanes(d - c), q[c / 16]);
+            }
+            b->ks[j] = am / 127.f;
+            b->kc[j] = 128 * sum;
+        }
+        for (int64_t m0 = 0; m0 < d4; m0 += 8) {
+            __m512i r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(t[i] + m0))),
+                                          _mm256_loadu_si256((const __m256i *)(t[8 + i] + m0)), 1);
+            transpose_8x8_halves(r);
+            for (int m = 0; m < 8 && m0 + m < d4; m++) _mm512_storeu_si512(b->kt8 + (m0 + m) * ldk + j0, r[m]);
+        }
+    }
+    /* values: each column's absmax over the sequence, then 4 keys at a time, a column's 4 bytes in one dword */
+    __m512 inv[I8_MAX_D / 16];
+    for (int64_t c = 0; c < dv; c += 16) {
+        const __mmask16 k = first_lanes(d - c < 0 ? 0 : d - c);
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t j = 0; j < len; j++) absmax_step(_mm512_maskz_loadu_ps(k, rows + j * ld + 2 * H + c), &m, &nan);
+        const __m512 am = _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN));
+        inv[c / 16] = inv_scale_s8_v(am);
+        _mm512_storeu_ps(b->vs + c, _mm512_div_ps(am, _mm512_set1_ps(127.f)));
+    }
+    for (int64_t m4 = 0; m4 < ldk / 4; m4++)
+        for (int64_t c = 0; c < dv; c += 16) {
+            const __mmask16 k = first_lanes(d - c < 0 ? 0 : d - c);
+            __m512i w = _mm512_setzero_si512();
+            for (int s = 0; s < 4; s++) {
+                const int64_t j = 4 * m4 + s;
+                if (j >= len) break;
+                const __m512i v = quant_s8_v(_mm512_maskz_loadu_ps(k, rows + j * ld + 2 * H + c), inv[c / 16]);
+                w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xff)), 8 * s));
+            }
+            _mm512_storeu_si512(b->v8 + m4 * dv + c, w);
+        }
+}
+
+
+/* The u8 probabilities p[j] = rint(exp(s[j] - max) x 255) of a row of scores s[0, len) (p zero up to ldk); returns
+   1 / sum(p), or NaN when a score is NaN or the maximum is not finite (the row's context is then NaN). */
+static float softmax_row_int8_c(const float *s, int64_t len, int64_t ldk, uint8_t *p) {
+    float mx = -INFINITY;
+    int bad = 0;
+    for (int64_t j = 0; j < len; j++) {
+        mx = s[j] > mx ? s[j] : mx;
+        bad |= s[j] != s[j];
+    }
+    memset(p, 0, (size_t)ldk);
+    if (bad || !(mx - mx == 0.f)) return NAN;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < len; j++) {
+        const float r = rintf(mq_exp_neg_bf16(mx - s[j]) * 255.f);
+        p[j] = (uint8_t)(r > 255.f ? 255.f : r);
+        sum += p[j];
+    }
+    return 1.f / (float)sum;
+}
+
+static void attention_head_int8_c(const mq_attn_job *job, const mq_attn_bufs *pb, const mq_attn_i8 *b,
+                                  int64_t offset, int64_t len, int64_t h) {
+    const int64_t d = job->d, dv = job->dv, d4 = b->d4, ldk = b->ldk;
+    float *s = pb->s, *c = pb->c;
+    uint8_t *p = (uint8_t *)pb->p;
+    for (int64_t i = 0; i < len; i++) {
+        const uint8_t *qi = (const uint8_t *)(b->q8 + i * d4);
+        for (int64_t j = 0; j < len; j++) {
+            int32_t acc = 0;
+            for (int64_t m = 0; m < d4; m++) {
+                const int8_t *k = (const int8_t *)(b->kt8 + m * ldk + j);
+                for (int t = 0; t < 4; t++) acc += qi[4 * m + t] * k[t];
+            }
+            s[j] = (float)(acc - b->kc[j]) * b->ks[j] * b->qs[i];
+        }
+        const float f = softmax_row_int8_c(s, len, ldk, p);
+        for (int64_t col = 0; col < d; col++) {
+            int32_t acc = 0;
+            for (int64_t m = 0; m < (len + 3) / 4; m++) {
+                const int8_t *v = (const int8_t *)(b->v8 + m * dv + col);
+                for (int t = 0; t < 4; t++) acc += p[4 * m + t] * v[t];
+            }
+            c[col] = (float)acc * b->vs[col] * f;
+        }
+        write_row(job, c, offset + i, h);
+    }
+}
+
+/* y[r, 16 i + c] = sum_m dot4(a[r][m], b[m ldb + 16 i + c]) (u8 x s8 quadruples, int32) for the ROWS_AVX512 rows
+   a[r] (n quadruples each), i < nb blocks of 16 columns. */
+static AI MQ_TARGET_AVX512_VNNI void dots_i8(const int nb, const uint32_t *const *a, const uint32_t *b, int64_t ldb,
+                                             int64_t n, __m512i acc[ROWS_AVX512][2]) {
+    for (int r = 0; r < ROWS_AVX512; r++)
+        for (int i = 0; i < nb; i++) acc[r][i] = _mm512_setzero_si512();
+    for (int64_t m = 0; m < n; m++)
+        for (int r = 0; r < ROWS_AVX512; r++) {
+            const __m512i ar = _mm512_set1_epi32((int)a[r][m]);
+            for (int i = 0; i < nb; i++)
+                acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], ar, _mm512_loadu_si512(b + m * ldb + 16 * i));
+        }
+}
+
+/* softmax_row_int8_c on 16 lanes (the same bits). */
+static AI MQ_TARGET_AVX512_VNNI float softmax_row_int8_vnni(const float *s, int64_t len, int64_t ldk, uint8_t *p) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (int64_t j = 0; j < len; j += 16) {
+        const __mmask16 k = first_lanes(len - j);
+        const __m512 x = _mm512_maskz_loadu_ps(k, s + j);
+        m = _mm512_mask_max_ps(m, k, x, m); /* a NaN lane of x keeps m (vmaxps returns its second operand) */
+        nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
+    }
+    float lanes[16], mx = -INFINITY;
+    _mm512_storeu_ps(lanes, m);
+    for (int i = 0; i < 16; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    if (nan || !(mx - mx == 0.f)) {
+        memset(p, 0, (size_t)ldk);
+        return NAN;
+    }
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t j = 0; j < ldk; j += 16) {
+        const __mmask16 k = first_lanes(len - j < 0 ? 0 : len - j);
+        const __m512 e = exp_neg_bf16_avx512(_mm512_sub_ps(vmx, _mm512_loadu_ps(s + j)));
+        const __m512i q = _mm512_maskz_min_epi32(k, _mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(255.f))),
+                                                 _mm512_set1_epi32(255));
+        sum = _mm512_add_epi32(sum, q);
+        _mm_storeu_si128((__m128i *)(p + j), _mm512_cvtepi32_epi8(q));
+    }
+    return 1.f / (float)_mm512_reduce_add_epi32(sum);
+}
+
+/* out[r, c] = ((float)acc[r][c] - kc) ... : the scores of a tile, s[r, j] = (float)(acc - kc[j]) * ks[j] * qs[r]. */
+static MQ_TARGET_AVX512_VNNI void attention_head_int8_vnni(const mq_attn_job *job, const mq_attn_bufs *pb,
+                                                           const mq_attn_i8 *b, int64_t offset, int64_t len,
+                                                           int64_t h) {
+    const int64_t dv = job->dv, d4 = b->d4, ldk = b->ldk, n4 = (len + 3) / 4;
+    float *s = pb->s, *c = pb->c;
+    uint8_t *p = (uint8_t *)pb->p;
+    __m512i acc[ROWS_AVX512][2];
+    for (int64_t i0 = 0; i0 < len; i0 += ROWS_AVX512) {
+        const int nr = len - i0 < ROWS_AVX512 ? (int)(len - i0) : ROWS_AVX512;
+        const uint32_t *qr[ROWS_AVX512], *pr[ROWS_AVX512];
+        float qs[ROWS_AVX512], f[ROWS_AVX512];
+        for (int r = 0; r < ROWS_AVX512; r++) { /* rows past the sequence repeat its last row, dropped */
+            const int64_t i = i0 + (r < nr ? r : nr - 1);
+            qr[r] = b->q8 + i * d4;
+            qs[r] = b->qs[i];
+            pr[r] = (const uint32_t *)(p + (r < nr ? r : nr - 1) * ldk);
+        }
+        for (int64_t j0 = 0; j0 < ldk; j0 += 32) {
+            const int nb = ldk - j0 >= 32 ? 2 : 1;
+            dots_i8(nb, qr, b->kt8 + j0, ldk, d4, acc);
+            for (int i = 0; i < nb; i++) {
+                const __m512i kc = _mm512_loadu_si512(b->kc + j0 + 16 * i);
+                const __m512 ks = _mm512_loadu_ps(b->ks + j0 + 16 * i);
+                for (int r = 0; r < ROWS_AVX512; r++) {
+                    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][i], kc)), ks);
+                    _mm512_storeu_ps(s + r * ldk + j0 + 16 * i, _mm512_mul_ps(x, _mm512_set1_ps(qs[r])));
+                }
+            }
+        }
+        for (int r = 0; r < nr; r++) f[r] = softmax_row_int8_vnni(s + r * ldk, len, ldk, p + r * ldk);
+        for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+            const int nb = dv - c0 >= 32 ? 2 : 1;
+            dots_i8(nb, pr, b->v8 + c0, dv, n4, acc);
+            for (int i = 0; i < nb; i++) {
+                const __m512 vs = _mm512_loadu_ps(b->vs + c0 + 16 * i);
+                for (int r = 0; r < nr; r++) {
+                    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][i]), vs);
+                    _mm512_storeu_ps(c + r * dv + c0 + 16 * i, _mm512_mul_ps(x, _mm512_set1_ps(f[r])));
+                }
+            }
+        }
+        for (int r = 0; r < nr; r++) write_row(job, c + r * dv, offset + i0 + r, h);
+    }
+}
+
 /* ------------------------------------------------------------------ forward */
 
 static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn_job *job, const int64_t *offsets,
@@ -611,6 +956,20 @@ static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn
     if (job->round) _mm_setcsr(csr | 0x8040u);
     const mq_attn_bufs tb = task_bufs(job, len, buf);
     for (int64_t h = h0; h < h0 + heads; h++) { /* one head at a time: its staged blocks stay in cache */
+        if (job->i8) {
+            const mq_attn_i8 ib = i8_bufs(job, len, buf);
+            if (a->int8_dot && job->d <= I8_MAX_D) {
+                stage_head_int8_avx512(job, offset, len, h, &ib);
+                attention_head_int8_vnni(job, &tb, &ib, offset, len, h);
+            } else {
+                stage_head_int8(job, offset, len, h, &ib);
+                if (a->int8_dot)
+                    attention_head_int8_vnni(job, &tb, &ib, offset, len, h);
+                else
+                    attention_head_int8_c(job, &tb, &ib, offset, len, h);
+            }
+            continue;
+        }
         if (job->dot) {
             stage_head_bf16(job, offset, len, h, &tb);
             attention_head_bf16dot(job, &tb, offset, len, h);
@@ -653,7 +1012,7 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
     const mq_attn_plan p = make_plan(a, batch);
     const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
                              a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
-                             p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
+                             a->precision == MQ_ATTN_INT8, p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
     for (int t = 0; t < p.nthr; t++) /* before the parallel region: nothing inside it can fail */
         MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(max_len, a->head_dim), sizeof(float)));
     if (p.nthr < 2) {

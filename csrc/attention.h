@@ -25,7 +25,7 @@
 #include "workspace.h"
 
 typedef struct mq_attention mq_attention;
-typedef enum { MQ_ATTN_F32 = 0, MQ_ATTN_BF16 = 1, MQ_ATTN_PRECISION_COUNT } mq_attn_precision;
+typedef enum { MQ_ATTN_F32 = 0, MQ_ATTN_BF16 = 1, MQ_ATTN_INT8 = 2, MQ_ATTN_PRECISION_COUNT } mq_attn_precision;
 
 mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, int64_t head_dim, int64_t max_len);
 void mq_attention_destroy(mq_attention *a);

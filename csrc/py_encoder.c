@@ -389,7 +389,7 @@ static PyObject *Encoder_set_attention_precision(EncoderObject *self, PyObject *
     long v = PyLong_AsLong(arg);
     if (v == -1 && PyErr_Occurred()) return NULL;
     if (v < 0 || v >= MQ_ATTN_PRECISION_COUNT)
-        return PyErr_Format(PyExc_ValueError, "unknown attention precision %ld (ATTN_F32 or ATTN_BF16)", v);
+        return PyErr_Format(PyExc_ValueError, "unknown attention precision %ld (ATTN_F32, ATTN_BF16 or ATTN_INT8)", v);
     mq_status st;
     Py_BEGIN_ALLOW_THREADS /* waits for a forward running in another thread */
     st = mq_encoder_set_attention_precision(self->enc, (int)v);
@@ -416,7 +416,7 @@ static PyMethodDef Encoder_methods[] = {
     {"set_threads", (PyCFunction)Encoder_set_threads, METH_O, "set the thread count"},
     {"threads", (PyCFunction)Encoder_threads, METH_NOARGS, "thread count"},
     {"set_attention_precision", (PyCFunction)Encoder_set_attention_precision, METH_O,
-     "the precision attention computes in: ATTN_F32 or ATTN_BF16"},
+     "the precision attention computes in: ATTN_F32, ATTN_BF16 or ATTN_INT8"},
     {"attention_info", (PyCFunction)Encoder_attention_info, METH_NOARGS,
      "(precision, kernel): the attention precision and the kernel that computes it"},
     {"nbytes", (PyCFunction)Encoder_nbytes, METH_NOARGS, "bytes held by the parameters"},

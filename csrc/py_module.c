@@ -148,13 +148,14 @@ static PyObject *py_qparams(PyObject *Py_UNUSED(m), PyObject *args) {
     return Py_BuildValue("(fi)", q.scale, q.zero_point);
 }
 
-/* attention(qkv [T, 3H] f32, lengths [B] int32, n_heads, bf16=False, n_threads=1) -> context [T, H] f32: the
+/* attention(qkv [T, 3H] f32, lengths [B] int32, n_heads, bf16=False, n_threads=1, int8=False) -> context [T, H] f32: the
    encoder's attention kernel alone, over sequences packed back to back (for tests and benchmarks). */
 static PyObject *py_attention(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwargs) {
-    static char *kw[] = {"qkv", "lengths", "n_heads", "bf16", "n_threads", NULL};
+    static char *kw[] = {"qkv", "lengths", "n_heads", "bf16", "n_threads", "int8", NULL};
     PyObject *qo, *lo;
-    int heads, bf16 = 0, nthr = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOi|pi", kw, &qo, &lo, &heads, &bf16, &nthr)) return NULL;
+    int heads, bf16 = 0, nthr = 1, int8 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOi|pip", kw, &qo, &lo, &heads, &bf16, &nthr, &int8)) return NULL;
+    if (bf16 && int8) return PyErr_Format(PyExc_ValueError, "attention: bf16 or int8, not both");
     PyArrayObject *q = mq_py_array(qo, NPY_FLOAT32, 2, NULL, "qkv");
     PyArrayObject *l = q ? mq_py_array(lo, NPY_INT32, 1, NULL, "lengths") : NULL;
     if (!l) return NULL;
@@ -182,7 +183,7 @@ static PyObject *py_attention(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     Py_BEGIN_ALLOW_THREADS
     st = mq_engine_create(&eng, nthr);
     if (st == MQ_OK) st = mq_attention_create(&att, eng, heads, H3 / 3 / heads, max_len);
-    if (st == MQ_OK) st = mq_attention_set_precision(att, bf16 ? MQ_ATTN_BF16 : MQ_ATTN_F32);
+    if (st == MQ_OK) st = mq_attention_set_precision(att, bf16 ? MQ_ATTN_BF16 : int8 ? MQ_ATTN_INT8 : MQ_ATTN_F32);
     if (st == MQ_OK)
         st = mq_attention_forward(att, PyArray_DATA(q), PyArray_DATA((PyArrayObject *)ctx), NULL, 0.f, 0, off, len, B);
     mq_attention_destroy(att);
@@ -252,7 +253,7 @@ static PyMethodDef module_methods[] = {
     {"quantize_rows_s8", (PyCFunction)(void (*)(void))py_quantize_rows_s8, METH_VARARGS | METH_KEYWORDS,
      "(table f32[R,C], scales=None) -> (q i8[R,C], row scales): scales chosen, or given and rounded with"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_VARARGS | METH_KEYWORDS,
-     "attention(qkv, lengths, n_heads, bf16=False, n_threads=1) -> context: the encoder's attention kernel alone"},
+     "attention(qkv, lengths, n_heads, bf16=False, n_threads=1, int8=False) -> context: the encoder's attention kernel alone"},
     {"panel_matmul", (PyCFunction)(void (*)(void))py_panel_matmul, METH_VARARGS | METH_KEYWORDS,
      "panel_matmul(w, x, scales=None, alpha=1.0, row_scale=None, bias=None, epilogue=EPI_NONE, residual=None, "
      "n_threads=1) -> y: medquant's panel matmul alone (f32 or int8 weights)"},
@@ -295,6 +296,7 @@ static int add_constants(PyObject *m) {
         {"POOL_MAX", MQ_POOL_MAX}, {"POOL_MEAN_SQRT_LEN", MQ_POOL_MEAN_SQRT_LEN},
         {"POOL_WEIGHTED_MEAN", MQ_POOL_WEIGHTED_MEAN}, {"POOL_LAST", MQ_POOL_LAST},
         {"SITES_PER_LAYER", MQ_SITES_PER_LAYER}, {"ATTN_F32", MQ_ATTN_F32}, {"ATTN_BF16", MQ_ATTN_BF16},
+        {"ATTN_INT8", MQ_ATTN_INT8},
     };
     for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value)) return -1;

@@ -98,9 +98,13 @@ const char *mq_vec_isa_name(mq_vec_isa isa);
 
 /* Whether this CPU multiplies bf16 pairs (avx512_bf16: vdpbf16ps, with avx512vl) and oneDNN's ISA cap allows it. */
 int mq_vec_bf16_dot(void);
+/* Whether this CPU multiplies u8 x s8 quadruples into int32 (avx512_vnni: vpdpbusd, with avx512bw) and oneDNN's ISA
+   cap allows it. */
+int mq_vec_int8_dot(void);
 
 #define MQ_TARGET_AVX512 __attribute__((target("avx512f,fma")))
 #define MQ_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512vl,avx512bf16,fma")))
+#define MQ_TARGET_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))
 #define MQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
 #endif

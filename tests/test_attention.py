@@ -28,6 +28,32 @@ def bf16_round(x):
     return u.astype(np.uint32).view(np.float32)
 
 
+def int8_reference(qkv, lengths, heads):
+    """The int8 scheme of attention="int8" in float64 (medquant/quant/schemes.py): Q and K quantized per token, V per
+    column, symmetric int8 with absmax / 127 scales; the probabilities exp(s - max) as u8 of 1/255, normalized by
+    their sum."""
+    T, H3 = qkv.shape
+    H = H3 // 3
+    d = H // heads
+    out = np.zeros((T, H))
+
+    def quant(x, axis):
+        scale = np.abs(x).max(axis=axis, keepdims=True) / 127.0
+        return np.round(x / np.where(scale > 0, scale, 1)) * scale
+
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        for h in range(heads):
+            q, k, v = (quant(qkv[rows, o * H + h * d:o * H + (h + 1) * d].astype(np.float64), a)
+                       for o, a in ((0, 1), (1, 1), (2, 0)))
+            s = q @ k.T / np.sqrt(d)
+            p = np.round(np.exp(s - s.max(1, keepdims=True)) * 255)
+            out[rows, h * d:(h + 1) * d] = (p @ v) / p.sum(1, keepdims=True)
+        start += n
+    return out
+
+
 def reference(qkv, lengths, heads, bf16=False):
     """Softmax(Q K^T / sqrt(d)) V per sequence and head in float64 (bf16: Q, K, V and P rounded first)."""
     T, H3 = qkv.shape
@@ -76,16 +102,35 @@ def test_bf16_attention_rounds_q_k_v_and_p():
     assert np.abs(got - exact).mean() > 20 * np.abs(got - want).mean()  # the rounding happened
 
 
-def test_attention_bits_do_not_depend_on_threads_or_batch():
+@pytest.mark.parametrize("heads,d", [(4, 32), (3, 24), (2, 64), (1, 7)])
+def test_int8_attention_matches_its_scheme(heads, d):
+    """attention="int8" against the same quantization done in float64: what is left is f32 arithmetic and a value
+    rounded on the other side of a tie now and then; far closer to that than to unquantized attention, whose
+    distance from it is the quantization error (a few tenths of a percent of the largest value, on average)."""
+    qkv = make_qkv(LENGTHS, heads, d, seed=d, scale=2.0)
+    got = _core.attention(qkv, LENGTHS, heads, int8=True, n_threads=2)
+    want, exact = int8_reference(qkv, LENGTHS, heads), reference(qkv, LENGTHS, heads)
+    scale = np.abs(exact).max()
+    assert got.dtype == np.float32 and got.shape == (qkv.shape[0], heads * d)
+    assert np.abs(got - want).mean() < 1e-5 * scale
+    quant_err = np.abs(got - exact).mean()
+    assert 5e-4 * scale < quant_err < 1e-2 * scale
+    assert quant_err > 100 * np.abs(got - want).mean()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_attention_bits_do_not_depend_on_threads_or_batch(precision):
     """One thread, two, three (as far as this machine has CPUs); the whole batch (a task per sequence) or each sequence alone (a task per head)."""
     heads, d = 4, 32
+    kw = {"bf16": precision == "bf16", "int8": precision == "int8"}
     qkv = make_qkv(LENGTHS, heads, d, seed=7)
-    base = _core.attention(qkv, LENGTHS, heads, n_threads=1)
+    base = _core.attention(qkv, LENGTHS, heads, n_threads=1, **kw)
     for n in range(2, min(4, len(os.sched_getaffinity(0))) + 1):
-        assert np.array_equal(_core.attention(qkv, LENGTHS, heads, n_threads=n).view(np.uint32), base.view(np.uint32))
+        got = _core.attention(qkv, LENGTHS, heads, n_threads=n, **kw)
+        assert np.array_equal(got.view(np.uint32), base.view(np.uint32))
     start = 0
     for n in LENGTHS:
-        alone = _core.attention(qkv[start:start + n], np.array([n], np.int32), heads, n_threads=2)
+        alone = _core.attention(qkv[start:start + n], np.array([n], np.int32), heads, n_threads=2, **kw)
         assert np.array_equal(alone.view(np.uint32), base[start:start + n].view(np.uint32)), n
         start += n
 
@@ -99,7 +144,9 @@ PATH_CASES = [(3, 24, 2.0), (2, 7, 1.0), (2, 16, 1e-19)]
 def test_attention_paths_give_the_same_bits(tmp_path, cap):
     """The kernel another ISA takes and this CPU's kernel give the same bits: the portable C one (cap SSE41), AVX2,
     and AVX-512 on f32 arithmetic (cap AVX512_CORE: for bf16 attention the emulation of the vdpbf16ps path that
-    CPUs with avx512_bf16 take). A cap at or above this CPU's ISA runs this CPU's own kernel again."""
+    CPUs with avx512_bf16 take). int8 attention runs on vpdpbusd where the CPU has avx512_vnni (and the cap allows
+    it), else in portable C: every cap below AVX512_CORE_VNNI takes the C one. A cap at or above this CPU's ISA runs
+    this CPU's own kernel again."""
     for i, (heads, d, scale) in enumerate(PATH_CASES):
         np.save(tmp_path / f"qkv{i}.npy", make_qkv(LENGTHS, heads, d, seed=11 + i, scale=scale))
     np.save(tmp_path / "lengths.npy", LENGTHS)
@@ -109,6 +156,7 @@ def test_attention_paths_give_the_same_bits(tmp_path, cap):
             "    q = np.load(d + f'/qkv{i}.npy')\n"
             "    np.save(d + f'/ctx{i}.npy', _core.attention(q, n, h, n_threads=2))\n"
             "    np.save(d + f'/ctx_bf16{i}.npy', _core.attention(q, n, h, bf16=True, n_threads=2))\n"
+            "    np.save(d + f'/ctx_int8{i}.npy', _core.attention(q, n, h, int8=True, n_threads=2))\n"
             "print(json.dumps(medquant.runtime_info()['cpu_isa']))")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
@@ -120,8 +168,8 @@ def test_attention_paths_give_the_same_bits(tmp_path, cap):
     assert isa in allowed, isa
     for i, (heads, d, scale) in enumerate(PATH_CASES):
         qkv = np.load(tmp_path / f"qkv{i}.npy")
-        for name, bf16 in (("ctx", False), ("ctx_bf16", True)):
-            native = _core.attention(qkv, LENGTHS, heads, bf16=bf16, n_threads=2)
+        for name, kw in (("ctx", {}), ("ctx_bf16", {"bf16": True}), ("ctx_int8", {"int8": True})):
+            native = _core.attention(qkv, LENGTHS, heads, n_threads=2, **kw)
             capped = np.load(tmp_path / f"{name}{i}.npy")
             assert np.array_equal(native.view(np.uint32), capped.view(np.uint32)), (name, heads, d, scale)
 
@@ -144,6 +192,25 @@ def test_nan_stays_in_its_sequence_and_head():
     ref = reference(without, np.array([8], np.int32), heads)  # the key gone, its row as a query gone too
     rows = [i for i in range(9) if neg[i] and i != 4]
     np.testing.assert_allclose(got[rows, :d], ref[[i - (i > 4) for i in rows], :d], atol=2e-6)
+
+
+def test_int8_nan_stays_in_its_sequence_and_head():
+    """int8 attention: a NaN or infinite key makes its key scale NaN or inf, so every row of its sequence and head
+    is NaN (the f32 kernel keeps rows whose score with an infinite key is -inf); a NaN value makes its column NaN;
+    nothing leaks into other heads or sequences."""
+    heads, d = 2, 16
+    lengths = np.array([9, 20], np.int32)
+    H = heads * d
+    for col, bad in ((H + 3, np.nan), (H + 3, np.inf), (2 * H + 5, np.nan)):
+        qkv = make_qkv(lengths, heads, d, seed=5)
+        qkv[4, col] = bad
+        got = _core.attention(qkv, lengths, heads, int8=True, n_threads=2)
+        head0 = got[:9, :d]
+        if col == 2 * H + 5:
+            assert np.isnan(head0[:, 5]).all() and np.isfinite(np.delete(head0, 5, axis=1)).all()
+        else:
+            assert np.isnan(head0).all()
+        assert np.isfinite(got[:9, d:]).all() and np.isfinite(got[9:]).all()
 
 
 @pytest.mark.parametrize("qkv,lengths,heads,match", [

@@ -208,6 +208,10 @@ def test_kinds_the_export_does_not_implement_are_refused(tiny, tmp_path, monkeyp
     with pytest.raises(ValueError, match="site kind 'w4'"):
         w4.export_onnx(tmp_path / "w4.onnx")
     assert not (tmp_path / "w4.onnx").exists()
+    attn8 = tiny.quantize(medquant.QuantScheme(name="int8-attention", attention="int8"))
+    with pytest.raises(ValueError, match="attention in int8"):
+        attn8.export_onnx(tmp_path / "a8.onnx")
+    assert not (tmp_path / "a8.onnx").exists()
 
 
 def test_import_medquant_does_not_import_onnx():

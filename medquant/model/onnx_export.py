@@ -329,6 +329,8 @@ def _embeddings(c: _Ctx, eps: float) -> str:
 def _attention(c: _Ctx, qkv: str, mask_add: str, heads: int, hidden: int, precision: str) -> str:
     """Scaled dot-product attention of the fused [B, S, 3H] projection; padded keys get -1e30 (as the core). bf16
     precision rounds Q, K, V and the probabilities to bf16 (products and sums stay float, as the core)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"ONNX export writes fp32 or bf16 attention; this scheme computes attention in {precision}")
     g, d = c.g, hidden // heads
     rnd = (lambda x, hint: _round_bf16(c, x, hint)) if precision == "bf16" else (lambda x, hint: x)
     split = g.op("Split", [qkv, c.scalar([hidden] * 3, np.int64)], n_out=3, axis=-1)

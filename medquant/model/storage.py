@@ -65,7 +65,7 @@ def smooth_weight(w: np.ndarray, act_mul: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w / act_mul[None, :], dtype=np.float32)
 
 
-ATTENTION_PRECISION = {"fp32": _core.ATTN_F32, "bf16": _core.ATTN_BF16}
+ATTENTION_PRECISION = {"fp32": _core.ATTN_F32, "bf16": _core.ATTN_BF16, "int8": _core.ATTN_INT8}
 
 
 def build_core(cfg: BertConfig, storage: Storage, sites: SiteSpecs, n_threads: int, attention: str = "fp32"):

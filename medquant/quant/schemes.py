@@ -30,7 +30,7 @@ ROUNDINGS = ("nearest", "gptq")
 MODE_CODES = {"dynamic": _core.ACT_DYNAMIC, "dynamic-token": _core.ACT_DYNAMIC_TOKEN, "static": _core.ACT_STATIC}
 GRANULARITIES = ("per-channel", "per-tensor")
 EMBEDDINGS = ("fp32", "int8")
-ATTENTION = ("fp32", "bf16")
+ATTENTION = ("fp32", "bf16", "int8")
 
 
 # ---------------------------------------------------------------------------------------------------- site kinds
@@ -171,9 +171,12 @@ class QuantScheme:
     bias_correction: fold each quantized layer's expected output error, E[W_q fq(x)] - E[W x] over the calibration
       inputs (fq: the layer's static activation grid; x itself for weight-only and dynamic layers), into its bias
       (Nagel et al. 2019; needs calibration texts).
-    attention: the precision of attention (Q K^T, softmax, P V): "fp32", or "bf16" (Q, K, V and the softmax
-      probabilities rounded to bf16, products accumulated in f32; on oneDNN's bf16 kernels where the CPU has them,
-      else emulated in f32 on the same rounded values).
+    attention: the precision of attention (Q K^T, softmax, P V): "fp32", "bf16" (Q, K, V and the softmax
+      probabilities rounded to bf16, products accumulated in f32; on vdpbf16ps where the CPU has avx512_bf16, else
+      emulated in f32 on the same rounded values), or "int8" (per sequence and head: Q and K symmetric int8 with a
+      scale per token, V with a scale per column, all absmax / 127 of the values themselves; the probabilities
+      exp(s - max) as u8 x 1/255, normalized by their integer sum; Q K^T and P V in exact int32 arithmetic, on
+      vpdpbusd where the CPU has avx512_vnni, the softmax in f32).
     keep_fp32 / keep_bf16: site names or glob patterns (e.g. "encoder.layer.5.output.dense") kept in higher precision.
     overrides: per-site settings, as (site name or glob pattern, {field: value}) pairs (or a dict); a site takes the
       fields of the first pattern it matches (see :meth:`for_site`). Fields: ``SITE_FIELDS``. keep_fp32 / keep_bf16
