@@ -14,7 +14,9 @@
  * fma chain per context value over the keys - so they give the same bits, and a row's result depends on nothing but
  * its sequence and head. BF16 (operands rounded to bf16) has a fourth path where the CPU has avx512_bf16 and the cap
  * allows it (mq_vec_bf16_dot): vdpbf16ps on bf16 pairs staged by stage_head_bf16, which does the f32 paths'
- * operations in their order too (see attention_head_bf16dot), with denormals flushed on every path.
+ * operations in their order too (see attention_head_bf16dot), with denormals flushed on every path. INT8 has three
+ * paths of its own, exact in their integer products and alike in their float operations (see the INT8 section):
+ * vpdpbusd (avx512_vnni), f32 FMAs on integer values (AVX2, AVX-512 without VNNI) and portable C.
  */
 #include "attention.h"
 
@@ -114,7 +116,8 @@ mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precisio
     a->precision = precision;
     const int dot = precision == MQ_ATTN_BF16 && a->bf16_dot;
     if (precision == MQ_ATTN_INT8)
-        snprintf(a->impl, sizeof a->impl, "medquant:attention_int8_%s", a->int8_dot ? "vnni" : "c");
+        snprintf(a->impl, sizeof a->impl, "medquant:attention_int8_%s",
+                 a->int8_dot ? "vnni" : a->isa != MQ_VEC_C ? "avx2" : "c");
     else
         snprintf(a->impl, sizeof a->impl, "medquant:attention_%s%s", mq_vec_isa_name(a->isa), dot ? "_bf16dot" : "");
     return MQ_OK;
@@ -165,7 +168,8 @@ static int64_t head_floats(int64_t L, int64_t d) {
    after the other, so the blocks stay in the core's cache), then one tile's s, the bf16 pairs of its probabilities
    (vdpbf16ps path) and c. */
 static size_t scratch_floats(int64_t L, int64_t d) {
-    return (size_t)(head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)));
+    return (size_t)(head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)) + 2 * round16(L) +
+                    round16(d));
 }
 
 size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch) {
@@ -209,6 +213,7 @@ static MQ_INLINE void scale_round_bf16(float *x, int64_t n, float f) {
 typedef struct {
     float *q, *kt, *v, *s, *c;
     uint32_t *p;
+    float *x; /* INT8 on f32 arithmetic: the query, key and column scales */
     int64_t ldk;
 } mq_attn_bufs;
 
@@ -227,6 +232,7 @@ static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, flo
     b.s = buf + head_floats(len, job->d);
     b.p = (uint32_t *)(b.s + ROWS_MAX * b.ldk);
     b.c = b.s + ROWS_MAX * (b.ldk + b.ldk / 2);
+    b.x = b.c + ROWS_MAX * job->dv;
     return b;
 }
 
@@ -808,7 +814,7 @@ static MQ_TARGET_AVX512_VNNI void stage_head_int8_avx512(const mq_attn_job *job,
 
 /* The u8 probabilities p[j] = rint(exp(s[j] - max) x 255) of a row of scores s[0, len) (p zero up to ldk); returns
    1 / sum(p), or NaN when a score is NaN or the maximum is not finite (the row's context is then NaN). */
-static float softmax_row_int8_c(const float *s, int64_t len, int64_t ldk, uint8_t *p) {
+static AI float softmax_row_int8_c(const float *s, int64_t len, int64_t ldk, uint8_t *p) {
     float mx = -INFINITY;
     int bad = 0;
     for (int64_t j = 0; j < len; j++) {
@@ -851,6 +857,71 @@ static void attention_head_int8_c(const mq_attn_job *job, const mq_attn_bufs *pb
             c[col] = (float)acc * b->vs[col] * f;
         }
         write_row(job, c, offset + i, h);
+    }
+}
+
+/* ---- INT8 on AVX2: the int8 values held as f32, multiplied by the f32 tiles of attention_head_avx2. Every partial
+   sum is an integer of at most 2^24 in magnitude (|Q K^T| <= d x 127^2, P V <= len x 255 x 127) while
+   d <= I8_F32_MAX_D and len <= I8_F32_MAX_LEN, so those sums are exact: the int32 results, the same bits. */
+
+#define I8_F32_MAX_D 1024
+#define I8_F32_MAX_LEN 512
+
+/* stage_head_int8's values as floats in the f32 layout (q [len, d], kt [d, ldk], v [len, dv]), the query, key and
+   column scales in b->x: qs [round16(len)], ks [ldk], vs [dv]. */
+static AI void stage_int8_f32_body(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h,
+                                   const mq_attn_bufs *b) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, ldk = b->ldk;
+    const float *rows = job->qkv + offset * ld + h * d;
+    float *qs = b->x, *ks = qs + round16(len), *vs = ks + ldk;
+    for (int64_t j = 0; j < len; j++) {
+        const float *x = rows + j * ld, am = absmax_strided(x, d, 1), inv = inv_scale_s8(am);
+        for (int64_t c = 0; c < d; c++) b->q[j * d + c] = (float)quant_s8(x[c], inv);
+        qs[j] = am / 127.f * job->scale;
+    }
+    for (int64_t j = 0; j < ldk; j++) {
+        const float *x = rows + j * ld + H;
+        const float am = j < len ? absmax_strided(x, d, 1) : 0.f, inv = inv_scale_s8(am);
+        for (int64_t c = 0; c < d; c++) b->kt[c * ldk + j] = j < len ? (float)quant_s8(x[c], inv) : 0.f;
+        ks[j] = am / 127.f;
+    }
+    for (int64_t c = 0; c < dv; c++) {
+        const float *x = rows + 2 * H + c;
+        const float am = c < d ? absmax_strided(x, len, ld) : 0.f, inv = inv_scale_s8(am);
+        for (int64_t j = 0; j < len; j++) b->v[j * dv + c] = c < d ? (float)quant_s8(x[j * ld], inv) : 0.f;
+        vs[c] = am / 127.f;
+    }
+}
+
+static MQ_TARGET_AVX2 void attention_head_int8_avx2(const mq_attn_job *job, const mq_attn_bufs *pb, int64_t offset,
+                                                    int64_t len, int64_t h) {
+    const int64_t d = job->d, dv = job->dv;
+    const mq_attn_bufs b = *pb;
+    const float *qs = b.x, *ks = qs + round16(len), *vs = ks + b.ldk;
+    stage_int8_f32_body(job, offset, len, h, &b);
+    uint8_t *p = (uint8_t *)b.p;
+    static const float ones[ROWS_AVX2] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+    for (int64_t i0 = 0; i0 < len; i0 += ROWS_AVX2) {
+        const int nr = len - i0 < ROWS_AVX2 ? (int)(len - i0) : ROWS_AVX2;
+        const float *qr[ROWS_AVX2], *pr[ROWS_AVX2];
+        float f[ROWS_AVX2];
+        for (int r = 0; r < ROWS_AVX2; r++) { /* rows past the sequence repeat its last row; dropped */
+            qr[r] = b.q + (i0 + (r < nr ? r : nr - 1)) * d;
+            pr[r] = b.s + (r < nr ? r : nr - 1) * b.ldk;
+        }
+        scores_tile_avx2(qr, b.kt, d, b.ldk, 1.f, b.s); /* the exact integer dot products */
+        for (int r = 0; r < nr; r++) {
+            float *s = b.s + r * b.ldk;
+            for (int64_t j = 0; j < len; j++) s[j] = s[j] * ks[j] * qs[i0 + r];
+            f[r] = softmax_row_int8_c(s, len, b.ldk, p);
+            for (int64_t j = 0; j < b.ldk; j++) s[j] = (float)p[j]; /* the probabilities for P V */
+        }
+        context_tile_avx2(pr, ones, b.v, len, dv, b.c);
+        for (int r = 0; r < nr; r++) {
+            float *c = b.c + r * dv;
+            for (int64_t col = 0; col < d; col++) c[col] = c[col] * vs[col] * f[r];
+            write_row(job, c, offset + i0 + r, h);
+        }
     }
 }
 
@@ -962,6 +1033,10 @@ static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn
                 stage_head_int8_avx512(job, offset, len, h, &ib);
                 attention_head_int8_vnni(job, &tb, &ib, offset, len, h);
             } else {
+                if (a->isa != MQ_VEC_C && !a->int8_dot && job->d <= I8_F32_MAX_D && len <= I8_F32_MAX_LEN) {
+                    attention_head_int8_avx2(job, &tb, offset, len, h); /* stages in the f32 layout itself */
+                    continue;
+                }
                 stage_head_int8(job, offset, len, h, &ib);
                 if (a->int8_dot)
                     attention_head_int8_vnni(job, &tb, &ib, offset, len, h);

@@ -16,7 +16,11 @@
  * bit-identical for any thread count, any batch composition and any kernel path (AVX-512, AVX2 or portable C).
  *
  * Precision: F32 computes in f32. BF16 rounds Q, K, V and the probabilities to bf16 (nearest even) and accumulates in
- * f32: the products a bf16 matmul with f32 accumulation computes, on f32 arithmetic.
+ * f32: the products a bf16 matmul with f32 accumulation computes, on f32 arithmetic. INT8 quantizes, per sequence
+ * and head, Q and K to int8 with a scale per token and V with a scale per column (absmax / 127 of the values), takes
+ * the probabilities exp(s - max) as u8 (x 1/255) normalized by their integer sum, and computes Q K^T and P V exactly
+ * in int32 (the softmax in f32); a NaN or infinite input makes the rows of its sequence and head (or, in V, its
+ * column) NaN.
  */
 #ifndef MQ_ATTENTION_H
 #define MQ_ATTENTION_H
@@ -33,7 +37,8 @@ void mq_attention_destroy(mq_attention *a);
 mq_status mq_attention_set_precision(mq_attention *a, mq_attn_precision precision);
 mq_attn_precision mq_attention_precision(const mq_attention *a);
 /* The kernel that runs: "medquant:attention_avx512", "medquant:attention_avx2" or "medquant:attention_c", and for BF16
-   on CPUs with avx512_bf16 "medquant:attention_avx512_bf16dot". */
+   on CPUs with avx512_bf16 "medquant:attention_avx512_bf16dot"; for INT8 "medquant:attention_int8_vnni" (avx512_vnni),
+   "medquant:attention_int8_avx2" or "medquant:attention_int8_c". */
 const char *mq_attention_impl(const mq_attention *a);
 
 /* Bytes of per-thread scratch a forward over `batch` sequences of at most `max_len` tokens allocates (an upper bound),

@@ -192,7 +192,8 @@ class Encoder:
         ``'medquant:attention_avx512'``, ``'medquant:attention_avx2'`` or ``'medquant:attention_c'`` (by the ISA
         oneDNN reports, so ``ONEDNN_MAX_CPU_ISA`` caps it), and for bf16 on CPUs with avx512_bf16
         ``'medquant:attention_avx512_bf16dot'`` (vdpbf16ps); for int8 ``'medquant:attention_int8_vnni'`` (vpdpbusd,
-        CPUs with avx512_vnni) or ``'medquant:attention_int8_c'``. For a precision, all give the same bits."""
+        CPUs with avx512_vnni), ``'medquant:attention_int8_avx2'`` (exact integer products on f32 FMAs; slower than
+        fp32 attention) or ``'medquant:attention_int8_c'``. For a precision, all give the same bits."""
         precision, kernel = self._core.attention_info()
         names = {v: k for k, v in _storage.ATTENTION_PRECISION.items()}
         return {"precision": names[precision], "kernel": kernel}
