@@ -6,9 +6,10 @@
    output, 12 heads of 32 (MiniLM) and of 64 (BERT-base), sequences of 16-512 tokens, batches of 1 and 32, on 1 and
    2 threads: ms per call (best of repetitions) and GFLOP/s (4 L^2 d per head and sequence: Q K^T and P V; the
    softmax is not counted), and the 2-thread speed-up; then bf16 attention (``bf16=True``: on vdpbf16ps where the CPU
-   has avx512_bf16) on 2 threads and its speed-up over f32.
+   has avx512_bf16) and int8 attention (``int8=True``: on vpdpbusd where the CPU has avx512_vnni) on 2 threads and
+   their speed-ups over f32.
 2. Encoder: the packaged all-MiniLM-L6-v2 (fp32, int8-static-asym calibrated on 128 MedQuAD answers, and the same
-   with attention="bf16") encoding 256
+   with attention="bf16" and with attention="int8") encoding 256
    MedQuAD answers (batch 32, 256 tokens; best of 3 passes) and 200 questions one at a time (p50), on 1 and 2
    threads, with ``Encoder.stage_seconds()``: the share of the forward each stage took (attention, LayerNorm,
    embeddings, pooling, linear layers and the rest).
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE))
 from common import machine_info, save_results  # noqa: E402
 
 SHAPES = [("minilm", 12, 32), ("bert-base", 12, 64)]
-ENCODER_SCHEMES = ("fp32", "int8-static-asym", "int8-static-asym+attention-bf16")
+ENCODER_SCHEMES = ("fp32", "int8-static-asym", "int8-static-asym+attention-bf16", "int8-static-asym+attention-int8")
 
 
 def best_seconds(fn, reps: int) -> float:
@@ -67,17 +68,20 @@ def bench_kernel(quick: bool) -> list:
             row["speedup_2t"] = row["ms_1t"] / row["ms_2t"]
             s = best_seconds(lambda: _core.attention(qkv, lengths, heads, bf16=True, n_threads=2), reps)
             row["ms_bf16_2t"], row["bf16_speedup_2t"] = 1e3 * s, row["ms_2t"] / (1e3 * s)
+            s = best_seconds(lambda: _core.attention(qkv, lengths, heads, int8=True, n_threads=2), reps)
+            row["ms_int8_2t"], row["int8_speedup_2t"] = 1e3 * s, row["ms_2t"] / (1e3 * s)
             rows.append(row)
             print(f"{name:9s} batch {batch:2d} L {L:3d}: 1 thread {row['ms_1t']:8.2f} ms {row['gflops_1t']:6.1f} "
                   f"GFLOP/s, 2 threads {row['ms_2t']:8.2f} ms ({row['speedup_2t']:.2f}x), bf16 "
-                  f"{row['ms_bf16_2t']:8.2f} ms ({row['bf16_speedup_2t']:.2f}x)", flush=True)
+                  f"{row['ms_bf16_2t']:8.2f} ms ({row['bf16_speedup_2t']:.2f}x), int8 {row['ms_int8_2t']:8.2f} ms "
+                  f"({row['int8_speedup_2t']:.2f}x)", flush=True)
     return rows
 
 
 def bench_encoder(quick: bool, threads_list=(1, 2)) -> list:
     import medquant
     from medquant.eval.datasets import load_medquad
-    from medquant.quant.schemes import PRESETS
+    from medquant.quant.schemes import ATTENTION, PRESETS
 
     df = load_medquad()
     answers = [t for t in df["answer"].tolist() if t]
@@ -88,9 +92,12 @@ def bench_encoder(quick: bool, threads_list=(1, 2)) -> list:
     for threads in threads_list:
         base = medquant.Encoder.from_pretrained(n_threads=threads)
         for scheme in ENCODER_SCHEMES:
-            # the last: int8-static-asym calibrated on the same texts, attention in bf16
-            q = scheme if scheme != ENCODER_SCHEMES[-1] else PRESETS["int8-static-asym"].replace(name=scheme,
-                                                                                                attention="bf16")
+            # "+attention-X": int8-static-asym calibrated on the same texts, attention in X (when this medquant has X:
+            # --compare may run an older checkout)
+            attention = scheme.split("+attention-")[1] if "+attention-" in scheme else None
+            if attention and attention not in ATTENTION:
+                continue
+            q = PRESETS["int8-static-asym"].replace(name=scheme, attention=attention) if attention else scheme
             enc = base if scheme == "fp32" else base.quantize(q, calibration_texts=calib, show_progress_bar=False)
             enc.encode(corpus[:32], batch_size=32, max_length=256, show_progress_bar=False)
             has_stages = hasattr(enc, "stage_seconds")
@@ -136,9 +143,11 @@ def compare(other: Path, rounds: int, quick: bool) -> dict:
             print(f"round {r + 1} {who}: " + ", ".join(f"{x['scheme']} {x['corpus_texts_per_s']:.1f} texts/s "
                                                       f"{x['query_p50_ms']:.2f} ms" for x in runs[who][-1]), flush=True)
     summary = []
-    for i, row in enumerate(runs["this"][0]):
-        med = {who: {k: float(np.median([run[i][k] for run in runs[who]])) for k in ("corpus_texts_per_s", "query_p50_ms")}
-               for who in runs}
+    for row in runs["this"][0]:
+        if not any(x["scheme"] == row["scheme"] for x in runs["other"][0]):
+            continue  # a scheme the other checkout cannot run
+        med = {who: {k: float(np.median([x[k] for run in runs[who] for x in run if x["scheme"] == row["scheme"]]))
+                     for k in ("corpus_texts_per_s", "query_p50_ms")} for who in runs}
         summary.append({"scheme": row["scheme"], "this": med["this"], "other": med["other"],
                         "corpus_speedup": med["this"]["corpus_texts_per_s"] / med["other"]["corpus_texts_per_s"],
                         "query_speedup": med["other"]["query_p50_ms"] / med["this"]["query_p50_ms"]})
@@ -163,15 +172,17 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Fused attention on {m['cpu_model']} ({res['date']})", "",
              f"`{res['command']}`; {m['logical_cpus']} logical CPUs; AVX-512 {m['isa']['avx512f']}, AVX2 "
-             f"{m['isa']['avx2']}; attention kernel `{res['kernel']}` (bf16: `{res.get('kernel_bf16', '?')}`); medquant at "
+             f"{m['isa']['avx2']}; attention kernel `{res['kernel']}` (bf16: `{res.get('kernel_bf16', '?')}`, int8: "
+             f"`{res.get('kernel_int8', '?')}`); medquant at "
              f"{res['medquant']}.", ""]
     if res.get("kernel_rows"):
         lines += ["## Kernel alone (random Q/K/V; GFLOP/s count Q K^T and P V)", "",
                   "| model | batch | length | 1 thread ms | GFLOP/s | 2 threads ms | GFLOP/s | 2-thread speed-up | "
-                  "bf16, 2 threads ms | bf16 speed-up |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "bf16, 2 threads ms | bf16 speed-up | int8, 2 threads ms | int8 speed-up |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["kernel_rows"]:
             bf = (f"{r['ms_bf16_2t']:.2f} | {r['bf16_speedup_2t']:.2f}x" if "ms_bf16_2t" in r else "- | -")
+            bf += (f" | {r['ms_int8_2t']:.2f} | {r['int8_speedup_2t']:.2f}x" if "ms_int8_2t" in r else " | - | -")
             lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['ms_1t']:.2f} | {r['gflops_1t']:.1f} | "
                          f"{r['ms_2t']:.2f} | {r['gflops_2t']:.1f} | {r['speedup_2t']:.2f}x | {bf} |")
         lines.append("")
@@ -215,8 +226,11 @@ def main(argv=None) -> int:
     kernel = probe.attention_info().get("kernel", "oneDNN primitives")
     kernel_bf16 = probe.quantize(medquant.QuantScheme(name="attention-bf16", attention="bf16"),
                                  show_progress_bar=False).attention_info()["kernel"]
+    kernel_int8 = probe.quantize(medquant.QuantScheme(name="attention-int8", attention="int8"),
+                                 show_progress_bar=False).attention_info()["kernel"]
     res = {"command": " ".join(["python benchmarks/attention.py"] + (argv if argv is not None else sys.argv[1:])),
            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "kernel": kernel, "kernel_bf16": kernel_bf16,
+           "kernel_int8": kernel_int8,
            "medquant": str(Path(medquant.__file__).resolve().parent.parent)}
     res["kernel_rows"] = [] if args.no_kernel else bench_kernel(args.quick)
     res["encoder_rows"] = bench_encoder(args.quick)

@@ -28,7 +28,7 @@ REFERENCE = "medquant-int8-static"  # every ratio is taken against this system
 class System:
     name: str
     runtime: str  # medquant | torch | ort | ov
-    variant: str  # medquant: fp32 | bf16 | int8-dynamic | int8-static-asym | int8-static-attn-bf16; torch: fp32 | fp32-compile | int8-dyn |
+    variant: str  # medquant: fp32 | bf16 | int8-dynamic | int8-static-asym | int8-static-attn-bf16 | int8-static-attn-int8; torch: fp32 | fp32-compile | int8-dyn |
     #               int8-pt2e; ort: fp32 | int8-dyn | int8-pc; ov: fp32 | int8
     label: str
     needs: str = "hf"  # the prepared artefact (manifest path key) the system loads
@@ -42,6 +42,8 @@ SYSTEMS: List[System] = [
     System("medquant-int8-static", "medquant", "int8-static-asym", "medquant int8 static (int8-static-asym)"),
     System("medquant-int8-static-attn-bf16", "medquant", "int8-static-attn-bf16",
            "medquant int8 static (int8-static-asym) with attention=\"bf16\""),
+    System("medquant-int8-static-attn-int8", "medquant", "int8-static-attn-int8",
+           "medquant int8 static (int8-static-asym) with attention=\"int8\" (int8 everywhere, as NNCF's int8)"),
     System("torch-fp32", "torch", "fp32", "PyTorch fp32"),
     System("torch-fp32-compile", "torch", "fp32-compile",
            "PyTorch fp32 under torch.compile (inductor, freezing, dynamic shapes)", optional=True),

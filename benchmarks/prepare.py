@@ -36,7 +36,7 @@ from common import (  # noqa: E402
     padded_example,
 )
 
-STAMP_VERSION = 3
+STAMP_VERSION = 4
 ANCHOR_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -116,13 +116,14 @@ def ort_models(hf_dir: Path, out_dir: Path, n_heads: int, hidden: int) -> dict:
 
 
 def medquant_schemes() -> dict:
-    """The medquant variants the benchmark saves: preset schemes, and int8-static-asym with bf16 attention."""
+    """The medquant variants the benchmark saves: preset schemes, and int8-static-asym with bf16 or int8 attention."""
     import medquant
 
     static = medquant.get_scheme("int8-static-asym")
     return {"bf16": medquant.get_scheme("bf16"), "int8-dynamic": medquant.get_scheme("int8-dynamic"),
             "int8-static-asym": static,
-            "int8-static-attn-bf16": static.replace(name="int8-static-asym+attention-bf16", attention="bf16")}
+            "int8-static-attn-bf16": static.replace(name="int8-static-asym+attention-bf16", attention="bf16"),
+            "int8-static-attn-int8": static.replace(name="int8-static-asym+attention-int8", attention="int8")}
 
 
 def medquant_models(hf_dir: Path, out_dir: Path, calib: list, max_length: int) -> dict:
@@ -298,6 +299,7 @@ def build_core(wd: Path, sizes, stamp: dict) -> dict:
             "medquant-int8-dynamic": str(mdir / "medquant-int8-dynamic"),
             "medquant-int8-static-asym": str(mdir / "medquant-int8-static-asym"),
             "medquant-int8-static-attn-bf16": str(mdir / "medquant-int8-static-attn-bf16"),
+            "medquant-int8-static-attn-int8": str(mdir / "medquant-int8-static-attn-int8"),
         }
         manifest["models"][key] = {"paths": paths, "ort": ort_info, "medquant": mq_info}
         manifest["paths_to_check"] += list(paths.values())
