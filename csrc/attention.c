@@ -969,7 +969,8 @@ static AI MQ_TARGET_AVX512_VNNI float softmax_row_int8_vnni(const float *s, int6
     return 1.f / (float)_mm512_reduce_add_epi32(sum);
 }
 
-/* out[r, c] = ((float)acc[r][c] - kc) ... : the scores of a tile, s[r, j] = (float)(acc - kc[j]) * ks[j] * qs[r]. */
+/* attention_head_int8_c on vpdpbusd, in tiles of 8 query rows: the scores s[r, j] = (float)(acc - kc[j]) * ks[j] *
+   qs[r], the u8 probabilities, the context ((float)acc * vs[c]) * (1 / sum p): the same operations, the same bits. */
 static MQ_TARGET_AVX512_VNNI void attention_head_int8_vnni(const mq_attn_job *job, const mq_attn_bufs *pb,
                                                            const mq_attn_i8 *b, int64_t offset, int64_t len,
                                                            int64_t h) {

@@ -7,7 +7,7 @@ import torch
 
 import medquant
 import quant_reference as ref
-from test_attention import int8_reference, reference
+from test_attention import int8_reference
 from tiny_bert import random_texts, write_tiny_bert
 
 torch.set_num_threads(2)
@@ -175,15 +175,23 @@ def _attention_ref(qkv, lengths, heads, round_bf16):
     return out
 
 
-def test_bf16_attention_matches_a_bf16_rounding_reference(tmp_path):
+ATTENTION_REFS = {  # precision: the float64 reference of what it computes
+    "bf16": lambda qkv, lengths, heads: _attention_ref(qkv, lengths, heads, round_bf16=True),
+    "int8": int8_reference,  # tests/test_attention.py
+}
+
+
+@pytest.mark.parametrize("precision", sorted(ATTENTION_REFS))
+def test_reduced_precision_attention_matches_its_reference(tmp_path, precision):
     """attention="bf16" multiplies bf16-rounded Q, K, V and probabilities with f32 accumulation (natively or emulated,
-    the same products): layer 0's attention-output site, from the encoder's own QKV tap, matches a float64 reference
-    that rounds exactly those operands, and visibly differs from the unrounded reference (the rounding happened)."""
+    the same products); attention="int8" quantizes Q, K per token, V per column and the probabilities to u8, with
+    exact integer products. Layer 0's attention-output site, from the encoder's own QKV tap, matches a float64
+    reference that does exactly that, and visibly differs from unrounded attention (the rounding happened)."""
     d = write_tiny_bert(tmp_path, hidden=64, layers=1, heads=4, intermediate=128)
     fp32 = medquant.Encoder.from_pretrained(d, n_threads=2)
-    enc = fp32.quantize(medquant.QuantScheme(name="fp32-bf16-attention", attention="bf16"))
+    enc = fp32.quantize(medquant.QuantScheme(name=f"fp32-{precision}-attention", attention=precision))
     info = enc.attention_info()
-    assert info["precision"] == "bf16" and info["kernel"].startswith("medquant:attention_")
+    assert info["precision"] == precision and info["kernel"].startswith("medquant:attention_")
     assert fp32.attention_info()["precision"] == "fp32"
     texts = random_texts(12, seed=5, max_words=60)
     encs = enc._encode_tokens(texts, enc.max_length)
@@ -202,47 +210,13 @@ def test_bf16_attention_matches_a_bf16_rounding_reference(tmp_path):
     lengths = mask.sum(1)
     got = taps[1].astype(np.float64)
     errs = {}
-    for round_bf16 in (True, False):
-        want = _attention_ref(taps[0], lengths, cfg.num_attention_heads, round_bf16) @ w.T + b + h_in
-        errs[round_bf16] = np.abs(got - want)
-    tol = 2e-5 * np.abs(want).max()
+    for reduced in (True, False):
+        ctx = (ATTENTION_REFS[precision](taps[0], lengths, cfg.num_attention_heads) if reduced
+               else _attention_ref(taps[0], lengths, cfg.num_attention_heads, round_bf16=False))
+        errs[reduced] = np.abs(got - (ctx @ w.T + b + h_in))
+    tol = 2e-5 * np.abs(got).max()
     assert np.mean(errs[True] <= tol) > 0.99 and errs[True].max() < 4 * tol, float(errs[True].max())
-    assert errs[False].max() > 5 * errs[True].max(), "no bf16 rounding is visible"
-
-
-def test_int8_attention_matches_its_scheme_in_the_encoder(tmp_path):
-    """attention="int8" in the encoder: layer 0's attention-output site, from the encoder's own QKV tap, matches the
-    int8 scheme done in float64 (tests/test_attention.py) and visibly differs from unquantized attention."""
-    d = write_tiny_bert(tmp_path, hidden=64, layers=1, heads=4, intermediate=128)
-    fp32 = medquant.Encoder.from_pretrained(d, n_threads=2)
-    enc = fp32.quantize(medquant.QuantScheme(name="fp32-int8-attention", attention="int8"))
-    info = enc.attention_info()
-    assert info["precision"] == "int8" and info["kernel"].startswith("medquant:attention_int8_")
-    assert fp32.attention_info()["precision"] == "fp32"
-    texts = random_texts(12, seed=5, max_words=60)
-    encs = enc._encode_tokens(texts, enc.max_length)
-    ids, mask, tt = enc._pad([e.ids for e in encs], [e.type_ids for e in encs])
-    _, _, taps = enc._core.forward(ids, mask, tt, hidden=False, taps=True)
-    params, cfg = fp32._fp32, fp32.config
-    real = mask.astype(bool)
-    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    emb = (params["embeddings.word_embeddings.weight"][ids] + params["embeddings.position_embeddings.weight"][pos]
-           + params["embeddings.token_type_embeddings.weight"][tt])[real].astype(np.float64)
-    mu, var = emb.mean(1, keepdims=True), emb.var(1, keepdims=True)
-    h_in = (emb - mu) / np.sqrt(var + cfg.layer_norm_eps) * params["embeddings.LayerNorm.weight"] \
-        + params["embeddings.LayerNorm.bias"]
-    w = params["encoder.layer.0.attention.output.dense.weight"].astype(np.float64)
-    b = params["encoder.layer.0.attention.output.dense.bias"]
-    lengths = mask.sum(1)
-    got = taps[1].astype(np.float64)
-    errs = {}
-    for quantized in (True, False):
-        attend = int8_reference if quantized else reference
-        want = attend(taps[0], lengths, cfg.num_attention_heads) @ w.T + b + h_in
-        errs[quantized] = np.abs(got - want)
-    tol = 2e-5 * np.abs(want).max()
-    assert np.mean(errs[True] <= tol) > 0.99 and errs[True].max() < 4 * tol, float(errs[True].max())
-    assert errs[False].max() > 5 * errs[True].max(), "no int8 quantization is visible"
+    assert errs[False].max() > 5 * errs[True].max(), f"no {precision} rounding is visible"
 
 
 def test_stage_seconds_account_for_the_forward(tmp_path):
