@@ -467,8 +467,10 @@ static AI MQ_TARGET_AVX512 void transpose_16x16(__m512i r[16]) {
     }
 }
 
-/* Mask of the first n (<= 16) lanes. */
-static AI __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+/* Mask of the first n lanes (none for n <= 0, all 16 for n >= 16). */
+static AI __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
 
 /* stage_head on AVX-512 (the same values): rows copied 16 floats at a time, the keys transposed in 16 x 16
    blocks. */
@@ -623,7 +625,8 @@ static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job,
    (absmax / 127, per sequence and head), the probabilities as u8 (255 for the row's maximum); Q K^T and P V in
    exact int32 arithmetic, the softmax in f32. Every path does the integer products exactly and the float
    operations of attention_head_int8_c in its order, so the paths give the same bits: vpdpbusd where the CPU has
-   avx512_vnni (the queries offset by 128 to make them unsigned, the offset taken back per key), plain C elsewhere. */
+   avx512_vnni (the queries offset by 128 to make them unsigned, the offset taken back per key), f32 FMAs on the
+   integer values elsewhere (attention_head_int8_avx2, within its exact range), else plain C (run_head_int8). */
 
 /* One head's staged int8 blocks (buf's words, in this order). */
 typedef struct {
@@ -789,7 +792,7 @@ static MQ_TARGET_AVX512_VNNI void stage_head_int8_avx512(const mq_attn_job *job,
     /* values: each column's absmax over the sequence, then 4 keys at a time, a column's 4 bytes in one dword */
     __m512 inv[I8_MAX_D / 16];
     for (int64_t c = 0; c < dv; c += 16) {
-        const __mmask16 k = first_lanes(d - c < 0 ? 0 : d - c);
+        const __mmask16 k = first_lanes(d - c);
         __m512 m = _mm512_setzero_ps();
         __mmask16 nan = 0;
         for (int64_t j = 0; j < len; j++) absmax_step(_mm512_maskz_loadu_ps(k, rows + j * ld + 2 * H + c), &m, &nan);
@@ -799,7 +802,7 @@ static MQ_TARGET_AVX512_VNNI void stage_head_int8_avx512(const mq_attn_job *job,
     }
     for (int64_t m4 = 0; m4 < ldk / 4; m4++)
         for (int64_t c = 0; c < dv; c += 16) {
-            const __mmask16 k = first_lanes(d - c < 0 ? 0 : d - c);
+            const __mmask16 k = first_lanes(d - c);
             __m512i w = _mm512_setzero_si512();
             for (int s = 0; s < 4; s++) {
                 const int64_t j = 4 * m4 + s;
@@ -959,7 +962,7 @@ static AI MQ_TARGET_AVX512_VNNI float softmax_row_int8_vnni(const float *s, int6
     const __m512 vmx = _mm512_set1_ps(mx);
     __m512i sum = _mm512_setzero_si512();
     for (int64_t j = 0; j < ldk; j += 16) {
-        const __mmask16 k = first_lanes(len - j < 0 ? 0 : len - j);
+        const __mmask16 k = first_lanes(len - j);
         const __m512 e = exp_neg_bf16_avx512(_mm512_sub_ps(vmx, _mm512_loadu_ps(s + j)));
         const __m512i q = _mm512_maskz_min_epi32(k, _mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(255.f))),
                                                  _mm512_set1_epi32(255));
@@ -1018,6 +1021,23 @@ static MQ_TARGET_AVX512_VNNI void attention_head_int8_vnni(const mq_attn_job *jo
 
 /* ------------------------------------------------------------------ forward */
 
+/* Head h in INT8 on the fastest exact path this CPU and head allow. */
+static void run_head_int8(const mq_attention *a, const mq_attn_job *job, const mq_attn_bufs *tb, const mq_attn_i8 *ib,
+                          int64_t offset, int64_t len, int64_t h) {
+    if (a->int8_dot) {
+        if (job->d <= I8_MAX_D)
+            stage_head_int8_avx512(job, offset, len, h, ib);
+        else
+            stage_head_int8(job, offset, len, h, ib);
+        attention_head_int8_vnni(job, tb, ib, offset, len, h);
+    } else if (a->isa != MQ_VEC_C && job->d <= I8_F32_MAX_D && len <= I8_F32_MAX_LEN) {
+        attention_head_int8_avx2(job, tb, offset, len, h); /* stages in the f32 layout itself */
+    } else {
+        stage_head_int8(job, offset, len, h, ib);
+        attention_head_int8_c(job, tb, ib, offset, len, h);
+    }
+}
+
 static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn_job *job, const int64_t *offsets,
                      const int32_t *lengths, int64_t task, float *buf) {
     const int heads = p->heads_per_task;
@@ -1027,23 +1047,10 @@ static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn
     const unsigned csr = _mm_getcsr();
     if (job->round) _mm_setcsr(csr | 0x8040u);
     const mq_attn_bufs tb = task_bufs(job, len, buf);
+    const mq_attn_i8 ib = i8_bufs(job, len, buf); /* the same words as tb's staged head, for INT8 */
     for (int64_t h = h0; h < h0 + heads; h++) { /* one head at a time: its staged blocks stay in cache */
         if (job->i8) {
-            const mq_attn_i8 ib = i8_bufs(job, len, buf);
-            if (a->int8_dot && job->d <= I8_MAX_D) {
-                stage_head_int8_avx512(job, offset, len, h, &ib);
-                attention_head_int8_vnni(job, &tb, &ib, offset, len, h);
-            } else {
-                if (a->isa != MQ_VEC_C && !a->int8_dot && job->d <= I8_F32_MAX_D && len <= I8_F32_MAX_LEN) {
-                    attention_head_int8_avx2(job, &tb, offset, len, h); /* stages in the f32 layout itself */
-                    continue;
-                }
-                stage_head_int8(job, offset, len, h, &ib);
-                if (a->int8_dot)
-                    attention_head_int8_vnni(job, &tb, &ib, offset, len, h);
-                else
-                    attention_head_int8_c(job, &tb, &ib, offset, len, h);
-            }
+            run_head_int8(a, job, &tb, &ib, offset, len, h);
             continue;
         }
         if (job->dot) {
