@@ -67,7 +67,8 @@ typedef struct {
     int round; /* BF16: operands rounded to bf16 */
     int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_head_bf16) */
     int i8;           /* INT8 */
-    int n_heads_task; /* heads per task: the next head's rows are prefetched while one is computed */
+    int n_heads_task; /* heads a task stages one after the other: the next head's rows are prefetched while one is
+                         computed (1: no prefetch) */
     mq_attn_out out;
 } mq_attn_job;
 
@@ -148,10 +149,38 @@ static mq_attn_plan make_plan(const mq_attention *a, int64_t batch) {
     return p;
 }
 
+#define I8_MAX_D 256 /* the vector staging's widest head (stage_int8_avx512); wider heads take stage_head_int8 */
+
 /* Words of one head's staged int8 blocks (mq_attn_i8). */
 static int64_t i8_floats(int64_t L, int64_t d) {
     const int64_t d4 = (d + 3) / 4, ldk = round16(L);
     return round16(L * d4) + round16(L) + d4 * ldk + 2 * ldk + ldk / 4 * round16(d) + round16(d);
+}
+
+/* Words of the staging's own scratch (stage_int8_avx512) for nh heads of a sequence of len tokens: 16 keys' bytes
+   before their transpose and the columns' running absmax, then, for more than one head, the blocks of the heads. */
+static int64_t i8_stage_floats(int64_t len, int64_t d, int64_t nh) {
+    const int64_t d8 = ((d + 3) / 4 + 7) / 8 * 8;
+    return 16 * nh * d8 + nh * round16(d) + (nh > 1 ? nh * i8_floats(len, d) : 0);
+}
+
+#define I8_GROUP_WORDS (128 * 1024) /* 512 KB: the blocks of heads staged together stay in a core's L2 cache */
+
+/* How many of a task's heads stage_int8_avx512 stages together for a sequence of len tokens: as many as
+   I8_GROUP_WORDS holds (all 12 heads of MiniLM up to 400 tokens, of BERT-base up to 208), in groups of equal size;
+   1 when two do not fit. */
+static int64_t i8_group(int64_t len, int64_t d, int64_t heads) {
+    const int64_t fit = I8_GROUP_WORDS / i8_floats(len, d);
+    if (fit >= heads) return heads;
+    if (fit <= 1) return 1;
+    const int64_t groups = (heads + fit - 1) / fit;
+    return (heads + groups - 1) / groups;
+}
+
+/* The most words i8_stage_floats needs for a task of `heads` heads of any sequence of at most L tokens. */
+static int64_t i8_stage_reserve(int64_t L, int64_t d, int64_t heads) {
+    const int64_t blocks = heads * i8_floats(L, d);
+    return i8_stage_floats(L, d, 1) * heads + (heads > 1 ? (blocks < I8_GROUP_WORDS ? blocks : I8_GROUP_WORDS) : 0);
 }
 
 /* Floats (4-byte words) of one head's staged q, kt and v for a sequence of L tokens, each part a multiple of 16:
@@ -164,17 +193,24 @@ static int64_t head_floats(int64_t L, int64_t d) {
     return most > i8 ? most : i8;
 }
 
-/* Floats of one thread's scratch for sequences of at most L tokens: one head's q, kt, v (a task stages its heads one
-   after the other, so the blocks stay in the core's cache), then one tile's s, the bf16 pairs of its probabilities
-   (vdpbf16ps path) and c. */
-static size_t scratch_floats(int64_t L, int64_t d) {
+/* INT8 on vpdpbusd stages with stage_int8_avx512: heads of a sequence together (i8_group) when a task is a
+   sequence. */
+static int stages_int8_avx512(const mq_attention *a) {
+    return a->precision == MQ_ATTN_INT8 && a->int8_dot && a->head_dim <= I8_MAX_D;
+}
+
+/* Floats of one thread's scratch for sequences of at most L tokens and tasks of `heads` heads: one head's q, kt, v (a
+   task stages its heads one after the other, so the blocks stay in the core's cache), then one tile's s, the bf16
+   pairs of its probabilities (vdpbf16ps path) and c; then what stage_int8_avx512 needs, if it runs. */
+static size_t scratch_floats(const mq_attention *a, int64_t L, int heads) {
+    const int64_t d = a->head_dim;
     return (size_t)(head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)) + 2 * round16(L) +
-                    round16(d));
+                    round16(d) + (stages_int8_avx512(a) ? i8_stage_reserve(L, d, heads) : 0)); /* task_bufs */
 }
 
 size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch) {
     const mq_attn_plan p = make_plan(a, batch);
-    const double per_thread = (double)scratch_floats(max_len, a->head_dim) * sizeof(float) + 64.0;
+    const double per_thread = (double)scratch_floats(a, max_len, p.heads_per_task) * sizeof(float) + 64.0;
     const double total = per_thread * p.nthr;
     return total >= (double)SIZE_MAX ? SIZE_MAX : (size_t)total;
 }
@@ -213,7 +249,8 @@ static MQ_INLINE void scale_round_bf16(float *x, int64_t n, float f) {
 typedef struct {
     float *q, *kt, *v, *s, *c;
     uint32_t *p;
-    float *x; /* INT8 on f32 arithmetic: the query, key and column scales */
+    float *x;     /* INT8 on f32 arithmetic: the query, key and column scales */
+    float *stage; /* INT8 on vpdpbusd: stage_int8_avx512's scratch (i8_stage_floats) */
     int64_t ldk;
 } mq_attn_bufs;
 
@@ -233,6 +270,7 @@ static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, flo
     b.p = (uint32_t *)(b.s + ROWS_MAX * b.ldk);
     b.c = b.s + ROWS_MAX * (b.ldk + b.ldk / 2);
     b.x = b.c + ROWS_MAX * job->dv;
+    b.stage = b.x + 2 * b.ldk + job->dv;
     return b;
 }
 
@@ -710,8 +748,6 @@ static void stage_head_int8(const mq_attn_job *job, int64_t offset, int64_t len,
 
 /* ---- stage_head_int8 on AVX-512 (the same bytes and scales) */
 
-#define I8_MAX_D 256 /* the vector staging's widest head; wider heads take stage_head_int8 */
-
 /* |x| into the running maximum / NaN lanes of absmax_strided, 16 lanes. */
 static AI MQ_TARGET_AVX512_VNNI void absmax_step(__m512 x, __m512 *m, __mmask16 *nan) {
     const __m512 a = _mm512_abs_ps(x);
@@ -745,72 +781,88 @@ static AI MQ_TARGET_AVX512_VNNI float quant_row_i8(const float *x, int64_t d, __
     return am;
 }
 
-static MQ_TARGET_AVX512_VNNI void stage_head_int8_avx512(const mq_attn_job *job, int64_t offset, int64_t len,
-                                                         int64_t h, const mq_attn_i8 *b) {
-    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d4 = b->d4, ldk = b->ldk;
-    const float *rows = job->qkv + offset * ld + h * d;
-    __m512i q[I8_MAX_D / 16];
-    for (int64_t j = 0; j < len; j++) {
-        const float am = quant_row_i8(rows + j * ld, d, q);
-        uint8_t *dst = (uint8_t *)(b->q8 + j * d4);
-        for (int64_t c = 0; c < 4 * d4; c += 16) /* 128 past d too: those lanes quantized to 0 */
-            _mm512_mask_cvtepi32_storeu_epi8(dst + c, first_lanes(4 * d4 - c),
-                                              _mm512_add_epi32(q[c / 16], _mm512_set1_epi32(128)));
-        b->qs[j] = am / 127.f * job->scale;
-    }
-    /* keys, 16 at a time: each key's s8 bytes into a row of t (zero past d), then the dword columns of t (16 keys)
-       through transpose_8x8_halves, 8 dwords at a time: keys i and 8 + i in the halves of r[i] */
-    uint32_t t[16][I8_MAX_D / 4];
+/* Heads h0 .. h0 + nh - 1 of the sequence at rows offset.. into their int8 blocks: head h0 + k's block is hb's
+   words moved by k x hs (all blocks alike), the same bytes and scales as stage_head_int8. The rows are read once, in
+   order, all nh heads from each: a head's queries, keys and values are three pieces of 4 d bytes in a row of 12 H
+   bytes, which the hardware prefetchers do not follow from row to row, so staged one head at a time most pieces
+   came from memory (the encoder's QKV output is larger than a core's cache); in a row's order they stream.
+   Queries and keys are quantized as each row is read; keys 16 at a time through t [16, nh, d8] and
+   transpose_8x8_halves; the values' columns keep their running absmax in vm [nh, dv] (NaN once a value is), then
+   the values are read again (from cache) and quantized 4 keys at a time, a column's 4 bytes in one dword. */
+static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
+                                                    int64_t nh, const mq_attn_i8 *hb, int64_t hs, float *scratch) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d4 = hb->d4, ldk = hb->ldk;
     const int64_t d8 = (d4 + 7) / 8 * 8;
+    const float *rows = job->qkv + offset * ld + h0 * d;
+    uint32_t *t = (uint32_t *)scratch;
+    float *vm = scratch + 16 * nh * d8;
+    for (int64_t c = 0; c < nh * dv; c += 16) _mm512_storeu_ps(vm + c, _mm512_setzero_ps());
+    __m512i q[I8_MAX_D / 16];
     for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
+        memset(t, 0, (size_t)(16 * nh * d8) * sizeof(uint32_t));
         for (int i = 0; i < 16; i++) {
             const int64_t j = j0 + i;
-            memset(t[i], 0, (size_t)d8 * sizeof(uint32_t));
-            if (j >= len) {
-                b->ks[j] = 0.f;
-                b->kc[j] = 0;
-                continue;
+            const float *x = rows + j * ld;
+            for (int64_t k = 0; k < nh && j < len; k++) { /* queries: + 128 as u8, 128 past d */
+                const float am = quant_row_i8(x + k * d, d, q);
+                uint8_t *dst = (uint8_t *)(hb->q8 + k * hs + j * d4);
+                for (int64_t c = 0; c < 4 * d4; c += 16)
+                    _mm512_mask_cvtepi32_storeu_epi8(dst + c, first_lanes(4 * d4 - c),
+                                                      _mm512_add_epi32(q[c / 16], _mm512_set1_epi32(128)));
+                hb->qs[k * hs + j] = am / 127.f * job->scale;
             }
-            const float am = quant_row_i8(rows + j * ld + H, d, q);
-            int32_t sum = 0;
-            for (int64_t c = 0; c < d; c += 16) {
-                sum += _mm512_reduce_add_epi32(q[c / 16]);
-                _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)t[i] + c, first_lanes(d - c), q[c / 16]);
+            for (int64_t k = 0; k < nh; k++) { /* keys: s8 into row i of t, and their sum */
+                float am = 0.f;
+                int32_t sum = 0;
+                if (j < len) {
+                    am = quant_row_i8(x + H + k * d, d, q);
+                    for (int64_t c = 0; c < d; c += 16) {
+                        sum += _mm512_reduce_add_epi32(q[c / 16]);
+                        _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)(t + (i * nh + k) * d8) + c, first_lanes(d - c),
+                                                          q[c / 16]);
+                    }
+                }
+                hb->ks[k * hs + j] = am / 127.f;
+                hb->kc[k * hs + j] = 128 * sum;
             }
-            b->ks[j] = am / 127.f;
-            b->kc[j] = 128 * sum;
+            for (int64_t k = 0; k < nh * dv && j < len; k += 16) { /* values: the columns' absmax */
+                const int64_t c = k % dv;
+                const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(d - c), x + 2 * H + k / dv * d + c));
+                const __m512 m = _mm512_max_ps(a, _mm512_loadu_ps(vm + k)); /* a NaN lane of a keeps vm's */
+                _mm512_storeu_ps(vm + k, _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a));
+            }
         }
-        for (int64_t m0 = 0; m0 < d4; m0 += 8) {
-            __m512i r[8];
-            for (int i = 0; i < 8; i++)
-                r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(t[i] + m0))),
-                                          _mm256_loadu_si256((const __m256i *)(t[8 + i] + m0)), 1);
-            transpose_8x8_halves(r);
-            for (int m = 0; m < 8 && m0 + m < d4; m++) _mm512_storeu_si512(b->kt8 + (m0 + m) * ldk + j0, r[m]);
-        }
+        /* t's dword columns of each head (16 keys), 8 dwords at a time: keys i and 8 + i in the halves of r[i] */
+        for (int64_t k = 0; k < nh; k++)
+            for (int64_t m0 = 0; m0 < d4; m0 += 8) {
+                __m512i r[8];
+                for (int i = 0; i < 8; i++)
+                    r[i] = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(t + (i * nh + k) * d8 + m0))),
+                        _mm256_loadu_si256((const __m256i *)(t + ((8 + i) * nh + k) * d8 + m0)), 1);
+                transpose_8x8_halves(r);
+                for (int m = 0; m < 8 && m0 + m < d4; m++)
+                    _mm512_storeu_si512(hb->kt8 + k * hs + (m0 + m) * ldk + j0, r[m]);
+            }
     }
-    /* values: each column's absmax over the sequence, then 4 keys at a time, a column's 4 bytes in one dword */
-    __m512 inv[I8_MAX_D / 16];
-    for (int64_t c = 0; c < dv; c += 16) {
-        const __mmask16 k = first_lanes(d - c);
-        __m512 m = _mm512_setzero_ps();
-        __mmask16 nan = 0;
-        for (int64_t j = 0; j < len; j++) absmax_step(_mm512_maskz_loadu_ps(k, rows + j * ld + 2 * H + c), &m, &nan);
-        const __m512 am = _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN));
-        inv[c / 16] = inv_scale_s8_v(am);
-        _mm512_storeu_ps(b->vs + c, _mm512_div_ps(am, _mm512_set1_ps(127.f)));
+    for (int64_t k = 0; k < nh * dv; k += 16) { /* the columns' scales; vm then holds 127 / absmax */
+        __m512 am = _mm512_loadu_ps(vm + k);
+        am = _mm512_mask_mov_ps(am, _mm512_cmp_ps_mask(am, am, _CMP_UNORD_Q), _mm512_set1_ps(NAN));
+        _mm512_storeu_ps(hb->vs + k / dv * hs + k % dv, _mm512_div_ps(am, _mm512_set1_ps(127.f)));
+        _mm512_storeu_ps(vm + k, inv_scale_s8_v(am));
     }
     for (int64_t m4 = 0; m4 < ldk / 4; m4++)
-        for (int64_t c = 0; c < dv; c += 16) {
-            const __mmask16 k = first_lanes(d - c);
+        for (int64_t k = 0; k < nh * dv; k += 16) {
+            const int64_t c = k % dv;
+            const __mmask16 lanes = first_lanes(d - c);
+            const __m512 inv = _mm512_loadu_ps(vm + k);
             __m512i w = _mm512_setzero_si512();
-            for (int s = 0; s < 4; s++) {
-                const int64_t j = 4 * m4 + s;
-                if (j >= len) break;
-                const __m512i v = quant_s8_v(_mm512_maskz_loadu_ps(k, rows + j * ld + 2 * H + c), inv[c / 16]);
+            for (int s = 0; s < 4 && 4 * m4 + s < len; s++) {
+                const float *x = rows + (4 * m4 + s) * ld + 2 * H + k / dv * d + c;
+                const __m512i v = quant_s8_v(_mm512_maskz_loadu_ps(lanes, x), inv);
                 w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xff)), 8 * s));
             }
-            _mm512_storeu_si512(b->v8 + m4 * dv + c, w);
+            _mm512_storeu_si512(hb->v8 + k / dv * hs + m4 * dv + c, w);
         }
 }
 
@@ -1021,14 +1073,14 @@ static MQ_TARGET_AVX512_VNNI void attention_head_int8_vnni(const mq_attn_job *jo
 
 /* ------------------------------------------------------------------ forward */
 
-/* Head h in INT8 on the fastest exact path this CPU and head allow. */
+/* Head h in INT8 on the fastest exact path this CPU and head allow (heads staged one at a time). */
 static void run_head_int8(const mq_attention *a, const mq_attn_job *job, const mq_attn_bufs *tb, const mq_attn_i8 *ib,
                           int64_t offset, int64_t len, int64_t h) {
-    if (a->int8_dot) {
-        if (job->d <= I8_MAX_D)
-            stage_head_int8_avx512(job, offset, len, h, ib);
-        else
-            stage_head_int8(job, offset, len, h, ib);
+    if (stages_int8_avx512(a)) {
+        stage_int8_avx512(job, offset, len, h, 1, ib, 0, tb->stage);
+        attention_head_int8_vnni(job, tb, ib, offset, len, h);
+    } else if (a->int8_dot) {
+        stage_head_int8(job, offset, len, h, ib);
         attention_head_int8_vnni(job, tb, ib, offset, len, h);
     } else if (a->isa != MQ_VEC_C && job->d <= I8_F32_MAX_D && len <= I8_F32_MAX_LEN) {
         attention_head_int8_avx2(job, tb, offset, len, h); /* stages in the f32 layout itself */
@@ -1038,16 +1090,35 @@ static void run_head_int8(const mq_attention *a, const mq_attn_job *job, const m
     }
 }
 
+/* Heads h0 .. h0 + nh - 1 (nh > 1) in INT8 on vpdpbusd, staged together (stage_int8_avx512), each head's blocks
+   past the staging's own scratch. */
+static void run_heads_int8_vnni(const mq_attn_job *job, const mq_attn_bufs *tb, int64_t offset, int64_t len,
+                                int64_t h0, int64_t nh) {
+    const int64_t hs = i8_floats(len, job->d);
+    const mq_attn_i8 hb = i8_bufs(job, len, tb->stage + i8_stage_floats(len, job->d, nh) - nh * hs);
+    stage_int8_avx512(job, offset, len, h0, nh, &hb, hs, tb->stage);
+    for (int64_t k = 0; k < nh; k++) {
+        const mq_attn_i8 ib = i8_bufs(job, len, tb->stage + i8_stage_floats(len, job->d, nh) - (nh - k) * hs);
+        attention_head_int8_vnni(job, tb, &ib, offset, len, h0 + k);
+    }
+}
+
 static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn_job *job, const int64_t *offsets,
                      const int32_t *lengths, int64_t task, float *buf) {
     const int heads = p->heads_per_task;
     const int64_t b = task / (a->n_heads / heads), h0 = task % (a->n_heads / heads) * heads;
     const int64_t offset = offsets[b], len = lengths[b];
+    const mq_attn_bufs tb = task_bufs(job, len, buf);
+    const mq_attn_i8 ib = i8_bufs(job, len, buf); /* the same words as tb's staged head, for INT8 */
+    const int64_t group = job->i8 && stages_int8_avx512(a) ? i8_group(len, job->d, heads) : 1;
+    if (group > 1) { /* heads staged together (their rows read once, in order) */
+        for (int64_t h = h0; h < h0 + heads; h += group)
+            run_heads_int8_vnni(job, &tb, offset, len, h, h0 + heads - h < group ? h0 + heads - h : group);
+        return;
+    }
     /* BF16 flushes denormals, in and out, on every path, as vdpbf16ps does (MXCSR is per thread) */
     const unsigned csr = _mm_getcsr();
     if (job->round) _mm_setcsr(csr | 0x8040u);
-    const mq_attn_bufs tb = task_bufs(job, len, buf);
-    const mq_attn_i8 ib = i8_bufs(job, len, buf); /* the same words as tb's staged head, for INT8 */
     for (int64_t h = h0; h < h0 + heads; h++) { /* one head at a time: its staged blocks stay in cache */
         if (job->i8) {
             run_head_int8(a, job, &tb, &ib, offset, len, h);
@@ -1095,9 +1166,9 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
     const mq_attn_plan p = make_plan(a, batch);
     const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
                              a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
-                             a->precision == MQ_ATTN_INT8, p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
+                             a->precision == MQ_ATTN_INT8, stages_int8_avx512(a) ? 1 : p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
     for (int t = 0; t < p.nthr; t++) /* before the parallel region: nothing inside it can fail */
-        MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(max_len, a->head_dim), sizeof(float)));
+        MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(a, max_len, p.heads_per_task), sizeof(float)));
     if (p.nthr < 2) {
         for (int64_t k = 0; k < p.tasks; k++) run_task(a, &p, &job, offsets, lengths, k, a->scratch[0].ptr);
         return MQ_OK;
