@@ -64,6 +64,7 @@ typedef struct {
     const float *qkv;
     int64_t H, d, dv;
     float scale;
+    float scale_log2e; /* INT8: scale x log2(e), in the queries' scales: the scores come out in base 2 */
     int round; /* BF16: operands rounded to bf16 */
     int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_head_bf16) */
     int i8;           /* INT8 */
@@ -723,7 +724,7 @@ static void stage_head_int8(const mq_attn_job *job, int64_t offset, int64_t len,
         const float *x = rows + j * ld, am = absmax_strided(x, d, 1), inv = inv_scale_s8(am);
         uint8_t *q = (uint8_t *)(b->q8 + j * d4);
         for (int64_t c = 0; c < 4 * d4; c++) q[c] = (uint8_t)(c < d ? quant_s8(x[c], inv) + 128 : 128);
-        b->qs[j] = am / 127.f * job->scale;
+        b->qs[j] = am / 127.f * job->scale_log2e;
     }
     for (int64_t j = 0; j < ldk; j++) {
         const float *x = rows + j * ld + H;
@@ -809,7 +810,7 @@ static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int6
                 for (int64_t c = 0; c < 4 * d4; c += 16)
                     _mm512_mask_cvtepi32_storeu_epi8(dst + c, first_lanes(4 * d4 - c),
                                                       _mm512_add_epi32(q[c / 16], _mm512_set1_epi32(128)));
-                hb->qs[k * hs + j] = am / 127.f * job->scale;
+                hb->qs[k * hs + j] = am / 127.f * job->scale_log2e;
             }
             for (int64_t k = 0; k < nh; k++) { /* keys: s8 into row i of t, and their sum */
                 float am = 0.f;
@@ -867,8 +868,29 @@ static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int6
 }
 
 
-/* The u8 probabilities p[j] = rint(exp(s[j] - max) x 255) of a row of scores s[0, len) (p zero up to ldk); returns
-   1 / sum(p), or NaN when a score is NaN or the maximum is not finite (the row's context is then NaN). */
+/* 255 x 2^z for z <= 0, z clamped at -127 (where the result is far below 1/2 of a u8 step): z = n + r with
+   n = rint(z), |r| <= 1/2, 255 x 2^r by its degree-5 Taylor polynomial (within 0.0007 of it: a u8 probability is
+   off by one of its steps only where 255 x 2^z is that close to a tie), times 2^n exactly (ldexpf; vscalefps on the
+   vector path). */
+#define EXP2_U8_C5 0.3400057256221771f /* 255 ln(2)^5 / 5! */
+#define EXP2_U8_C4 2.452622890472412f
+#define EXP2_U8_C3 14.153547286987305f
+#define EXP2_U8_C2 61.25775909423828f
+#define EXP2_U8_C1 176.75253295898438f
+static MQ_INLINE float exp2_u8(float z) {
+    z = z < -127.f ? -127.f : z;
+    const float n = rintf(z), r = z - n;
+    float p = fmaf(EXP2_U8_C5, r, EXP2_U8_C4);
+    p = fmaf(p, r, EXP2_U8_C3);
+    p = fmaf(p, r, EXP2_U8_C2);
+    p = fmaf(p, r, EXP2_U8_C1);
+    p = fmaf(p, r, 255.f);
+    return ldexpf(p, (int)n);
+}
+
+/* The u8 probabilities p[j] = rint(255 x 2^(s[j] - max)) of a row of scores s[0, len) in base 2 (the queries' scales
+   carry log2(e): 2^(s - max) is exp of the natural scores' s - max), p zero up to ldk; returns 1 / sum(p), or NaN
+   when a score is NaN or the maximum is not finite (the row's context is then NaN). */
 static AI float softmax_row_int8_c(const float *s, int64_t len, int64_t ldk, uint8_t *p) {
     float mx = -INFINITY;
     int bad = 0;
@@ -880,7 +902,7 @@ static AI float softmax_row_int8_c(const float *s, int64_t len, int64_t ldk, uin
     if (bad || !(mx - mx == 0.f)) return NAN;
     int32_t sum = 0;
     for (int64_t j = 0; j < len; j++) {
-        const float r = rintf(mq_exp_neg_bf16(mx - s[j]) * 255.f);
+        const float r = rintf(exp2_u8(s[j] - mx));
         p[j] = (uint8_t)(r > 255.f ? 255.f : r);
         sum += p[j];
     }
@@ -932,7 +954,7 @@ static AI void stage_int8_f32_body(const mq_attn_job *job, int64_t offset, int64
     for (int64_t j = 0; j < len; j++) {
         const float *x = rows + j * ld, am = absmax_strided(x, d, 1), inv = inv_scale_s8(am);
         for (int64_t c = 0; c < d; c++) b->q[j * d + c] = (float)quant_s8(x[c], inv);
-        qs[j] = am / 127.f * job->scale;
+        qs[j] = am / 127.f * job->scale_log2e;
     }
     for (int64_t j = 0; j < ldk; j++) {
         const float *x = rows + j * ld + H;
@@ -994,32 +1016,40 @@ static AI MQ_TARGET_AVX512_VNNI void dots_i8(const int nb, const uint32_t *const
         }
 }
 
-/* softmax_row_int8_c on 16 lanes (the same bits). */
-static AI MQ_TARGET_AVX512_VNNI float softmax_row_int8_vnni(const float *s, int64_t len, int64_t ldk, uint8_t *p) {
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
-    for (int64_t j = 0; j < len; j += 16) {
-        const __mmask16 k = first_lanes(len - j);
-        const __m512 x = _mm512_maskz_loadu_ps(k, s + j);
-        m = _mm512_mask_max_ps(m, k, x, m); /* a NaN lane of x keeps m (vmaxps returns its second operand) */
-        nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
-    }
-    float lanes[16], mx = -INFINITY;
-    _mm512_storeu_ps(lanes, m);
-    for (int i = 0; i < 16; i++) mx = lanes[i] > mx ? lanes[i] : mx;
-    if (nan || !(mx - mx == 0.f)) {
+/* exp2_u8 on 16 lanes (the same bits). */
+static AI MQ_TARGET_AVX512_VNNI __m512 exp2_u8_avx512(__m512 z) {
+    z = _mm512_max_ps(z, _mm512_set1_ps(-127.f));
+    const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm512_sub_ps(z, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_U8_C5), r, _mm512_set1_ps(EXP2_U8_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP2_U8_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP2_U8_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP2_U8_C1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(255.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* softmax_row_int8_c on 16 lanes (the same bits), given the maximum of the row's scores over the lanes that are
+   not NaN (attention_head_int8_vnni keeps it as it writes the scores): a NaN is found in this pass. */
+static AI MQ_TARGET_AVX512_VNNI float softmax_row_int8_vnni(const float *s, float mx, int64_t len, int64_t ldk,
+                                                            uint8_t *p) {
+    if (!(mx - mx == 0.f)) {
         memset(p, 0, (size_t)ldk);
         return NAN;
     }
     const __m512 vmx = _mm512_set1_ps(mx);
     __m512i sum = _mm512_setzero_si512();
+    __mmask16 nan = 0;
     for (int64_t j = 0; j < ldk; j += 16) {
         const __mmask16 k = first_lanes(len - j);
-        const __m512 e = exp_neg_bf16_avx512(_mm512_sub_ps(vmx, _mm512_loadu_ps(s + j)));
-        const __m512i q = _mm512_maskz_min_epi32(k, _mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(255.f))),
-                                                 _mm512_set1_epi32(255));
+        const __m512 z = _mm512_sub_ps(_mm512_loadu_ps(s + j), vmx);
+        nan |= _mm512_mask_cmp_ps_mask(k, z, z, _CMP_UNORD_Q);
+        const __m512i q = _mm512_maskz_min_epi32(k, _mm512_cvtps_epi32(exp2_u8_avx512(z)), _mm512_set1_epi32(255));
         sum = _mm512_add_epi32(sum, q);
         _mm_storeu_si128((__m128i *)(p + j), _mm512_cvtepi32_epi8(q));
+    }
+    if (nan) {
+        memset(p, 0, (size_t)ldk);
+        return NAN;
     }
     return 1.f / (float)_mm512_reduce_add_epi32(sum);
 }
@@ -1043,19 +1073,25 @@ static MQ_TARGET_AVX512_VNNI void attention_head_int8_vnni(const mq_attn_job *jo
             qs[r] = b->qs[i];
             pr[r] = (const uint32_t *)(p + (r < nr ? r : nr - 1) * ldk);
         }
+        __m512 mx[ROWS_AVX512]; /* each row's maximum score so far, over the sequence's keys (NaN lanes left out) */
+        for (int r = 0; r < ROWS_AVX512; r++) mx[r] = _mm512_set1_ps(-INFINITY);
         for (int64_t j0 = 0; j0 < ldk; j0 += 32) {
             const int nb = ldk - j0 >= 32 ? 2 : 1;
             dots_i8(nb, qr, b->kt8 + j0, ldk, d4, acc);
             for (int i = 0; i < nb; i++) {
                 const __m512i kc = _mm512_loadu_si512(b->kc + j0 + 16 * i);
                 const __m512 ks = _mm512_loadu_ps(b->ks + j0 + 16 * i);
+                const __mmask16 keys = first_lanes(len - j0 - 16 * i);
                 for (int r = 0; r < ROWS_AVX512; r++) {
-                    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][i], kc)), ks);
-                    _mm512_storeu_ps(s + r * ldk + j0 + 16 * i, _mm512_mul_ps(x, _mm512_set1_ps(qs[r])));
+                    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][i], kc)), ks);
+                    x = _mm512_mul_ps(x, _mm512_set1_ps(qs[r]));
+                    _mm512_storeu_ps(s + r * ldk + j0 + 16 * i, x);
+                    mx[r] = _mm512_mask_max_ps(mx[r], keys, x, mx[r]); /* a NaN lane of x keeps mx's */
                 }
             }
         }
-        for (int r = 0; r < nr; r++) f[r] = softmax_row_int8_vnni(s + r * ldk, len, ldk, p + r * ldk);
+        for (int r = 0; r < nr; r++)
+            f[r] = softmax_row_int8_vnni(s + r * ldk, _mm512_reduce_max_ps(mx[r]), len, ldk, p + r * ldk);
         for (int64_t c0 = 0; c0 < dv; c0 += 32) {
             const int nb = dv - c0 >= 32 ? 2 : 1;
             dots_i8(nb, pr, b->v8 + c0, dv, n4, acc);
@@ -1165,6 +1201,7 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
     }
     const mq_attn_plan p = make_plan(a, batch);
     const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
+                             a->scale * 1.44269504088896341f,
                              a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
                              a->precision == MQ_ATTN_INT8, stages_int8_avx512(a) ? 1 : p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
     for (int t = 0; t < p.nthr; t++) /* before the parallel region: nothing inside it can fail */
