@@ -13,7 +13,7 @@
  * score over the head dimension, the exp of vecmath.h, the softmax sum in 16 partial sums added in a fixed tree, an
  * fma chain per context value over the keys - so they give the same bits, and a row's result depends on nothing but
  * its sequence and head. BF16 (operands rounded to bf16) has a fourth path where the CPU has avx512_bf16 and the cap
- * allows it (mq_vec_bf16_dot): vdpbf16ps on bf16 pairs staged by stage_head_bf16, which does the f32 paths'
+ * allows it (mq_vec_bf16_dot): vdpbf16ps on bf16 pairs staged by stage_bf16_avx512, which does the f32 paths'
  * operations in their order too (see attention_head_bf16dot), with denormals flushed on every path. INT8 has three
  * paths of its own, exact in their integer products and alike in their float operations (see the INT8 section):
  * vpdpbusd (avx512_vnni), f32 FMAs on integer values (AVX2, AVX-512 without VNNI) and portable C.
@@ -66,7 +66,7 @@ typedef struct {
     float scale;
     float scale_log2e; /* INT8: scale x log2(e), in the queries' scales: the scores come out in base 2 */
     int round; /* BF16: operands rounded to bf16 */
-    int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_head_bf16) */
+    int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_bf16_avx512) */
     int i8;           /* INT8 */
     int n_heads_task; /* heads a task stages one after the other: the next head's rows are prefetched while one is
                          computed (1: no prefetch) */
@@ -158,55 +158,69 @@ static int64_t i8_floats(int64_t L, int64_t d) {
     return round16(L * d4) + round16(L) + d4 * ldk + 2 * ldk + ldk / 4 * round16(d) + round16(d);
 }
 
-/* Words of the staging's own scratch (stage_int8_avx512) for nh heads of a sequence of len tokens: 16 keys' bytes
-   before their transpose and the columns' running absmax, then, for more than one head, the blocks of the heads. */
-static int64_t i8_stage_floats(int64_t len, int64_t d, int64_t nh) {
-    const int64_t d8 = ((d + 3) / 4 + 7) / 8 * 8;
-    return 16 * nh * d8 + nh * round16(d) + (nh > 1 ? nh * i8_floats(len, d) : 0);
+/* Words of one head's bf16 pair blocks (stage_bf16_avx512): d2 = ceil(d / 2) pairs per query and key, ldk / 2 pairs
+   of keys per value column. */
+static int64_t pairs_floats(int64_t L, int64_t d) {
+    const int64_t d2 = (d + 1) / 2;
+    return round16(L * d2) + d2 * round16(L) + round16(L) / 2 * round16(d);
 }
 
-#define I8_GROUP_WORDS (128 * 1024) /* 512 KB: the blocks of heads staged together stay in a core's L2 cache */
+/* Floats (4-byte words) of one head's staged q, kt and v for a sequence of L tokens, each part a multiple of 16:
+   f32 values, bf16 pairs or int8 blocks, the most of the three. */
+static int64_t head_floats(int64_t L, int64_t d) {
+    const int64_t f32 = round16(L * d) + d * round16(L) + L * round16(d), pairs = pairs_floats(L, d);
+    const int64_t i8 = i8_floats(L, d), most = f32 > pairs ? f32 : pairs;
+    return most > i8 ? most : i8;
+}
 
-/* How many of a task's heads stage_int8_avx512 stages together for a sequence of len tokens: as many as
-   I8_GROUP_WORDS holds (all 12 heads of MiniLM up to 400 tokens, of BERT-base up to 208), in groups of equal size;
-   1 when two do not fit. */
-static int64_t i8_group(int64_t len, int64_t d, int64_t heads) {
-    const int64_t fit = I8_GROUP_WORDS / i8_floats(len, d);
+/* Staging heads together. A head's queries, keys and values are three pieces of 4 d bytes in each 12 H-byte row of
+   the QKV output, which the hardware prefetchers do not follow from row to row: staged one head at a time, most
+   pieces come from memory (the encoder's QKV output is larger than a core's cache). Where the staged blocks are
+   small (int8, or bf16 pairs: stage_int8_avx512, stage_bf16_avx512), a task that is a whole sequence stages its
+   heads in as few groups as keep their blocks within GROUP_WORDS, each group's rows read once, in order. */
+#define GROUP_WORDS (128 * 1024) /* 512 KB: stays in a core's L2 cache */
+
+/* INT8 on vpdpbusd, its head small enough for stage_int8_avx512. */
+static int stages_int8_avx512(const mq_attention *a) {
+    return a->precision == MQ_ATTN_INT8 && a->int8_dot && a->head_dim <= I8_MAX_D;
+}
+
+/* Words of one head's blocks on a path that stages heads together; 0 on the others (heads one at a time). */
+static int64_t group_head_floats(const mq_attention *a, int64_t L) {
+    if (stages_int8_avx512(a)) return i8_floats(L, a->head_dim);
+    if (a->precision == MQ_ATTN_BF16 && a->bf16_dot) return pairs_floats(L, a->head_dim);
+    return 0;
+}
+
+/* Words of the staging's own scratch per head staged together: 16 keys' bytes or pairs before their transpose (rows
+   of d8 = ceil(ceil(d / 4) / 8) x 8 or d2r = ceil(ceil(d / 2) / 8) x 8 dwords), and for int8 the columns' running
+   absmax (dv floats). */
+static int64_t group_scratch_floats(const mq_attention *a) {
+    const int64_t d = a->head_dim;
+    if (a->precision == MQ_ATTN_INT8) return 16 * (((d + 3) / 4 + 7) / 8 * 8) + round16(d);
+    return 16 * (((d + 1) / 2 + 7) / 8 * 8);
+}
+
+/* How many of a task's `heads` heads are staged together, given one head's block words: as many as GROUP_WORDS
+   holds, in groups of equal size (int8: all 12 heads of MiniLM up to 400 tokens, of BERT-base up to 208; bf16: up to
+   224 and 112 tokens); 1 when two do not fit. */
+static int64_t stage_group(int64_t block, int64_t heads) {
+    const int64_t fit = block > 0 ? GROUP_WORDS / block : 0;
     if (fit >= heads) return heads;
     if (fit <= 1) return 1;
     const int64_t groups = (heads + fit - 1) / fit;
     return (heads + groups - 1) / groups;
 }
 
-/* The most words i8_stage_floats needs for a task of `heads` heads of any sequence of at most L tokens. */
-static int64_t i8_stage_reserve(int64_t L, int64_t d, int64_t heads) {
-    const int64_t blocks = heads * i8_floats(L, d);
-    return i8_stage_floats(L, d, 1) * heads + (heads > 1 ? (blocks < I8_GROUP_WORDS ? blocks : I8_GROUP_WORDS) : 0);
-}
-
-/* Floats (4-byte words) of one head's staged q, kt and v for a sequence of L tokens, each part a multiple of 16:
-   f32 values, or for bf16 pairs (stage_head_bf16) d2 = ceil(d / 2) pairs per query / key and ldk / 2 pairs of
-   keys per value column; the larger of the two. */
-static int64_t head_floats(int64_t L, int64_t d) {
-    const int64_t f32 = round16(L * d) + d * round16(L) + L * round16(d), d2 = (d + 1) / 2;
-    const int64_t pairs = round16(L * d2) + d2 * round16(L) + round16(L) / 2 * round16(d), i8 = i8_floats(L, d);
-    const int64_t most = f32 > pairs ? f32 : pairs;
-    return most > i8 ? most : i8;
-}
-
-/* INT8 on vpdpbusd stages with stage_int8_avx512: heads of a sequence together (i8_group) when a task is a
-   sequence. */
-static int stages_int8_avx512(const mq_attention *a) {
-    return a->precision == MQ_ATTN_INT8 && a->int8_dot && a->head_dim <= I8_MAX_D;
-}
-
 /* Floats of one thread's scratch for sequences of at most L tokens and tasks of `heads` heads: one head's q, kt, v (a
    task stages its heads one after the other, so the blocks stay in the core's cache), then one tile's s, the bf16
-   pairs of its probabilities (vdpbf16ps path) and c; then what stage_int8_avx512 needs, if it runs. */
+   pairs of its probabilities (vdpbf16ps path) and c, the query/key/column scales of int8 on f32 arithmetic; then
+   (from task_bufs' `stage`) what staging heads together needs, on the paths that do. */
 static size_t scratch_floats(const mq_attention *a, int64_t L, int heads) {
-    const int64_t d = a->head_dim;
+    const int64_t d = a->head_dim, block = group_head_floats(a, L) * heads;
+    const int64_t group = block ? group_scratch_floats(a) * heads + (block < GROUP_WORDS ? block : GROUP_WORDS) : 0;
     return (size_t)(head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)) + 2 * round16(L) +
-                    round16(d) + (stages_int8_avx512(a) ? i8_stage_reserve(L, d, heads) : 0)); /* task_bufs */
+                    round16(d) + group);
 }
 
 size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch) {
@@ -246,12 +260,12 @@ static MQ_INLINE void scale_round_bf16(float *x, int64_t n, float f) {
 }
 
 /* One head's staged blocks and the tile buffers of a task (this file's header); on the vdpbf16ps path q, kt and v
-   hold bf16 pairs (stage_head_bf16) and p the probabilities' pairs. */
+   hold bf16 pairs (stage_bf16_avx512) and p the probabilities' pairs. */
 typedef struct {
     float *q, *kt, *v, *s, *c;
     uint32_t *p;
     float *x;     /* INT8 on f32 arithmetic: the query, key and column scales */
-    float *stage; /* INT8 on vpdpbusd: stage_int8_avx512's scratch (i8_stage_floats) */
+    float *stage; /* staging heads together (GROUP_WORDS): the staging's scratch, then the heads' blocks */
     int64_t ldk;
 } mq_attn_bufs;
 
@@ -549,45 +563,56 @@ static AI MQ_TARGET_AVX512_BF16 __m512i pair_rows(__m512i a, __m512i b) {
     return _mm512_or_si512(_mm512_and_si512(a, _mm512_set1_epi32((int)0xffff0000)), _mm512_srli_epi32(b, 16));
 }
 
-/* stage_head for the vdpbf16ps path: q as [len, d2] pairs of dimensions (2m, 2m + 1), kt as [d2, ldk] the keys'
-   pairs (zero past len), v as [ceil(len / 2), dv] pairs of keys (2m, 2m + 1) per column (zero past len and d);
-   d2 = ceil(d / 2), a missing dimension zero. Values rounded as maybe_round rounds them. */
-static MQ_TARGET_AVX512_BF16 void stage_head_bf16(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h,
-                                                  const mq_attn_bufs *b) {
-    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d2 = (d + 1) / 2;
-    const float *rows = job->qkv + offset * ld + h * d;
-    uint32_t *q = (uint32_t *)b->q, *kt = (uint32_t *)b->kt, *v = (uint32_t *)b->v;
-    for (int64_t j = 0; j < len; j++)
-        for (int64_t c = 0; c < d; c += 16) {
-            const __mmask8 m2 = (__mmask8)first_lanes((d - c + 1) / 2);
-            _mm256_mask_storeu_epi32(q + j * d2 + c / 2, m2,
-                                     pair_lanes(round_bf16(_mm512_maskz_loadu_ps(first_lanes(d - c), rows + j * ld + c))));
-        }
-    /* 16 keys x 16 dimensions at a time: keys j0 + i and j0 + 8 + i (i < 8) in the halves of r[i], as 8 pairs each;
-       transposed, the halves of r[m] are pair m of the 16 keys */
-    __m512i r[8];
-    for (int64_t j0 = 0; j0 < b->ldk; j0 += 16)
-        for (int64_t c = 0; c < d; c += 16) {
-            const __mmask16 m = first_lanes(d - c);
-            for (int i = 0; i < 8; i++) {
-                const int64_t k0 = j0 + i, k1 = j0 + 8 + i;
-                const __m256i a = k0 < len ? pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, rows + k0 * ld + H + c)))
-                                           : _mm256_setzero_si256();
-                const __m256i e = k1 < len ? pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, rows + k1 * ld + H + c)))
-                                           : _mm256_setzero_si256();
-                r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(a), e, 1);
+/* stage_head for the vdpbf16ps path, heads h0 .. h0 + nh - 1 together (see GROUP_WORDS): per head q as [len, d2]
+   pairs of dimensions (2m, 2m + 1), kt as [d2, ldk] the keys' pairs (zero past len), v as [ceil(len / 2), dv] pairs
+   of keys (2m, 2m + 1) per column (zero past len and d); d2 = ceil(d / 2), a missing dimension zero; head h0 + k's
+   blocks at q, kt and v moved by k x hs words. Values rounded as maybe_round rounds them. The rows are read once, in
+   order: keys 16 at a time through t [16, nh, d2r] (d2r = d2 rounded up to 8) and transpose_8x8_halves, values two
+   rows at a time. */
+static MQ_TARGET_AVX512_BF16 void stage_bf16_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
+                                                    int64_t nh, uint32_t *q, uint32_t *kt, uint32_t *v, int64_t hs,
+                                                    uint32_t *t) {
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d2 = (d + 1) / 2, d2r = (d2 + 7) / 8 * 8;
+    const int64_t ldk = round16(len);
+    const float *rows = job->qkv + offset * ld + h0 * d;
+    for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
+        for (int i = 0; i < 16; i++) {
+            const int64_t j = j0 + i;
+            const float *x = rows + j * ld;
+            for (int64_t k = 0; k < nh; k++) /* 8 pairs (16 dimensions) at a time; keys into row i of t */
+                for (int64_t c = 0; c < 2 * d2r; c += 16) {
+                    __m256i key = _mm256_setzero_si256();
+                    if (j < len && c < d) {
+                        const __mmask16 m = first_lanes(d - c);
+                        _mm256_mask_storeu_epi32(q + k * hs + j * d2 + c / 2, (__mmask8)first_lanes((d - c + 1) / 2),
+                                                 pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, x + k * d + c))));
+                        key = pair_lanes(round_bf16(_mm512_maskz_loadu_ps(m, x + H + k * d + c)));
+                    }
+                    _mm256_storeu_si256((__m256i *)(t + (i * nh + k) * d2r + c / 2), key);
+                }
+            if (j < len && (j % 2 == 1 || j == len - 1)) { /* values: pair row j / 2, rows j - 1 and j or j alone */
+                const float *v0 = rows + (j - j % 2) * ld + 2 * H, *v1 = j % 2 ? v0 + ld : NULL;
+                for (int64_t k = 0; k < nh; k++)
+                    for (int64_t c = 0; c < dv; c += 16) {
+                        const __mmask16 m = first_lanes(d - c);
+                        const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(m, v0 + k * d + c));
+                        const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(m, v1 + k * d + c)) : _mm512_setzero_si512();
+                        _mm512_storeu_si512(v + k * hs + j / 2 * dv + c, _mm512_maskz_mov_epi32(m, pair_rows(r0, r1)));
+                    }
             }
-            transpose_8x8_halves(r);
-            for (int i = 0; i < 8 && c / 2 + i < d2; i++) _mm512_storeu_si512(kt + (c / 2 + i) * b->ldk + j0, r[i]);
         }
-    for (int64_t mp = 0; mp < (len + 1) / 2; mp++) {
-        const float *v0 = rows + 2 * mp * ld + 2 * H, *v1 = 2 * mp + 1 < len ? v0 + ld : NULL;
-        for (int64_t c = 0; c < dv; c += 16) {
-            const __mmask16 mk = first_lanes(d - c);
-            const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(mk, v0 + c));
-            const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(mk, v1 + c)) : _mm512_setzero_si512();
-            _mm512_storeu_si512(v + mp * dv + c, _mm512_maskz_mov_epi32(mk, pair_rows(r0, r1)));
-        }
+        /* each head's 16 keys: keys i and 8 + i in the halves of r[i], as 8 pairs each; transposed, the halves of
+           r[m] are pair m0 + m of the 16 keys */
+        for (int64_t k = 0; k < nh; k++)
+            for (int64_t m0 = 0; m0 < d2; m0 += 8) {
+                __m512i r[8];
+                for (int i = 0; i < 8; i++)
+                    r[i] = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(t + (i * nh + k) * d2r + m0))),
+                        _mm256_loadu_si256((const __m256i *)(t + ((8 + i) * nh + k) * d2r + m0)), 1);
+                transpose_8x8_halves(r);
+                for (int m = 0; m < 8 && m0 + m < d2; m++) _mm512_storeu_si512(kt + k * hs + (m0 + m) * ldk + j0, r[m]);
+            }
     }
 }
 
@@ -1126,16 +1151,35 @@ static void run_head_int8(const mq_attention *a, const mq_attn_job *job, const m
     }
 }
 
-/* Heads h0 .. h0 + nh - 1 (nh > 1) in INT8 on vpdpbusd, staged together (stage_int8_avx512), each head's blocks
-   past the staging's own scratch. */
-static void run_heads_int8_vnni(const mq_attn_job *job, const mq_attn_bufs *tb, int64_t offset, int64_t len,
-                                int64_t h0, int64_t nh) {
+/* Heads h0 .. h0 + nh - 1 (nh > 1) staged together (stage_int8_avx512, stage_bf16_avx512): the staging's scratch at
+   tb's `stage`, then the heads' blocks, hs words each. INT8 on vpdpbusd: */
+static void run_heads_int8_vnni(const mq_attention *a, const mq_attn_job *job, const mq_attn_bufs *tb, int64_t offset,
+                                int64_t len, int64_t h0, int64_t nh) {
     const int64_t hs = i8_floats(len, job->d);
-    const mq_attn_i8 hb = i8_bufs(job, len, tb->stage + i8_stage_floats(len, job->d, nh) - nh * hs);
+    float *blocks = tb->stage + group_scratch_floats(a) * nh;
+    const mq_attn_i8 hb = i8_bufs(job, len, blocks);
     stage_int8_avx512(job, offset, len, h0, nh, &hb, hs, tb->stage);
     for (int64_t k = 0; k < nh; k++) {
-        const mq_attn_i8 ib = i8_bufs(job, len, tb->stage + i8_stage_floats(len, job->d, nh) - (nh - k) * hs);
+        const mq_attn_i8 ib = i8_bufs(job, len, blocks + k * hs);
         attention_head_int8_vnni(job, tb, &ib, offset, len, h0 + k);
+    }
+}
+
+/* BF16 on vdpbf16ps: */
+static void run_heads_bf16dot(const mq_attention *a, const mq_attn_job *job, const mq_attn_bufs *tb, int64_t offset,
+                              int64_t len, int64_t h0, int64_t nh) {
+    const int64_t d2 = (job->d + 1) / 2, hs = pairs_floats(len, job->d);
+    mq_attn_bufs hb = *tb;
+    hb.q = tb->stage + group_scratch_floats(a) * nh;
+    hb.kt = hb.q + round16(len * d2);
+    hb.v = hb.kt + d2 * hb.ldk;
+    stage_bf16_avx512(job, offset, len, h0, nh, (uint32_t *)hb.q, (uint32_t *)hb.kt, (uint32_t *)hb.v, hs,
+                      (uint32_t *)tb->stage);
+    for (int64_t k = 0; k < nh; k++) {
+        attention_head_bf16dot(job, &hb, offset, len, h0 + k);
+        hb.q += hs;
+        hb.kt += hs;
+        hb.v += hs;
     }
 }
 
@@ -1146,22 +1190,25 @@ static void run_task(const mq_attention *a, const mq_attn_plan *p, const mq_attn
     const int64_t offset = offsets[b], len = lengths[b];
     const mq_attn_bufs tb = task_bufs(job, len, buf);
     const mq_attn_i8 ib = i8_bufs(job, len, buf); /* the same words as tb's staged head, for INT8 */
-    const int64_t group = job->i8 && stages_int8_avx512(a) ? i8_group(len, job->d, heads) : 1;
-    if (group > 1) { /* heads staged together (their rows read once, in order) */
-        for (int64_t h = h0; h < h0 + heads; h += group)
-            run_heads_int8_vnni(job, &tb, offset, len, h, h0 + heads - h < group ? h0 + heads - h : group);
-        return;
-    }
+    const int64_t group = stage_group(group_head_floats(a, len), heads);
     /* BF16 flushes denormals, in and out, on every path, as vdpbf16ps does (MXCSR is per thread) */
     const unsigned csr = _mm_getcsr();
     if (job->round) _mm_setcsr(csr | 0x8040u);
-    for (int64_t h = h0; h < h0 + heads; h++) { /* one head at a time: its staged blocks stay in cache */
+    for (int64_t h = h0; h < h0 + heads && group > 1; h += group) { /* heads staged together */
+        const int64_t nh = h0 + heads - h < group ? h0 + heads - h : group;
+        if (job->i8)
+            run_heads_int8_vnni(a, job, &tb, offset, len, h, nh);
+        else
+            run_heads_bf16dot(a, job, &tb, offset, len, h, nh);
+    }
+    for (int64_t h = h0; h < h0 + heads && group == 1; h++) { /* one head at a time: its staged blocks stay in cache */
         if (job->i8) {
             run_head_int8(a, job, &tb, &ib, offset, len, h);
             continue;
         }
         if (job->dot) {
-            stage_head_bf16(job, offset, len, h, &tb);
+            stage_bf16_avx512(job, offset, len, h, 1, (uint32_t *)tb.q, (uint32_t *)tb.kt, (uint32_t *)tb.v, 0,
+                              (uint32_t *)tb.stage);
             attention_head_bf16dot(job, &tb, offset, len, h);
             continue;
         }
@@ -1203,7 +1250,7 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
     const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
                              a->scale * 1.44269504088896341f,
                              a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
-                             a->precision == MQ_ATTN_INT8, stages_int8_avx512(a) ? 1 : p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
+                             a->precision == MQ_ATTN_INT8, group_head_floats(a, 1) ? 1 : p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
     for (int t = 0; t < p.nthr; t++) /* before the parallel region: nothing inside it can fail */
         MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(a, max_len, p.heads_per_task), sizeof(float)));
     if (p.nthr < 2) {

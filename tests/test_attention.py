@@ -135,21 +135,24 @@ def test_attention_bits_do_not_depend_on_threads_or_batch(precision):
         start += n
 
 
-def test_int8_heads_staged_in_groups_give_the_same_bits():
-    """Where int8 attention runs on vpdpbusd, a task that is a whole sequence stages its heads together as far as
-    their int8 blocks stay in a core's cache: BERT-base's 12 heads of 64 over 260-300 tokens in two groups of 6, over
-    17 tokens all 12 at once. The bits are those of each sequence alone (a task per head, each staged by itself),
-    and close to the scheme computed in float64. (Elsewhere the same assertions hold for the other paths.)"""
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_heads_staged_in_groups_give_the_same_bits(precision):
+    """Where int8 attention runs on vpdpbusd (bf16 on vdpbf16ps), a task that is a whole sequence stages its heads
+    together as far as their blocks stay in a core's cache: BERT-base's 12 heads of 64 over 260-300 tokens in groups
+    of 6 (int8) or 4 (bf16), over 17 tokens all 12 at once. The bits are those of each sequence alone (a task per
+    head, each staged by itself), and close to the scheme computed in float64. (Elsewhere the same assertions hold
+    for the other paths.)"""
     heads, d = 12, 64
     lengths = np.array([300, 17, 290, 260], np.int32)
     qkv = make_qkv(lengths, heads, d, seed=3, scale=2.0)
-    got = _core.attention(qkv, lengths, heads, int8=True, n_threads=2)
+    kw = {precision: True}
+    got = _core.attention(qkv, lengths, heads, n_threads=2, **kw)
     start = 0
     for n in lengths:
-        alone = _core.attention(qkv[start:start + n], np.array([n], np.int32), heads, int8=True, n_threads=2)
+        alone = _core.attention(qkv[start:start + n], np.array([n], np.int32), heads, n_threads=2, **kw)
         assert np.array_equal(alone.view(np.uint32), got[start:start + n].view(np.uint32)), n
         start += n
-    want = int8_reference(qkv, lengths, heads)
+    want = int8_reference(qkv, lengths, heads) if precision == "int8" else reference(qkv, lengths, heads, bf16=True)
     assert np.abs(got - want).mean() < 1e-5 * np.abs(want).max()
 
 
