@@ -578,7 +578,7 @@ static MQ_TARGET_AVX512_BF16 void stage_bf16_avx512(const mq_attn_job *job, int6
     for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
         for (int i = 0; i < 16; i++) {
             const int64_t j = j0 + i;
-            const float *x = rows + j * ld;
+            const float *x = rows + (j < len ? j : 0) * ld; /* read only while j < len */
             for (int64_t k = 0; k < nh; k++) /* 8 pairs (16 dimensions) at a time; keys into row i of t */
                 for (int64_t c = 0; c < 2 * d2r; c += 16) {
                     __m256i key = _mm256_setzero_si256();
@@ -596,7 +596,8 @@ static MQ_TARGET_AVX512_BF16 void stage_bf16_avx512(const mq_attn_job *job, int6
                     for (int64_t c = 0; c < dv; c += 16) {
                         const __mmask16 m = first_lanes(d - c);
                         const __m512i r0 = round_bf16(_mm512_maskz_loadu_ps(m, v0 + k * d + c));
-                        const __m512i r1 = v1 ? round_bf16(_mm512_maskz_loadu_ps(m, v1 + k * d + c)) : _mm512_setzero_si512();
+                        const __m512i r1 =
+                            v1 ? round_bf16(_mm512_maskz_loadu_ps(m, v1 + k * d + c)) : _mm512_setzero_si512();
                         _mm512_storeu_si512(v + k * hs + j / 2 * dv + c, _mm512_maskz_mov_epi32(m, pair_rows(r0, r1)));
                     }
             }
@@ -807,14 +808,12 @@ static AI MQ_TARGET_AVX512_VNNI float quant_row_i8(const float *x, int64_t d, __
     return am;
 }
 
-/* Heads h0 .. h0 + nh - 1 of the sequence at rows offset.. into their int8 blocks: head h0 + k's block is hb's
-   words moved by k x hs (all blocks alike), the same bytes and scales as stage_head_int8. The rows are read once, in
-   order, all nh heads from each: a head's queries, keys and values are three pieces of 4 d bytes in a row of 12 H
-   bytes, which the hardware prefetchers do not follow from row to row, so staged one head at a time most pieces
-   came from memory (the encoder's QKV output is larger than a core's cache); in a row's order they stream.
-   Queries and keys are quantized as each row is read; keys 16 at a time through t [16, nh, d8] and
-   transpose_8x8_halves; the values' columns keep their running absmax in vm [nh, dv] (NaN once a value is), then
-   the values are read again (from cache) and quantized 4 keys at a time, a column's 4 bytes in one dword. */
+/* Heads h0 .. h0 + nh - 1 of the sequence at rows offset.. into their int8 blocks (see GROUP_WORDS): head h0 + k's
+   block is hb's words moved by k x hs (all blocks alike), the same bytes and scales as stage_head_int8. The rows
+   are read once, in order, all nh heads from each: queries and keys are quantized as each row is read, the keys 16
+   at a time through t [16, nh, d8] and transpose_8x8_halves; the values' columns keep their running absmax in
+   vm [nh, dv] (NaN once a value is), then the values are read again (from cache) and quantized 4 keys at a time, a
+   column's 4 bytes in one dword. */
 static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
                                                     int64_t nh, const mq_attn_i8 *hb, int64_t hs, float *scratch) {
     const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d4 = hb->d4, ldk = hb->ldk;
@@ -828,7 +827,7 @@ static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int6
         memset(t, 0, (size_t)(16 * nh * d8) * sizeof(uint32_t));
         for (int i = 0; i < 16; i++) {
             const int64_t j = j0 + i;
-            const float *x = rows + j * ld;
+            const float *x = rows + (j < len ? j : 0) * ld; /* read only while j < len */
             for (int64_t k = 0; k < nh && j < len; k++) { /* queries: + 128 as u8, 128 past d */
                 const float am = quant_row_i8(x + k * d, d, q);
                 uint8_t *dst = (uint8_t *)(hb->q8 + k * hs + j * d4);
@@ -1248,7 +1247,8 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
     const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
                              a->scale * 1.44269504088896341f,
                              a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
-                             a->precision == MQ_ATTN_INT8, group_head_floats(a, 1) ? 1 : p.heads_per_task, {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
+                             a->precision == MQ_ATTN_INT8, group_head_floats(a, 1) ? 1 : p.heads_per_task,
+                             {ctx, ctx_q, ctx_q ? 1.f / q_scale : 0.f, q_zp}};
     for (int t = 0; t < p.nthr; t++) /* before the parallel region: nothing inside it can fail */
         MQ_TRY(mq_buffer_reserve(&a->scratch[t], scratch_floats(a, max_len, p.heads_per_task), sizeof(float)));
     if (p.nthr < 2) {

@@ -5,7 +5,8 @@
  * threads, or one per (sequence, head) when the batch has fewer than two sequences per thread (so a single query
  * still uses every thread, up to its number of heads): a task takes its heads one at a time, copying the head's
  * queries, keys (transposed) and values into small dense blocks that stay in the core's cache (the next head's rows
- * prefetched meanwhile), then for each tile of query rows computes the scores
+ * prefetched meanwhile; int8 on vpdpbusd and bf16 on vdpbf16ps, whose blocks are small, copy a sequence's heads in
+ * groups instead, reading its rows once, in order), then for each tile of query rows computes the scores
  * S = (Q K^T) * 1/sqrt(d) against exactly the sequence's keys, the softmax of each row and the context P V, all in
  * cache, and writes the tile's rows of the packed [T, H] context (f32, or quantized to u8 for the next layer). No
  * length is padded, no mask is needed and nothing of size L x L leaves the task.
@@ -18,7 +19,8 @@
  * Precision: F32 computes in f32. BF16 rounds Q, K, V and the probabilities to bf16 (nearest even) and accumulates in
  * f32: the products a bf16 matmul with f32 accumulation computes, on f32 arithmetic. INT8 quantizes, per sequence
  * and head, Q and K to int8 with a scale per token and V with a scale per column (absmax / 127 of the values), takes
- * the probabilities exp(s - max) as u8 (x 1/255) normalized by their integer sum, and computes Q K^T and P V exactly
+ * the probabilities exp(s - max) as u8 (x 1/255; as 2^(s' - max') of the scores in base 2, log2 e being folded
+ * into the queries' scales) normalized by their integer sum, and computes Q K^T and P V exactly
  * in int32 (the softmax in f32); a NaN or infinite input makes the rows of its sequence and head (or, in V, its
  * column) NaN.
  */
