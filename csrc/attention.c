@@ -563,12 +563,26 @@ static AI MQ_TARGET_AVX512_BF16 __m512i pair_rows(__m512i a, __m512i b) {
     return _mm512_or_si512(_mm512_and_si512(a, _mm512_set1_epi32((int)0xffff0000)), _mm512_srli_epi32(b, 16));
 }
 
+/* The n dword columns of 16 keys' rows (row i at t + i x ld, n rounded up to 8 readable) transposed: column m of
+   the 16 keys to kt + m x ldk, 8 columns at a time through transpose_8x8_halves (keys i and 8 + i in the halves of
+   r[i]). The keys of stage_bf16_avx512 (pairs) and stage_int8_avx512 (quadruples). */
+static AI MQ_TARGET_AVX512 void transpose_keys(const uint32_t *t, int64_t ld, int64_t n, uint32_t *kt, int64_t ldk) {
+    for (int64_t m0 = 0; m0 < n; m0 += 8) {
+        __m512i r[8];
+        for (int i = 0; i < 8; i++)
+            r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(t + i * ld + m0))),
+                                      _mm256_loadu_si256((const __m256i *)(t + (8 + i) * ld + m0)), 1);
+        transpose_8x8_halves(r);
+        for (int m = 0; m < 8 && m0 + m < n; m++) _mm512_storeu_si512(kt + (m0 + m) * ldk, r[m]);
+    }
+}
+
 /* stage_head for the vdpbf16ps path, heads h0 .. h0 + nh - 1 together (see GROUP_WORDS): per head q as [len, d2]
    pairs of dimensions (2m, 2m + 1), kt as [d2, ldk] the keys' pairs (zero past len), v as [ceil(len / 2), dv] pairs
    of keys (2m, 2m + 1) per column (zero past len and d); d2 = ceil(d / 2), a missing dimension zero; head h0 + k's
    blocks at q, kt and v moved by k x hs words. Values rounded as maybe_round rounds them. The rows are read once, in
-   order: keys 16 at a time through t [16, nh, d2r] (d2r = d2 rounded up to 8) and transpose_8x8_halves, values two
-   rows at a time. */
+   order: keys 16 at a time through t [16, nh, d2r] (d2r = d2 rounded up to 8) and transpose_keys, values two rows at
+   a time. */
 static MQ_TARGET_AVX512_BF16 void stage_bf16_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
                                                     int64_t nh, uint32_t *q, uint32_t *kt, uint32_t *v, int64_t hs,
                                                     uint32_t *t) {
@@ -602,18 +616,7 @@ static MQ_TARGET_AVX512_BF16 void stage_bf16_avx512(const mq_attn_job *job, int6
                     }
             }
         }
-        /* each head's 16 keys: keys i and 8 + i in the halves of r[i], as 8 pairs each; transposed, the halves of
-           r[m] are pair m0 + m of the 16 keys */
-        for (int64_t k = 0; k < nh; k++)
-            for (int64_t m0 = 0; m0 < d2; m0 += 8) {
-                __m512i r[8];
-                for (int i = 0; i < 8; i++)
-                    r[i] = _mm512_inserti64x4(
-                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(t + (i * nh + k) * d2r + m0))),
-                        _mm256_loadu_si256((const __m256i *)(t + ((8 + i) * nh + k) * d2r + m0)), 1);
-                transpose_8x8_halves(r);
-                for (int m = 0; m < 8 && m0 + m < d2; m++) _mm512_storeu_si512(kt + k * hs + (m0 + m) * ldk + j0, r[m]);
-            }
+        for (int64_t k = 0; k < nh; k++) transpose_keys(t + k * d2r, nh * d2r, d2, kt + k * hs + j0, ldk);
     }
 }
 
@@ -811,7 +814,7 @@ static AI MQ_TARGET_AVX512_VNNI float quant_row_i8(const float *x, int64_t d, __
 /* Heads h0 .. h0 + nh - 1 of the sequence at rows offset.. into their int8 blocks (see GROUP_WORDS): head h0 + k's
    block is hb's words moved by k x hs (all blocks alike), the same bytes and scales as stage_head_int8. The rows
    are read once, in order, all nh heads from each: queries and keys are quantized as each row is read, the keys 16
-   at a time through t [16, nh, d8] and transpose_8x8_halves; the values' columns keep their running absmax in
+   at a time through t [16, nh, d8] and transpose_keys; the values' columns keep their running absmax in
    vm [nh, dv] (NaN once a value is), then the values are read again (from cache) and quantized 4 keys at a time, a
    column's 4 bytes in one dword. */
 static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
@@ -857,18 +860,7 @@ static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int6
                 _mm512_storeu_ps(vm + k, _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a));
             }
         }
-        /* t's dword columns of each head (16 keys), 8 dwords at a time: keys i and 8 + i in the halves of r[i] */
-        for (int64_t k = 0; k < nh; k++)
-            for (int64_t m0 = 0; m0 < d4; m0 += 8) {
-                __m512i r[8];
-                for (int i = 0; i < 8; i++)
-                    r[i] = _mm512_inserti64x4(
-                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(t + (i * nh + k) * d8 + m0))),
-                        _mm256_loadu_si256((const __m256i *)(t + ((8 + i) * nh + k) * d8 + m0)), 1);
-                transpose_8x8_halves(r);
-                for (int m = 0; m < 8 && m0 + m < d4; m++)
-                    _mm512_storeu_si512(hb->kt8 + k * hs + (m0 + m) * ldk + j0, r[m]);
-            }
+        for (int64_t k = 0; k < nh; k++) transpose_keys(t + k * d8, nh * d8, d4, hb->kt8 + k * hs + j0, ldk);
     }
     for (int64_t k = 0; k < nh * dv; k += 16) { /* the columns' scales; vm then holds 127 / absmax */
         __m512 am = _mm512_loadu_ps(vm + k);
