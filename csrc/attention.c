@@ -74,6 +74,7 @@ typedef struct {
 } mq_attn_job;
 
 static int64_t round16(int64_t n) { return (n + VEC - 1) / VEC * VEC; }
+static int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
 mq_status mq_attention_create(mq_attention **out, mq_engine *eng, int n_heads, int64_t head_dim, int64_t max_len) {
     if (!out || !eng) return mq_set_error(MQ_ERR_ARG, "attention: NULL argument");
@@ -197,8 +198,8 @@ static int64_t group_head_floats(const mq_attention *a, int64_t L) {
    absmax (dv floats). */
 static int64_t group_scratch_floats(const mq_attention *a) {
     const int64_t d = a->head_dim;
-    if (a->precision == MQ_ATTN_INT8) return 16 * (((d + 3) / 4 + 7) / 8 * 8) + round16(d);
-    return 16 * (((d + 1) / 2 + 7) / 8 * 8);
+    if (a->precision == MQ_ATTN_INT8) return 16 * round8((d + 3) / 4) + round16(d);
+    return 16 * round8((d + 1) / 2);
 }
 
 /* How many of a task's `heads` heads are staged together, given one head's block words: as many as GROUP_WORDS
@@ -212,15 +213,19 @@ static int64_t stage_group(int64_t block, int64_t heads) {
     return (heads + groups - 1) / groups;
 }
 
-/* Floats of one thread's scratch for sequences of at most L tokens and tasks of `heads` heads: one head's q, kt, v (a
-   task stages its heads one after the other, so the blocks stay in the core's cache), then one tile's s, the bf16
-   pairs of its probabilities (vdpbf16ps path) and c, the query/key/column scales of int8 on f32 arithmetic; then
-   (from task_bufs' `stage`) what staging heads together needs, on the paths that do. */
+/* Floats of a task's scratch before task_bufs' `stage`, for a sequence of L tokens: one head's q, kt, v (a task
+   stages its heads one after the other, so the blocks stay in the core's cache), then one tile's s, the bf16 pairs
+   of its probabilities (vdpbf16ps path) and c, the query/key/column scales of int8 on f32 arithmetic. */
+static int64_t tile_floats(int64_t L, int64_t d) {
+    return head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)) + 2 * round16(L) + round16(d);
+}
+
+/* Floats of one thread's scratch for sequences of at most L tokens and tasks of `heads` heads: tile_floats, then
+   what staging heads together needs, on the paths that do. */
 static size_t scratch_floats(const mq_attention *a, int64_t L, int heads) {
-    const int64_t d = a->head_dim, block = group_head_floats(a, L) * heads;
+    const int64_t block = group_head_floats(a, L) * heads;
     const int64_t group = block ? group_scratch_floats(a) * heads + (block < GROUP_WORDS ? block : GROUP_WORDS) : 0;
-    return (size_t)(head_floats(L, d) + ROWS_MAX * (round16(L) + round16(L) / 2 + round16(d)) + 2 * round16(L) +
-                    round16(d) + group);
+    return (size_t)(tile_floats(L, a->head_dim) + group);
 }
 
 size_t mq_attention_scratch_need(const mq_attention *a, int64_t max_len, int64_t batch) {
@@ -269,6 +274,14 @@ typedef struct {
     int64_t ldk;
 } mq_attn_bufs;
 
+/* q, kt and v of a head's bf16 pair blocks (pairs_floats words) from `at`. */
+static MQ_INLINE void place_pairs(mq_attn_bufs *b, float *at, int64_t len, int64_t d) {
+    const int64_t d2 = (d + 1) / 2;
+    b->q = at;
+    b->kt = b->q + round16(len * d2);
+    b->v = b->kt + d2 * b->ldk;
+}
+
 /* The staged head and the tile buffers of a sequence of len tokens, in buf. */
 static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, float *buf) {
     mq_attn_bufs b;
@@ -276,16 +289,12 @@ static MQ_INLINE mq_attn_bufs task_bufs(const mq_attn_job *job, int64_t len, flo
     b.q = buf;
     b.kt = b.q + round16(len * job->d);
     b.v = b.kt + job->d * b.ldk;
-    if (job->dot) {
-        const int64_t d2 = (job->d + 1) / 2;
-        b.kt = b.q + round16(len * d2);
-        b.v = b.kt + d2 * b.ldk;
-    }
+    if (job->dot) place_pairs(&b, buf, len, job->d);
     b.s = buf + head_floats(len, job->d);
     b.p = (uint32_t *)(b.s + ROWS_MAX * b.ldk);
     b.c = b.s + ROWS_MAX * (b.ldk + b.ldk / 2);
     b.x = b.c + ROWS_MAX * job->dv;
-    b.stage = b.x + 2 * b.ldk + job->dv;
+    b.stage = buf + tile_floats(len, job->d);
     return b;
 }
 
@@ -586,7 +595,7 @@ static AI MQ_TARGET_AVX512 void transpose_keys(const uint32_t *t, int64_t ld, in
 static MQ_TARGET_AVX512_BF16 void stage_bf16_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
                                                     int64_t nh, uint32_t *q, uint32_t *kt, uint32_t *v, int64_t hs,
                                                     uint32_t *t) {
-    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d2 = (d + 1) / 2, d2r = (d2 + 7) / 8 * 8;
+    const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d2 = (d + 1) / 2, d2r = round8(d2);
     const int64_t ldk = round16(len);
     const float *rows = job->qkv + offset * ld + h0 * d;
     for (int64_t j0 = 0; j0 < ldk; j0 += 16) {
@@ -820,7 +829,7 @@ static AI MQ_TARGET_AVX512_VNNI float quant_row_i8(const float *x, int64_t d, __
 static MQ_TARGET_AVX512_VNNI void stage_int8_avx512(const mq_attn_job *job, int64_t offset, int64_t len, int64_t h0,
                                                     int64_t nh, const mq_attn_i8 *hb, int64_t hs, float *scratch) {
     const int64_t d = job->d, dv = job->dv, H = job->H, ld = 3 * H, d4 = hb->d4, ldk = hb->ldk;
-    const int64_t d8 = (d4 + 7) / 8 * 8;
+    const int64_t d8 = round8(d4);
     const float *rows = job->qkv + offset * ld + h0 * d;
     uint32_t *t = (uint32_t *)scratch;
     float *vm = scratch + 16 * nh * d8;
@@ -1157,11 +1166,9 @@ static void run_heads_int8_vnni(const mq_attention *a, const mq_attn_job *job, c
 /* BF16 on vdpbf16ps: */
 static void run_heads_bf16dot(const mq_attention *a, const mq_attn_job *job, const mq_attn_bufs *tb, int64_t offset,
                               int64_t len, int64_t h0, int64_t nh) {
-    const int64_t d2 = (job->d + 1) / 2, hs = pairs_floats(len, job->d);
+    const int64_t hs = pairs_floats(len, job->d);
     mq_attn_bufs hb = *tb;
-    hb.q = tb->stage + group_scratch_floats(a) * nh;
-    hb.kt = hb.q + round16(len * d2);
-    hb.v = hb.kt + d2 * hb.ldk;
+    place_pairs(&hb, tb->stage + group_scratch_floats(a) * nh, len, job->d);
     stage_bf16_avx512(job, offset, len, h0, nh, (uint32_t *)hb.q, (uint32_t *)hb.kt, (uint32_t *)hb.v, hs,
                       (uint32_t *)tb->stage);
     for (int64_t k = 0; k < nh; k++) {
