@@ -3,14 +3,14 @@
  *
  * Per head of a task, in per-thread scratch: q [len, d] and v [len, dv] dense (dv = d rounded up to 16, zero columns
  * past d), kt [d, ldk] the keys transposed (ldk = len rounded up to 16, zero columns past len); per tile of query
- * rows, s [rows, ldk] the scores, then in place exp(score - max) (or, for BF16, the rounded probabilities), and
- * c [rows, dv] the context. The AVX-512 and AVX2 paths stage the keys through in-register transposes (16 x 16 and
- * 8 x 8 blocks).
+ * rows, s [rows, ldk] the scores (in base 2: log2 e is folded into their scale), then in place 2^(score - max) (or,
+ * for BF16, the rounded probabilities), and c [rows, dv] the context. The AVX-512 and AVX2 paths stage the keys
+ * through in-register transposes (16 x 16 and 8 x 8 blocks).
  *
  * Three paths, picked by mq_vec_isa_effective (so ONEDNN_MAX_CPU_ISA caps them): AVX-512 (tiles of 8 query rows x
  * 16 columns, one zmm each) and AVX2 + FMA (6 rows x 16 columns, two ymm each), both attention_kernel.inc, and
  * portable C, one row at a time with fmaf. All do the same IEEE operations in the same order - an fma chain per
- * score over the head dimension, the exp of vecmath.h, the softmax sum in 16 partial sums added in a fixed tree, an
+ * score over the head dimension, the 2^z of exp2_nonpos, the softmax sum in 16 partial sums added in a fixed tree, an
  * fma chain per context value over the keys - so they give the same bits, and a row's result depends on nothing but
  * its sequence and head. BF16 (operands rounded to bf16) has a fourth path where the CPU has avx512_bf16 and the cap
  * allows it (mq_vec_bf16_dot): vdpbf16ps on bf16 pairs staged by stage_bf16_avx512, which does the f32 paths'
@@ -63,8 +63,8 @@ typedef struct {
 typedef struct {
     const float *qkv;
     int64_t H, d, dv;
-    float scale;
-    float scale_log2e; /* INT8: scale x log2(e), in the queries' scales: the scores come out in base 2 */
+    float scale_log2e; /* 1/sqrt(d) x log2(e): every precision's scores come out in base 2 (INT8: in the queries'
+                          scales), so the softmax takes 2^(s - max) */
     int round; /* BF16: operands rounded to bf16 */
     int dot;   /* BF16 on vdpbf16ps: bf16 pair staging (stage_bf16_avx512) */
     int i8;           /* INT8 */
@@ -387,13 +387,40 @@ static MQ_INLINE void write_row(const mq_attn_job *job, const float *src, int64_
 
 /* ---- portable path: one query row at a time, fmaf chains (the operations of the vector paths, so the same bits) */
 
-/* Scores of one query row in s[0, len) into e = exp(s - max) in place (s[len, ldk) zero); returns 1 / sum(e), the
-   factor the context is multiplied with. With round (BF16), the probabilities e / sum themselves, rounded to bf16,
-   are left in s and the factor is 1. A NaN score, or one of +inf, makes the row NaN, as the formula does. */
+/* 2^z for z <= 0 (the F32 and BF16 probabilities, from scores in base 2), clamped at 2^-126 (NaN stays NaN):
+   z = n + r with n = rint(z) (the 1.5 x 2^23 rounding trick), |r| <= 1/2, 2^r by a degree-5 minimax polynomial
+   (1 exact at r = 0, relative error below 1.7e-7 evaluated in f32), times 2^n built in the exponent bits (normal:
+   n >= -126). Fused multiply-adds; the vector paths do the same operations (attention_kernel.inc). */
+#define EXP2_C5 0.0013264701701700687f
+#define EXP2_C4 0.009671504609286785f
+#define EXP2_C3 0.05550733581185341f
+#define EXP2_C2 0.24022242426872253f
+#define EXP2_C1 0.6931470036506653f
+static MQ_INLINE float exp2_nonpos(float z) {
+    z = z < -126.f ? -126.f : z;
+    const float shifted = z + 12582912.f;
+    const float n = shifted - 12582912.f, r = z - n;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    float p = fmaf(EXP2_C5, r, EXP2_C4);
+    p = fmaf(p, r, EXP2_C3);
+    p = fmaf(p, r, EXP2_C2);
+    p = fmaf(p, r, EXP2_C1);
+    p = fmaf(p, r, 1.f);
+    const uint32_t eb = ((uint32_t)bits - 0x4B400000u + 127u) << 23; /* n + 127 in [1, 127] (any bits for NaN) */
+    float scale;
+    memcpy(&scale, &eb, sizeof scale);
+    return p * scale;
+}
+
+/* Scores of one query row in s[0, len), in base 2, into e = 2^(s - max) in place (s[len, ldk) zero); returns
+   1 / sum(e), the factor the context is multiplied with. With round (BF16), the probabilities e / sum themselves,
+   rounded to bf16, are left in s and the factor is 1. A NaN score, or one of +inf, makes the row NaN, as the formula
+   does. */
 static float softmax_row_c(float *s, int64_t len, int64_t ldk, int round) {
     float mx = s[0];
     for (int64_t j = 1; j < len; j++) mx = s[j] > mx ? s[j] : mx;
-    for (int64_t j = 0; j < len; j++) s[j] = round ? mq_exp_neg_bf16(mx - s[j]) : mq_exp_neg(mx - s[j]);
+    for (int64_t j = 0; j < len; j++) s[j] = exp2_nonpos(s[j] - mx);
     for (int64_t j = len; j < ldk; j++) s[j] = 0.f;
     float part[16] = {0};
     for (int64_t j = 0; j < ldk; j++) part[j % 16] += s[j];
@@ -412,7 +439,7 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
         for (int64_t j = 0; j < len; j++) {
             float acc = 0.f;
             for (int64_t c = 0; c < d; c++) acc = fmaf(qi[c], b.kt[c * b.ldk + j], acc);
-            b.s[j] = acc * job->scale;
+            b.s[j] = acc * job->scale_log2e;
         }
         const float f = softmax_row_c(b.s, len, b.ldk, job->round);
         for (int64_t c = 0; c < d; c++) {
@@ -688,7 +715,7 @@ static MQ_TARGET_AVX512_BF16 void attention_head_bf16dot(const mq_attn_job *job,
             qr[r] = q + (i0 + (r < nr ? r : nr - 1)) * d2;
             pr[r] = b.p + (r < nr ? r : nr - 1) * (b.ldk / 2);
         }
-        scores_tile_bf16(qr, (const uint32_t *)b.kt, d2, b.ldk, job->scale, b.s);
+        scores_tile_bf16(qr, (const uint32_t *)b.kt, d2, b.ldk, job->scale_log2e, b.s);
         for (int r = 0; r < nr; r++) {
             const float inv = softmax_row_avx512(b.s + r * b.ldk, len, b.ldk, 2);
             pair_row(b.s + r * b.ldk, b.ldk, inv, b.p + r * (b.ldk / 2));
@@ -1243,7 +1270,7 @@ mq_status mq_attention_forward(mq_attention *a, const float *qkv, float *ctx, ui
         if (lengths[b] > max_len) max_len = lengths[b];
     }
     const mq_attn_plan p = make_plan(a, batch);
-    const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim), a->scale,
+    const mq_attn_job job = {qkv, (int64_t)a->n_heads * a->head_dim, a->head_dim, round16(a->head_dim),
                              a->scale * 1.44269504088896341f,
                              a->precision == MQ_ATTN_BF16, a->precision == MQ_ATTN_BF16 && a->bf16_dot,
                              a->precision == MQ_ATTN_INT8, group_head_floats(a, 1) ? 1 : p.heads_per_task,

@@ -13,8 +13,9 @@
  *
  * Results: every value is computed by one thread in a fixed order (one fused multiply-add chain per score over the
  * head dimension, a fixed-order sum in the softmax, one fma chain per context value over the keys of
- * exp(score - max), times 1 / sum at the end; for BF16 over the rounded probabilities), so the context is
- * bit-identical for any thread count, any batch composition and any kernel path (AVX-512, AVX2 or portable C).
+ * exp(score - max) (as 2^(score' - max') of the scores in base 2, log2 e folded into their scale), times 1 / sum at
+ * the end; for BF16 over the rounded probabilities), so the context is bit-identical for any thread count, any batch
+ * composition and any kernel path (AVX-512, AVX2 or portable C).
  *
  * Precision: F32 computes in f32. BF16 rounds Q, K, V and the probabilities to bf16 (nearest even) and accumulates in
  * f32: the products a bf16 matmul with f32 accumulation computes, on f32 arithmetic. INT8 quantizes, per sequence

@@ -46,30 +46,6 @@ static MQ_INLINE float mq_exp_neg(float s) {
     return p * scale;
 }
 
-/* exp(-s) for bf16 attention, whose probabilities are rounded to bf16 (relative 2^-9): mq_exp_neg's reduction with
-   fused multiply-adds and a degree-5 Taylor polynomial (relative error below 3e-6), 8 fused operations instead of
-   16; the vector paths do the same operations with vfmadd. */
-static MQ_INLINE float mq_exp_neg_bf16(float s) {
-    float z = -s;
-    if (z < -87.f) z = -87.f;
-    const float shifted = fmaf(z, 1.44269504088896341f, 12582912.f);
-    const float fn = shifted - 12582912.f;
-    int32_t bits;
-    memcpy(&bits, &shifted, sizeof bits);
-    const int32_t n = bits - 0x4B400000;
-    float r = fmaf(fn, -0.693359375f, z);
-    r = fmaf(fn, 2.12194440e-4f, r);
-    float p = fmaf(1.f / 120.f, r, 1.f / 24.f);
-    p = fmaf(p, r, 1.f / 6.f);
-    p = fmaf(p, r, 0.5f);
-    p = fmaf(p, r, 1.f);
-    p = fmaf(p, r, 1.f);
-    const uint32_t eb = (uint32_t)(n + 127) << 23;
-    float scale;
-    memcpy(&scale, &eb, sizeof scale);
-    return p * scale;
-}
-
 typedef int32_t mq_v8i __attribute__((vector_size(32)));
 
 /* mq_exp_neg on the 8 lanes of *v, in place, operation for operation (the same bits; inlined into a function compiled
