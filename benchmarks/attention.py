@@ -16,7 +16,10 @@
 
 3. With ``--compare DIR``: part 2 on 2 threads for this checkout and for the medquant checkout in DIR (an older
    commit, built in place: ``python setup.py build_ext --inplace``), each in a subprocess of its own, alternating for
-   ``--rounds`` rounds (machine load hits both alike), and the ratio of the medians (this / DIR).
+   ``--rounds`` rounds (machine load hits both alike), and the ratio of the medians (this / DIR); then the kernel
+   alone on 1 thread (MiniLM and BERT-base heads, 32 sequences of 128 or 256 tokens, each precision), both
+   checkouts' compiled cores loaded in one process and called alternately, call by call, so that a change of a
+   few percent shows through this shared machine's drift.
 
 Results: OUT/<machine>/attention[-quick].{json,md}, <machine> from the CPU model name (as run.py).
 """
@@ -127,6 +130,59 @@ def bench_encoder(quick: bool, threads_list=(1, 2)) -> list:
     return rows
 
 
+KERNEL_AB_CASES = [("minilm", 12, 32, 32, 128), ("minilm", 12, 32, 32, 256), ("bert-base", 12, 64, 32, 128)]
+
+
+def load_core(root: Path, package: str):
+    """The compiled core of the medquant checkout at root as a module of its own (``<package>._core``), beside this
+    checkout's (whose import has loaded oneDNN)."""
+    import importlib.util
+
+    built = sorted((root / "medquant").glob("_core*.so"))
+    if not built:
+        raise SystemExit(f"{root}/medquant has no built core: (cd {root} && python setup.py build_ext --inplace)")
+    spec = importlib.util.spec_from_file_location(f"{package}._core", built[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_ab(other: Path, quick: bool) -> list:
+    """The kernel alone on 1 thread, this checkout's core and other's called alternately (the order flipped every
+    pair): per case and precision both best times, their ratio, and the median of the pairs' ratios."""
+    from medquant import _core
+
+    cores = {"this": _core, "other": load_core(other, "medquant_other")}
+    rng = np.random.default_rng(0)
+    reps = 8 if quick else 30
+    rows = []
+    for name, heads, d, batch, L in KERNEL_AB_CASES:
+        lengths = np.full(batch, L, np.int32)
+        qkv = rng.standard_normal((batch * L, 3 * heads * d)).astype(np.float32)
+        for precision in ("fp32", "bf16", "int8"):
+            kw = {"n_threads": 1} if precision == "fp32" else {"n_threads": 1, precision: True}
+            calls = {who: (lambda c=c: c.attention(qkv, lengths, heads, **kw)) for who, c in cores.items()}
+            try:
+                for call in calls.values():
+                    call()
+            except TypeError:  # a precision the other checkout does not have
+                continue
+            times = {"this": [], "other": []}
+            for i in range(reps):
+                for who in ("this", "other") if i % 2 == 0 else ("other", "this"):
+                    t0 = time.perf_counter()
+                    calls[who]()
+                    times[who].append(time.perf_counter() - t0)
+            best = {who: 1e3 * min(t) for who, t in times.items()}
+            pairs = [o / t for t, o in zip(times["this"], times["other"])]
+            rows.append({"model": name, "batch": batch, "length": L, "precision": precision, "this_ms": best["this"],
+                         "other_ms": best["other"], "speedup": best["other"] / best["this"],
+                         "pair_median_speedup": float(np.median(pairs)), "calls": reps})
+            print(f"kernel {name} {L} {precision}: this {best['this']:.2f} ms, other {best['other']:.2f} ms "
+                  f"({rows[-1]['speedup']:.3f}x, pairs {rows[-1]['pair_median_speedup']:.3f}x)", flush=True)
+    return rows
+
+
 def compare(other: Path, rounds: int, quick: bool) -> dict:
     """Part 2 on 2 threads, this checkout and `other` alternating in subprocesses; medians and ratios."""
     import os
@@ -152,7 +208,7 @@ def compare(other: Path, rounds: int, quick: bool) -> dict:
                         "corpus_speedup": med["this"]["corpus_texts_per_s"] / med["other"]["corpus_texts_per_s"],
                         "query_speedup": med["other"]["query_p50_ms"] / med["this"]["query_p50_ms"]})
     return {"other": str(other), "other_commit": git_commit(other), "this_commit": git_commit(HERE.parent),
-            "rounds": rounds, "runs": runs, "summary": summary}
+            "rounds": rounds, "runs": runs, "summary": summary, "kernel": kernel_ab(other, quick)}
 
 
 def git_commit(root: Path) -> str:
@@ -205,6 +261,14 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['scheme']} | {r['this']['corpus_texts_per_s']:.1f} / {r['other']['corpus_texts_per_s']:.1f}"
                          f" | {r['corpus_speedup']:.3f}x | {r['this']['query_p50_ms']:.2f} / "
                          f"{r['other']['query_p50_ms']:.2f} | {r['query_speedup']:.3f}x |")
+        if c.get("kernel"):
+            lines += ["", f"The kernel alone on 1 thread, both cores in one process, called alternately "
+                      f"({c['kernel'][0]['calls']} calls each; best times, and the median of the pairs' ratios):", "",
+                      "| model | batch | length | precision | best ms (this / other) | speed-up | pairs' median |",
+                      "|---|---:|---:|---|---:|---:|---:|"]
+            for r in c["kernel"]:
+                lines.append(f"| {r['model']} | {r['batch']} | {r['length']} | {r['precision']} | {r['this_ms']:.2f} / "
+                             f"{r['other_ms']:.2f} | {r['speedup']:.3f}x | {r['pair_median_speedup']:.3f}x |")
     return "\n".join(lines) + "\n"
 
 
