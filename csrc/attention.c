@@ -470,7 +470,6 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
 #define V_ADD _mm256_add_ps
 #define V_SUB _mm256_sub_ps
 #define V_MAX _mm256_max_ps
-#define V_SUBI _mm256_sub_epi32
 #define V_ADDI _mm256_add_epi32
 #define V_SLLI _mm256_slli_epi32
 #define V_F2I _mm256_castps_si256
@@ -494,7 +493,6 @@ static void attention_head_c(const mq_attn_job *job, const mq_attn_bufs *pb, int
 #define V_ADD _mm512_add_ps
 #define V_SUB _mm512_sub_ps
 #define V_MAX _mm512_max_ps
-#define V_SUBI _mm512_sub_epi32
 #define V_ADDI _mm512_add_epi32
 #define V_SLLI _mm512_slli_epi32
 #define V_F2I _mm512_castps_si512
