@@ -165,7 +165,7 @@ def kernel_ab(other: Path, quick: bool) -> list:
             try:
                 for call in calls.values():
                     call()
-            except TypeError:  # a precision the other checkout does not have
+            except (TypeError, AttributeError):  # a precision (or, before the fused kernel, the call) it lacks
                 continue
             times = {"this": [], "other": []}
             for i in range(reps):
@@ -184,7 +184,8 @@ def kernel_ab(other: Path, quick: bool) -> list:
 
 
 def compare(other: Path, rounds: int, quick: bool) -> dict:
-    """Part 2 on 2 threads, this checkout and `other` alternating in subprocesses; medians and ratios."""
+    """Part 2 on 2 threads, this checkout and `other` alternating in subprocesses, medians and ratios; then the
+    kernel alone (kernel_ab)."""
     import os
     import subprocess
 
