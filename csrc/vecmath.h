@@ -47,23 +47,27 @@ static MQ_INLINE float mq_exp_neg(float s) {
 }
 
 typedef int32_t mq_v8i __attribute__((vector_size(32)));
+typedef int32_t mq_v16i __attribute__((vector_size(64)));
 
-/* mq_exp_neg on the 8 lanes of *v, in place, operation for operation (the same bits; inlined into a function compiled
-   for AVX2 it is one ymm instruction per operation). */
-static MQ_INLINE void mq_exp_neg_v8(mq_v8 *v) {
-    const mq_v8 zero = {0}, floor87 = zero - 87.f;
-    mq_v8 z = -*v;
-    const mq_v8i low = z < floor87; /* false for NaN: NaN stays NaN */
-    z = (mq_v8)(((mq_v8i)z & ~low) | ((mq_v8i)floor87 & low));
-    const mq_v8 shifted = z * 1.44269504088896341f + 12582912.f;
-    const mq_v8 fn = shifted - 12582912.f;
-    const mq_v8i n = (mq_v8i)shifted - 0x4B400000;
-    mq_v8 r = z - fn * 0.693359375f;
-    r = r - fn * -2.12194440e-4f;
-    const mq_v8 p =
-        1.f + r * (1.f + r * (0.5f + r * (1.f / 6.f + r * (1.f / 24.f + r * (1.f / 120.f + r * (1.f / 720.f))))));
-    *v = p * (mq_v8)((n + 127) << 23);
-}
+/* mq_exp_neg on the lanes of *v, in place, operation for operation (the same bits; inlined into a function compiled
+   for AVX2 / AVX-512 it is one ymm / zmm instruction per operation): one body for mq_exp_neg_v8 and mq_exp_neg_v16. */
+#define MQ_DEFINE_EXP_NEG(name, vf, vi)                                                                                \
+    static MQ_INLINE void name(vf *v) {                                                                                \
+        const vf zero = {0}, floor87 = zero - 87.f;                                                                    \
+        vf z = -*v;                                                                                                    \
+        const vi low = z < floor87; /* false for NaN: NaN stays NaN */                                                 \
+        z = (vf)(((vi)z & ~low) | ((vi)floor87 & low));                                                                \
+        const vf shifted = z * 1.44269504088896341f + 12582912.f;                                                      \
+        const vf fn = shifted - 12582912.f;                                                                            \
+        const vi n = (vi)shifted - 0x4B400000;                                                                         \
+        vf r = z - fn * 0.693359375f;                                                                                  \
+        r = r - fn * -2.12194440e-4f;                                                                                  \
+        const vf p =                                                                                                   \
+            1.f + r * (1.f + r * (0.5f + r * (1.f / 6.f + r * (1.f / 24.f + r * (1.f / 120.f + r * (1.f / 720.f)))))); \
+        *v = p * (vf)((n + 127) << 23);                                                                                \
+    }
+MQ_DEFINE_EXP_NEG(mq_exp_neg_v8, mq_v8, mq_v8i)
+MQ_DEFINE_EXP_NEG(mq_exp_neg_v16, mq_v16, mq_v16i)
 
 /* The widest vector ISA medquant's hand-dispatched kernels use on this CPU, capped like oneDNN's own
    (ONEDNN_MAX_CPU_ISA), so tests can run the narrower paths on a wider CPU. */

@@ -33,7 +33,8 @@
                           M = 13..36 faster than converting a panel once and reading it back) */
 #define KC 256         /* k per block of the converted-panel path (a 32 KB slice of a panel) when K > KC_ONE */
 #define KC_ONE 512     /* up to this K, one block (a panel of at most 64 KB; measured faster than 256 + 128) */
-#define APACK_LD (KC + 16) /* row stride of a packed tile block of x: not a multiple of 4 KB */
+#define APACK_LD (KC_ONE + 16) /* row stride of a chunk's k block of x, copied: at least any block's k, a constant
+                                   (the kernels address rows by immediates), not a multiple of 4 KB */
 #define GROUP_PANELS 64    /* at most this many panels per task (bounds its partial sums at 1.9 MB) */
 
 #define AI inline __attribute__((always_inline))
@@ -114,20 +115,25 @@ MQ_HOT void mq_gelu_erf_inplace(float *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) v[i] = gelu_erf_one(v[i]);
 }
 
-/* gelu_erf_one on 8 lanes in place, operation for operation (the same bits). */
-static AI AVX2 void gelu_v8(mq_v8 *v) {
-    const mq_v8 zero = {0}, x = *v;
-    const mq_v8 z = x * 0.70710678118654752f;
-    const mq_v8 az = (mq_v8)((mq_v8i)z & 0x7fffffff);
-    const mq_v8 t = 1.f / (1.f + 0.3275911f * az);
-    const mq_v8 poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-    mq_v8 e = az * az;
-    mq_exp_neg_v8(&e);
-    const mq_v8 erf_abs = 1.f - poly * e;
-    const mq_v8i neg = z < zero;
-    const mq_v8 erf = (mq_v8)(((mq_v8i)erf_abs & ~neg) | ((mq_v8i)(-erf_abs) & neg));
-    *v = 0.5f * x * (1.f + erf);
-}
+/* gelu_erf_one on the lanes of *v in place, operation for operation (the same bits): gelu_v8 (AVX2's ymm) and
+   gelu_v16 (AVX-512's zmm) from one body. */
+#define DEFINE_GELU(name, vf, vi, exp_neg, target)                                                                     \
+    static AI target void name(vf *v) {                                                                                \
+        const vf zero = {0}, x = *v;                                                                                   \
+        const vf z = x * 0.70710678118654752f;                                                                         \
+        const vf az = (vf)((vi)z & 0x7fffffff);                                                                        \
+        const vf t = 1.f / (1.f + 0.3275911f * az);                                                                    \
+        const vf poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +            \
+                         0.254829592f) * t;                                                                            \
+        vf e = az * az;                                                                                                \
+        exp_neg(&e);                                                                                                   \
+        const vf erf_abs = 1.f - poly * e;                                                                             \
+        const vi neg = z < zero;                                                                                       \
+        const vf erf = (vf)(((vi)erf_abs & ~neg) | ((vi)(-erf_abs) & neg));                                            \
+        *v = 0.5f * x * (1.f + erf);                                                                                   \
+    }
+DEFINE_GELU(gelu_v8, mq_v8, mq_v8i, mq_exp_neg_v8, AVX2)
+DEFINE_GELU(gelu_v16, mq_v16, mq_v16i, mq_exp_neg_v16, AVX512)
 
 /* The finish of a tile from its sums in `tile` (the portable path; AVX-512 and AVX2 do the same from registers). */
 static void finish_tile(const float *tile, int mr, const wo_out *o) {
@@ -149,14 +155,10 @@ static void finish_tile(const float *tile, int mr, const wo_out *o) {
 
 /* ------------------------------------------------------------------ AVX-512 */
 
-/* gelu_v8 on both halves of a zmm (the same operations, the same bits as gelu_erf_one). */
 static AI AVX512 __m512 gelu_zmm(__m512 v) {
-    const __m512d vd = _mm512_castps_pd(v);
-    mq_v8 lo = (mq_v8)_mm512_castps512_ps256(v), hi = (mq_v8)_mm256_castpd_ps(_mm512_extractf64x4_pd(vd, 1));
-    gelu_v8(&lo);
-    gelu_v8(&hi);
-    const __m512d lo512 = _mm512_castps_pd(_mm512_castps256_ps512((__m256)lo));
-    return _mm512_castpd_ps(_mm512_insertf64x4(lo512, _mm256_castps_pd((__m256)hi), 1));
+    mq_v16 g = (mq_v16)v;
+    gelu_v16(&g);
+    return (__m512)g;
 }
 
 static AI AVX512 void cvt_avx512(wo_src src, const uint8_t *q, __m512 s0, __m512 s1, __m512 *b0, __m512 *b1) {
@@ -178,8 +180,10 @@ static AI AVX512 void cvt_avx512(wo_src src, const uint8_t *q, __m512 s0, __m512
     }
 }
 
-static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_matrix *w, int64_t p,
-                                    const wo_span *sp, const float *a, const wo_out *o) {
+/* lda is sp->lda, or the constant APACK_LD for a chunk's copied rows: then each row's x is an immediate offset from
+   one pointer (12 row offsets in registers left too few for the loop, and it spilled). */
+static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const int64_t lda, const mq_wo_matrix *w,
+                                    int64_t p, const wo_span *sp, const float *a, const wo_out *o) {
     const int64_t K = w->lay.K;
     __m512 acc[MR_AVX512][2];
 #pragma GCC unroll 12
@@ -193,7 +197,7 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_
             const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16);
 #pragma GCC unroll 12
             for (int r = 0; r < mr; r++) {
-                const __m512 ar = _mm512_set1_ps(a[r * sp->lda + (k - sp->k0)]);
+                const __m512 ar = _mm512_set1_ps(a[r * lda + (k - sp->k0)]);
                 acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
             }
@@ -209,7 +213,7 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_
                 cvt_avx512(src, q + (size_t)k * kb, s0, s1, &b0, &b1);
 #pragma GCC unroll 12
                 for (int r = 0; r < mr; r++) {
-                    const __m512 ar = _mm512_set1_ps(a[r * sp->lda + (k - sp->k0)]);
+                    const __m512 ar = _mm512_set1_ps(a[r * lda + (k - sp->k0)]);
                     acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
                     acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
                 }
@@ -240,7 +244,7 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_
             if (o->rs) v = _mm512_mul_ps(v, _mm512_set1_ps(o->rs[r]));
             if (o->bias) v = _mm512_add_ps(v, b[h]);
             if (o->res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[h], o->res + r * o->ldy + 16 * h));
-            if (o->epi == MQ_EPI_GELU) /* in registers, as two 8-lane halves (re-reading a stored row would stall) */
+            if (o->epi == MQ_EPI_GELU) /* in registers (re-reading a stored row would stall) */
                 v = gelu_zmm(v);
             _mm512_mask_storeu_ps(o->y + r * o->ldy + 16 * h, m[h], v);
         }
@@ -249,15 +253,26 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const mq_wo_
 #define TILE_CASE(isa, n)                                                                                              \
     case n:                                                                                                            \
         if (src == SRC_F32)                                                                                            \
-            tile_##isa##_n(n, SRC_F32, w, p, sp, a, o);                                                                \
+            tile_##isa##_n(n, SRC_F32, sp->lda, w, p, sp, a, o);                                                       \
         else if (src == SRC_S8)                                                                                        \
-            tile_##isa##_n(n, SRC_S8, w, p, sp, a, o);                                                                 \
+            tile_##isa##_n(n, SRC_S8, sp->lda, w, p, sp, a, o);                                                        \
         else                                                                                                           \
-            tile_##isa##_n(n, SRC_S4, w, p, sp, a, o);                                                                 \
+            tile_##isa##_n(n, SRC_S4, sp->lda, w, p, sp, a, o);                                                        \
         break;
+#define PACKED_CASE(isa, n)                                                                                            \
+    case n: tile_##isa##_n(n, SRC_F32, APACK_LD, w, p, sp, a, o); break;
 
 static AVX512 void tile_avx512(int mr, wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp,
                                const float *a, const wo_out *o) {
+    if (src == SRC_F32 && sp->lda == APACK_LD) {
+        switch (mr) {
+            PACKED_CASE(avx512, 1) PACKED_CASE(avx512, 2) PACKED_CASE(avx512, 3) PACKED_CASE(avx512, 4)
+            PACKED_CASE(avx512, 5) PACKED_CASE(avx512, 6) PACKED_CASE(avx512, 7) PACKED_CASE(avx512, 8)
+            PACKED_CASE(avx512, 9) PACKED_CASE(avx512, 10) PACKED_CASE(avx512, 11) PACKED_CASE(avx512, 12)
+            default: break;
+        }
+        return;
+    }
     switch (mr) {
         TILE_CASE(avx512, 1) TILE_CASE(avx512, 2) TILE_CASE(avx512, 3) TILE_CASE(avx512, 4)
         TILE_CASE(avx512, 5) TILE_CASE(avx512, 6) TILE_CASE(avx512, 7) TILE_CASE(avx512, 8)
@@ -333,8 +348,8 @@ static AI AVX2 void finish_avx2(const __m256 acc[][4], int mr, const wo_out *o) 
     }
 }
 
-static AI AVX2 void tile_avx2_n(const int mr, const wo_src src, const mq_wo_matrix *w, int64_t p, const wo_span *sp,
-                                const float *a, const wo_out *o) {
+static AI AVX2 void tile_avx2_n(const int mr, const wo_src src, const int64_t lda, const mq_wo_matrix *w, int64_t p,
+                                const wo_span *sp, const float *a, const wo_out *o) {
     const int64_t group = src == SRC_F32 ? sp->k1 - sp->k0 : w->group;
     const size_t kb = bytes_per_k(src);
     const uint8_t *q = panel_weights(w, p);
@@ -352,7 +367,7 @@ static AI AVX2 void tile_avx2_n(const int mr, const wo_src src, const mq_wo_matr
             else
                 cvt_avx2(src, q + (size_t)k * kb, s, b);
             for (int r = 0; r < mr; r++) {
-                const __m256 ar = _mm256_set1_ps(a[r * sp->lda + (k - sp->k0)]);
+                const __m256 ar = _mm256_set1_ps(a[r * lda + (k - sp->k0)]);
                 for (int j = 0; j < 4; j++) acc[r][j] = _mm256_fmadd_ps(ar, b[j], acc[r][j]);
             }
         }
@@ -468,30 +483,26 @@ static void convert_slice(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t 
     }
 }
 
-/* One task: rows [m0, m0 + rows) by panels [p0, p1). k in blocks of KC (if K > KC_ONE) outermost, so the rows' KC columns of x stay
-   in L2 across the panels; per block and panel, the panel's KC x 32 slice is converted once (into L1) and runs every
-   tile of the rows; the partial sums of panel p wait in part + (p - p0) * CHUNK_ROWS * NR. When x's row stride is a
-   multiple of 4 KB (K = 1024, 2048, 3072 ...), a tile's rows of x all map to the same L1 sets (more rows than ways),
-   so each block's columns of the rows are first copied to `apack` [rows, APACK_LD]. */
+/* One task: rows [m0, m0 + rows) by panels [p0, p1). k in blocks of KC (if K > KC_ONE) outermost, so the rows' KC
+   columns of x stay in L2 across the panels; per block and panel, the panel's KC x 32 slice is converted once (into
+   L1) and runs every tile of the rows; the partial sums of panel p wait in part + (p - p0) * CHUNK_ROWS * NR. Each
+   block's columns of the rows are first copied to `apack` [rows, APACK_LD]: a constant row stride the AVX-512 tiles
+   address by immediates, never a multiple of 4 KB (with x's own stride at K = 1024, 2048, 3072 ... a tile's rows
+   would all map to the same L1 sets, more rows than ways). */
 static void run_task(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *slice, float *part, float *apack,
                      const float *x, int64_t m0, int64_t rows, const mq_wo_output *out, float *y) {
     const int64_t K = w->lay.K, kc = K <= KC_ONE ? K : KC;
-    const int pack = K % 1024 == 0;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = K - k0 > kc ? k0 + kc : K;
-        const float *a0 = x + m0 * K + k0;
-        if (pack) {
-            for (int64_t r = 0; r < rows; r++)
-                memcpy(apack + r * APACK_LD, a0 + r * K, (size_t)(k1 - k0) * sizeof(float));
-            a0 = apack;
-        }
+        for (int64_t r = 0; r < rows; r++)
+            memcpy(apack + r * APACK_LD, x + (m0 + r) * K + k0, (size_t)(k1 - k0) * sizeof(float));
         for (int64_t p = p0; p < p1; p++) {
             const float *b = slice;
             if (w->lay.format == MQ_WO_F32)
                 b = panel_f32(w, p, k0);
             else
                 convert_slice(w, p, k0, k1, slice);
-            run_tiles(w, SRC_F32, p, k0, k1, b, part + (size_t)(p - p0) * CHUNK_ROWS * NR, a0, pack ? APACK_LD : K,
+            run_tiles(w, SRC_F32, p, k0, k1, b, part + (size_t)(p - p0) * CHUNK_ROWS * NR, apack, APACK_LD,
                       m0, rows, out, y);
         }
     }
@@ -523,11 +534,14 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const m
                       out, y);
         return MQ_OK;
     }
-    /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major; the panels split into groups only
-       as far as needed for about 4 tasks per thread, and into at most GROUP_PANELS panels each */
+    /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major; the rows split into chunks of
+       nearly equal height, their number a multiple of the threads' while a chunk keeps at least two tiles (each
+       thread then runs whole chunks: 9 chunks on 2 threads would leave one thread 5 of them); the panels split into
+       groups only as far as needed for about 4 tasks per thread, and into at most GROUP_PANELS panels each */
     int64_t chunks = (M + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    int64_t chunk_rows = (M + chunks - 1) / chunks;
-    chunk_rows = (chunk_rows + w->mr - 1) / w->mr * w->mr;
+    const int64_t balanced = (chunks + n_threads - 1) / n_threads * n_threads;
+    if (M >= balanced * 2 * w->mr) chunks = balanced;
+    const int64_t chunk_rows = (M + chunks - 1) / chunks;
     chunks = (M + chunk_rows - 1) / chunk_rows;
     int64_t groups = (4 * (int64_t)n_threads + chunks - 1) / chunks;
     if (groups < (P + GROUP_PANELS - 1) / GROUP_PANELS) groups = (P + GROUP_PANELS - 1) / GROUP_PANELS;
