@@ -534,20 +534,17 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const m
                       out, y);
         return MQ_OK;
     }
-    /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major; the rows split into chunks of
-       nearly equal height, their number a multiple of the threads' while a chunk keeps at least two tiles (each
-       thread then runs whole chunks: 9 chunks on 2 threads would leave one thread 5 of them); the panels split into
-       groups only as far as needed for about 4 tasks per thread, and into at most GROUP_PANELS panels each */
+    /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major, each thread a contiguous run of
+       them. Rows split into chunks of nearly equal height; when there are at least as many chunks as threads, into
+       a multiple of the threads' number (each thread runs whole chunks: 9 chunks on 2 threads would leave one
+       thread 5 of them). Fewer chunks than threads: the panels split too, into groups of nearly equal size, one
+       task per thread (more row chunks would convert every panel once more per chunk; more groups would copy the
+       chunk's x once more per group), and always into at most GROUP_PANELS panels each. */
     int64_t chunks = (M + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    const int64_t balanced = (chunks + n_threads - 1) / n_threads * n_threads;
-    if (M >= balanced * 2 * w->mr) chunks = balanced;
-    const int64_t chunk_rows = (M + chunks - 1) / chunks;
-    chunks = (M + chunk_rows - 1) / chunk_rows;
-    int64_t groups = (4 * (int64_t)n_threads + chunks - 1) / chunks;
+    if (chunks >= n_threads) chunks = (chunks + n_threads - 1) / n_threads * n_threads;
+    int64_t groups = ((int64_t)n_threads + chunks - 1) / chunks;
     if (groups < (P + GROUP_PANELS - 1) / GROUP_PANELS) groups = (P + GROUP_PANELS - 1) / GROUP_PANELS;
     if (groups > P) groups = P;
-    const int64_t group_panels = (P + groups - 1) / groups;
-    groups = (P + group_panels - 1) / group_panels;
     const int64_t tasks = chunks * groups;
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && tasks > 1)
     {
@@ -555,9 +552,9 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const m
               *apack = part + (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS) * CHUNK_ROWS * NR;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
-            const int64_t m0 = (t / groups) * chunk_rows, p0 = (t % groups) * group_panels;
-            run_task(w, p0, p0 + group_panels < P ? p0 + group_panels : P, slice, part, apack, x, m0,
-                     M - m0 < chunk_rows ? M - m0 : chunk_rows, out, y);
+            const int64_t c = t / groups, g = t % groups;
+            const int64_t m0 = c * M / chunks, p0 = g * P / groups;
+            run_task(w, p0, (g + 1) * P / groups, slice, part, apack, x, m0, (c + 1) * M / chunks - m0, out, y);
         }
     }
     return MQ_OK;
