@@ -28,13 +28,15 @@
 #define MR_AVX2 3
 #define MR_C 4
 #define MR_MAX 12
-#define CHUNK_ROWS 240 /* rows per task when there are many: a multiple of every MR */
+#define MR_DIRECT 8 /* AVX-512 rows per tile reading x in place (12 rows' offsets in registers spilled; 6-10 measured
+                       alike) */
+#define CHUNK_ROWS 240 /* at most this many rows per task */
 #define FUSED_BLOCKS 3 /* up to this many row blocks, each converts the stored weights in registers (measured: at
                           M = 13..36 faster than converting a panel once and reading it back) */
 #define KC 256         /* k per block of the converted-panel path (a 32 KB slice of a panel) when K > KC_ONE */
 #define KC_ONE 512     /* up to this K, one block (a panel of at most 64 KB; measured faster than 256 + 128) */
-#define APACK_LD (KC_ONE + 16) /* row stride of a chunk's k block of x, copied: at least any block's k, a constant
-                                   (the kernels address rows by immediates), not a multiple of 4 KB */
+#define APACK_LD (KC + 16) /* row stride of a chunk's k block of x, copied: not a multiple of 4 KB, and a constant
+                               (the AVX-512 tiles address its rows by immediates) */
 #define GROUP_PANELS 64    /* at most this many panels per task (bounds its partial sums at 1.9 MB) */
 
 #define AI inline __attribute__((always_inline))
@@ -181,7 +183,8 @@ static AI AVX512 void cvt_avx512(wo_src src, const uint8_t *q, __m512 s0, __m512
 }
 
 /* lda is sp->lda, or the constant APACK_LD for a chunk's copied rows: then each row's x is an immediate offset from
-   one pointer (12 row offsets in registers left too few for the loop, and it spilled). */
+   one pointer (12 row offsets in registers left too few for the loop, and it spilled; with x in place, tiles of
+   the row chunks have at most MR_DIRECT rows). */
 static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const int64_t lda, const mq_wo_matrix *w,
                                     int64_t p, const wo_span *sp, const float *a, const wo_out *o) {
     const int64_t K = w->lay.K;
@@ -450,14 +453,14 @@ static void slice_c(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, fl
 /* Rows [m0, m0 + rows) of panel p's columns, k in [k0, k1), in tiles of nearly equal height, at most w->mr rows
    (a 12 + 4 split would waste the 4-row tile's registers); the tiles are finished into y when k1 = K, else their
    sums are left in `part` [rows, NR]. x's row m0 at column k0 is a0, its rows lda apart. B from `slice` (SRC_F32: a
-   converted slice or F32 panels from k0 on) or the stored weights. */
+   converted slice or F32 panels from k0 on) or the stored weights. Tiles have at most max_rows rows. */
 static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, int64_t k1, const float *slice,
-                      float *part, const float *a0, int64_t lda, int64_t m0, int64_t rows, const mq_wo_output *out,
-                      float *y) {
+                      float *part, const float *a0, int64_t lda, int64_t m0, int64_t rows, int max_rows,
+                      const mq_wo_output *out, float *y) {
     const int64_t K = w->lay.K, N = w->lay.N, n0 = p * NR;
     const int ncols = (int)(N - n0 < NR ? N - n0 : NR);
     const float *colscale = w->lay.format == MQ_WO_S8 ? w->scales + (size_t)p * NR : NULL;
-    const int64_t ntiles = (rows + w->mr - 1) / w->mr;
+    const int64_t ntiles = (rows + max_rows - 1) / max_rows;
     for (int64_t i = 0, r0 = m0; i < ntiles; i++) {
         const int mr = (int)(rows / ntiles + (i < rows % ntiles));
         const float *a = a0 + (r0 - m0) * lda;
@@ -485,25 +488,30 @@ static void convert_slice(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t 
 
 /* One task: rows [m0, m0 + rows) by panels [p0, p1). k in blocks of KC (if K > KC_ONE) outermost, so the rows' KC
    columns of x stay in L2 across the panels; per block and panel, the panel's KC x 32 slice is converted once (into
-   L1) and runs every tile of the rows; the partial sums of panel p wait in part + (p - p0) * CHUNK_ROWS * NR. Each
-   block's columns of the rows are first copied to `apack` [rows, APACK_LD]: a constant row stride the AVX-512 tiles
-   address by immediates, never a multiple of 4 KB (with x's own stride at K = 1024, 2048, 3072 ... a tile's rows
-   would all map to the same L1 sets, more rows than ways). */
+   L1) and runs every tile of the rows; the partial sums of panel p wait in part + (p - p0) * CHUNK_ROWS * NR. The
+   tiles read x in place (its reads from memory then overlap the multiply-adds; copying first measured 2-6% slower
+   at MiniLM's shapes), except where x's row stride is a multiple of 4 KB (K = 1024, 2048, 3072 ...): there a
+   tile's rows would all map to the same L1 sets (more rows than ways), so each block's columns of the rows are
+   first copied to `apack` [rows, APACK_LD]. */
 static void run_task(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *slice, float *part, float *apack,
                      const float *x, int64_t m0, int64_t rows, const mq_wo_output *out, float *y) {
     const int64_t K = w->lay.K, kc = K <= KC_ONE ? K : KC;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = K - k0 > kc ? k0 + kc : K;
-        for (int64_t r = 0; r < rows; r++)
-            memcpy(apack + r * APACK_LD, x + (m0 + r) * K + k0, (size_t)(k1 - k0) * sizeof(float));
+        const int pack = K % 1024 == 0;
+        if (pack)
+            for (int64_t r = 0; r < rows; r++)
+                memcpy(apack + r * APACK_LD, x + (m0 + r) * K + k0, (size_t)(k1 - k0) * sizeof(float));
+        const float *a0 = pack ? apack : x + m0 * K + k0;
+        const int max_rows = pack || w->mr < MR_DIRECT ? w->mr : MR_DIRECT;
         for (int64_t p = p0; p < p1; p++) {
             const float *b = slice;
             if (w->lay.format == MQ_WO_F32)
                 b = panel_f32(w, p, k0);
             else
                 convert_slice(w, p, k0, k1, slice);
-            run_tiles(w, SRC_F32, p, k0, k1, b, part + (size_t)(p - p0) * CHUNK_ROWS * NR, apack, APACK_LD,
-                      m0, rows, out, y);
+            run_tiles(w, SRC_F32, p, k0, k1, b, part + (size_t)(p - p0) * CHUNK_ROWS * NR, a0, pack ? APACK_LD : K,
+                      m0, rows, max_rows, out, y);
         }
     }
 }
@@ -531,7 +539,7 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const m
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && P > 1)
         for (int64_t p = 0; p < P; p++)
             run_tiles(w, fused, p, 0, w->lay.K, fused == SRC_F32 ? panel_f32(w, p, 0) : NULL, NULL, x, w->lay.K, 0, M,
-                      out, y);
+                      w->mr, out, y);
         return MQ_OK;
     }
     /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major, each thread a contiguous run of

@@ -11,8 +11,7 @@
  *     weights are the only weight bytes read;
  *   - more rows: tasks of (row chunk, group of panels), k in blocks of 256 outermost (K > 512); per block and panel
  *     the panel's 256 x MQ_WO_PANEL slice is converted into a per-thread f32 buffer and runs every row block of the
- *     chunk (at most one slice per thread exists at a time), the chunk's k block of x copied once to a fixed row
- *     stride. F32 panels are read as they are.
+ *     chunk (at most one slice per thread exists at a time). F32 panels are read as they are.
  * Both paths multiply the same values in the same order: every output is one fused multiply-add chain over
  * k = 0..K-1 from 0, of x by (float)q (S8; the column scale multiplies the sum), by (float)(q - 8) * group scale
  * (S4) or by w (F32), then the output's scaling (mq_wo_output), + bias, then GELU-erf or + residual. So a row's
@@ -52,7 +51,7 @@ void mq_wo_matrix_destroy(mq_wo_matrix *w);
 
 /* f32 values of scratch a call on a matrix of N outputs needs with n_threads threads, whatever K and M: per thread a
    converted panel slice, a row chunk's partial sums over the N outputs and a row chunk's inputs copied for one k
-   block (at most (512 + 240 min(ceil(N / 32), 64)) 32 + 240 x 528 floats, 2.5 MB). */
+   block (at most (512 + 240 min(ceil(N / 32), 64)) 32 + 240 x 272 floats, 2.3 MB). */
 size_t mq_wo_scratch_floats(int64_t N, int n_threads);
 
 /* What a call does to each output's sum s (S8: s already times its column scale), in this order:
