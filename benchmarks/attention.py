@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine_info, save_results  # noqa: E402
+from common import load_core, machine_info, save_results  # noqa: E402
 
 SHAPES = [("minilm", 12, 32), ("bert-base", 12, 64)]
 ENCODER_SCHEMES = ("fp32", "int8-static-asym", "int8-static-asym+attention-bf16", "int8-static-asym+attention-int8")
@@ -131,20 +131,6 @@ def bench_encoder(quick: bool, threads_list=(1, 2)) -> list:
 
 
 KERNEL_AB_CASES = [("minilm", 12, 32, 32, 128), ("minilm", 12, 32, 32, 256), ("bert-base", 12, 64, 32, 128)]
-
-
-def load_core(root: Path, package: str):
-    """The compiled core of the medquant checkout at root as a module of its own (``<package>._core``), beside this
-    checkout's (whose import has loaded oneDNN)."""
-    import importlib.util
-
-    built = sorted((root / "medquant").glob("_core*.so"))
-    if not built:
-        raise SystemExit(f"{root}/medquant has no built core: (cd {root} && python setup.py build_ext --inplace)")
-    spec = importlib.util.spec_from_file_location(f"{package}._core", built[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def kernel_ab(other: Path, quick: bool) -> list:

@@ -266,6 +266,20 @@ def machine_info() -> Dict[str, object]:
     }
 
 
+def load_core(root: Path, package: str):
+    """The compiled core of the medquant checkout at root as a module of its own (``<package>._core``), beside this
+    checkout's (whose import has loaded oneDNN): an A/B of two commits' kernels in one process."""
+    import importlib.util
+
+    built = sorted((Path(root) / "medquant").glob("_core*.so"))
+    if not built:
+        raise SystemExit(f"{root}/medquant has no built core: (cd {root} && python setup.py build_ext --inplace)")
+    spec = importlib.util.spec_from_file_location(f"{package}._core", built[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_results(out_root: Path, res: dict, stem: str, md: str) -> Path:
     """res as OUT/<machine>/<stem>.json and md as <stem>.md (<machine>: res["machine"]["slug"]); returns the folder."""
     out_dir = Path(out_root) / res["machine"]["slug"]

@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 against fp32, per layer and end to end, on this machine, in one run.
 
-    python benchmarks/weight_only.py [--quick] [--out benchmarks/results]
+    python benchmarks/weight_only.py [--quick] [--out benchmarks/results] [--compare DIR]
 
 Target (issue: speed vs OpenVINO): w8 / w4 weight-only never slower than fp32 at any batch size.
 
@@ -16,7 +16,14 @@ Target (issue: speed vs OpenVINO): w8 / w4 weight-only never slower than fp32 at
    questions and answers (seeded sample) at several batch sizes, texts/s (median of interleaved repetitions), and
    the mean cosine of each scheme's embeddings to fp32's.
 
-Results: OUT/<machine>/weight_only[-quick].{json,md}, <machine> from the CPU model name (as run.py).
+3. With ``--compare DIR`` (instead of 1 and 2): the w8 and w4 layers alone at MiniLM's and BERT-base's shapes,
+   this checkout's compiled core and that of the medquant checkout in DIR (an older commit, built in place:
+   ``python setup.py build_ext --inplace``) loaded in one process and called alternately, call by call (the order
+   flipped every pair), on the same weights and inputs: both best times and the median of the pairs' ratios, so
+   that a change of a few percent shows through this shared machine's drift, which moves the fp32 reference of
+   parts 1 and 2 by as much.
+
+Results: OUT/<machine>/weight_only[-quick|-compare].{json,md}, <machine> from the CPU model name (as run.py).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import THREADS, machine_info, save_results  # noqa: E402
+from common import THREADS, load_core, machine_info, save_results  # noqa: E402
 
 LAYERS = [  # (name, in, out, epilogue)
     ("minilm-qkv", 384, 1152, "none"),
@@ -111,6 +118,72 @@ def bench_encoder(n_texts: int, reps: int, batches: dict) -> dict:
     return out
 
 
+def kernel_ab(other: Path, ms, reps: int) -> list:
+    """Each weight-only layer on this checkout's core and other's, called alternately on 2 threads."""
+    from medquant import _core
+
+    cores = {"this": _core, "other": load_core(other, "medquant_other")}
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, k, n, e in LAYERS:
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        qw, sw = _core.quantize_weight_s8(w, True)
+        p4, s4 = _core.quantize_weight_s4(w, 32)
+        for kind in SYSTEMS[1:]:
+            def layer(c):
+                epi = {"none": c.EPI_NONE, "gelu": c.EPI_GELU, "residual": c.EPI_RESIDUAL}[e]
+                if kind == "w8":
+                    return c.Linear(c.LINEAR_W8, qw, sw, b, epilogue=epi, n_threads=THREADS)
+                return c.Linear(c.LINEAR_W4, p4, s4, b, group_size=32, epilogue=epi, n_threads=THREADS)
+            layers = {who: layer(c) for who, c in cores.items()}
+            for m in ms:
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                r = rng.standard_normal((m, n)).astype(np.float32) if e == "residual" else None
+                inner = int(min(200, max(1, 2e7 / (m * k * n))))
+                outs = {who: lin.forward(x, r) for who, lin in layers.items()}
+                same = bool(np.array_equal(outs["this"].view(np.uint32), outs["other"].view(np.uint32)))
+                times = {"this": [], "other": []}
+                for i in range(reps):
+                    for who in ("this", "other") if i % 2 == 0 else ("other", "this"):
+                        t0 = time.perf_counter()
+                        for _ in range(inner):
+                            layers[who].forward(x, r)
+                        times[who].append((time.perf_counter() - t0) / inner)
+                best = {who: 1e3 * min(t) for who, t in times.items()}
+                pairs = [o / t for t, o in zip(times["this"], times["other"])]
+                rows.append({"layer": name, "kind": kind, "M": m, "this_ms": best["this"], "other_ms": best["other"],
+                             "speedup": best["other"] / best["this"], "pair_median_speedup": float(np.median(pairs)),
+                             "same_bits": same, "calls": reps * inner})
+                print(f"{name:18s} {kind} M={m:5d}: this {best['this']:.3f} ms, other {best['other']:.3f} ms "
+                      f"({rows[-1]['speedup']:.3f}x, pairs {rows[-1]['pair_median_speedup']:.3f}x)"
+                      f"{'' if same else ', bits differ'}", flush=True)
+    return rows
+
+
+def markdown_ab(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Weight-only kernel A/B on {m['cpu_model']} ({res['date']})", "",
+             f"`{res['command']}`; this checkout ({res['this']}) against `{res['other']}` ({res['other_rev']}); "
+             f"{THREADS} threads; both cores in one process, called alternately. Speed-up = other's time / this "
+             "checkout's (> 1: this one is faster): of the best times, and the median of the pairs' ratios.", "",
+             "| layer | kind | M | this ms | other ms | speed-up | pairs | same bits |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["compare"]:
+        lines.append(f"| {r['layer']} | {r['kind']} | {r['M']} | {r['this_ms']:.3f} | {r['other_ms']:.3f} | "
+                     f"{r['speedup']:.3f}x | {r['pair_median_speedup']:.3f}x | {'yes' if r['same_bits'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def git_rev(root: Path) -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Weight-only vs fp32 on {m['cpu_model']} ({res['date']})", "",
@@ -143,7 +216,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results go to OUT/<machine>/")
+    ap.add_argument("--compare", type=Path, help="another medquant checkout: A/B its weight-only kernel (part 3)")
     args = ap.parse_args(argv)
+    if args.compare:
+        ms, reps = ([256, 1024], 10) if args.quick else ([16, 64, 256, 1024, 4096], 20)
+        res = {"command": f"python benchmarks/weight_only.py --compare {args.compare}" + (" --quick" if args.quick else ""),
+               "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "threads": THREADS,
+               "this": git_rev(HERE.parent), "other": str(args.compare), "other_rev": git_rev(args.compare)}
+        res["compare"] = kernel_ab(args.compare, ms, reps)
+        md = markdown_ab(res)
+        save_results(args.out, res, "weight_only-compare" + ("-quick" if args.quick else ""), md)
+        print(md)
+        return 0
     if args.quick:
         ms, reps, n_texts, batches = [1, 16, 256], 3, 64, {"questions": [1, 32], "answers": [32]}
     else:
