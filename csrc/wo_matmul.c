@@ -450,10 +450,10 @@ static void slice_c(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, fl
 
 /* ------------------------------------------------------------------ the call */
 
-/* Rows [m0, m0 + rows) of panel p's columns, k in [k0, k1), in tiles of nearly equal height, at most w->mr rows
+/* Rows [m0, m0 + rows) of panel p's columns, k in [k0, k1), in tiles of nearly equal height, at most max_rows rows
    (a 12 + 4 split would waste the 4-row tile's registers); the tiles are finished into y when k1 = K, else their
    sums are left in `part` [rows, NR]. x's row m0 at column k0 is a0, its rows lda apart. B from `slice` (SRC_F32: a
-   converted slice or F32 panels from k0 on) or the stored weights. Tiles have at most max_rows rows. */
+   converted slice or F32 panels from k0 on) or the stored weights. */
 static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, int64_t k1, const float *slice,
                       float *part, const float *a0, int64_t lda, int64_t m0, int64_t rows, int max_rows,
                       const mq_wo_output *out, float *y) {
@@ -496,14 +496,14 @@ static void convert_slice(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t 
 static void run_task(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *slice, float *part, float *apack,
                      const float *x, int64_t m0, int64_t rows, const mq_wo_output *out, float *y) {
     const int64_t K = w->lay.K, kc = K <= KC_ONE ? K : KC;
+    const int pack = K % 1024 == 0;
+    const int max_rows = pack || w->mr < MR_DIRECT ? w->mr : MR_DIRECT;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = K - k0 > kc ? k0 + kc : K;
-        const int pack = K % 1024 == 0;
         if (pack)
             for (int64_t r = 0; r < rows; r++)
                 memcpy(apack + r * APACK_LD, x + (m0 + r) * K + k0, (size_t)(k1 - k0) * sizeof(float));
         const float *a0 = pack ? apack : x + m0 * K + k0;
-        const int max_rows = pack || w->mr < MR_DIRECT ? w->mr : MR_DIRECT;
         for (int64_t p = p0; p < p1; p++) {
             const float *b = slice;
             if (w->lay.format == MQ_WO_F32)
@@ -527,6 +527,15 @@ size_t mq_wo_scratch_floats(int64_t N, int n_threads) {
     return (size_t)(n_threads > 0 ? n_threads : 1) * thread_floats(N > 0 ? (N + NR - 1) / NR : 1);
 }
 
+static int64_t gcd64(int64_t a, int64_t b) {
+    while (b) {
+        const int64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
 mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const mq_wo_output *out, float *y,
                        float *scratch, int n_threads) {
     if (!w || !x || !out || !y || !scratch || M <= 0 || n_threads <= 0)
@@ -545,13 +554,16 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const m
     /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major, each thread a contiguous run of
        them. Rows split into chunks of nearly equal height; when there are at least as many chunks as threads, into
        a multiple of the threads' number (each thread runs whole chunks: 9 chunks on 2 threads would leave one
-       thread 5 of them). Fewer chunks than threads: the panels split too, into groups of nearly equal size, one
-       task per thread (more row chunks would convert every panel once more per chunk; more groups would copy the
-       chunk's x once more per group), and always into at most GROUP_PANELS panels each. */
+       thread 5 of them). Fewer chunks than threads: the panels split too, into groups of nearly equal size, as few
+       as make the tasks a multiple of the threads (more row chunks would convert every panel once more per chunk;
+       more groups would copy a chunk's x once more per group). Panels go into at most GROUP_PANELS per group, in a
+       multiple of that many groups. */
+    const int64_t T = n_threads;
     int64_t chunks = (M + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    if (chunks >= n_threads) chunks = (chunks + n_threads - 1) / n_threads * n_threads;
-    int64_t groups = ((int64_t)n_threads + chunks - 1) / chunks;
-    if (groups < (P + GROUP_PANELS - 1) / GROUP_PANELS) groups = (P + GROUP_PANELS - 1) / GROUP_PANELS;
+    if (chunks >= T) chunks = (chunks + T - 1) / T * T;
+    int64_t groups = chunks >= T ? 1 : T / gcd64(chunks, T);
+    const int64_t min_groups = (P + GROUP_PANELS - 1) / GROUP_PANELS;
+    if (groups < min_groups) groups = (min_groups + groups - 1) / groups * groups;
     if (groups > P) groups = P;
     const int64_t tasks = chunks * groups;
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && tasks > 1)
