@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import load_core, machine_info, save_results  # noqa: E402
+from common import alternate_ab, load_core, machine_info, save_results  # noqa: E402
 
 SHAPES = [("minilm", 12, 32), ("bert-base", 12, 64)]
 ENCODER_SCHEMES = ("fp32", "int8-static-asym", "int8-static-asym+attention-bf16", "int8-static-asym+attention-int8")
@@ -153,18 +153,9 @@ def kernel_ab(other: Path, quick: bool) -> list:
                     call()
             except (TypeError, AttributeError):  # a precision (or, before the fused kernel, the call) it lacks
                 continue
-            times = {"this": [], "other": []}
-            for i in range(reps):
-                for who in ("this", "other") if i % 2 == 0 else ("other", "this"):
-                    t0 = time.perf_counter()
-                    calls[who]()
-                    times[who].append(time.perf_counter() - t0)
-            best = {who: 1e3 * min(t) for who, t in times.items()}
-            pairs = [o / t for t, o in zip(times["this"], times["other"])]
-            rows.append({"model": name, "batch": batch, "length": L, "precision": precision, "this_ms": best["this"],
-                         "other_ms": best["other"], "speedup": best["other"] / best["this"],
-                         "pair_median_speedup": float(np.median(pairs)), "calls": reps})
-            print(f"kernel {name} {L} {precision}: this {best['this']:.2f} ms, other {best['other']:.2f} ms "
+            rows.append({"model": name, "batch": batch, "length": L, "precision": precision,
+                         **alternate_ab(calls, reps), "calls": reps})
+            print(f"kernel {name} {L} {precision}: this {rows[-1]['this_ms']:.2f} ms, other {rows[-1]['other_ms']:.2f} ms "
                   f"({rows[-1]['speedup']:.3f}x, pairs {rows[-1]['pair_median_speedup']:.3f}x)", flush=True)
     return rows
 

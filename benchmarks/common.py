@@ -280,6 +280,24 @@ def load_core(root: Path, package: str):
     return module
 
 
+def alternate_ab(calls: Dict[str, object], reps: int, inner: int = 1) -> Dict[str, float]:
+    """calls["this"] and calls["other"] timed alternately, the order flipped every pair, reps pairs of `inner` calls
+    each: both best times per call (ms), their ratio other / this, and the median of the pairs' ratios."""
+    import time
+
+    times: Dict[str, List[float]] = {"this": [], "other": []}
+    for i in range(reps):
+        for who in ("this", "other") if i % 2 == 0 else ("other", "this"):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                calls[who]()
+            times[who].append((time.perf_counter() - t0) / inner)
+    best = {who: 1e3 * min(t) for who, t in times.items()}
+    pairs = [o / t for t, o in zip(times["this"], times["other"])]
+    return {"this_ms": best["this"], "other_ms": best["other"], "speedup": best["other"] / best["this"],
+            "pair_median_speedup": float(np.median(pairs))}
+
+
 def save_results(out_root: Path, res: dict, stem: str, md: str) -> Path:
     """res as OUT/<machine>/<stem>.json and md as <stem>.md (<machine>: res["machine"]["slug"]); returns the folder."""
     out_dir = Path(out_root) / res["machine"]["slug"]

@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import THREADS, load_core, machine_info, save_results  # noqa: E402
+from common import THREADS, alternate_ab, load_core, machine_info, save_results  # noqa: E402
 
 LAYERS = [  # (name, in, out, epilogue)
     ("minilm-qkv", 384, 1152, "none"),
@@ -62,6 +62,18 @@ def interleaved(fns: dict, reps: int, inner: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def layer_weights(rng, k: int, n: int):
+    """Random weights and bias of a k -> n layer, and the weights quantized by medquant: s8 per channel (qw, sw),
+    int4 in groups of 32 (p4, s4)."""
+    from medquant import _core
+
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    qw, sw = _core.quantize_weight_s8(w, True)
+    p4, s4 = _core.quantize_weight_s4(w, 32)
+    return w, b, qw, sw, p4, s4
+
+
 def bench_layers(ms, reps: int) -> list:
     from medquant import _core
 
@@ -69,10 +81,7 @@ def bench_layers(ms, reps: int) -> list:
     rng = np.random.default_rng(0)
     rows = []
     for name, k, n, e in LAYERS:
-        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-        b = (rng.standard_normal(n) * 0.1).astype(np.float32)
-        qw, sw = _core.quantize_weight_s8(w, True)
-        p4, s4 = _core.quantize_weight_s4(w, 32)
+        w, b, qw, sw, p4, s4 = layer_weights(rng, k, n)
         layers = {"fp32": _core.Linear(_core.LINEAR_F32, w, None, b, epilogue=epi[e]),
                   "w8": _core.Linear(_core.LINEAR_W8, qw, sw, b, epilogue=epi[e]),
                   "w4": _core.Linear(_core.LINEAR_W4, p4, s4, b, group_size=32, epilogue=epi[e])}
@@ -126,10 +135,7 @@ def kernel_ab(other: Path, ms, reps: int) -> list:
     rng = np.random.default_rng(0)
     rows = []
     for name, k, n, e in LAYERS:
-        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-        b = (rng.standard_normal(n) * 0.1).astype(np.float32)
-        qw, sw = _core.quantize_weight_s8(w, True)
-        p4, s4 = _core.quantize_weight_s4(w, 32)
+        w, b, qw, sw, p4, s4 = layer_weights(rng, k, n)
         for kind in SYSTEMS[1:]:
             def layer(c):
                 epi = {"none": c.EPI_NONE, "gelu": c.EPI_GELU, "residual": c.EPI_RESIDUAL}[e]
@@ -141,21 +147,12 @@ def kernel_ab(other: Path, ms, reps: int) -> list:
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 r = rng.standard_normal((m, n)).astype(np.float32) if e == "residual" else None
                 inner = int(min(200, max(1, 2e7 / (m * k * n))))
-                outs = {who: lin.forward(x, r) for who, lin in layers.items()}
+                calls = {who: (lambda lin=lin: lin.forward(x, r)) for who, lin in layers.items()}
+                outs = {who: call() for who, call in calls.items()}
                 same = bool(np.array_equal(outs["this"].view(np.uint32), outs["other"].view(np.uint32)))
-                times = {"this": [], "other": []}
-                for i in range(reps):
-                    for who in ("this", "other") if i % 2 == 0 else ("other", "this"):
-                        t0 = time.perf_counter()
-                        for _ in range(inner):
-                            layers[who].forward(x, r)
-                        times[who].append((time.perf_counter() - t0) / inner)
-                best = {who: 1e3 * min(t) for who, t in times.items()}
-                pairs = [o / t for t, o in zip(times["this"], times["other"])]
-                rows.append({"layer": name, "kind": kind, "M": m, "this_ms": best["this"], "other_ms": best["other"],
-                             "speedup": best["other"] / best["this"], "pair_median_speedup": float(np.median(pairs)),
+                rows.append({"layer": name, "kind": kind, "M": m, **alternate_ab(calls, reps, inner),
                              "same_bits": same, "calls": reps * inner})
-                print(f"{name:18s} {kind} M={m:5d}: this {best['this']:.3f} ms, other {best['other']:.3f} ms "
+                print(f"{name:18s} {kind} M={m:5d}: this {rows[-1]['this_ms']:.3f} ms, other {rows[-1]['other_ms']:.3f} ms "
                       f"({rows[-1]['speedup']:.3f}x, pairs {rows[-1]['pair_median_speedup']:.3f}x)"
                       f"{'' if same else ', bits differ'}", flush=True)
     return rows
