@@ -430,7 +430,8 @@ size_t mq_encoder_call_bytes(const mq_encoder *e, const mq_call_shape *c) {
         for (int s = 0; s < 4; s++) widest = sites[s] > widest ? sites[s] : widest;
         n = sat_add(n, widest);
     }
-    n = sat_add(n, sat_add(sat_mul(T, f), sat_mul(mq_wo_scratch_floats((int64_t)(3 * H > I ? 3 * H : I),
+    n = sat_add(n, sat_add(sat_mul(T, f), sat_mul(mq_wo_scratch_floats((int64_t)(H > I ? H : I),
+                                                                        (int64_t)(3 * H > I ? 3 * H : I),
                                                                         mq_engine_threads(e->eng)), f)));
     n = sat_add(n, mq_attention_scratch_need(e->attn, c->seq, c->batch));
     n = sat_add(n, atomic_load_explicit(&e->scratchpad_seen, memory_order_relaxed));

@@ -670,7 +670,7 @@ static mq_status execute(mq_linear *l, mq_linear_scratch *s, const void *src, in
         const int q = traits(l)->quantized_input;
         const mq_wo_output out = {q && !per_token(l) ? l->src_scale : 1.f, q && per_token(l) ? s->row_scale.ptr : NULL,
                                   l->bias, l->spec.epilogue, residual};
-        MQ_TRY(mq_buffer_reserve(&s->wo_panels, mq_wo_scratch_floats(l->N, nthr), sizeof(float)));
+        MQ_TRY(mq_buffer_reserve(&s->wo_panels, mq_wo_scratch_floats(l->K, l->N, nthr), sizeof(float)));
         return mq_wo_matmul(l->wo, src, M, &out, y, s->wo_panels.ptr, nthr);
     }
     size_t scratch_bytes = 1;

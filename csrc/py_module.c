@@ -231,7 +231,7 @@ static PyObject *py_panel_matmul(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     mq_status st;
     Py_BEGIN_ALLOW_THREADS
     st = mq_wo_matrix_create(&mat, &lay, PyArray_DATA(w), sc ? PyArray_DATA(sc) : NULL);
-    if (st == MQ_OK && !(scratch = mq_alloc(mq_wo_scratch_floats(N, nthr), sizeof(float))))
+    if (st == MQ_OK && !(scratch = mq_alloc(mq_wo_scratch_floats(K, N, nthr), sizeof(float))))
         st = mq_set_error(MQ_ERR_NOMEM, "panel_matmul: out of memory for the scratch");
     if (st == MQ_OK) st = mq_wo_matmul(mat, PyArray_DATA(x), M, &out, PyArray_DATA((PyArrayObject *)y), scratch, nthr);
     mq_free(scratch);

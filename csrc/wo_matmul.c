@@ -1,19 +1,23 @@
 /* wo_matmul.c - the weight-only matmul (wo_matmul.h).
  *
- * Storage: panel p holds output columns [32 p, 32 p + 32), k-major: S8 as 32 int8 per k; S4 as 16 bytes per k, byte j
- * holding column j (low nibble) and column j + 16 (high nibble); F32 as 32 floats per k; scales as [panel][scale
- * row][32] (one scale row for S8, K / group_size for S4, none for F32). Columns past N are zero weights with zero
- * scales.
+ * Storage: panel p holds output columns [32 p, 32 p + 32), k-major: S8 as 32 int8 per k (on the exact path: 128 int8
+ * per k quad, column c's four k at 4 c, K padded to quads with zeros; and 128 x each column's weight sum); S4 as 16
+ * bytes per k, byte j holding column j (low nibble) and column j + 16 (high nibble); F32 as 32 floats per k; scales as
+ * [panel][scale row][32] (one scale row for S8, K / group_size for S4, none for F32). Columns past N are zero
+ * weights with zero scales.
  *
  * Kernels: a tile is mr rows x 32 columns, accumulated in registers over k (AVX-512: up to 12 rows x 2 zmm; AVX2:
  * up to 3 rows x 4 ymm; portable C: up to 4 rows with fmaf), its B operand read from an f32 slice buffer or converted
  * in registers from the stored weights, then finished (column scale, bias, epilogue) straight into y (AVX-512) or
  * through finish_tile. The conversion (cvt_*) is shared by both paths of an ISA, and every path does the same IEEE
- * operations in the same order, hence the same bits (wo_matmul.h).
+ * operations in the same order, hence the same bits (wo_matmul.h). The exact path (S8 on avx512_vnni) has tiles of
+ * its own (4 rows x 32 columns x 3 byte planes, int32) over rows of x quantized per task (xq_row), and the same
+ * AVX-512 finish.
  */
 #include "wo_matmul.h"
 
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -38,6 +42,11 @@
 #define APACK_LD (KC + 16) /* row stride of a chunk's k block of x, copied: not a multiple of 4 KB, and a constant
                                (the AVX-512 tiles address its rows by immediates) */
 #define GROUP_PANELS 64    /* at most this many panels per task (bounds its partial sums at 1.9 MB) */
+#define XQ_MR 4           /* exact path: rows per tile (4 rows x 3 planes x 2 zmm: 24 int32 accumulators) */
+#define XQ_QUAD (3 * XQ_MR) /* exact path: int32 per k quad of a packed tile of x (XQ_MR rows x 3 byte planes) */
+#define XQ_CHUNK_BYTES (512 * 1024) /* exact path: a row chunk's packed x, at most this (or one tile) */
+#define XQ_MAX_K 65536    /* exact path: up to this K, 255 x 128 x K fits the int32 accumulators */
+#define XQ_ONE 8388607.f  /* exact path: a row's largest |x| becomes this integer (2^23 - 1) */
 
 #define AI inline __attribute__((always_inline))
 #define AVX512 MQ_TARGET_AVX512
@@ -75,8 +84,11 @@ struct mq_wo_matrix {
     size_t panel_bytes; /* stored bytes per panel */
     uint8_t *q;
     float *scales;
+    int32_t *colsum128; /* exact path: [P][NR], 128 x the column's sum of int8 weights */
+    int64_t K4;         /* exact path: k quads, ceil(K / 4) */
     mq_vec_isa isa;
-    int mr; /* rows per tile: ISA_TILE_ROWS[isa] */
+    int exact; /* S8 on avx512_vnni: the exact integer path (wo_matmul.h) */
+    int mr;    /* rows per tile: ISA_TILE_ROWS[isa] */
     char impl[48];
 };
 
@@ -163,6 +175,31 @@ static AI AVX512 __m512 gelu_zmm(__m512 v) {
     return (__m512)g;
 }
 
+/* The finish of a tile (finish_tile) from its sums in registers, times xs[r] after the column scale where xs is given
+   (the exact path's row scales); GELU in registers (re-reading a stored row would stall). */
+static AI AVX512 void finish_avx512(const __m512 acc[][2], const int mr, const wo_out *o, const float *xs) {
+    const int c0 = o->ncols < 16 ? o->ncols : 16, c1 = o->ncols - c0;
+    const __mmask16 m[2] = {(__mmask16)((1u << c0) - 1u), (__mmask16)((1u << c1) - 1u)};
+    __m512 cs[2], b[2];
+    for (int h = 0; h < 2; h++) {
+        cs[h] = o->colscale ? _mm512_maskz_loadu_ps(m[h], o->colscale + 16 * h) : _mm512_setzero_ps();
+        b[h] = o->bias ? _mm512_maskz_loadu_ps(m[h], o->bias + 16 * h) : _mm512_setzero_ps();
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++)
+        for (int h = 0; h < 2; h++) {
+            __m512 v = acc[r][h];
+            if (o->colscale) v = _mm512_mul_ps(v, cs[h]);
+            if (xs) v = _mm512_mul_ps(v, _mm512_set1_ps(xs[r]));
+            if (o->alpha != 1.f) v = _mm512_mul_ps(v, _mm512_set1_ps(o->alpha));
+            if (o->rs) v = _mm512_mul_ps(v, _mm512_set1_ps(o->rs[r]));
+            if (o->bias) v = _mm512_add_ps(v, b[h]);
+            if (o->res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[h], o->res + r * o->ldy + 16 * h));
+            if (o->epi == MQ_EPI_GELU) v = gelu_zmm(v);
+            _mm512_mask_storeu_ps(o->y + r * o->ldy + 16 * h, m[h], v);
+        }
+}
+
 static AI AVX512 void cvt_avx512(wo_src src, const uint8_t *q, __m512 s0, __m512 s1, __m512 *b0, __m512 *b1) {
     __m512i i0, i1;
     if (src == SRC_S8) {
@@ -231,26 +268,7 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const int64_
         }
         return;
     }
-    const int c0 = o->ncols < 16 ? o->ncols : 16, c1 = o->ncols - c0;
-    const __mmask16 m[2] = {(__mmask16)((1u << c0) - 1u), (__mmask16)((1u << c1) - 1u)};
-    __m512 cs[2], b[2];
-    for (int h = 0; h < 2; h++) {
-        cs[h] = o->colscale ? _mm512_maskz_loadu_ps(m[h], o->colscale + 16 * h) : _mm512_setzero_ps();
-        b[h] = o->bias ? _mm512_maskz_loadu_ps(m[h], o->bias + 16 * h) : _mm512_setzero_ps();
-    }
-#pragma GCC unroll 12
-    for (int r = 0; r < mr; r++)
-        for (int h = 0; h < 2; h++) {
-            __m512 v = acc[r][h];
-            if (o->colscale) v = _mm512_mul_ps(v, cs[h]);
-            if (o->alpha != 1.f) v = _mm512_mul_ps(v, _mm512_set1_ps(o->alpha));
-            if (o->rs) v = _mm512_mul_ps(v, _mm512_set1_ps(o->rs[r]));
-            if (o->bias) v = _mm512_add_ps(v, b[h]);
-            if (o->res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[h], o->res + r * o->ldy + 16 * h));
-            if (o->epi == MQ_EPI_GELU) /* in registers (re-reading a stored row would stall) */
-                v = gelu_zmm(v);
-            _mm512_mask_storeu_ps(o->y + r * o->ldy + 16 * h, m[h], v);
-        }
+    finish_avx512(acc, mr, o, NULL);
 }
 
 #define TILE_CASE(isa, n)                                                                                              \
@@ -296,6 +314,98 @@ static AVX512 void slice_avx512(const mq_wo_matrix *w, int64_t p, int64_t k0, in
             _mm512_storeu_ps(slice + (k - k0) * NR, b0);
             _mm512_storeu_ps(slice + (k - k0) * NR + 16, b1);
         }
+    }
+}
+
+/* ------------------------------------------------------------------ AVX-512 VNNI: the exact path (S8) */
+
+#define VNNI MQ_TARGET_AVX512_VNNI
+
+/* Row x[0, K) as 24-bit integers: q = round-to-even(x * (XQ_ONE / max|x|)), clamped to +-XQ_ONE, offset to
+   u = q + 2^23 in [1, 2^24) and split into three byte planes; a k quad of plane j is the int32 of the bytes j of
+   u[4 quad .. 4 quad + 3], written at dst[quad * XQ_QUAD + j] (dst: the row's place in its packed tile). Returns the
+   row's scale max|x| / XQ_ONE (x = scale q up to rounding): 0 for a row of zeros, NaN where x has a NaN or an
+   infinity (its outputs are then NaN). */
+static VNNI float xq_row(const float *x, int64_t K, int64_t K4, int32_t *dst) {
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
+        bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    const float top = _mm512_reduce_max_ps(amax);
+    if (bad || !(top <= FLT_MAX)) {
+        for (int64_t q = 0; q < K4; q++) dst[q * XQ_QUAD] = dst[q * XQ_QUAD + 1] = dst[q * XQ_QUAD + 2] = 0;
+        return NAN;
+    }
+    const __m512 inv = _mm512_set1_ps(top > 0.f ? XQ_ONE / top : 0.f);
+    const __m512i lim = _mm512_set1_epi32(8388607), offset = _mm512_set1_epi32(8388608);
+    /* per 128-bit lane (one quad): bytes 0, 1, 2 of its four int32, as planes 0, 1, 2 */
+    const __m512i planes = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, -1, -1, -1, -1));
+    int32_t tmp[16];
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), inv));
+        q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, _mm512_sub_epi32(_mm512_setzero_si512(), lim)), lim),
+                             offset);
+        _mm512_storeu_si512(tmp, _mm512_shuffle_epi8(q, planes));
+        for (int64_t j = 0, quad = k / 4; j < 4 && quad < K4; j++, quad++) memcpy(dst + quad * XQ_QUAD, tmp + 4 * j, 12);
+    }
+    return top / XQ_ONE;
+}
+
+/* *acc += the int32 sums of u8 x s8 quadruples (vpdpbusd). In asm: GCC's builtin keeps the accumulator's input and
+   output in different registers and copies every accumulator once per k quad (measured 1.5x slower). */
+static AI VNNI void dpbusd(__m512i *acc, __m512i u8, __m512i s8) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(*acc) : "v"(u8), "v"(s8));
+}
+
+/* mr rows x 32 columns of panel p over all of K: per k quad, the panel's 2 x 64 int8 weights (columns 0-15, 16-31;
+   4 k each) times each row's 3 byte planes (vpdpbusd: u8 x s8, exact in int32), then per output
+   T = sum q w = 65536 (acc2 - 128 colsum) + 256 acc1 + acc0 in f32 (two fmas on the converted sums), times the
+   column scale and the row's scale, and the common finish. a: the tile's packed x. */
+static AI VNNI void tile_exact_n(const int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
+                                 const wo_out *o) {
+    const __m512i *b = (const __m512i *)panel_weights(w, p);
+    __m512i acc[XQ_MR][3][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; r++)
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < w->K4; q++, a += XQ_QUAD) {
+        const __m512i b0 = _mm512_loadu_si512(b + 2 * q), b1 = _mm512_loadu_si512(b + 2 * q + 1);
+#pragma GCC unroll 4
+        for (int r = 0; r < mr; r++)
+#pragma GCC unroll 3
+            for (int j = 0; j < 3; j++) {
+                const __m512i av = _mm512_set1_epi32(a[3 * r + j]);
+                dpbusd(&acc[r][j][0], av, b0);
+                dpbusd(&acc[r][j][1], av, b1);
+            }
+    }
+    const int32_t *cs = w->colsum128 + p * NR;
+    const __m512 s256 = _mm512_set1_ps(256.f), s65536 = _mm512_set1_ps(65536.f);
+    __m512 f[XQ_MR][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; r++)
+        for (int h = 0; h < 2; h++) {
+            const __m512i hi = _mm512_sub_epi32(acc[r][2][h], _mm512_loadu_si512(cs + 16 * h));
+            const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1][h]), s256, _mm512_cvtepi32_ps(acc[r][0][h]));
+            f[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s65536, lo);
+        }
+    finish_avx512(f, mr, o, xs);
+}
+
+static VNNI void tile_exact(int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
+                            const wo_out *o) {
+    switch (mr) {
+        case 1: tile_exact_n(1, w, p, a, xs, o); break;
+        case 2: tile_exact_n(2, w, p, a, xs, o); break;
+        case 3: tile_exact_n(3, w, p, a, xs, o); break;
+        case 4: tile_exact_n(4, w, p, a, xs, o); break;
+        default: break;
     }
 }
 
@@ -450,6 +560,21 @@ static void slice_c(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, fl
 
 /* ------------------------------------------------------------------ the call */
 
+/* Where the tile of panel p starting at row r0 goes (wo_out). */
+static wo_out tile_out(const mq_wo_matrix *w, int64_t p, int64_t r0, const mq_wo_output *out, float *y) {
+    const int64_t N = w->lay.N, n0 = p * NR;
+    const wo_out o = {w->lay.format == MQ_WO_S8 ? w->scales + (size_t)p * NR : NULL,
+                      out->row_scale ? out->row_scale + r0 : NULL,
+                      out->bias ? out->bias + n0 : NULL,
+                      out->residual ? out->residual + r0 * N + n0 : NULL,
+                      out->alpha,
+                      out->epilogue,
+                      y + r0 * N + n0,
+                      N,
+                      (int)(N - n0 < NR ? N - n0 : NR)};
+    return o;
+}
+
 /* Rows [m0, m0 + rows) of panel p's columns, k in [k0, k1), in tiles of nearly equal height, at most max_rows rows
    (a 12 + 4 split would waste the 4-row tile's registers); the tiles are finished into y when k1 = K, else their
    sums are left in `part` [rows, NR]. x's row m0 at column k0 is a0, its rows lda apart. B from `slice` (SRC_F32: a
@@ -457,17 +582,13 @@ static void slice_c(const mq_wo_matrix *w, int64_t p, int64_t k0, int64_t k1, fl
 static void run_tiles(const mq_wo_matrix *w, wo_src src, int64_t p, int64_t k0, int64_t k1, const float *slice,
                       float *part, const float *a0, int64_t lda, int64_t m0, int64_t rows, int max_rows,
                       const mq_wo_output *out, float *y) {
-    const int64_t K = w->lay.K, N = w->lay.N, n0 = p * NR;
-    const int ncols = (int)(N - n0 < NR ? N - n0 : NR);
-    const float *colscale = w->lay.format == MQ_WO_S8 ? w->scales + (size_t)p * NR : NULL;
+    const int64_t K = w->lay.K;
     const int64_t ntiles = (rows + max_rows - 1) / max_rows;
     for (int64_t i = 0, r0 = m0; i < ntiles; i++) {
         const int mr = (int)(rows / ntiles + (i < rows % ntiles));
         const float *a = a0 + (r0 - m0) * lda;
         const wo_span sp = {slice, k0, k1, lda, part ? part + (r0 - m0) * NR : NULL};
-        const wo_out fin = {colscale, out->row_scale ? out->row_scale + r0 : NULL, out->bias ? out->bias + n0 : NULL,
-                            out->residual ? out->residual + r0 * N + n0 : NULL, out->alpha, out->epilogue,
-                            y + r0 * N + n0, N, ncols};
+        const wo_out fin = tile_out(w, p, r0, out, y);
         const wo_out *o = k1 == K ? &fin : NULL;
         switch (w->isa) {
             case MQ_VEC_AVX512: tile_avx512(mr, src, w, p, &sp, a, o); break;
@@ -516,15 +637,42 @@ static void run_task(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *slice
     }
 }
 
-/* per thread: a converted slice [KC_ONE, NR], the partial sums of a task [min(P, GROUP_PANELS), CHUNK_ROWS, NR], a
-   row chunk's columns of x for one k block [CHUNK_ROWS, APACK_LD] */
-static size_t thread_floats(int64_t P) {
-    const size_t panels = (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS);
-    return (size_t)KC_ONE * NR + panels * CHUNK_ROWS * NR + (size_t)CHUNK_ROWS * APACK_LD;
+/* Exact path: rows per chunk, a multiple of XQ_MR with at most XQ_CHUNK_BYTES of packed x (12 bytes per row and k
+   quad; at least one tile, at most CHUNK_ROWS). */
+static int64_t xq_chunk_rows(int64_t K4) {
+    const int64_t rows = XQ_CHUNK_BYTES / (12 * K4) / XQ_MR * XQ_MR;
+    return rows < XQ_MR ? XQ_MR : rows > CHUNK_ROWS ? CHUNK_ROWS : rows;
 }
 
-size_t mq_wo_scratch_floats(int64_t N, int n_threads) {
-    return (size_t)(n_threads > 0 ? n_threads : 1) * thread_floats(N > 0 ? (N + NR - 1) / NR : 1);
+/* per thread, the larger of: (panel paths) a converted slice [KC_ONE, NR], the partial sums of a task
+   [min(P, GROUP_PANELS), CHUNK_ROWS, NR], a row chunk's columns of x for one k block [CHUNK_ROWS, APACK_LD];
+   (exact path) a chunk's row scales [CHUNK_ROWS] and packed x (xq_chunk_rows x K4 x 3 int32, 64-byte aligned) */
+static size_t thread_floats(int64_t K, int64_t P) {
+    const size_t panels = (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS);
+    const size_t f32 = (size_t)KC_ONE * NR + panels * CHUNK_ROWS * NR + (size_t)CHUNK_ROWS * APACK_LD;
+    const int64_t K4 = (K + 3) / 4;
+    const size_t exact = CHUNK_ROWS + 16 + (size_t)xq_chunk_rows(K4) * (size_t)K4 * 3;
+    return (f32 > exact ? f32 : exact) + 16; /* 16: each thread's part starts 64-byte aligned */
+}
+
+size_t mq_wo_scratch_floats(int64_t K, int64_t N, int n_threads) {
+    return (size_t)(n_threads > 0 ? n_threads : 1) * thread_floats(K > 0 ? K : 1, N > 0 ? (N + NR - 1) / NR : 1);
+}
+
+/* Exact path, one task: rows [m0, m0 + rows) by panels [p0, p1). The rows are quantized and packed into xq in tiles
+   of XQ_MR rows (tile t at xq + t K4 XQ_QUAD, row r of it at + 3 r), their scales into xs; then per panel (its
+   int8 weights stay in L1 / L2), every tile. */
+static void run_task_exact(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *xs, int32_t *xq, const float *x,
+                           int64_t m0, int64_t rows, const mq_wo_output *out, float *y) {
+    const int64_t K = w->lay.K, K4 = w->K4;
+    for (int64_t r = 0; r < rows; r++)
+        xs[r] = xq_row(x + (m0 + r) * K, K, K4, xq + (r / XQ_MR) * K4 * XQ_QUAD + 3 * (r % XQ_MR));
+    for (int64_t p = p0; p < p1; p++)
+        for (int64_t r0 = 0; r0 < rows; r0 += XQ_MR) {
+            const wo_out o = tile_out(w, p, m0 + r0, out, y);
+            tile_exact(rows - r0 < XQ_MR ? (int)(rows - r0) : XQ_MR, w, p, xq + (r0 / XQ_MR) * K4 * XQ_QUAD, xs + r0,
+                       &o);
+        }
 }
 
 static int64_t gcd64(int64_t a, int64_t b) {
@@ -536,6 +684,23 @@ static int64_t gcd64(int64_t a, int64_t b) {
     return a;
 }
 
+/* How a call's tasks split (row chunks of at most chunk_rows rows) x (groups of panels), chunk-major, each thread a
+   contiguous run of them. Rows split into chunks of nearly equal height; when there are at least as many chunks as
+   threads, into a multiple of the threads' number (each thread runs whole chunks: 9 chunks on 2 threads would leave
+   one thread 5 of them). Fewer chunks than threads: the panels split too, into groups of nearly equal size, as few
+   as make the tasks a multiple of the threads (more row chunks would convert every panel once more per chunk; more
+   groups would copy a chunk's x once more per group). Panels go into at most GROUP_PANELS per group, in a multiple
+   of that many groups. */
+static void split_tasks(int64_t M, int64_t chunk_rows, int64_t P, int64_t T, int64_t *chunks, int64_t *groups) {
+    int64_t c = (M + chunk_rows - 1) / chunk_rows;
+    if (c >= T) c = (c + T - 1) / T * T;
+    int64_t g = c >= T ? 1 : T / gcd64(c, T);
+    const int64_t min_groups = (P + GROUP_PANELS - 1) / GROUP_PANELS;
+    if (g < min_groups) g = (min_groups + g - 1) / g * g;
+    *chunks = c;
+    *groups = g > P ? P : g;
+}
+
 mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const mq_wo_output *out, float *y,
                        float *scratch, int n_threads) {
     if (!w || !x || !out || !y || !scratch || M <= 0 || n_threads <= 0)
@@ -544,37 +709,34 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const m
         return mq_set_error(MQ_ERR_ARG, "weight-only matmul: residual missing");
     const wo_src fused = stored_src(w);
     const int64_t P = w->P;
-    if (M <= FUSED_BLOCKS * w->mr) { /* a few row blocks: dequantize in registers */
+    if (!w->exact && M <= FUSED_BLOCKS * w->mr) { /* a few row blocks: dequantize in registers */
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && P > 1)
         for (int64_t p = 0; p < P; p++)
             run_tiles(w, fused, p, 0, w->lay.K, fused == SRC_F32 ? panel_f32(w, p, 0) : NULL, NULL, x, w->lay.K, 0, M,
                       w->mr, out, y);
         return MQ_OK;
     }
-    /* tasks (row chunk of at most CHUNK_ROWS rows, group of panels), chunk-major, each thread a contiguous run of
-       them. Rows split into chunks of nearly equal height; when there are at least as many chunks as threads, into
-       a multiple of the threads' number (each thread runs whole chunks: 9 chunks on 2 threads would leave one
-       thread 5 of them). Fewer chunks than threads: the panels split too, into groups of nearly equal size, as few
-       as make the tasks a multiple of the threads (more row chunks would convert every panel once more per chunk;
-       more groups would copy a chunk's x once more per group). Panels go into at most GROUP_PANELS per group, in a
-       multiple of that many groups. */
-    const int64_t T = n_threads;
-    int64_t chunks = (M + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    if (chunks >= T) chunks = (chunks + T - 1) / T * T;
-    int64_t groups = chunks >= T ? 1 : T / gcd64(chunks, T);
-    const int64_t min_groups = (P + GROUP_PANELS - 1) / GROUP_PANELS;
-    if (groups < min_groups) groups = (min_groups + groups - 1) / groups * groups;
-    if (groups > P) groups = P;
+    const int64_t chunk_rows = w->exact ? xq_chunk_rows(w->K4) : CHUNK_ROWS;
+    int64_t chunks, groups;
+    split_tasks(M, chunk_rows, P, n_threads, &chunks, &groups);
     const int64_t tasks = chunks * groups;
+    const size_t per_thread = thread_floats(w->lay.K, P);
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && tasks > 1)
     {
-        float *slice = scratch + (size_t)omp_get_thread_num() * thread_floats(P), *part = slice + (size_t)KC_ONE * NR,
+        float *mine = scratch + (size_t)omp_get_thread_num() * per_thread;
+        mine += (16 - ((uintptr_t)mine / sizeof(float)) % 16) % 16; /* 64-byte aligned */
+        float *slice = mine, *part = slice + (size_t)KC_ONE * NR,
               *apack = part + (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS) * CHUNK_ROWS * NR;
+        int32_t *xq = (int32_t *)(void *)(mine + CHUNK_ROWS + 16);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t c = t / groups, g = t % groups;
-            const int64_t m0 = c * M / chunks, p0 = g * P / groups;
-            run_task(w, p0, (g + 1) * P / groups, slice, part, apack, x, m0, (c + 1) * M / chunks - m0, out, y);
+            const int64_t m0 = c * M / chunks, rows = (c + 1) * M / chunks - m0, p0 = g * P / groups,
+                          p1 = (g + 1) * P / groups;
+            if (w->exact)
+                run_task_exact(w, p0, p1, mine, xq, x, m0, rows, out, y);
+            else
+                run_task(w, p0, p1, slice, part, apack, x, m0, rows, out, y);
         }
     }
     return MQ_OK;
@@ -595,7 +757,12 @@ static void fill_panels(mq_wo_matrix *w, const void *weight, const float *scales
             for (int64_t k = 0; k < K; k++) f[k * NR + c] = src[k];
         } else if (w->lay.format == MQ_WO_S8) {
             const int8_t *src = (const int8_t *)weight + n * K;
-            for (int64_t k = 0; k < K; k++) q[k * NR + c] = (uint8_t)src[k];
+            int32_t sum = 0;
+            for (int64_t k = 0; k < K; k++) {
+                q[w->exact ? (k / 4) * (4 * NR) + 4 * c + k % 4 : k * NR + c] = (uint8_t)src[k];
+                sum += src[k];
+            }
+            if (w->exact) w->colsum128[n] = 128 * sum;
             sc[0] = scales[w->lay.per_channel ? n : 0];
         } else {
             const uint8_t *src = (const uint8_t *)weight + n * (K / 2);
@@ -628,20 +795,25 @@ mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const
     w->P = (N + NR - 1) / NR;
     w->group = lay->format == MQ_WO_S4 ? lay->group_size : K;
     w->n_groups = lay->format == MQ_WO_F32 ? 0 : K / w->group;
-    w->panel_bytes = (size_t)K * (lay->format == MQ_WO_F32 ? NR * sizeof(float) : lay->format == MQ_WO_S8 ? NR : NR / 2);
+    w->isa = mq_vec_isa_effective();
+    w->mr = ISA_TILE_ROWS[w->isa];
+    w->exact = lay->format == MQ_WO_S8 && w->isa == MQ_VEC_AVX512 && mq_vec_int8_dot() && K <= XQ_MAX_K;
+    w->K4 = (K + 3) / 4;
+    /* the exact path's S8 panels: k quads of 4 NR bytes (column c's 4 k at 4 c), K padded to quads with zeros */
+    w->panel_bytes = w->exact ? (size_t)w->K4 * 4 * NR
+                              : (size_t)K * (lay->format == MQ_WO_F32 ? NR * sizeof(float) : lay->format == MQ_WO_S8 ? NR : NR / 2);
     w->q = mq_alloc((size_t)w->P, w->panel_bytes);
     w->scales = mq_alloc((size_t)w->P * (size_t)w->n_groups * NR, sizeof(float)); /* zero: padding columns */
-    if (!w->q || !w->scales) {
+    w->colsum128 = w->exact ? mq_alloc((size_t)w->P * NR, sizeof(int32_t)) : NULL;
+    if (!w->q || !w->scales || (w->exact && !w->colsum128)) {
         mq_wo_matrix_destroy(w);
         return mq_set_error(MQ_ERR_NOMEM, "weight-only matrix: out of memory for %lld x %lld weights", (long long)N,
                             (long long)K);
     }
     if (lay->format == MQ_WO_S4) memset(w->q, 0x88, (size_t)w->P * w->panel_bytes); /* padding: value 0 */
     fill_panels(w, weight, scales);
-    w->isa = mq_vec_isa_effective();
-    w->mr = ISA_TILE_ROWS[w->isa];
     static const char *const names[] = {[MQ_WO_S8] = "wo_s8", [MQ_WO_S4] = "wo_s4", [MQ_WO_F32] = "panel_f32"};
-    snprintf(w->impl, sizeof w->impl, "medquant:%s_%s", names[lay->format], mq_vec_isa_name(w->isa));
+    snprintf(w->impl, sizeof w->impl, "medquant:%s_%s", names[lay->format], w->exact ? "vnni" : mq_vec_isa_name(w->isa));
     *out = w;
     return MQ_OK;
 }
@@ -650,11 +822,13 @@ void mq_wo_matrix_destroy(mq_wo_matrix *w) {
     if (!w) return;
     mq_free(w->q);
     mq_free(w->scales);
+    mq_free(w->colsum128);
     free(w);
 }
 
 size_t mq_wo_matrix_nbytes(const mq_wo_matrix *w) {
-    return (size_t)w->P * w->panel_bytes + (size_t)w->P * (size_t)w->n_groups * NR * sizeof(float);
+    return (size_t)w->P * w->panel_bytes + (size_t)w->P * (size_t)w->n_groups * NR * sizeof(float) +
+           (w->exact ? (size_t)w->P * NR * sizeof(int32_t) : 0);
 }
 
 const char *mq_wo_matrix_impl(const mq_wo_matrix *w) { return w->impl; }

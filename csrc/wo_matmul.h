@@ -18,6 +18,16 @@
  * result does not depend on M, on the other rows, on the thread count or on the ISA path (AVX-512, AVX2, or portable
  * C with fmaf): the same bits.
  *
+ * The exact path (S8 where the CPU has avx512_vnni and the cap allows it; K <= 65536): each row of x is first
+ * rounded to 24-bit integers q = round(x * (2^23 - 1) / max|x_row|) (the row's largest value exact, the others to
+ * 2^-24 of it, where f32 itself keeps 2^-24 of each value), and sum_k q w is computed exactly in int32 (vpdpbusd on
+ * the three bytes of q + 2^23: u8 x s8, 64 multiply-adds per instruction, the int8 weights used as stored: no
+ * conversion, and 3 instructions where f32 takes 4); then in f32, that sum (rounded once per byte plane) times the
+ * column scale, times the row's max|x| / (2^23 - 1), and the output's scaling as above. A row's result again depends
+ * on nothing but the row: the same bits for any M and thread count, and on every CPU that takes this path (they all
+ * have the same instructions); not the same bits as the f32 chain of the other paths (an AVX2-only CPU, or a cap
+ * below AVX512_CORE_VNNI), which differ from it by rounding.
+ *
  * The ISA path is chosen at creation from oneDNN's effective ISA (dnnl_get_effective_cpu_isa), so ONEDNN_MAX_CPU_ISA
  * caps it the same way it caps oneDNN's kernels.
  */
@@ -49,10 +59,11 @@ typedef struct mq_wo_matrix mq_wo_matrix;
 mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *layout, const void *weight, const float *scales);
 void mq_wo_matrix_destroy(mq_wo_matrix *w);
 
-/* f32 values of scratch a call on a matrix of N outputs needs with n_threads threads, whatever K and M: per thread a
-   converted panel slice, a row chunk's partial sums over the N outputs and a row chunk's inputs copied for one k
-   block (at most (512 + 240 min(ceil(N / 32), 64)) 32 + 240 x 272 floats, 2.3 MB). */
-size_t mq_wo_scratch_floats(int64_t N, int n_threads);
+/* f32 values of scratch a call on a matrix of K inputs and N outputs needs with n_threads threads, whatever M: per
+   thread the larger of a converted panel slice + a row chunk's partial sums over the N outputs + a row chunk's
+   inputs copied for one k block (at most (512 + 240 min(ceil(N / 32), 64)) 32 + 240 x 272 floats, 2.3 MB) and the
+   exact path's packed row chunk (512 KB, or 48 bytes per 4 k where K > 43690). */
+size_t mq_wo_scratch_floats(int64_t K, int64_t N, int n_threads);
 
 /* What a call does to each output's sum s (S8: s already times its column scale), in this order:
    s * alpha (skipped when alpha is 1), * row_scale[m] (if given), + bias[n] (if given), then + residual[m, n]
@@ -66,13 +77,13 @@ typedef struct {
 } mq_wo_output;
 
 /* y [M, N] = out(x [M, K] * dequant(W)^T). Runs on n_threads OpenMP threads with scratch of
-   mq_wo_scratch_floats(N, n_threads) floats. */
+   mq_wo_scratch_floats(K, N, n_threads) floats. */
 mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const mq_wo_output *out, float *y,
                        float *scratch, int n_threads);
 
 /* Bytes of weights and scales held. */
 size_t mq_wo_matrix_nbytes(const mq_wo_matrix *w);
-/* The kernel path, e.g. "medquant:wo_s8_avx512" or "medquant:panel_f32_avx2". */
+/* The kernel path, e.g. "medquant:wo_s8_vnni" (the exact path), "medquant:wo_s4_avx512" or "medquant:panel_f32_avx2". */
 const char *mq_wo_matrix_impl(const mq_wo_matrix *w);
 
 /* GELU-erf in place on n values: 0.5 v (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error

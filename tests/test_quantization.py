@@ -270,41 +270,114 @@ def test_weight_only_gelu_is_accurate_everywhere():
     """The kernel's own GELU-erf (no libm, vectorized) against float64 on [-12, 12] and at the edges."""
     v = np.concatenate([np.linspace(-12, 12, 48001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e30, -1e30]])
     v = np.concatenate([v, np.zeros(-len(v) % 32)]).astype(np.float32)
-    # y = x through a 32 x 32 identity: every column of a 32-wide panel (the vector GELU's lanes), and 1 column of 1
-    # (its scalar tail)
-    eye = _core.Linear(_core.LINEAR_W8, np.eye(32, dtype=np.int8), np.ones(32, np.float32), epilogue=_core.EPI_GELU)
-    one = _core.Linear(_core.LINEAR_W8, np.ones((1, 1), np.int8), np.ones(1, np.float32), epilogue=_core.EPI_GELU)
+    # y = x through a 32 x 32 f32 identity (exact: the f32 panels' fma chain adds zeros; the int8 layers' exact path
+    # would round x to 24 bits of its row's largest value): every column of a 32-wide panel (the vector GELU's lanes),
+    # and 1 column of 1 (the masked tail). All paths of the kernel finish a tile with the same GELU.
+    def eye(x):
+        return _core.panel_matmul(np.eye(32, dtype=np.float32), x, epilogue=_core.EPI_GELU)
+
+    def one(x):
+        return _core.panel_matmul(np.ones((1, 1), np.float32), x, epilogue=_core.EPI_GELU)
+
     want = _gelu64(v.astype(np.float64))
-    for got in (eye.forward(v.reshape(-1, 32)).ravel(), one.forward(v[:, None])[:, 0]):
+    for got in (eye(v.reshape(-1, 32)).ravel(), one(v[:, None])[:, 0]):
         err = np.abs(got - want)
         assert np.all(err <= 4e-7 * np.maximum(1.0, np.abs(want))), float((err / np.maximum(1.0, np.abs(want))).max())
-    np.testing.assert_array_equal(eye.forward(v.reshape(-1, 32)).ravel().view(np.uint32),
-                                  one.forward(v[:, None])[:, 0].view(np.uint32))
-    for lin, shape in ((eye, (3, 32)), (one, (1, 1))):
-        assert np.isnan(lin.forward(np.full(shape, np.nan, np.float32))).all()
+    np.testing.assert_array_equal(eye(v.reshape(-1, 32)).ravel().view(np.uint32), one(v[:, None])[:, 0].view(np.uint32))
+    for f, shape in ((eye, (3, 32)), (one, (1, 1))):
+        assert np.isnan(f(np.full(shape, np.nan, np.float32))).all()
+    w8 = _core.Linear(_core.LINEAR_W8, np.eye(32, dtype=np.int8), np.ones(32, np.float32), epilogue=_core.EPI_GELU)
+    assert np.isnan(w8.forward(np.full((3, 32), np.nan, np.float32))).all()
+
+
+def _exact_path() -> bool:
+    """Whether int8 weight-only layers take the exact integer path here (wo_matmul.h: avx512_vnni, not capped)."""
+    return _core.Linear(_core.LINEAR_W8, np.ones((1, 4), np.int8), np.ones(1, np.float32)).impl().endswith("_vnni")
 
 
 def test_weight_only_bits_do_not_depend_on_isa_or_threads():
-    """The weight-only kernel does the same IEEE operations in the same order on its AVX-512, AVX2 and portable paths
-    and for any thread count (wo_matmul.h): a process capped at AVX2 (ONEDNN_MAX_CPU_ISA picks the path) and one
-    capped at SSE4.1 with one thread give the same bits as this process."""
+    """The weight-only kernel's f32 chain does the same IEEE operations in the same order on its AVX-512, AVX2 and
+    portable paths and for any thread count (wo_matmul.h): a process capped at AVX2 (ONEDNN_MAX_CPU_ISA picks the
+    path) with 2 threads and one capped at SSE4.1 with one thread give the same bits, and the same as this process,
+    except where this process takes the exact int8 path (its own bits: test_weight_only_exact_path_bits); this
+    process with one thread gives its own bits again."""
     import os
     import subprocess
     import sys
     import tempfile
     here, _ = weight_only_outputs()
+    one, _ = weight_only_outputs(n_threads=1)
+    for key, y in here.items():
+        np.testing.assert_array_equal(y.view(np.uint32), one[key].view(np.uint32), err_msg=f"1 thread {key}")
+    exact = _exact_path()
     code = ("import sys, numpy as np; sys.path.insert(0, {tests!r}); import test_quantization as t; "
             "out, _ = t.weight_only_outputs(n_threads=int(sys.argv[2])); np.savez(sys.argv[1], **out)")
     code = code.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    capped = {}
     with tempfile.TemporaryDirectory() as tmp:
         for isa, threads in (("AVX2", "2"), ("SSE41", "1")):
             path = os.path.join(tmp, f"{isa}.npz")
             env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
             subprocess.run([sys.executable, "-c", code, path, threads], env=env, check=True, capture_output=True)
-            there = dict(np.load(path))
-            assert set(there) == set(here)
-            for key, y in here.items():
-                np.testing.assert_array_equal(y.view(np.uint32), there[key].view(np.uint32), err_msg=f"{isa} {key}")
+            capped[isa] = dict(np.load(path))
+    assert set(capped["AVX2"]) == set(capped["SSE41"]) == set(here)
+    compared = 0
+    for key, y in capped["AVX2"].items():
+        np.testing.assert_array_equal(y.view(np.uint32), capped["SSE41"][key].view(np.uint32), err_msg=f"SSE41 {key}")
+        if exact and (key.startswith("w8") or key.startswith("panel-s8")):
+            continue
+        np.testing.assert_array_equal(here[key].view(np.uint32), y.view(np.uint32), err_msg=f"AVX2 {key}")
+        compared += 1
+    assert compared >= len(here) // 3
+
+
+def _exact_reference(x, qw, sw, xs_after=()):
+    """The exact path in numpy (wo_matmul.h), operation for operation: x rounded per row to 24-bit integers, the
+    integer sums over the three byte planes of q + 2^23 exact in int64, combined in f32 as the kernel does, times the
+    column scale, the row scale and then each of xs_after (per-row or scalar multipliers)."""
+    one = np.float32(8388607)
+    amax = np.abs(x).max(axis=1)
+    inv = np.where(amax > 0, one / np.where(amax > 0, amax, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(x * inv[:, None]), -8388607, 8388607).astype(np.int64) + 8388608
+    acc = [((q >> (8 * j)) & 255) @ qw.T.astype(np.int64) for j in range(3)]
+    hi = (acc[2] - 128 * qw.astype(np.int64).sum(axis=1)).astype(np.float32)
+    f = hi * np.float32(65536) + (acc[1].astype(np.float32) * np.float32(256) + acc[0].astype(np.float32))
+    y = f * sw.astype(np.float32) * (amax / one).astype(np.float32)[:, None]
+    for s in xs_after:
+        y = y * s
+    return y.astype(np.float32)
+
+
+def test_weight_only_exact_path_bits():
+    """Where int8 weight-only layers take the exact path (CPUs with avx512_vnni), their outputs are bit for bit the
+    integer computation of _exact_reference, for every row count (in registers, one or several row chunks, a tile's
+    remainder rows), K not a multiple of 4, per-channel and per-tensor scales, and the panel kernel's alpha and row
+    scales; rows of zeros give zeros and a NaN or an infinity in a row makes that row NaN, only that row."""
+    if not _exact_path():
+        pytest.skip("no exact int8 path here (it needs avx512_vnni, and ONEDNN_MAX_CPU_ISA at or above AVX512_CORE_VNNI)")
+    rng = np.random.default_rng(11)
+    for k, n in ((97, 70), (384, 100), (1536, 64)):
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        for per_channel in (True, False):
+            qw, sw = _core.quantize_weight_s8(w, per_channel)
+            lin = _core.Linear(_core.LINEAR_W8, qw, sw, w_per_channel=per_channel, n_threads=2)
+            cols = sw if per_channel else np.full(n, sw[0], np.float32)
+            for m in (1, 3, 5, 37, 301):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[0, :3] *= 40.0  # an outlier row
+                np.testing.assert_array_equal(lin.forward(x).view(np.uint32),
+                                              _exact_reference(x, qw, cols).view(np.uint32), err_msg=f"{k} {n} {m}")
+        rows = rng.uniform(0.5, 2.0, 9).astype(np.float32)
+        x = rng.standard_normal((9, k)).astype(np.float32)
+        got = _core.panel_matmul(qw, x, scales=cols, alpha=0.75, row_scale=rows, n_threads=2)
+        want = _exact_reference(x, qw, cols, (np.float32(0.75), rows[:, None]))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    x = rng.standard_normal((4, 97)).astype(np.float32)
+    x[1] = 0.0
+    x[2, 5], x[3, 7] = np.nan, np.inf
+    qw, sw = _core.quantize_weight_s8((rng.standard_normal((40, 97)) * 0.05).astype(np.float32), True)
+    y = _core.Linear(_core.LINEAR_W8, qw, sw).forward(x)
+    assert np.isfinite(y[0]).all() and (y[1] == 0).all() and np.isnan(y[2:]).all()
 
 
 def test_panel_matmul_rejects_bad_arguments():
