@@ -1,18 +1,19 @@
 /* wo_matmul.c - the weight-only matmul (wo_matmul.h).
  *
- * Storage: panel p holds output columns [32 p, 32 p + 32), k-major: S8 as 32 int8 per k (on the exact path: 128 int8
- * per k quad, column c's four k at 4 c, K padded to quads with zeros; and 128 x each column's weight sum); S4 as 16
- * bytes per k, byte j holding column j (low nibble) and column j + 16 (high nibble); F32 as 32 floats per k; scales as
- * [panel][scale row][32] (one scale row for S8, K / group_size for S4, none for F32). Columns past N are zero
- * weights with zero scales.
+ * Storage: panel p holds output columns [32 p, 32 p + 32), k-major: S8 as 32 int8 per k; S4 as 16 bytes per k, byte
+ * j holding column j (low nibble) and column j + 16 (high nibble); F32 as 32 floats per k; scales as [panel][scale
+ * row][32] (one scale row for S8, K / group_size for S4, none for F32). Columns past N are zero weights with zero
+ * scales. On the exact path, per k quad: S8 128 int8, column c's four k at 4 c (K padded to quads with zeros); S4 64
+ * bytes, columns c and c + 16's four k at 4 c (low and high nibbles); and per scale row 128 x each column's sum of
+ * weights.
  *
  * Kernels: a tile is mr rows x 32 columns, accumulated in registers over k (AVX-512: up to 12 rows x 2 zmm; AVX2:
  * up to 3 rows x 4 ymm; portable C: up to 4 rows with fmaf), its B operand read from an f32 slice buffer or converted
  * in registers from the stored weights, then finished (column scale, bias, epilogue) straight into y (AVX-512) or
  * through finish_tile. The conversion (cvt_*) is shared by both paths of an ISA, and every path does the same IEEE
- * operations in the same order, hence the same bits (wo_matmul.h). The exact path (S8 on avx512_vnni) has tiles of
- * its own (4 rows x 32 columns x 3 byte planes, int32) over rows of x quantized per task (xq_row), and the same
- * AVX-512 finish.
+ * operations in the same order, hence the same bits (wo_matmul.h). The exact path (S8, S4 on avx512_vnni) has
+ * tiles of its own (4 rows x 32 columns x 3 byte planes, int32) over rows of x quantized per task (xq_row), and the
+ * same AVX-512 finish.
  */
 #include "wo_matmul.h"
 
@@ -84,10 +85,11 @@ struct mq_wo_matrix {
     size_t panel_bytes; /* stored bytes per panel */
     uint8_t *q;
     float *scales;
-    int32_t *colsum128; /* exact path: [P][NR], 128 x the column's sum of int8 weights */
+    int32_t *colsum128; /* exact path: [P][scale row][NR], 128 x the sum of a column's int8 (S4: nibble - 8) weights
+                           over the scale row's k (S8: all of K) */
     int64_t K4;         /* exact path: k quads, ceil(K / 4) */
     mq_vec_isa isa;
-    int exact; /* S8 on avx512_vnni: the exact integer path (wo_matmul.h) */
+    int exact; /* S8, S4 on avx512_vnni: the exact integer path (wo_matmul.h) */
     int mr;    /* rows per tile: ISA_TILE_ROWS[isa] */
     char impl[48];
 };
@@ -317,7 +319,7 @@ static AVX512 void slice_avx512(const mq_wo_matrix *w, int64_t p, int64_t k0, in
     }
 }
 
-/* ------------------------------------------------------------------ AVX-512 VNNI: the exact path (S8) */
+/* ------------------------------------------------------------------ AVX-512 VNNI: the exact path (S8, S4) */
 
 #define VNNI MQ_TARGET_AVX512_VNNI
 
@@ -398,8 +400,64 @@ static AI VNNI void tile_exact_n(const int mr, const mq_wo_matrix *w, int64_t p,
     finish_avx512(f, mr, o, xs);
 }
 
+/* The same for S4, a scale row (group) at a time: per k quad the panel's 64 bytes give the columns 0-15 (low
+   nibbles) and 16-31 (high nibbles) as int8 nibble - 8; per group g, T_g = 65536 (acc2 - 128 colsum_g) +
+   (acc0 + 256 acc1) (the second term exact in int32, group_size <= 4096) in f32 with one fma, and the output's sum
+   y = y + T_g scale_g (a multiply, then an add), groups in order from y = 0. */
+static AI VNNI void tile_exact_s4_n(const int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
+                                    const wo_out *o) {
+    const uint8_t *b = panel_weights(w, p);
+    const int64_t g4 = w->group / 4;
+    const __m512i nib = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    const __m512 s65536 = _mm512_set1_ps(65536.f);
+    __m512 y[XQ_MR][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; r++) y[r][0] = y[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < w->n_groups; g++) {
+        __m512i acc[XQ_MR][3][2];
+#pragma GCC unroll 4
+        for (int r = 0; r < mr; r++)
+#pragma GCC unroll 3
+            for (int j = 0; j < 3; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_si512();
+        for (int64_t q = g * g4; q < (g + 1) * g4; q++, a += XQ_QUAD) {
+            const __m512i v = _mm512_loadu_si512(b + 64 * q);
+            const __m512i b0 = _mm512_sub_epi8(_mm512_and_si512(v, nib), eight);
+            const __m512i b1 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), eight);
+#pragma GCC unroll 4
+            for (int r = 0; r < mr; r++)
+#pragma GCC unroll 3
+                for (int j = 0; j < 3; j++) {
+                    const __m512i av = _mm512_set1_epi32(a[3 * r + j]);
+                    dpbusd(&acc[r][j][0], av, b0);
+                    dpbusd(&acc[r][j][1], av, b1);
+                }
+        }
+        const int32_t *cs = w->colsum128 + (p * w->n_groups + g) * NR;
+        const float *sc = panel_scales(w, p, g);
+#pragma GCC unroll 4
+        for (int r = 0; r < mr; r++)
+            for (int h = 0; h < 2; h++) {
+                const __m512i hi = _mm512_sub_epi32(acc[r][2][h], _mm512_loadu_si512(cs + 16 * h));
+                const __m512i lo = _mm512_add_epi32(acc[r][0][h], _mm512_slli_epi32(acc[r][1][h], 8));
+                const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s65536, _mm512_cvtepi32_ps(lo));
+                y[r][h] = _mm512_add_ps(y[r][h], _mm512_mul_ps(t, _mm512_loadu_ps(sc + 16 * h)));
+            }
+    }
+    finish_avx512(y, mr, o, xs);
+}
+
 static VNNI void tile_exact(int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
                             const wo_out *o) {
+    if (w->lay.format == MQ_WO_S4) {
+        switch (mr) {
+            case 1: tile_exact_s4_n(1, w, p, a, xs, o); break;
+            case 2: tile_exact_s4_n(2, w, p, a, xs, o); break;
+            case 3: tile_exact_s4_n(3, w, p, a, xs, o); break;
+            case 4: tile_exact_s4_n(4, w, p, a, xs, o); break;
+            default: break;
+        }
+        return;
+    }
     switch (mr) {
         case 1: tile_exact_n(1, w, p, a, xs, o); break;
         case 2: tile_exact_n(2, w, p, a, xs, o); break;
@@ -769,8 +827,9 @@ static void fill_panels(mq_wo_matrix *w, const void *weight, const float *scales
             const int shift = c < 16 ? 0 : 4;
             for (int64_t k = 0; k < K; k++) {
                 const uint8_t nib = (uint8_t)((src[k / 2] >> (k % 2 ? 4 : 0)) & 15);
-                uint8_t *b = q + k * (NR / 2) + c % 16;
+                uint8_t *b = q + (w->exact ? (k / 4) * (2 * NR) + 4 * (c % 16) + k % 4 : k * (NR / 2) + c % 16);
                 *b = (uint8_t)((*b & ~(15 << shift)) | (nib << shift));
+                if (w->exact) w->colsum128[(p * w->n_groups + k / w->group) * NR + c] += 128 * (nib - 8);
             }
             for (int64_t g = 0; g < w->n_groups; g++) sc[g * NR] = scales[n * w->n_groups + g];
         }
@@ -797,14 +856,17 @@ mq_status mq_wo_matrix_create(mq_wo_matrix **out, const mq_wo_layout *lay, const
     w->n_groups = lay->format == MQ_WO_F32 ? 0 : K / w->group;
     w->isa = mq_vec_isa_effective();
     w->mr = ISA_TILE_ROWS[w->isa];
-    w->exact = lay->format == MQ_WO_S8 && w->isa == MQ_VEC_AVX512 && mq_vec_int8_dot() && K <= XQ_MAX_K;
+    w->exact = w->isa == MQ_VEC_AVX512 && mq_vec_int8_dot() && K <= XQ_MAX_K &&
+               (lay->format == MQ_WO_S8 || (lay->format == MQ_WO_S4 && w->group % 4 == 0 && w->group <= 4096));
     w->K4 = (K + 3) / 4;
-    /* the exact path's S8 panels: k quads of 4 NR bytes (column c's 4 k at 4 c), K padded to quads with zeros */
-    w->panel_bytes = w->exact ? (size_t)w->K4 * 4 * NR
-                              : (size_t)K * (lay->format == MQ_WO_F32 ? NR * sizeof(float) : lay->format == MQ_WO_S8 ? NR : NR / 2);
+    /* the exact path's panels: k quads of 4 NR bytes (S8: column c's 4 k at 4 c, K padded to quads with zeros) or
+       2 NR bytes (S4: columns c and c + 16 at 4 (c % 16), low and high nibble) */
+    w->panel_bytes =
+        (size_t)K * (lay->format == MQ_WO_F32 ? NR * sizeof(float) : lay->format == MQ_WO_S8 ? NR : NR / 2);
+    if (w->exact) w->panel_bytes = (size_t)w->K4 * (lay->format == MQ_WO_S8 ? 4 * NR : 2 * NR);
     w->q = mq_alloc((size_t)w->P, w->panel_bytes);
     w->scales = mq_alloc((size_t)w->P * (size_t)w->n_groups * NR, sizeof(float)); /* zero: padding columns */
-    w->colsum128 = w->exact ? mq_alloc((size_t)w->P * NR, sizeof(int32_t)) : NULL;
+    w->colsum128 = w->exact ? mq_alloc((size_t)w->P * (size_t)w->n_groups * NR, sizeof(int32_t)) : NULL;
     if (!w->q || !w->scales || (w->exact && !w->colsum128)) {
         mq_wo_matrix_destroy(w);
         return mq_set_error(MQ_ERR_NOMEM, "weight-only matrix: out of memory for %lld x %lld weights", (long long)N,
@@ -828,7 +890,7 @@ void mq_wo_matrix_destroy(mq_wo_matrix *w) {
 
 size_t mq_wo_matrix_nbytes(const mq_wo_matrix *w) {
     return (size_t)w->P * w->panel_bytes + (size_t)w->P * (size_t)w->n_groups * NR * sizeof(float) +
-           (w->exact ? (size_t)w->P * NR * sizeof(int32_t) : 0);
+           (w->exact ? (size_t)w->P * (size_t)w->n_groups * NR * sizeof(int32_t) : 0);
 }
 
 const char *mq_wo_matrix_impl(const mq_wo_matrix *w) { return w->impl; }

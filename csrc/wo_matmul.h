@@ -18,15 +18,16 @@
  * result does not depend on M, on the other rows, on the thread count or on the ISA path (AVX-512, AVX2, or portable
  * C with fmaf): the same bits.
  *
- * The exact path (S8 where the CPU has avx512_vnni and the cap allows it; K <= 65536): each row of x is first
- * rounded to 24-bit integers q = round(x * (2^23 - 1) / max|x_row|) (the row's largest value exact, the others to
- * 2^-24 of it, where f32 itself keeps 2^-24 of each value), and sum_k q w is computed exactly in int32 (vpdpbusd on
- * the three bytes of q + 2^23: u8 x s8, 64 multiply-adds per instruction, the int8 weights used as stored: no
- * conversion, and 3 instructions where f32 takes 4); then in f32, that sum (rounded once per byte plane) times the
- * column scale, times the row's max|x| / (2^23 - 1), and the output's scaling as above. A row's result again depends
- * on nothing but the row: the same bits for any M and thread count, and on every CPU that takes this path (they all
- * have the same instructions); not the same bits as the f32 chain of the other paths (an AVX2-only CPU, or a cap
- * below AVX512_CORE_VNNI), which differ from it by rounding.
+ * The exact path (S8, and S4 with group_size a multiple of 4 up to 4096, where the CPU has avx512_vnni and the cap
+ * allows it; K <= 65536): each row of x is first rounded to 24-bit integers q = round(x * (2^23 - 1) / max|x_row|)
+ * (the row's largest value exact, the others to 2^-24 of it, where f32 itself keeps 2^-24 of each value), and
+ * sum_k q w is computed exactly in int32 (vpdpbusd on the three bytes of q + 2^23: u8 x s8, 64 multiply-adds per
+ * instruction, the int8 weights used as stored and int4 nibbles only unpacked to bytes: 3 instructions where f32
+ * takes 4); then in f32, that sum times the column scale (S8; S4: each group's sum times the group's scale, added
+ * group after group), times the row's max|x| / (2^23 - 1), and the output's scaling as above. A row's result again
+ * depends on nothing but the row: the same bits for any M and thread count, and on every CPU that takes this path
+ * (they all have the same instructions); not the same bits as the f32 chain of the other paths (an AVX2-only CPU, or
+ * a cap below AVX512_CORE_VNNI), which differ from it by rounding.
  *
  * The ISA path is chosen at creation from oneDNN's effective ISA (dnnl_get_effective_cpu_isa), so ONEDNN_MAX_CPU_ISA
  * caps it the same way it caps oneDNN's kernels.

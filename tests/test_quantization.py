@@ -291,7 +291,7 @@ def test_weight_only_gelu_is_accurate_everywhere():
 
 
 def _exact_path() -> bool:
-    """Whether int8 weight-only layers take the exact integer path here (wo_matmul.h: avx512_vnni, not capped)."""
+    """Whether weight-only layers take the exact integer path here (wo_matmul.h: avx512_vnni, not capped)."""
     return _core.Linear(_core.LINEAR_W8, np.ones((1, 4), np.int8), np.ones(1, np.float32)).impl().endswith("_vnni")
 
 
@@ -299,7 +299,8 @@ def test_weight_only_bits_do_not_depend_on_isa_or_threads():
     """The weight-only kernel's f32 chain does the same IEEE operations in the same order on its AVX-512, AVX2 and
     portable paths and for any thread count (wo_matmul.h): a process capped at AVX2 (ONEDNN_MAX_CPU_ISA picks the
     path) with 2 threads and one capped at SSE4.1 with one thread give the same bits, and the same as this process,
-    except where this process takes the exact int8 path (its own bits: test_weight_only_exact_path_bits); this
+    except where this process takes the exact path (int8 / int4 weights on avx512_vnni: its own bits,
+    test_weight_only_exact_path_bits); this
     process with one thread gives its own bits again."""
     import os
     import subprocess
@@ -324,35 +325,59 @@ def test_weight_only_bits_do_not_depend_on_isa_or_threads():
     compared = 0
     for key, y in capped["AVX2"].items():
         np.testing.assert_array_equal(y.view(np.uint32), capped["SSE41"][key].view(np.uint32), err_msg=f"SSE41 {key}")
-        if exact and (key.startswith("w8") or key.startswith("panel-s8")):
+        if exact and key.startswith(("w8", "w4", "panel-s8")):
             continue
         np.testing.assert_array_equal(here[key].view(np.uint32), y.view(np.uint32), err_msg=f"AVX2 {key}")
         compared += 1
-    assert compared >= len(here) // 3
+    assert compared >= len(here) // 5
 
 
-def _exact_reference(x, qw, sw, xs_after=()):
-    """The exact path in numpy (wo_matmul.h), operation for operation: x rounded per row to 24-bit integers, the
-    integer sums over the three byte planes of q + 2^23 exact in int64, combined in f32 as the kernel does, times the
-    column scale, the row scale and then each of xs_after (per-row or scalar multipliers)."""
+def _exact_planes(x):
+    """The exact path's rounding of x (wo_matmul.h): per row, 24-bit integers q of its largest value, as the three
+    byte planes of q + 2^23 (int64), and the row scales."""
     one = np.float32(8388607)
     amax = np.abs(x).max(axis=1)
     inv = np.where(amax > 0, one / np.where(amax > 0, amax, np.float32(1)), np.float32(0)).astype(np.float32)
     q = np.clip(np.rint(x * inv[:, None]), -8388607, 8388607).astype(np.int64) + 8388608
-    acc = [((q >> (8 * j)) & 255) @ qw.T.astype(np.int64) for j in range(3)]
+    return [(q >> (8 * j)) & 255 for j in range(3)], (amax / one).astype(np.float32)
+
+
+def _exact_reference(x, qw, sw, xs_after=()):
+    """The exact int8 path in numpy, operation for operation: the integer sums over x's byte planes exact in int64,
+    combined in f32 as the kernel does, times the column scale, the row scale and then each of xs_after (per-row or
+    scalar multipliers)."""
+    planes, xs = _exact_planes(x)
+    acc = [b @ qw.T.astype(np.int64) for b in planes]
     hi = (acc[2] - 128 * qw.astype(np.int64).sum(axis=1)).astype(np.float32)
     f = hi * np.float32(65536) + (acc[1].astype(np.float32) * np.float32(256) + acc[0].astype(np.float32))
-    y = f * sw.astype(np.float32) * (amax / one).astype(np.float32)[:, None]
+    y = f * sw.astype(np.float32) * xs[:, None]
     for s in xs_after:
         y = y * s
     return y.astype(np.float32)
 
 
+def _exact_reference_s4(x, packed, scales, group):
+    """The exact int4 path in numpy: per group, the integer sums over x's byte planes of the weights nibble - 8, in
+    f32 as the kernel combines them, times the group's scale, added group after group; then the row scale."""
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    wq = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k).astype(np.int64) - 8
+    scales = scales.reshape(n, k // group)
+    planes, xs = _exact_planes(x)
+    y = np.zeros((len(x), n), np.float32)
+    for g in range(k // group):
+        wg = wq[:, g * group:(g + 1) * group]
+        acc = [b[:, g * group:(g + 1) * group] @ wg.T for b in planes]
+        t = (acc[2] - 128 * wg.sum(axis=1)).astype(np.float32) * np.float32(65536) + (acc[0] + 256 * acc[1]).astype(np.float32)
+        y = y + t * scales[:, g]
+    return (y * xs[:, None]).astype(np.float32)
+
+
 def test_weight_only_exact_path_bits():
-    """Where int8 weight-only layers take the exact path (CPUs with avx512_vnni), their outputs are bit for bit the
-    integer computation of _exact_reference, for every row count (in registers, one or several row chunks, a tile's
-    remainder rows), K not a multiple of 4, per-channel and per-tensor scales, and the panel kernel's alpha and row
-    scales; rows of zeros give zeros and a NaN or an infinity in a row makes that row NaN, only that row."""
+    """Where weight-only layers take the exact path (CPUs with avx512_vnni), their outputs are bit for bit the integer
+    computation of _exact_reference (int8) / _exact_reference_s4 (int4), for every row count (one or several row
+    chunks, a tile's remainder rows), K not a multiple of 4, per-channel and per-tensor scales, int4 groups of 4 to
+    128, and the panel kernel's alpha and row scales; rows of zeros give zeros and a NaN or an infinity in a row makes
+    that row NaN, only that row."""
     if not _exact_path():
         pytest.skip("no exact int8 path here (it needs avx512_vnni, and ONEDNN_MAX_CPU_ISA at or above AVX512_CORE_VNNI)")
     rng = np.random.default_rng(11)
@@ -372,6 +397,15 @@ def test_weight_only_exact_path_bits():
         got = _core.panel_matmul(qw, x, scales=cols, alpha=0.75, row_scale=rows, n_threads=2)
         want = _exact_reference(x, qw, cols, (np.float32(0.75), rows[:, None]))
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    for k, n, group in ((96, 70, 32), (384, 100, 128), (64, 33, 4)):
+        packed, s4 = _core.quantize_weight_s4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), group)
+        lin = _core.Linear(_core.LINEAR_W4, packed, s4, group_size=group, n_threads=2)
+        for m in (1, 5, 301):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x[0, :3] *= 40.0
+            np.testing.assert_array_equal(lin.forward(x).view(np.uint32),
+                                          _exact_reference_s4(x, packed, s4, group).view(np.uint32),
+                                          err_msg=f"w4 {k} {n} {group} {m}")
     x = rng.standard_normal((4, 97)).astype(np.float32)
     x[1] = 0.0
     x[2, 5], x[3, 7] = np.nan, np.inf
