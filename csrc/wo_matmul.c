@@ -364,6 +364,28 @@ static AI VNNI void dpbusd(__m512i *acc, __m512i u8, __m512i s8) {
     __asm__("vpdpbusd %2, %1, %0" : "+v"(*acc) : "v"(u8), "v"(s8));
 }
 
+/* A tile's int32 sums: [row][byte plane][columns 0-15, 16-31]. */
+typedef __m512i xq_acc[XQ_MR][3][2];
+
+static AI VNNI void xq_zero(const int mr, xq_acc acc) {
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; r++)
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_si512();
+}
+
+/* One k quad: each row's 3 byte planes (a, the tile's packed x at this quad) times the columns' int8 weights b0, b1. */
+static AI VNNI void xq_quad(const int mr, xq_acc acc, const int32_t *a, __m512i b0, __m512i b1) {
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; r++)
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) {
+            const __m512i av = _mm512_set1_epi32(a[3 * r + j]);
+            dpbusd(&acc[r][j][0], av, b0);
+            dpbusd(&acc[r][j][1], av, b1);
+        }
+}
+
 /* mr rows x 32 columns of panel p over all of K: per k quad, the panel's 2 x 64 int8 weights (columns 0-15, 16-31;
    4 k each) times each row's 3 byte planes (vpdpbusd: u8 x s8, exact in int32), then per output
    T = sum q w = 65536 (acc2 - 128 colsum) + 256 acc1 + acc0 in f32 (two fmas on the converted sums), times the
@@ -371,22 +393,10 @@ static AI VNNI void dpbusd(__m512i *acc, __m512i u8, __m512i s8) {
 static AI VNNI void tile_exact_n(const int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
                                  const wo_out *o) {
     const __m512i *b = (const __m512i *)panel_weights(w, p);
-    __m512i acc[XQ_MR][3][2];
-#pragma GCC unroll 4
-    for (int r = 0; r < mr; r++)
-#pragma GCC unroll 3
-        for (int j = 0; j < 3; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_si512();
-    for (int64_t q = 0; q < w->K4; q++, a += XQ_QUAD) {
-        const __m512i b0 = _mm512_loadu_si512(b + 2 * q), b1 = _mm512_loadu_si512(b + 2 * q + 1);
-#pragma GCC unroll 4
-        for (int r = 0; r < mr; r++)
-#pragma GCC unroll 3
-            for (int j = 0; j < 3; j++) {
-                const __m512i av = _mm512_set1_epi32(a[3 * r + j]);
-                dpbusd(&acc[r][j][0], av, b0);
-                dpbusd(&acc[r][j][1], av, b1);
-            }
-    }
+    xq_acc acc;
+    xq_zero(mr, acc);
+    for (int64_t q = 0; q < w->K4; q++, a += XQ_QUAD)
+        xq_quad(mr, acc, a, _mm512_loadu_si512(b + 2 * q), _mm512_loadu_si512(b + 2 * q + 1));
     const int32_t *cs = w->colsum128 + p * NR;
     const __m512 s256 = _mm512_set1_ps(256.f), s65536 = _mm512_set1_ps(65536.f);
     __m512 f[XQ_MR][2];
@@ -414,23 +424,12 @@ static AI VNNI void tile_exact_s4_n(const int mr, const mq_wo_matrix *w, int64_t
 #pragma GCC unroll 4
     for (int r = 0; r < mr; r++) y[r][0] = y[r][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < w->n_groups; g++) {
-        __m512i acc[XQ_MR][3][2];
-#pragma GCC unroll 4
-        for (int r = 0; r < mr; r++)
-#pragma GCC unroll 3
-            for (int j = 0; j < 3; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_si512();
+        xq_acc acc;
+        xq_zero(mr, acc);
         for (int64_t q = g * g4; q < (g + 1) * g4; q++, a += XQ_QUAD) {
             const __m512i v = _mm512_loadu_si512(b + 64 * q);
-            const __m512i b0 = _mm512_sub_epi8(_mm512_and_si512(v, nib), eight);
-            const __m512i b1 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), eight);
-#pragma GCC unroll 4
-            for (int r = 0; r < mr; r++)
-#pragma GCC unroll 3
-                for (int j = 0; j < 3; j++) {
-                    const __m512i av = _mm512_set1_epi32(a[3 * r + j]);
-                    dpbusd(&acc[r][j][0], av, b0);
-                    dpbusd(&acc[r][j][1], av, b1);
-                }
+            xq_quad(mr, acc, a, _mm512_sub_epi8(_mm512_and_si512(v, nib), eight),
+                    _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), eight));
         }
         const int32_t *cs = w->colsum128 + (p * w->n_groups + g) * NR;
         const float *sc = panel_scales(w, p, g);
