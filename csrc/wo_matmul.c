@@ -177,9 +177,11 @@ static AI AVX512 __m512 gelu_zmm(__m512 v) {
     return (__m512)g;
 }
 
-/* The finish of a tile (finish_tile) from its sums in registers, times xs[r] after the column scale where xs is given
-   (the exact path's row scales); GELU in registers (re-reading a stored row would stall). */
-static AI AVX512 void finish_avx512(const __m512 acc[][2], const int mr, const wo_out *o, const float *xs) {
+/* The finish of a tile (finish_tile) from its sums in registers, times xs[r] 2^xe[r] after the column scale where xs
+   is given (the exact path's row scales: the product rounded once, also where it is denormal); GELU in registers
+   (re-reading a stored row would stall). */
+static AI AVX512 void finish_avx512(const __m512 acc[][2], const int mr, const wo_out *o, const float *xs,
+                                    const float *xe) {
     const int c0 = o->ncols < 16 ? o->ncols : 16, c1 = o->ncols - c0;
     const __mmask16 m[2] = {(__mmask16)((1u << c0) - 1u), (__mmask16)((1u << c1) - 1u)};
     __m512 cs[2], b[2];
@@ -192,7 +194,7 @@ static AI AVX512 void finish_avx512(const __m512 acc[][2], const int mr, const w
         for (int h = 0; h < 2; h++) {
             __m512 v = acc[r][h];
             if (o->colscale) v = _mm512_mul_ps(v, cs[h]);
-            if (xs) v = _mm512_mul_ps(v, _mm512_set1_ps(xs[r]));
+            if (xs) v = _mm512_scalef_ps(_mm512_mul_ps(v, _mm512_set1_ps(xs[r])), _mm512_set1_ps(xe[r]));
             if (o->alpha != 1.f) v = _mm512_mul_ps(v, _mm512_set1_ps(o->alpha));
             if (o->rs) v = _mm512_mul_ps(v, _mm512_set1_ps(o->rs[r]));
             if (o->bias) v = _mm512_add_ps(v, b[h]);
@@ -270,7 +272,7 @@ static AI AVX512 void tile_avx512_n(const int mr, const wo_src src, const int64_
         }
         return;
     }
-    finish_avx512(acc, mr, o, NULL);
+    finish_avx512(acc, mr, o, NULL, NULL);
 }
 
 #define TILE_CASE(isa, n)                                                                                              \
@@ -326,9 +328,9 @@ static AVX512 void slice_avx512(const mq_wo_matrix *w, int64_t p, int64_t k0, in
 /* Row x[0, K) as 24-bit integers: q = round-to-even(x * (XQ_ONE / max|x|)), clamped to +-XQ_ONE, offset to
    u = q + 2^23 in [1, 2^24) and split into three byte planes; a k quad of plane j is the int32 of the bytes j of
    u[4 quad .. 4 quad + 3], written at dst[quad * XQ_QUAD + j] (dst: the row's place in its packed tile). Returns the
-   row's scale max|x| / XQ_ONE (x = scale q up to rounding): 0 for a row of zeros, NaN where x has a NaN or an
-   infinity (its outputs are then NaN). */
-static VNNI float xq_row(const float *x, int64_t K, int64_t K4, int32_t *dst) {
+   row's scale max|x| / XQ_ONE (x = scale q up to rounding) as m / XQ_ONE times 2^*e (m = frexp(max|x|, e)), so that
+   it does not underflow: 0 for a row of zeros, NaN where x has a NaN or an infinity (its outputs are then NaN). */
+static VNNI float xq_row(const float *x, int64_t K, int64_t K4, int32_t *dst, float *e) {
     __m512 amax = _mm512_setzero_ps();
     __mmask16 bad = 0;
     for (int64_t k = 0; k < K; k += 16) {
@@ -338,24 +340,31 @@ static VNNI float xq_row(const float *x, int64_t K, int64_t K4, int32_t *dst) {
         amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     }
     const float top = _mm512_reduce_max_ps(amax);
+    *e = 0.f;
     if (bad || !(top <= FLT_MAX)) {
         for (int64_t q = 0; q < K4; q++) dst[q * XQ_QUAD] = dst[q * XQ_QUAD + 1] = dst[q * XQ_QUAD + 2] = 0;
         return NAN;
     }
-    const __m512 inv = _mm512_set1_ps(top > 0.f ? XQ_ONE / top : 0.f);
+    /* a row whose largest |x| is below 2^-100 is first scaled by 2^64 (exact), so XQ_ONE / top stays finite down to
+       the smallest denormal (x * 1 is x: other rows take the operations of the tests' numpy model) */
+    const float pre = top < 0x1p-100f ? 0x1p64f : 1.f;
+    const __m512 scale = _mm512_set1_ps(pre), inv = _mm512_set1_ps(top > 0.f ? XQ_ONE / (top * pre) : 0.f);
     const __m512i lim = _mm512_set1_epi32(8388607), offset = _mm512_set1_epi32(8388608);
     /* per 128-bit lane (one quad): bytes 0, 1, 2 of its four int32, as planes 0, 1, 2 */
     const __m512i planes = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, -1, -1, -1, -1));
     int32_t tmp[16];
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
-        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), inv));
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), scale), inv));
         q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, _mm512_sub_epi32(_mm512_setzero_si512(), lim)), lim),
                              offset);
         _mm512_storeu_si512(tmp, _mm512_shuffle_epi8(q, planes));
         for (int64_t j = 0, quad = k / 4; j < 4 && quad < K4; j++, quad++) memcpy(dst + quad * XQ_QUAD, tmp + 4 * j, 12);
     }
-    return top / XQ_ONE;
+    int ex = 0;
+    const float m = frexpf(top, &ex);
+    *e = (float)ex;
+    return m / XQ_ONE;
 }
 
 /* *acc += the int32 sums of u8 x s8 quadruples (vpdpbusd). In asm: GCC's builtin keeps the accumulator's input and
@@ -391,7 +400,7 @@ static AI VNNI void xq_quad(const int mr, xq_acc acc, const int32_t *a, __m512i 
    T = sum q w = 65536 (acc2 - 128 colsum) + 256 acc1 + acc0 in f32 (two fmas on the converted sums), times the
    column scale and the row's scale, and the common finish. a: the tile's packed x. */
 static AI VNNI void tile_exact_n(const int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
-                                 const wo_out *o) {
+                                 const float *xe, const wo_out *o) {
     const __m512i *b = (const __m512i *)panel_weights(w, p);
     xq_acc acc;
     xq_zero(mr, acc);
@@ -407,15 +416,15 @@ static AI VNNI void tile_exact_n(const int mr, const mq_wo_matrix *w, int64_t p,
             const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1][h]), s256, _mm512_cvtepi32_ps(acc[r][0][h]));
             f[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s65536, lo);
         }
-    finish_avx512(f, mr, o, xs);
+    finish_avx512(f, mr, o, xs, xe);
 }
 
 /* The same for S4, a scale row (group) at a time: per k quad the panel's 64 bytes give the columns 0-15 (low
    nibbles) and 16-31 (high nibbles) as int8 nibble - 8; per group g, T_g = 65536 (acc2 - 128 colsum_g) +
    (acc0 + 256 acc1) (the second term exact in int32, group_size <= 4096) in f32 with one fma, and the output's sum
    y = y + T_g scale_g (a multiply, then an add), groups in order from y = 0. */
-static AI VNNI void tile_exact_s4_n(const int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
-                                    const wo_out *o) {
+static AI VNNI void tile_exact_s4_n(const int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a,
+                                    const float *xs, const float *xe, const wo_out *o) {
     const uint8_t *b = panel_weights(w, p);
     const int64_t g4 = w->group / 4;
     const __m512i nib = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
@@ -442,26 +451,26 @@ static AI VNNI void tile_exact_s4_n(const int mr, const mq_wo_matrix *w, int64_t
                 y[r][h] = _mm512_add_ps(y[r][h], _mm512_mul_ps(t, _mm512_loadu_ps(sc + 16 * h)));
             }
     }
-    finish_avx512(y, mr, o, xs);
+    finish_avx512(y, mr, o, xs, xe);
 }
 
 static VNNI void tile_exact(int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
-                            const wo_out *o) {
+                            const float *xe, const wo_out *o) {
     if (w->lay.format == MQ_WO_S4) {
         switch (mr) {
-            case 1: tile_exact_s4_n(1, w, p, a, xs, o); break;
-            case 2: tile_exact_s4_n(2, w, p, a, xs, o); break;
-            case 3: tile_exact_s4_n(3, w, p, a, xs, o); break;
-            case 4: tile_exact_s4_n(4, w, p, a, xs, o); break;
+            case 1: tile_exact_s4_n(1, w, p, a, xs, xe, o); break;
+            case 2: tile_exact_s4_n(2, w, p, a, xs, xe, o); break;
+            case 3: tile_exact_s4_n(3, w, p, a, xs, xe, o); break;
+            case 4: tile_exact_s4_n(4, w, p, a, xs, xe, o); break;
             default: break;
         }
         return;
     }
     switch (mr) {
-        case 1: tile_exact_n(1, w, p, a, xs, o); break;
-        case 2: tile_exact_n(2, w, p, a, xs, o); break;
-        case 3: tile_exact_n(3, w, p, a, xs, o); break;
-        case 4: tile_exact_n(4, w, p, a, xs, o); break;
+        case 1: tile_exact_n(1, w, p, a, xs, xe, o); break;
+        case 2: tile_exact_n(2, w, p, a, xs, xe, o); break;
+        case 3: tile_exact_n(3, w, p, a, xs, xe, o); break;
+        case 4: tile_exact_n(4, w, p, a, xs, xe, o); break;
         default: break;
     }
 }
@@ -703,12 +712,12 @@ static int64_t xq_chunk_rows(int64_t K4) {
 
 /* per thread, the larger of: (panel paths) a converted slice [KC_ONE, NR], the partial sums of a task
    [min(P, GROUP_PANELS), CHUNK_ROWS, NR], a row chunk's columns of x for one k block [CHUNK_ROWS, APACK_LD];
-   (exact path) a chunk's row scales [CHUNK_ROWS] and packed x (xq_chunk_rows x K4 x 3 int32, 64-byte aligned) */
+   (exact path) a chunk's row scales and their exponents [2, CHUNK_ROWS] and packed x (xq_chunk_rows x K4 x 3 int32, 64-byte aligned) */
 static size_t thread_floats(int64_t K, int64_t P) {
     const size_t panels = (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS);
     const size_t f32 = (size_t)KC_ONE * NR + panels * CHUNK_ROWS * NR + (size_t)CHUNK_ROWS * APACK_LD;
     const int64_t K4 = (K + 3) / 4;
-    const size_t exact = CHUNK_ROWS + 16 + (size_t)xq_chunk_rows(K4) * (size_t)K4 * 3;
+    const size_t exact = 2 * CHUNK_ROWS + 16 + (size_t)xq_chunk_rows(K4) * (size_t)K4 * 3;
     return (f32 > exact ? f32 : exact) + 16; /* 16: each thread's part starts 64-byte aligned */
 }
 
@@ -717,18 +726,20 @@ size_t mq_wo_scratch_floats(int64_t K, int64_t N, int n_threads) {
 }
 
 /* Exact path, one task: rows [m0, m0 + rows) by panels [p0, p1). The rows are quantized and packed into xq in tiles
-   of XQ_MR rows (tile t at xq + t K4 XQ_QUAD, row r of it at + 3 r), their scales into xs; then per panel (its
+   of XQ_MR rows (tile t at xq + t K4 XQ_QUAD, row r of it at + 3 r), their scales into xs [CHUNK_ROWS] and the
+   scales' exponents after it; then per panel (its
    int8 weights stay in L1 / L2), every tile. */
 static void run_task_exact(const mq_wo_matrix *w, int64_t p0, int64_t p1, float *xs, int32_t *xq, const float *x,
                            int64_t m0, int64_t rows, const mq_wo_output *out, float *y) {
     const int64_t K = w->lay.K, K4 = w->K4;
+    float *xe = xs + CHUNK_ROWS;
     for (int64_t r = 0; r < rows; r++)
-        xs[r] = xq_row(x + (m0 + r) * K, K, K4, xq + (r / XQ_MR) * K4 * XQ_QUAD + 3 * (r % XQ_MR));
+        xs[r] = xq_row(x + (m0 + r) * K, K, K4, xq + (r / XQ_MR) * K4 * XQ_QUAD + 3 * (r % XQ_MR), xe + r);
     for (int64_t p = p0; p < p1; p++)
         for (int64_t r0 = 0; r0 < rows; r0 += XQ_MR) {
             const wo_out o = tile_out(w, p, m0 + r0, out, y);
             tile_exact(rows - r0 < XQ_MR ? (int)(rows - r0) : XQ_MR, w, p, xq + (r0 / XQ_MR) * K4 * XQ_QUAD, xs + r0,
-                       &o);
+                       xe + r0, &o);
         }
 }
 
@@ -784,7 +795,7 @@ mq_status mq_wo_matmul(const mq_wo_matrix *w, const float *x, int64_t M, const m
         mine += (16 - ((uintptr_t)mine / sizeof(float)) % 16) % 16; /* 64-byte aligned */
         float *slice = mine, *part = slice + (size_t)KC_ONE * NR,
               *apack = part + (size_t)(P < GROUP_PANELS ? P : GROUP_PANELS) * CHUNK_ROWS * NR;
-        int32_t *xq = (int32_t *)(void *)(mine + CHUNK_ROWS + 16);
+        int32_t *xq = (int32_t *)(void *)(mine + 2 * CHUNK_ROWS + 16);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t c = t / groups, g = t % groups;

@@ -410,8 +410,17 @@ def test_weight_only_exact_path_bits():
     x[1] = 0.0
     x[2, 5], x[3, 7] = np.nan, np.inf
     qw, sw = _core.quantize_weight_s8((rng.standard_normal((40, 97)) * 0.05).astype(np.float32), True)
-    y = _core.Linear(_core.LINEAR_W8, qw, sw).forward(x)
+    lin = _core.Linear(_core.LINEAR_W8, qw, sw)
+    y = lin.forward(x)
     assert np.isfinite(y[0]).all() and (y[1] == 0).all() and np.isnan(y[2:]).all()
+    # tiny rows (largest |x| 1e-33, and a denormal 1e-40: (2^23 - 1) / max|x| would overflow f32, max|x| / (2^23 - 1)
+    # underflow): as accurate as f32 outputs of that size can be (denormals are spaced 2^-149)
+    x = rng.standard_normal((1, 97)).astype(np.float32)
+    for tiny in (1e-33, 1e-40):
+        xt = (x.astype(np.float64) * tiny / np.abs(x).max()).astype(np.float32)
+        want = xt.astype(np.float64) @ (qw * sw[:, None]).astype(np.float64).T
+        err = np.abs(lin.forward(xt) - want).max()
+        assert err <= 1e-6 * np.abs(want).max() + 4 * 2.0 ** -149, (tiny, err)
 
 
 def test_panel_matmul_rejects_bad_arguments():
