@@ -330,12 +330,14 @@ static AVX512 void slice_avx512(const mq_wo_matrix *w, int64_t p, int64_t k0, in
    u[4 quad .. 4 quad + 3], written at dst[quad * XQ_QUAD + j] (dst: the row's place in its packed tile). Returns the
    row's scale max|x| / XQ_ONE (x = scale q up to rounding) as m / XQ_ONE times 2^*e (m = frexp(max|x|, e)), so that
    it does not underflow: 0 for a row of zeros, NaN where x has a NaN or an infinity (its outputs are then NaN). */
+/* The first min(n, 16) of 16 lanes. */
+static inline __mmask16 lanes16(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+
 static VNNI float xq_row(const float *x, int64_t K, int64_t K4, int32_t *dst, float *e) {
     __m512 amax = _mm512_setzero_ps();
     __mmask16 bad = 0;
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
-        const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
+        const __m512 v = _mm512_maskz_loadu_ps(lanes16(K - k), x + k);
         bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     }
@@ -354,8 +356,8 @@ static VNNI float xq_row(const float *x, int64_t K, int64_t K4, int32_t *dst, fl
     const __m512i planes = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, -1, -1, -1, -1));
     int32_t tmp[16];
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
-        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), scale), inv));
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes16(K - k), x + k), scale);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
         q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, _mm512_sub_epi32(_mm512_setzero_si512(), lim)), lim),
                              offset);
         _mm512_storeu_si512(tmp, _mm512_shuffle_epi8(q, planes));
@@ -454,23 +456,18 @@ static AI VNNI void tile_exact_s4_n(const int mr, const mq_wo_matrix *w, int64_t
     finish_avx512(y, mr, o, xs, xe);
 }
 
+#define EXACT_CASE(n)                                                                                                  \
+    case n:                                                                                                            \
+        if (w->lay.format == MQ_WO_S4)                                                                                 \
+            tile_exact_s4_n(n, w, p, a, xs, xe, o);                                                                    \
+        else                                                                                                           \
+            tile_exact_n(n, w, p, a, xs, xe, o);                                                                       \
+        break;
+
 static VNNI void tile_exact(int mr, const mq_wo_matrix *w, int64_t p, const int32_t *a, const float *xs,
                             const float *xe, const wo_out *o) {
-    if (w->lay.format == MQ_WO_S4) {
-        switch (mr) {
-            case 1: tile_exact_s4_n(1, w, p, a, xs, xe, o); break;
-            case 2: tile_exact_s4_n(2, w, p, a, xs, xe, o); break;
-            case 3: tile_exact_s4_n(3, w, p, a, xs, xe, o); break;
-            case 4: tile_exact_s4_n(4, w, p, a, xs, xe, o); break;
-            default: break;
-        }
-        return;
-    }
     switch (mr) {
-        case 1: tile_exact_n(1, w, p, a, xs, xe, o); break;
-        case 2: tile_exact_n(2, w, p, a, xs, xe, o); break;
-        case 3: tile_exact_n(3, w, p, a, xs, xe, o); break;
-        case 4: tile_exact_n(4, w, p, a, xs, xe, o); break;
+        EXACT_CASE(1) EXACT_CASE(2) EXACT_CASE(3) EXACT_CASE(4)
         default: break;
     }
 }
