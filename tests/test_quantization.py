@@ -300,8 +300,7 @@ def test_weight_only_bits_do_not_depend_on_isa_or_threads():
     portable paths and for any thread count (wo_matmul.h): a process capped at AVX2 (ONEDNN_MAX_CPU_ISA picks the
     path) with 2 threads and one capped at SSE4.1 with one thread give the same bits, and the same as this process,
     except where this process takes the exact path (int8 / int4 weights on avx512_vnni: its own bits,
-    test_weight_only_exact_path_bits); this
-    process with one thread gives its own bits again."""
+    test_weight_only_exact_path_bits); this process with one thread gives its own bits again."""
     import os
     import subprocess
     import sys
@@ -376,10 +375,11 @@ def test_weight_only_exact_path_bits():
     """Where weight-only layers take the exact path (CPUs with avx512_vnni), their outputs are bit for bit the integer
     computation of _exact_reference (int8) / _exact_reference_s4 (int4), for every row count (one or several row
     chunks, a tile's remainder rows), K not a multiple of 4, per-channel and per-tensor scales, int4 groups of 4 to
-    128, and the panel kernel's alpha and row scales; rows of zeros give zeros and a NaN or an infinity in a row makes
-    that row NaN, only that row."""
+    128, and the panel kernel's alpha and row scales; rows of zeros give zeros, a NaN or an infinity in a row makes
+    that row NaN, only that row, and rows of tiny values (down to denormals) keep them."""
     if not _exact_path():
-        pytest.skip("no exact int8 path here (it needs avx512_vnni, and ONEDNN_MAX_CPU_ISA at or above AVX512_CORE_VNNI)")
+        pytest.skip("no exact weight-only path here (it needs avx512_vnni, and ONEDNN_MAX_CPU_ISA at or above "
+                    "AVX512_CORE_VNNI)")
     rng = np.random.default_rng(11)
     for k, n in ((97, 70), (384, 100), (1536, 64)):
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
