@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import alternate_ab, load_core, machine_info, save_results  # noqa: E402
+from common import alternate_ab, git_commit, load_core, machine_info, save_results  # noqa: E402
 
 SHAPES = [("minilm", 12, 32), ("bert-base", 12, 64)]
 ENCODER_SCHEMES = ("fp32", "int8-static-asym", "int8-static-asym+attention-bf16", "int8-static-asym+attention-int8")
@@ -187,19 +187,6 @@ def compare(other: Path, rounds: int, quick: bool) -> dict:
                         "query_speedup": med["other"]["query_p50_ms"] / med["this"]["query_p50_ms"]})
     return {"other": str(other), "other_commit": git_commit(other), "this_commit": git_commit(HERE.parent),
             "rounds": rounds, "runs": runs, "summary": summary, "kernel": kernel_ab(other, quick)}
-
-
-def git_commit(root: Path) -> str:
-    """The checkout's commit (with '+changes' when its tracked files differ from it), or '?' outside git."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"]).returncode != 0
-        return head + ("+changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def markdown(res: dict) -> str:

@@ -355,3 +355,14 @@ def categorize(rec: Dict[str, object]) -> str:
     if prim == "binary":
         return "binary (epilogue)"
     return prim
+
+
+def git_commit(root: Path) -> str:
+    """The checkout's commit (with '+changes' when its tracked files differ from it), or '?' outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"]).returncode != 0
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"

@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import THREADS, alternate_ab, load_core, machine_info, save_results  # noqa: E402
+from common import THREADS, alternate_ab, git_commit, load_core, machine_info, save_results  # noqa: E402
 
 LAYERS = [  # (name, in, out, epilogue)
     ("minilm-qkv", 384, 1152, "none"),
@@ -172,15 +172,6 @@ def markdown_ab(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def git_rev(root: Path) -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Weight-only vs fp32 on {m['cpu_model']} ({res['date']})", "",
@@ -219,7 +210,7 @@ def main(argv=None) -> int:
         ms, reps = ([256, 1024], 10) if args.quick else ([16, 64, 256, 1024, 4096], 20)
         res = {"command": f"python benchmarks/weight_only.py --compare {args.compare}" + (" --quick" if args.quick else ""),
                "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "threads": THREADS,
-               "this": git_rev(HERE.parent), "other": str(args.compare), "other_rev": git_rev(args.compare)}
+               "this": git_commit(HERE.parent), "other": str(args.compare), "other_rev": git_commit(args.compare)}
         res["compare"] = kernel_ab(args.compare, ms, reps)
         md = markdown_ab(res)
         save_results(args.out, res, "weight_only-compare" + ("-quick" if args.quick else ""), md)
