@@ -684,11 +684,15 @@ static AI MQ_TARGET_AVX512_BF16 void scores_tile_bf16(const uint32_t *const *qr,
 }
 
 /* The probabilities s[j] * inv of a row (zero past its length), rounded to bf16 as maybe_round rounds them, as
-   ldk / 2 pairs (2m, 2m + 1). */
+   ldk / 2 pairs (2m, 2m + 1) laid out as pair_lanes lays them out: vcvtneps2bf16 rounds to nearest even and quiets a
+   NaN as mq_f32_to_bf16 does, and the products it takes are never denormal (run_task sets FTZ for BF16, and
+   vcvtneps2bf16's flushing of denormal inputs would differ); it puts x[2m] in the low half, the rotate swaps. */
 static AI MQ_TARGET_AVX512_BF16 void pair_row(const float *s, int64_t ldk, float inv, uint32_t *p) {
     const __m512 f = _mm512_set1_ps(inv);
-    for (int64_t j = 0; j < ldk; j += 16)
-        _mm256_storeu_si256((__m256i *)(p + j / 2), pair_lanes(round_bf16(_mm512_mul_ps(_mm512_loadu_ps(s + j), f))));
+    for (int64_t j = 0; j < ldk; j += 16) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(s + j), f));
+        _mm256_storeu_si256((__m256i *)(p + j / 2), _mm256_rol_epi32(h, 16));
+    }
 }
 
 /* c[r, :] = (sum_j pr[r][j] v[j, :]) * f[r] over the pair rows pr[r] (np pairs of keys). */
