@@ -37,6 +37,9 @@ Workloads
            matmuls reach on BERT-base at 32 x 128; the useful int8 efficiency of the MiniLM corpus encoding
            (real-token linear-layer ops per second end to end over that ceiling); where medquant int8's time goes
            (oneDNN profile).
+  headroom a bound on a MiniLM corpus pass from the run's own numbers (int8 linear ops at the int8 ceiling, attention
+           at the f32 matmul rate or the int8 ceiling, tokenization, nothing else) and the share of it each corpus
+           target needs: how close to every op at its ceiling a pass would have to be.
 
 The models and texts are built once into --workdir (default ~/.cache/medquant-bench) by prepare.py and reused.
 Results are kept per machine: benchmarks/results/<machine>/benchmark[-quick].{json,md}, <machine> = the CPU model name
@@ -255,7 +258,8 @@ def token_counts(hf_dir, texts, max_length, batch):
     lens = np.array([len(e.ids) for e in tok.encode_batch(texts)])
     srt = np.sort(lens)[::-1]
     padded = sum(int(srt[s: s + batch].max()) * len(srt[s: s + batch]) for s in range(0, len(srt), batch))
-    return {"real_tokens": int(lens.sum()), "padded_tokens": padded, "mean_len": float(lens.mean()),
+    return {"real_tokens": int(lens.sum()), "padded_tokens": padded, "sum_sq_len": int((lens ** 2).sum()),
+            "mean_len": float(lens.mean()),
             "median_len": float(np.median(lens)), "max_len": int(lens.max()),
             "truncated": int((lens >= max_length).sum())}
 
@@ -265,6 +269,13 @@ def linear_ops_per_token(hf_dir) -> int:
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     return 2 * cfg["num_hidden_layers"] * (4 * h * h + 2 * h * i)
+
+
+def attention_ops_per_sq_token(hf_dir) -> int:
+    """2 x the multiply-adds of attention (Q K^T and P V, every head and layer) per squared sequence length: a sequence
+    of L tokens costs L^2 x this (medquant computes each sequence at its own length)."""
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    return 2 * 2 * cfg["num_hidden_layers"] * cfg["hidden_size"]
 
 
 def summarize_corpus(raw: dict) -> dict:
@@ -338,6 +349,36 @@ def summarize_gemm(raw: dict, corpus: dict) -> dict:
     }
 
 
+ATTN_INT8 = "medquant-int8-static-attn-int8"
+
+
+def headroom(raw: dict, c: dict, g: dict) -> dict | None:
+    """How fast a MiniLM corpus pass could be on this CPU, from this run's own measurements: every int8 linear-layer op
+    at the int8 ceiling, attention's ops at the f32 matmul rate of the ceiling table (medquant int8 static: f32
+    attention) or at the int8 ceiling (int8 attention), tokenization as profiled, and nothing else (no LayerNorm,
+    quantization, embeddings, pooling, binding). Then the pass time each corpus target needs, as a share of that bound:
+    the efficiency the whole pass would have to reach. None when a measurement it needs is missing."""
+    corpus, tok = raw["corpus"], raw["corpus"]["tokens"]
+    f32 = [r for r in raw["gemm"]["ceiling"]["rows"] if r["kind"] == "f32" and r.get("timed", "oneDNN") == "oneDNN"]
+    prof = raw["gemm"]["profiles"].get("minilm-corpus", {})
+    if not f32 or "sum_sq_len" not in tok or "attention_ops_per_sq_token" not in corpus or not prof.get("tokenize_ms"):
+        return None
+    lin_ops = tok["real_tokens"] * corpus["linear_ops_per_token"]
+    att_ops = tok["sum_sq_len"] * corpus["attention_ops_per_sq_token"]
+    ceil, f32_tops = g["int8_ceiling_tops"] * 1e12, max(r["best_tops"] for r in f32) * 1e12
+    tok_s = prof["tokenize_ms"] / 1e3
+    bounds = {"f32 attention": lin_ops / ceil + att_ops / f32_tops + tok_s,
+              "int8 attention": lin_ops / ceil + att_ops / ceil + tok_s}
+    n = corpus["n"]
+    need = {"corpus_vs_ov_int8": ("ov-int8", TARGETS["corpus_vs_ov_int8"]),
+            "corpus_vs_torch_int8": ("torch-int8-dyn", TARGETS["corpus_vs_torch_int8"])}
+    needs = {k: n / (t * c[sys_]["texts_per_s"]) for k, (sys_, t) in need.items() if sys_ in c}
+    needs["useful_int8_60"] = lin_ops / (0.6 * ceil)
+    measured = {k: n / c[k]["texts_per_s"] for k in (REFERENCE, ATTN_INT8, "ov-int8") if k in c}
+    return {"linear_ops": lin_ops, "attention_ops": att_ops, "f32_tops": f32_tops / 1e12, "tokenize_s": tok_s,
+            "bound_s": bounds, "needs_s": needs, "measured_s": measured}
+
+
 def targets(c: dict, q: dict, g: dict) -> dict:
     """Each target's measured ratio, or None with the reason when a system it needs did not run."""
     ref = REFERENCE
@@ -366,6 +407,7 @@ def summarize(raw: dict) -> dict:
            "cosine_to_torch_fp32": cosine_to_torch_fp32(raw["corpus"]["embeddings"])}
     out["gemm"] = summarize_gemm(raw, out["corpus"])
     out["targets"] = targets(out["corpus"], out["query"], out["gemm"])
+    out["headroom"] = headroom(raw, out["corpus"], out["gemm"])
     return out
 
 
@@ -623,6 +665,40 @@ def md_targets(s: dict) -> list:
     return L
 
 
+def md_headroom(raw: dict, s: dict) -> list:
+    h = s.get("headroom")
+    if not h:
+        return []
+    n, b = raw["corpus"]["n"], h["bound_s"]
+    L = ["## How close the corpus targets are to what this CPU allows\n"]
+    L.append(f"A bound on one MiniLM corpus pass from this run's own measurements: the pass's int8 linear-layer ops "
+             f"({h['linear_ops'] / 1e12:.2f} T, real tokens) at the int8 ceiling, its attention ops "
+             f"({h['attention_ops'] / 1e9:.0f} G: Q K^T and P V of each sequence at its own length) at the f32 matmul "
+             f"rate of the ceiling table ({h['f32_tops']:.3f} TOP/s; medquant int8 static runs attention in f32) or "
+             f"at the int8 ceiling (int8 attention), tokenization as profiled ({1e3 * h['tokenize_s']:.0f} ms), and "
+             f"nothing else: no LayerNorm, activation quantization, embeddings, pooling or binding. A pass time as a "
+             f"share of the bound is the efficiency the whole pass has (100% = every op at its ceiling).\n")
+    L.append("| pass | s / pass | texts/s | f32-attention bound / this | int8-attention bound / this |")
+    L.append("|---|---:|---:|---:|---:|")
+
+    def row(name, t):
+        L.append(f"| {name} | {t:.2f} | {n / t:.1f} | {100 * b['f32 attention'] / t:.0f}% | "
+                 f"{100 * b['int8 attention'] / t:.0f}% |")
+
+    row("bound, f32 attention", b["f32 attention"])
+    row("bound, int8 attention", b["int8 attention"])
+    names = {REFERENCE: "measured: medquant int8 static (f32 attention)",
+             ATTN_INT8: "measured: medquant int8 static, int8 attention", "ov-int8": "measured: OpenVINO NNCF int8"}
+    for k, t in h["measured_s"].items():
+        row(names[k], t)
+    texts = {"corpus_vs_ov_int8": "needed: 1.5x OpenVINO NNCF int8", "corpus_vs_torch_int8":
+             "needed: 2.5x PyTorch dynamic int8", "useful_int8_60": "needed: useful int8 60% of the ceiling"}
+    for k, t in h["needs_s"].items():
+        row(texts[k], t)
+    L.append("")
+    return L
+
+
 def markdown(raw: dict, s: dict) -> str:
     m = raw["meta"]
     names = [x.name for x in SYSTEMS if x.name in s["corpus"]]
@@ -637,6 +713,7 @@ def markdown(raw: dict, s: dict) -> str:
     L += md_gemm(raw, s)
     L += md_profiles(raw)
     L += md_targets(s)
+    L += md_headroom(raw, s)
     return "\n".join(L)
 
 
@@ -687,6 +764,7 @@ def minilm_phase(raw, model, sizes, quick, files, texts, run_dir) -> float:
         n = sizes.n_corpus
         raw["corpus"] = {"n": n, "tokens": token_counts(paths["hf"], texts["corpus"][:n], CORPUS_MAX_LENGTH, BATCH),
                          "linear_ops_per_token": linear_ops_per_token(paths["hf"]),
+                         "attention_ops_per_sq_token": attention_ops_per_sq_token(paths["hf"]),
                          "times": run_corpus(workers, files["texts"], n, sizes.corpus_reps, run_dir),
                          "embeddings": {k: str(run_dir / f"emb-{k}.npy") for k in workers}}
         raw["query"] = {"n": sizes.n_queries, "blocks": sizes.query_blocks,
