@@ -47,8 +47,8 @@ def dir_mib(path: Path) -> float:
 def new_release(work: Path) -> dict:
     """The venv with the newer wheels (created once) and the OpenCL adapter beside it."""
     venv, info_file = work / "venv", work / "venv-info.json"
-    if not (venv / "bin" / "python").exists():
-        sh([sys.executable, "-m", "venv", str(venv)])
+    if not info_file.exists():  # written last: an interrupted install is redone
+        sh([sys.executable, "-m", "venv", "--clear", str(venv)])
         before = dir_mib(venv)
         sh([str(venv / "bin" / "pip"), "install", "-q", f"onednn-devel=={NEW_ONEDNN}", f"onednn=={NEW_ONEDNN}"])
         pkgs = json.loads(sh([str(venv / "bin" / "pip"), "list", "--format", "json"]))

@@ -677,7 +677,8 @@ def md_headroom(raw: dict, s: dict) -> list:
              f"rate of the ceiling table ({h['f32_tops']:.3f} TOP/s; medquant int8 static runs attention in f32) or "
              f"at the int8 ceiling (int8 attention), tokenization as profiled ({1e3 * h['tokenize_s']:.0f} ms), and "
              f"nothing else: no LayerNorm, activation quantization, embeddings, pooling or binding. A pass time as a "
-             f"share of the bound is the efficiency the whole pass has (100% = every op at its ceiling).\n")
+             f"share of the bound is the efficiency the whole pass has (100% = every op at its ceiling; a needed pass "
+             f"over 100% is faster than the bound: not possible on this CPU).\n")
     L.append("| pass | s / pass | texts/s | f32-attention bound / this | int8-attention bound / this |")
     L.append("|---|---:|---:|---:|---:|")
 
