@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
     builds = {"3.2 (onednn-cpu-gomp 2023.2.0)": (Path(sys.prefix), {}),
               f"new (onednn {NEW_ONEDNN})": (new["prefix"], new["env"])}
     runs = {k: [] for k in builds}
-    for i, (name, (prefix, _)) in enumerate(builds.items()):
+    for i, (prefix, _) in enumerate(builds.values()):
         build(prefix, args.workdir / f"mm{i}")
     for r in range(args.rounds):
         for i, (name, (_, extra)) in enumerate(builds.items()):
@@ -116,15 +115,12 @@ def main(argv=None) -> int:
         row["same_output"] = row[old]["checksums"] == row[newk]["checksums"]
         rows.append(row)
 
-    def geo(xs):
-        return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
     mi = machine_info()
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": mi, "rounds": args.rounds,
            "threads": THREADS, "headers": {k: runs[k][0]["header"] for k in builds},
            "new_venv": {k: new[k] for k in ("mib_before", "mib_after", "packages")}, "rows": rows,
-           "geomean_best_ratio": geo([r["best_ratio"] for r in rows]),
-           "geomean_median_ratio": geo([r["median_ratio"] for r in rows])}
+           "geomean_best_ratio": statistics.geometric_mean(r["best_ratio"] for r in rows),
+           "geomean_median_ratio": statistics.geometric_mean(r["median_ratio"] for r in rows)}
     L = [f"# oneDNN releases from PyPI on {mi['cpu_model']} ({res['date'][:10]})\n",
          f"`python benchmarks/onednn_versions.py --rounds {args.rounds}`; {THREADS} threads; the two builds "
          f"alternate. {old}: {runs[old][0]['header'][0]}; {newk}: {runs[newk][0]['header'][0]}, whose venv grew "
